@@ -1,0 +1,19 @@
+"""ExpertFlow's engine: offline `LLM`, server-side `AsyncLLM`, and their configs."""
+
+from engine.async_llm import AsyncLLM
+from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.llm import LLM
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling import RequestError, SamplingParams
+
+__all__ = [
+    "LLM",
+    "AsyncLLM",
+    "ConfigError",
+    "CompletionOutput",
+    "EngineConfig",
+    "ModelConfig",
+    "RequestError",
+    "RequestOutput",
+    "SamplingParams",
+]

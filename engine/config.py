@@ -84,7 +84,10 @@ class ModelConfig:
         elif family == "olmoe":
             moe_inter, num_experts = need("intermediate_size"), need("num_experts")
         else:
-            moe_inter, num_experts = need("moe_intermediate_size"), need("num_experts", "num_local_experts")
+            moe_inter, num_experts = (
+                need("moe_intermediate_size"),
+                need("num_experts", "num_local_experts"),
+            )
         dense_layers: tuple[int, ...] = ()
         if family in ("qwen2_moe", "qwen3_moe"):
             step = int(raw.get("decoder_sparse_step") or 1)
@@ -110,7 +113,9 @@ class ModelConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings") or 4096),
             norm_topk_prob=True if family == "mixtral" else bool(raw.get("norm_topk_prob", False)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=bool(raw.get("qkv_bias", True)) if family == "qwen2_moe" else bool(raw.get("attention_bias", False)),
+            qkv_bias=bool(raw.get("qkv_bias", True))
+            if family == "qwen2_moe"
+            else bool(raw.get("attention_bias", False)),
             qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(family, "none"),
             clip_qkv=raw.get("clip_qkv"),
             shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
@@ -126,7 +131,9 @@ class ModelConfig:
                 f"config.json: num_experts_per_tok={cfg.top_k} exceeds the number of experts {cfg.num_experts}"
             )
         if cfg.num_heads % cfg.num_kv_heads:
-            raise ConfigError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
+            raise ConfigError(
+                "config.json: num_attention_heads must be a multiple of num_key_value_heads"
+            )
         return cfg
 
 
@@ -139,14 +146,18 @@ def flag(default: Any, help: str, **extra: Any) -> Any:
 class EngineConfig:
     """Every engine-side flag of `expertflow serve`; `LLM(**kwargs)` takes the same names."""
 
-    model: str = flag(DEFAULT_MODEL, "Hugging Face checkpoint folder (default: the bundled demo model)")
+    model: str = flag(
+        DEFAULT_MODEL, "Hugging Face checkpoint folder (default: the bundled demo model)"
+    )
     tokenizer: str | None = flag(None, "tokenizer folder (default: the model folder)")
     device: str = flag("cpu", "where the model runs", choices=("cpu", "cuda"))
     dtype: str = flag("float32", "weight and activation dtype", choices=tuple(DTYPES))
     max_model_len: int | None = flag(None, "context length (default: the model's)")
     max_num_seqs: int = flag(64, "sequences per step at most")
     max_num_batched_tokens: int = flag(2048, "tokens per step at most (prefill is chunked to fit)")
-    kv_cache_blocks: int | None = flag(None, "KV cache blocks (default: enough for max_num_seqs full contexts, capped)")
+    kv_cache_blocks: int | None = flag(
+        None, "KV cache blocks (default: enough for max_num_seqs full contexts, capped)"
+    )
     block_size: int = flag(16, "tokens per KV cache block")
     seed: int = flag(0, "seed of the engine's sampling generator")
 

@@ -10,7 +10,9 @@ class TokenLogprob:
     token_id: int
     token: str  # the token decoded on its own
     logprob: float
-    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob), best first
+    top: list[tuple[int, str, float]] = field(
+        default_factory=list
+    )  # (id, text, logprob), best first
 
 
 @dataclass

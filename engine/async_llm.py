@@ -1,0 +1,150 @@
+"""AsyncLLM: the server's handle on the engine. One background thread owns the model and runs
+`LLMEngine.step()`; requests and aborts reach it through a queue, outputs come back to each request's
+asyncio stream. Leaving a stream early (client gone, task cancelled) aborts its request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.llm_engine import EngineStepError, LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling import RequestError, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: _Stream
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class _Stream:
+    """Delivers engine-thread outputs to one request's coroutine."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the client's event loop is gone (server shutting down)
+            logger.debug("dropped an output for a closed event loop")
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig, model_name: str | None = None) -> None:
+        self.engine = LLMEngine(config, model_name)
+        self.tokenizer = self.engine.tokenizer
+        self.model_config = self.engine.model_config
+        self.max_model_len = self.engine.max_model_len
+        self.metrics = self.engine.metrics
+        self._inbox: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="expertflow-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative outputs until the request finishes; raises RequestError if refused."""
+        if self._stopped:
+            raise RuntimeError("the engine is shut down")
+        stream = _Stream(asyncio.get_running_loop())
+        self._inbox.put(_Add(request_id, prompt_token_ids, params, stream))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                while not stream.queue.empty() and not isinstance(item, BaseException):
+                    item = (
+                        stream.queue.get_nowait()
+                    )  # outputs are cumulative: only the newest matters
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self._inbox.put(_Abort(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    def stats(self) -> dict[str, float]:
+        return self.engine.stats()
+
+    def shutdown(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._inbox.put(None)
+            self._thread.join(timeout=30)
+
+    # ---- engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            block = not self.engine.has_unfinished()
+            try:
+                while True:
+                    message = self._inbox.get(block=block)
+                    block = False
+                    if message is None:
+                        self._fail_all(RuntimeError("the engine shut down"))
+                        return
+                    self._handle(message)
+            except queue.Empty:
+                pass
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except EngineStepError as exc:
+                for request_id in exc.request_ids:
+                    stream = self._streams.pop(request_id, None)
+                    if stream is not None:
+                        stream.put(RuntimeError(f"internal engine error: {exc.__cause__!r}"))
+                continue
+            except Exception as exc:  # a bug outside the model step: fail everyone, keep serving
+                logger.exception("engine step failed outside the model")
+                self._fail_all(RuntimeError(f"internal engine error: {exc!r}"))
+                continue
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put(out)
+                    if out.finished:
+                        del self._streams[out.request_id]
+
+    def _handle(self, message: _Add | _Abort) -> None:
+        if isinstance(message, _Abort):
+            self._streams.pop(message.request_id, None)
+            self.engine.abort(message.request_id)
+            return
+        try:
+            self.engine.add_request(message.request_id, message.prompt_token_ids, message.params)
+        except RequestError as exc:
+            message.stream.put(exc)
+            return
+        self._streams[message.request_id] = message.stream
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self.engine.abort(request_id)
+            stream.put(error)
+        self._streams.clear()

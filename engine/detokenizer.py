@@ -1,0 +1,69 @@
+"""Appends a sampled token to a sequence: stop checks, detokenization, stop strings, held-back text."""
+
+from __future__ import annotations
+
+from engine.outputs import TokenLogprob
+from engine.sequence import Sequence
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class Detokenizer:
+    def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_model_len = max_model_len
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(
+            token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+    def append(
+        self, seq: Sequence, token: int, logprob: tuple[float, list[tuple[int, float]]] | None
+    ) -> None:
+        seq.token_ids.append(token)
+        if logprob is not None:
+            chosen, top = logprob
+            seq.logprobs = seq.logprobs or []
+            seq.logprobs.append(
+                TokenLogprob(
+                    token,
+                    self.decode([token]),
+                    chosen,
+                    [(i, self.decode([i]), lp) for i, lp in top],
+                )
+            )
+        p = seq.params
+        if not p.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        seq.text = self.decode(seq.output_token_ids)
+        if p.stop:
+            self._check_stop_strings(seq)
+        seq.visible_text = seq.text if seq.finished else self._held_back(seq)
+
+    def _check_stop_strings(self, seq: Sequence) -> None:
+        # A stop string may only end inside the newest token's text: search just the tail.
+        tail_from = max(0, len(seq.visible_text) - max(len(s) for s in seq.params.stop))
+        hits = [(seq.text.find(s, tail_from), s) for s in seq.params.stop]
+        hits = [(at, s) for at, s in hits if at >= 0]
+        if not hits:
+            return
+        at, stop = min(hits)
+        seq.text = (
+            seq.text[: at + len(stop)] if seq.params.include_stop_str_in_output else seq.text[:at]
+        )
+        seq.finish_reason, seq.stop_reason = "stop", stop
+
+    @staticmethod
+    def _held_back(seq: Sequence) -> str:
+        """Text safe to stream: without a trailing partial character or a possible stop-string prefix."""
+        text = seq.text.rstrip(REPLACEMENT_CHAR)
+        longest = max((len(s) for s in seq.params.stop), default=0)
+        if longest > 1:
+            text = text[: max(len(seq.visible_text), len(text) - (longest - 1))]
+        return text if text.startswith(seq.visible_text) else seq.visible_text

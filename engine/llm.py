@@ -1,0 +1,68 @@
+"""The offline API, like vLLM's: `LLM(model=..., **flags).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling import SamplingParams
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's result; `text`/`token_ids` are the first choice's, `outputs` has all n."""
+
+    prompt: str | list[int]
+    prompt_token_ids: list[int]
+    outputs: list[Any]
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **flags: Any) -> None:
+        if model is not None:
+            flags["model"] = model
+        unknown = set(flags) - set(EngineConfig.field_names())
+        if unknown:
+            raise TypeError(f"unknown LLM arguments: {', '.join(sorted(unknown))}")
+        self.engine = LLMEngine(EngineConfig(**flags))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]],
+        params: SamplingParams | None = None,
+        use_tqdm: bool = False,
+    ) -> list[GenerationResult]:
+        """Run every prompt through continuous batching; results come back in prompt order."""
+        params = params or SamplingParams()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        order: list[str] = []
+        results: dict[str, GenerationResult] = {}
+        for prompt in prompts:
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            request_id = f"offline-{next(self._ids)}"
+            self.engine.add_request(request_id, ids, params)
+            order.append(request_id)
+            results[request_id] = GenerationResult(prompt, ids, [])
+        with tqdm(total=len(order), desc="generating", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id].outputs = out.outputs
+                        bar.update(1)
+        return [results[r] for r in order]

@@ -1,0 +1,231 @@
+"""The engine core: requests in, one `step()` = schedule, execute, append tokens, report outputs."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from transformers import AutoTokenizer
+
+from engine.attention import KVCache
+from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.detokenizer import Detokenizer
+from engine.experts import ResidentExperts
+from engine.loader import load_model
+from engine.metrics import EngineMetrics
+from engine.outputs import RequestOutput, RequestTiming
+from engine.runner import ModelRunner
+from engine.sampling import RequestError, SamplingParams
+from engine.sequence import Request, Sequence
+from scheduler.batching import BatchingConfig, Scheduler
+from scheduler.blocks import BlockAllocator
+
+logger = logging.getLogger(__name__)
+DEFAULT_KV_BYTES = 1 << 30  # KV budget when --kv-cache-blocks is not given
+
+
+class EngineStepError(RuntimeError):
+    """A step failed; the requests it carried were aborted, every other request carries on."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"engine step failed: {cause!r}")
+        self.request_ids = request_ids
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model_name: str | None = None) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_pretrained(config.model)
+        mc = self.model_config
+        self.device = torch.device(config.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
+                f"{mc.max_position_embeddings}"
+            )
+        model, host_experts = load_model(config.model, mc, config.torch_dtype, self.device)
+        self.model, self.host_experts = model, host_experts
+        self.experts = ResidentExperts(host_experts, self.device)
+        self.kv = KVCache.allocate(
+            mc.num_layers,
+            self._num_kv_blocks(),
+            config.block_size,
+            mc.num_kv_heads,
+            mc.head_dim,
+            config.torch_dtype,
+            self.device,
+        )
+        num_blocks = self.kv.k[0].shape[0] // config.block_size
+        self.blocks = BlockAllocator(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            BatchingConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
+        )
+        self.runner = ModelRunner(model, self.experts, self.kv, self.device, config.seed)
+        eos = set(mc.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.detokenizer = Detokenizer(self.tokenizer, tuple(sorted(eos)), self.max_model_len)
+        self.metrics = EngineMetrics(model_name or config.model)
+        self.requests: dict[str, Request] = {}
+        logger.info(
+            "engine ready: %d KV blocks of %d tokens, max_model_len=%d",
+            num_blocks,
+            config.block_size,
+            self.max_model_len,
+        )
+
+    def _num_kv_blocks(self) -> int:
+        mc, cfg = self.model_config, self.config
+        min_blocks = -(-self.max_model_len // cfg.block_size)
+        if cfg.kv_cache_blocks is not None:
+            if cfg.kv_cache_blocks < min_blocks:
+                raise ConfigError(
+                    f"kv_cache_blocks={cfg.kv_cache_blocks} cannot hold one max_model_len="
+                    f"{self.max_model_len} sequence ({min_blocks} blocks needed)"
+                )
+            return cfg.kv_cache_blocks
+        bytes_per_token = (
+            2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * cfg.torch_dtype.itemsize
+        )
+        wanted = -(-cfg.max_num_seqs * self.max_model_len // cfg.block_size)
+        affordable = DEFAULT_KV_BYTES // (bytes_per_token * cfg.block_size)
+        if affordable < min_blocks:
+            raise ConfigError(
+                f"the default KV budget holds {affordable * cfg.block_size} tokens, less than "
+                f"max_model_len={self.max_model_len}: lower --max-model-len or set --kv-cache-blocks"
+            )
+        return min(wanted, affordable)
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Request:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already running", param="request_id")
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        num_prompt = len(prompt_token_ids)
+        max_tokens = params.max_tokens or self.max_model_len - num_prompt
+        if num_prompt + max_tokens > self.max_model_len or max_tokens < 1:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {num_prompt + max(max_tokens, 1)} tokens ({num_prompt} in the prompt, "
+                f"{max(max_tokens, 1)} in the completion). Please reduce the length of the prompt or "
+                "completion.",
+                param="max_tokens" if params.max_tokens else "messages",
+                code="context_length_exceeded",
+            )
+        seqs = [
+            Sequence(
+                request_id=request_id,
+                index=i,
+                token_ids=list(prompt_token_ids),
+                num_prompt_tokens=num_prompt,
+                params=params,
+                max_tokens=max_tokens,
+                generator=None
+                if params.seed is None
+                else torch.Generator().manual_seed(params.seed + i),
+            )
+            for i in range(params.n)
+        ]
+        request = Request(
+            request_id, list(prompt_token_ids), params, seqs, RequestTiming(time.monotonic())
+        )
+        self.requests[request_id] = request
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        self._finish(request, time.monotonic())
+        self._record_step(0, 0)
+        return request.to_output()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        now = time.monotonic()
+        new_prompt_tokens = 0
+        for seq in batch.seqs:
+            timing = self.requests[seq.request_id].timing
+            if timing.first_scheduled_s is None:
+                timing.first_scheduled_s = now
+                new_prompt_tokens += seq.num_prompt_tokens
+        tables = [self.blocks.table(s.seq_id) for s in batch.seqs]
+        try:
+            sampled, tokens, logprobs = self.runner.execute(
+                batch.seqs, batch.num_new_tokens, tables
+            )
+        except Exception as exc:
+            ids = sorted({s.request_id for s in batch.seqs})
+            logger.exception("step failed; aborting %d requests", len(ids))
+            for request_id in ids:
+                self.abort(request_id)
+            raise EngineStepError(ids, exc) from exc
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+        now = time.monotonic()
+        changed: dict[str, Request] = {}
+        for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
+            self.detokenizer.append(seq, token, logprob)
+            request = changed[seq.request_id] = self.requests[seq.request_id]
+            if request.timing.first_token_s is None:
+                request.timing.first_token_s = now
+                self.metrics.record_first_token(request.timing)
+            request.timing.last_token_s = now
+            if seq.finished:
+                self.scheduler.finish(seq)
+        outputs = []
+        for request in changed.values():
+            if request.finished:
+                self.requests.pop(request.request_id)
+                self._finish(request, now)
+            outputs.append(request.to_output())
+        self._record_step(new_prompt_tokens, len(sampled))
+        return outputs
+
+    def _record_step(self, new_prompt_tokens: int, new_generation_tokens: int) -> None:
+        stats = self.stats()
+        self.metrics.record_step(
+            int(stats["num_running"]),
+            int(stats["num_waiting"]),
+            stats["kv_usage"],
+            new_prompt_tokens,
+            new_generation_tokens,
+        )
+
+    def _finish(self, request: Request, now: float) -> None:
+        request.timing.finished_s = now
+        longest = max(len(s.output_token_ids) for s in request.seqs)
+        self.metrics.record_finished(
+            request.timing, request.seqs[0].finish_reason or "abort", longest
+        )
+
+    def stats(self) -> dict[str, float]:
+        running = {s.request_id for s in self.scheduler.running}
+        return {
+            "num_running": len(running),
+            "num_waiting": len(self.requests) - len(running),
+            "kv_usage": self.blocks.usage,
+            "kv_blocks_used": self.blocks.num_used,
+            "kv_blocks_total": self.blocks.num_blocks,
+        }

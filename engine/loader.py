@@ -1,0 +1,120 @@
+"""Checkpoint folder -> resident model weights + routed expert weights stacked per layer on the host."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from engine.config import ConfigError, ModelConfig
+from engine.models.model import MoECausalLM
+
+logger = logging.getLogger(__name__)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class HostExperts:
+    """Every routed expert of every MoE layer, gate and up fused: the host tier of the expert cache."""
+
+    w13: dict[int, torch.Tensor]  # layer -> [E, 2I, H], rows 0..I-1 gate, I..2I-1 up
+    w2: dict[int, torch.Tensor]  # layer -> [E, H, I]
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert (w1 + w3 + w2)."""
+        layer = next(iter(self.w13))
+        return (self.w13[layer][0].numel() + self.w2[layer][0].numel()) * self.w13[
+            layer
+        ].element_size()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.w13.values(), *self.w2.values()))
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{path}: no *.safetensors weights found")
+    return files
+
+
+def load_model(
+    path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
+) -> tuple[MoECausalLM, HostExperts]:
+    """Build the model on `device` with its resident weights, and the routed experts on the CPU."""
+    path = Path(path)
+    with torch.device("meta"):
+        model = MoECausalLM(cfg)
+    expected = {
+        k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")
+    }
+    spec = model.spec
+    moe_layers = cfg.moe_layers
+    I, H, E = cfg.moe_intermediate_size, cfg.hidden_size, cfg.num_experts  # noqa: E741
+    w13 = {layer: torch.empty(E, 2 * I, H, dtype=dtype) for layer in moe_layers}
+    w2 = {layer: torch.empty(E, H, I, dtype=dtype) for layer in moe_layers}
+    expert_keys: dict[str, tuple[torch.Tensor, slice | int]] = {}
+    for layer in moe_layers:
+        for e in range(E):
+            expert_keys[spec.expert_key(layer, e, spec.gate_proj)] = (w13[layer][e], slice(0, I))
+            expert_keys[spec.expert_key(layer, e, spec.up_proj)] = (w13[layer][e], slice(I, 2 * I))
+            expert_keys[spec.expert_key(layer, e, spec.down_proj)] = (w2[layer][e], slice(None))
+
+    resident: dict[str, torch.Tensor] = {}
+    seen_experts: set[str] = set()
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for key in tqdm(
+                list(f.keys()), desc=f"loading {file.name}", unit="tensor", leave=False
+            ):
+                if key.endswith(IGNORED_SUFFIXES):
+                    continue
+                tensor = f.get_tensor(key)
+                if key in expert_keys:
+                    dest, rows = expert_keys[key]
+                    _check_shape(key, tensor, dest[rows].shape)
+                    dest[rows].copy_(tensor)
+                    seen_experts.add(key)
+                elif key in expected:
+                    resident[key] = tensor.to(dtype)
+                elif not (cfg.tie_word_embeddings and key == "lm_head.weight"):
+                    raise ConfigError(
+                        f"{file.name}: unexpected weight {key!r} for a {cfg.family} model"
+                    )
+    missing = sorted((expected - resident.keys()) | (expert_keys.keys() - seen_experts))
+    if missing:
+        raise ConfigError(f"{path}: checkpoint lacks {len(missing)} weights, first {missing[0]!r}")
+    for key, tensor in resident.items():
+        _check_shape(key, tensor, model.state_dict()[key].shape)
+    model.load_state_dict(resident, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rotary = type(model.rotary)(cfg.head_dim, cfg.rope_theta)  # rebuild the meta buffer
+    model.to(device)
+    experts = HostExperts(w13=w13, w2=w2)
+    logger.info(
+        "loaded %s: %d MoE layers x %d experts, %.1f MiB of routed experts",
+        path.name,
+        len(moe_layers),
+        E,
+        experts.total_bytes / 2**20,
+    )
+    return model.eval(), experts
+
+
+def _check_shape(key: str, tensor: torch.Tensor, shape: torch.Size) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ConfigError(
+            f"weight {key!r} has shape {tuple(tensor.shape)}, config implies {tuple(shape)}"
+        )

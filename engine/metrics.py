@@ -1,0 +1,149 @@
+"""Prometheus collectors of the engine, one registry per engine, names as in DESIGN §6."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from engine.outputs import RequestTiming
+
+# vLLM's bucket edges, so dashboards built for vLLM read ours the same way.
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+TPOT_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
+PREFIX = "expertflow_"
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        labels = ["model_name"]
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(PREFIX + name, doc, labels, registry=self.registry).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=self.registry).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(
+                PREFIX + name, doc, labels, buckets=buckets, registry=self.registry
+            ).labels(model_name)
+
+        self.model_name = model_name
+        self.running = gauge("num_requests_running", "Requests with sequences in the running batch")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled")
+        self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of KV cache blocks in use")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens")
+        self.success = Counter(
+            PREFIX + "request_success",
+            "Finished requests by finish reason",
+            ["model_name", "finished_reason"],
+            registry=self.registry,
+        )
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token", TTFT_BUCKETS)
+        self.tpot = histogram(
+            "time_per_output_token_seconds",
+            "Mean time between output tokens of a request",
+            TPOT_BUCKETS,
+        )
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish", E2E_BUCKETS)
+
+    def record_step(
+        self,
+        num_running: int,
+        num_waiting: int,
+        kv_usage: float,
+        new_prompt_tokens: int,
+        new_generation_tokens: int,
+    ) -> None:
+        self.running.set(num_running)
+        self.waiting.set(num_waiting)
+        self.kv_usage.set(kv_usage)
+        self.prompt_tokens.inc(new_prompt_tokens)
+        self.generation_tokens.inc(new_generation_tokens)
+
+    def record_first_token(self, timing: RequestTiming) -> None:
+        assert timing.first_token_s is not None
+        self.ttft.observe(timing.first_token_s - timing.arrival_s)
+
+    def record_finished(
+        self, timing: RequestTiming, finish_reason: str, num_output_tokens: int
+    ) -> None:
+        """Called once per finished request; `finish_reason` is the first choice's (stop/length/abort)."""
+        assert timing.finished_s is not None
+        self.success.labels(self.model_name, finish_reason).inc()
+        self.e2e.observe(timing.finished_s - timing.arrival_s)
+        if (
+            timing.first_token_s is not None
+            and timing.last_token_s is not None
+            and num_output_tokens > 1
+        ):
+            self.tpot.observe(
+                (timing.last_token_s - timing.first_token_s) / (num_output_tokens - 1)
+            )

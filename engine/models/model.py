@@ -1,0 +1,83 @@
+"""The decoder every supported family shares; family files only say where weights live on disk."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionBatch
+from engine.config import ModelConfig
+from engine.models import mixtral, olmoe, qwen2_moe, qwen3_moe
+from engine.models.family import FamilySpec
+from engine.models.layers import MLP, Attention, MoEBlock, RMSNorm, Rotary, RoutedExperts
+
+FAMILIES: dict[str, FamilySpec] = {
+    "mixtral": mixtral.SPEC,
+    "qwen2_moe": qwen2_moe.SPEC,
+    "qwen3_moe": qwen3_moe.SPEC,
+    "olmoe": olmoe.SPEC,
+}
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, spec: FamilySpec) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.moe_attr = spec.moe_attr
+        if layer in cfg.dense_layers:
+            self.moe_attr = "mlp"
+            self.mlp: nn.Module = MLP(cfg.hidden_size, cfg.dense_intermediate_size)
+        else:
+            setattr(self, spec.moe_attr, MoEBlock(cfg, layer))
+
+    @property
+    def ffn(self) -> nn.Module:
+        return getattr(self, self.moe_attr)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
+        experts: RoutedExperts,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, batch)
+        h = self.post_attention_layernorm(x)
+        ffn = self.ffn
+        return x + (ffn(h, experts) if isinstance(ffn, MoEBlock) else ffn(h))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: FamilySpec) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, spec) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MoECausalLM(nn.Module):
+    """Embeddings, decoder layers and LM head; routed experts are called through `experts`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.spec = FAMILIES[cfg.family]
+        self.model = Decoder(cfg, self.spec)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+        experts: RoutedExperts,
+    ) -> torch.Tensor:
+        """input_ids/positions [T] -> final hidden states [T, H]."""
+        x = self.model.embed_tokens(input_ids)  # [T, H]
+        rope = self.rotary(positions)
+        for layer in self.model.layers:
+            x = layer(x, rope, batch, experts)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, H] -> float32 logits [B, V]."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,56 @@
+"""One forward step over a scheduled batch, then sampling for the sequences that reached their end."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention import AttentionBatch, KVCache
+from engine.models.layers import RoutedExperts
+from engine.models.model import MoECausalLM
+from engine.sampler import sample, token_logprobs
+from engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: MoECausalLM,
+        experts: RoutedExperts,
+        kv: KVCache,
+        device: torch.device | str,
+        seed: int,
+    ) -> None:
+        self.model, self.experts, self.kv, self.device = model, experts, kv, device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.inference_mode()
+    def execute(
+        self, seqs: list[Sequence], num_new_tokens: list[int], block_tables: list[list[int]]
+    ) -> tuple[list[Sequence], list[int], list[tuple[float, list[tuple[int, float]]] | None]]:
+        """Run the new tokens of each sequence; return the sequences that sample, their tokens, logprobs."""
+        starts = [s.num_computed_tokens for s in seqs]
+        ids = [
+            t
+            for s, a, n in zip(seqs, starts, num_new_tokens, strict=True)
+            for t in s.token_ids[a : a + n]
+        ]
+        positions = [
+            p for a, n in zip(starts, num_new_tokens, strict=True) for p in range(a, a + n)
+        ]
+        batch = AttentionBatch.build(self.kv, block_tables, starts, num_new_tokens, self.device)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
+        hidden = self.model(
+            input_ids, torch.tensor(positions, device=self.device), batch, self.experts
+        )
+        last_rows, sampling = [], []
+        row = -1
+        for seq, start, n in zip(seqs, starts, num_new_tokens, strict=True):
+            row += n
+            if start + n == seq.num_tokens:  # caught up with every known token: sample the next one
+                last_rows.append(row)
+                sampling.append(seq)
+        if not sampling:
+            return [], [], []
+        logits = self.model.logits(hidden[last_rows])  # [B, V]
+        tokens = sample(logits, sampling, self.generator)
+        return sampling, tokens, token_logprobs(logits, tokens, sampling)

@@ -1,0 +1,69 @@
+"""Turns last-position logits into next tokens: penalties, temperature, top-k/top-p, seeded draws."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.sequence import Sequence
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """OpenAI presence/frequency penalties over each sequence's generated tokens. logits [B, V]."""
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
+            ids, counts = torch.tensor(seq.output_token_ids, device=logits.device).unique(
+                return_counts=True
+            )
+            logits[row, ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+    return logits
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [V] -> logits with everything outside the top-k / nucleus set to -inf."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = (
+            cum - torch.softmax(sorted_logits, dim=-1) >= top_p
+        )  # keep the first token crossing top_p
+        logits = logits.clone()
+        logits[order[drop]] = float("-inf")
+    return logits
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], default: torch.Generator) -> list[int]:
+    """logits [B, V] float32 (raw) -> one token per sequence."""
+    logits = apply_penalties(logits.clone(), seqs)
+    tokens = logits.argmax(dim=-1).tolist()
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.greedy:
+            continue
+        row_logits = filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
+        probs = torch.softmax(row_logits, dim=-1)
+        gen = seq.generator or default
+        tokens[row] = int(torch.multinomial(probs.cpu(), 1, generator=gen).item())
+    return tokens
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: list[int], seqs: list[Sequence]
+) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """The raw model log-probability of each chosen token and the top-k alternatives (OpenAI logprobs)."""
+    wanted = [r for r, s in enumerate(seqs) if s.params.logprobs is not None]
+    result: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(seqs)
+    if not wanted:
+        return result
+    logp = torch.log_softmax(logits[wanted], dim=-1)  # [W, V]
+    for i, row in enumerate(wanted):
+        k = seqs[row].params.logprobs or 0
+        top = torch.topk(logp[i], k) if k else None
+        alternatives = (
+            list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else []
+        )
+        result[row] = (float(logp[i, tokens[row]]), alternatives)
+    return result

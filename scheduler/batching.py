@@ -1,0 +1,103 @@
+"""Iteration-level continuous batching: each step, every sequence's computed tokens catch up with its
+known tokens (prompt + generated) within a token budget, so prefill chunks and decodes mix freely.
+
+Admission needs free KV blocks; when a running sequence cannot grow, the newest running sequence is
+preempted (its blocks freed, recomputed later). Pure policy over plain data: sequences only need the
+attributes of `SchedulableSeq`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from scheduler.blocks import BlockAllocator
+
+
+class SchedulableSeq(Protocol):
+    seq_id: int
+    num_computed_tokens: int
+
+    @property
+    def num_tokens(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[SchedulableSeq] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[SchedulableSeq] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, config: BatchingConfig, blocks: BlockAllocator) -> None:
+        self.config, self.blocks = config, blocks
+        self.waiting: deque[SchedulableSeq] = deque()
+        self.running: list[SchedulableSeq] = []
+
+    def add(self, seq: SchedulableSeq) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if self._make_room(seq, seq.num_computed_tokens + n, batch):
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(n)
+                budget -= n
+                i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.blocks.grow(seq.seq_id, seq.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+        return batch
+
+    def _make_room(self, seq: SchedulableSeq, num_tokens: int, batch: ScheduledBatch) -> bool:
+        """Grow `seq` to `num_tokens`, preempting the newest running sequences; False if `seq` itself went."""
+        while not self.blocks.grow(seq.seq_id, num_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            batch.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: SchedulableSeq) -> None:
+        self.blocks.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: SchedulableSeq) -> None:
+        """Drop a finished or aborted sequence from either queue and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.seq_id)

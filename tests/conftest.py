@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny random checkpoints of every family, saved as real Hugging Face folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    MixtralConfig,
+    OlmoeConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+VOCAB = 384
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog.",
+    "Mixture of experts models route each token to a few experts.",
+    "import torch\nx = torch.zeros(3)\nprint(x)\n",
+] * 20
+
+
+def tiny_config(family: str) -> PretrainedConfig:
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    if family == "mixtral":
+        return MixtralConfig(
+            **common, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2
+        )
+    if family == "qwen2_moe":
+        return Qwen2MoeConfig(
+            **{**common, "num_hidden_layers": 3},
+            intermediate_size=48,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=40,
+            num_experts=8,
+            num_experts_per_tok=2,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+        )
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **common,
+            head_dim=16,
+            intermediate_size=48,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+        )
+    if family == "olmoe":
+        return OlmoeConfig(**common, intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+    raise ValueError(family)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def save_tiny_checkpoint(family: str, path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    model.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_checkpoint(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A tiny random checkpoint folder, one per family."""
+    return save_tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="session")
+def mixtral_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("mixtral-single"))

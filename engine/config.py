@@ -160,6 +160,12 @@ class EngineConfig:
     )
     block_size: int = flag(16, "tokens per KV cache block")
     seed: int = flag(0, "seed of the engine's sampling generator")
+    expert_cache_ratio: float = flag(1.0, "fraction of all routed experts kept in device slots")
+    expert_cache_size: int | None = flag(
+        None, "expert cache slots (overrides --expert-cache-ratio)"
+    )
+    cache_policy: str = flag("lru", "expert cache eviction policy", choices=("lru", "lfu"))
+    link_gbps: float | None = flag(None, "emulate a host-device link of this many GB/s (CPU only)")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -171,6 +177,14 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if not 0.0 < self.expert_cache_ratio <= 1.0:
+            raise ConfigError(f"expert_cache_ratio={self.expert_cache_ratio} must be in (0, 1]")
+        if self.expert_cache_size is not None and self.expert_cache_size < 1:
+            raise ConfigError(f"expert_cache_size={self.expert_cache_size} must be >= 1")
+        if self.cache_policy not in ("lru", "lfu"):
+            raise ConfigError(f"cache_policy={self.cache_policy!r}: choose lru or lfu")
+        if self.link_gbps is not None and (self.link_gbps <= 0 or self.device != "cpu"):
+            raise ConfigError("link_gbps must be > 0 and is only emulated with device='cpu'")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -66,3 +66,7 @@ class LLM:
                         results[out.request_id].outputs = out.outputs
                         bar.update(1)
         return [results[r] for r in order]
+
+    def offload_stats(self) -> dict[str, float]:
+        """Expert cache and transfer statistics since start (keys in DESIGN §6)."""
+        return self.engine.offload.stats()

@@ -11,9 +11,9 @@ from transformers import AutoTokenizer
 from engine.attention import KVCache
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.detokenizer import Detokenizer
-from engine.experts import ResidentExperts
 from engine.loader import load_model
 from engine.metrics import EngineMetrics
+from engine.offload.runtime import OffloadRuntime
 from engine.outputs import RequestOutput, RequestTiming
 from engine.runner import ModelRunner
 from engine.sampling import RequestError, SamplingParams
@@ -47,8 +47,8 @@ class LLMEngine:
                 f"{mc.max_position_embeddings}"
             )
         model, host_experts = load_model(config.model, mc, config.torch_dtype, self.device)
-        self.model, self.host_experts = model, host_experts
-        self.experts = ResidentExperts(host_experts, self.device)
+        self.model = model
+        self.offload = OffloadRuntime(config, host_experts, self.device)
         self.kv = KVCache.allocate(
             mc.num_layers,
             self._num_kv_blocks(),
@@ -63,12 +63,13 @@ class LLMEngine:
         self.scheduler = Scheduler(
             BatchingConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
         )
-        self.runner = ModelRunner(model, self.experts, self.kv, self.device, config.seed)
+        self.runner = ModelRunner(model, self.offload.experts, self.kv, self.device, config.seed)
         eos = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.detokenizer = Detokenizer(self.tokenizer, tuple(sorted(eos)), self.max_model_len)
         self.metrics = EngineMetrics(model_name or config.model)
+        self.metrics.record_offload(self.offload.stats(), None)
         self.requests: dict[str, Request] = {}
         logger.info(
             "engine ready: %d KV blocks of %d tokens, max_model_len=%d",
@@ -201,6 +202,9 @@ class LLMEngine:
                 self._finish(request, now)
             outputs.append(request.to_output())
         self._record_step(new_prompt_tokens, len(sampled))
+        self.metrics.record_offload(
+            self.offload.stats(), self.offload.experts.activated_per_step[-1]
+        )
         return outputs
 
     def _record_step(self, new_prompt_tokens: int, new_generation_tokens: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from engine.outputs import RequestTiming
@@ -75,6 +77,8 @@ E2E_BUCKETS = (
     1920.0,
     7680.0,
 )
+ACTIVATED_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+HIT_WINDOW = 64
 PREFIX = "expertflow_"
 
 
@@ -113,6 +117,37 @@ class EngineMetrics:
             TPOT_BUCKETS,
         )
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish", E2E_BUCKETS)
+        self.offload_counters = {
+            "hits": counter(
+                "expert_cache_hits", "Expert cache lookups that found the expert resident"
+            ),
+            "misses": counter(
+                "expert_cache_misses", "Expert cache lookups that had to wait for a copy"
+            ),
+            "transfers": counter("expert_transfers", "Host-to-device expert copies"),
+            "transfer_bytes": counter(
+                "expert_transfer_bytes", "Bytes of host-to-device expert copies"
+            ),
+            "stall_seconds": counter(
+                "expert_stall_seconds", "Time compute waited for expert copies"
+            ),
+            "prefetch_issued": counter("prefetch_issued", "Expert prefetches issued"),
+            "prefetch_used": counter("prefetch_used", "Prefetched experts used before eviction"),
+        }
+        self._offload_seen = dict.fromkeys(self.offload_counters, 0.0)
+        self.hit_ratio = gauge(
+            "expert_cache_hit_ratio", f"Hit ratio over the last {HIT_WINDOW} steps"
+        )
+        self._window: deque[tuple[float, float]] = deque(maxlen=HIT_WINDOW)
+        self.resident_bytes = gauge(
+            "expert_cache_resident_bytes", "Device bytes held by expert slots"
+        )
+        self.slots = gauge("expert_cache_slots", "Expert cache slots")
+        self.activated = histogram(
+            "activated_experts_per_step",
+            "Distinct experts activated per step, summed over layers",
+            ACTIVATED_BUCKETS,
+        )
 
     def record_step(
         self,
@@ -147,3 +182,21 @@ class EngineMetrics:
             self.tpot.observe(
                 (timing.last_token_s - timing.first_token_s) / (num_output_tokens - 1)
             )
+
+    def record_offload(self, stats: dict[str, float], activated_experts: int | None) -> None:
+        """Folds one step's cumulative offload stats into the counters (by delta) and gauges."""
+        for name, counter in self.offload_counters.items():
+            delta = stats[name] - self._offload_seen[name]
+            if delta > 0:
+                counter.inc(delta)
+            self._offload_seen[name] = stats[name]
+        self._window.append((stats["hits"], stats["misses"]))
+        (h0, m0), (h1, m1) = self._window[0], self._window[-1]
+        if len(self._window) > 1 and (h1 - h0) + (m1 - m0) > 0:
+            self.hit_ratio.set((h1 - h0) / ((h1 - h0) + (m1 - m0)))
+        elif stats["hits"] + stats["misses"]:
+            self.hit_ratio.set(stats["hit_rate"])
+        self.resident_bytes.set(stats["resident_expert_bytes"])
+        self.slots.set(stats["expert_cache_slots"])
+        if activated_experts is not None:
+            self.activated.observe(activated_experts)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from engine.attention import AttentionBatch, KVCache
-from engine.models.layers import RoutedExperts
 from engine.models.model import MoECausalLM
+from engine.offload.experts import OffloadedExperts
 from engine.sampler import sample, token_logprobs
 from engine.sequence import Sequence
 
@@ -15,7 +15,7 @@ class ModelRunner:
     def __init__(
         self,
         model: MoECausalLM,
-        experts: RoutedExperts,
+        experts: OffloadedExperts,
         kv: KVCache,
         device: torch.device | str,
         seed: int,
@@ -28,6 +28,7 @@ class ModelRunner:
         self, seqs: list[Sequence], num_new_tokens: list[int], block_tables: list[list[int]]
     ) -> tuple[list[Sequence], list[int], list[tuple[float, list[tuple[int, float]]] | None]]:
         """Run the new tokens of each sequence; return the sequences that sample, their tokens, logprobs."""
+        self.experts.begin_step()
         starts = [s.num_computed_tokens for s in seqs]
         ids = [
             t

@@ -1,0 +1,128 @@
+"""ExpertCache: a fixed pool of device slots shared by all layers, a map (layer, expert) -> slot, and
+an eviction policy. The kernel reads weights by slot id, so a hit costs nothing; a miss copies the
+expert in at high priority and the compute path waits for it (the stall)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.offload.policy import EvictionPolicy, Key
+from engine.offload.store import ExpertStore
+from engine.offload.transfer import HIGH, Transfer, TransferEngine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheStats:
+    """Counters since start; a lookup is one (step, layer, distinct expert)."""
+
+    hits: int = 0
+    misses: int = 0
+    transfers: int = 0
+    transfer_bytes: int = 0
+
+
+class ExpertCache:
+    def __init__(
+        self,
+        store: ExpertStore,
+        num_slots: int,
+        policy: EvictionPolicy,
+        transfers: TransferEngine,
+        device: torch.device,
+    ) -> None:
+        if num_slots < 1:
+            raise ValueError("the expert cache needs at least one slot")
+        self.store, self.policy, self.transfers = store, policy, transfers
+        self.num_slots = min(num_slots, store.num_total_experts)
+        self.w13 = torch.empty(
+            (self.num_slots, *store.w13_shape), dtype=store.dtype, device=device
+        )  # [S, 2I, H]
+        self.w2 = torch.empty(
+            (self.num_slots, *store.w2_shape), dtype=store.dtype, device=device
+        )  # [S, H, I]
+        self.slot_of: dict[Key, int] = {}
+        self.key_of: list[Key | None] = [None] * self.num_slots
+        self.in_flight: dict[int, Transfer] = {}  # slot -> copy not yet waited on
+        self.pins = [0] * self.num_slots
+        self.stats = CacheStats()
+        self.tick = 0
+        self._warm_start()
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.num_slots * self.store.expert_bytes
+
+    def _warm_start(self) -> None:
+        """Fill the pool before serving, the same number of experts per layer (all of them at ratio 1)."""
+        layers, per_layer = self.store.layers, self.store.num_experts
+        order = [(layer, e) for e in range(per_layer) for layer in layers]
+        for slot, key in enumerate(order[: self.num_slots]):
+            self._place(key, slot)
+            w13, w2 = self.store.expert(*key)
+            self.w13[slot].copy_(w13)
+            self.w2[slot].copy_(w2)
+
+    def _place(self, key: Key, slot: int) -> None:
+        old = self.key_of[slot]
+        if old is not None:
+            del self.slot_of[old]
+            self.policy.on_evict(old)
+        self.key_of[slot] = key
+        self.slot_of[key] = slot
+
+    def _free_slot(self) -> int | None:
+        """An empty slot, else the policy's victim among slots neither pinned nor being written."""
+        candidates = []
+        for slot, key in enumerate(self.key_of):
+            if key is None:
+                return slot
+            if not self.pins[slot] and slot not in self.in_flight:
+                candidates.append(key)
+        return self.slot_of[self.policy.victim(candidates)] if candidates else None
+
+    def begin_step(self) -> None:
+        self.tick += 1
+
+    def ensure(self, layer: int, experts: list[int]) -> list[int]:
+        """Make `experts` of `layer` resident and pin them; returns their slots. At most `num_slots`
+        experts at once; the caller unpins with `release` when the layer's kernel has been queued."""
+        slots, waits = [], []
+        for expert in experts:
+            key = (layer, expert)
+            self.policy.on_access(key, self.tick)
+            slot = self.slot_of.get(key)
+            if slot is not None and slot not in self.in_flight:
+                self.stats.hits += 1
+            else:
+                self.stats.misses += 1
+                if slot is None:
+                    slot = self._load(key, HIGH)
+                waits.append(slot)
+            self.pins[slot] += 1
+            slots.append(slot)
+        for slot in waits:
+            transfer = self.in_flight.pop(slot, None)
+            if transfer is not None:
+                self.transfers.wait(transfer)
+        return slots
+
+    def _load(self, key: Key, priority: int) -> int:
+        slot = self._free_slot()
+        if slot is None:
+            raise RuntimeError("every expert cache slot is pinned or in flight")
+        self._place(key, slot)
+        w13, w2 = self.store.expert(*key)
+        transfer = self.transfers.submit([(self.w13[slot], w13), (self.w2[slot], w2)], priority)
+        self.in_flight[slot] = transfer
+        self.stats.transfers += 1
+        self.stats.transfer_bytes += transfer.nbytes
+        return slot
+
+    def release(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.pins[slot] -= 1

@@ -1,0 +1,66 @@
+"""Builds the offloading stack from the engine config and reports its statistics (DESIGN §6)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from engine.config import EngineConfig
+from engine.loader import HostExperts
+from engine.offload.cache import ExpertCache
+from engine.offload.experts import OffloadedExperts
+from engine.offload.policy import make_policy
+from engine.offload.store import ExpertStore
+from engine.offload.transfer import TransferEngine
+
+logger = logging.getLogger(__name__)
+
+
+class OffloadRuntime:
+    def __init__(self, config: EngineConfig, host: HostExperts, device: torch.device) -> None:
+        self.store = ExpertStore(host, pin=device.type == "cuda")
+        total = self.store.num_total_experts
+        num_slots = config.expert_cache_size or max(
+            1, math.floor(config.expert_cache_ratio * total)
+        )
+        self.transfers = TransferEngine(device, config.link_gbps)
+        self.cache = ExpertCache(
+            self.store, num_slots, make_policy(config.cache_policy), self.transfers, device
+        )
+        self.experts = OffloadedExperts(self.cache, self.store.num_experts)
+        saved = 1 - self.cache.resident_bytes / self.store.total_bytes
+        logger.info(
+            "expert cache: %d of %d experts resident (%.1f of %.1f MiB, %.1f%% of expert memory saved), "
+            "policy=%s, link=%s",
+            self.cache.num_slots,
+            total,
+            self.cache.resident_bytes / 2**20,
+            self.store.total_bytes / 2**20,
+            100 * saved,
+            config.cache_policy,
+            f"{config.link_gbps} GB/s emulated" if config.link_gbps else "native",
+        )
+
+    def stats(self) -> dict[str, float]:
+        s = self.cache.stats
+        lookups = s.hits + s.misses
+        steps = [n for n in self.experts.activated_per_step if n]
+        return {
+            "hits": s.hits,
+            "misses": s.misses,
+            "hit_rate": s.hits / lookups if lookups else 0.0,
+            "transfers": s.transfers,
+            "transfer_bytes": s.transfer_bytes,
+            "stall_seconds": self.transfers.resolve_stalls(),
+            "prefetch_issued": 0,
+            "prefetch_used": 0,
+            "resident_expert_bytes": self.cache.resident_bytes,
+            "total_expert_bytes": self.store.total_bytes,
+            "expert_cache_slots": self.cache.num_slots,
+            "mean_activated_experts_per_step": sum(steps) / len(steps) if steps else 0.0,
+        }
+
+    def close(self) -> None:
+        self.transfers.close()

@@ -1,0 +1,125 @@
+"""TransferEngine: host -> slot copies off the compute path.
+
+CUDA: a copy stream for prefetches and a high-priority stream for misses; each transfer records an
+event and the compute stream waits on it (`wait_event`), never the host. Stall is measured with timing
+events: how long after the compute stream asked for the weights the copy completed.
+
+CPU: one worker thread plays the link. Copies run one at a time, misses first; with `link_gbps` each
+copy takes bytes / (G * 1e9) seconds, so policies compare on a CPU as they would over PCIe. Stall is
+the wall time the compute thread blocks waiting.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+HIGH, LOW = 0, 1  # priorities: misses before prefetches
+
+
+@dataclass(eq=False)
+class Transfer:
+    pairs: list[tuple[torch.Tensor, torch.Tensor]]  # (destination slot view, host source)
+    nbytes: int
+    priority: int
+    done: threading.Event = field(default_factory=threading.Event)
+    cuda_event: torch.cuda.Event | None = None
+    duration_s: float = 0.0
+
+    def is_done(self) -> bool:
+        if self.cuda_event is not None:
+            return self.cuda_event.query()
+        return self.done.is_set()
+
+
+class TransferEngine:
+    def __init__(self, device: torch.device, link_gbps: float | None = None) -> None:
+        self.device, self.link_gbps = device, link_gbps
+        self.cuda = device.type == "cuda"
+        self._pending_stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.stall_s = 0.0
+        if self.cuda:
+            self.streams = {
+                HIGH: torch.cuda.Stream(device, priority=-1),
+                LOW: torch.cuda.Stream(device),
+            }
+            return
+        self._queue: list[tuple[int, int, Transfer]] = []
+        self._order = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="expertflow-link", daemon=True)
+        self._worker.start()
+
+    def submit(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], priority: int) -> Transfer:
+        transfer = Transfer(pairs, sum(s.numel() * s.element_size() for _, s in pairs), priority)
+        if self.cuda:
+            stream = self.streams[priority]
+            stream.wait_stream(
+                torch.cuda.current_stream(self.device)
+            )  # the slot's last reader is done
+            with torch.cuda.stream(stream):
+                for dst, src in pairs:
+                    dst.copy_(src, non_blocking=True)
+                transfer.cuda_event = torch.cuda.Event(enable_timing=True)
+                transfer.cuda_event.record(stream)
+            return transfer
+        with self._cv:
+            heapq.heappush(self._queue, (priority, next(self._order), transfer))
+            self._cv.notify()
+        return transfer
+
+    def wait(self, transfer: Transfer) -> None:
+        """Make the compute path wait for `transfer`; its stall is added to `stall_s`."""
+        if self.cuda:
+            assert transfer.cuda_event is not None
+            needed = torch.cuda.Event(enable_timing=True)
+            needed.record()
+            torch.cuda.current_stream(self.device).wait_event(transfer.cuda_event)
+            self._pending_stalls.append((needed, transfer.cuda_event))
+            return
+        if transfer.done.is_set():
+            return
+        start = time.perf_counter()
+        transfer.done.wait()
+        self.stall_s += time.perf_counter() - start
+
+    def resolve_stalls(self) -> float:
+        """Total stall seconds so far (on CUDA, folds in the timing events that have completed)."""
+        still = []
+        for needed, done in self._pending_stalls:
+            if done.query() and needed.query():
+                self.stall_s += max(0.0, needed.elapsed_time(done) / 1e3)
+            else:
+                still.append((needed, done))
+        self._pending_stalls = still
+        return self.stall_s
+
+    def close(self) -> None:
+        if not self.cuda:
+            with self._cv:
+                self._closed = True
+                self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                _, _, transfer = heapq.heappop(self._queue)
+            start = time.perf_counter()
+            for dst, src in transfer.pairs:
+                dst.copy_(src)
+            if self.link_gbps:
+                remaining = start + transfer.nbytes / (self.link_gbps * 1e9) - time.perf_counter()
+                if remaining > 0:
+                    time.sleep(remaining)
+            transfer.duration_s = time.perf_counter() - start
+            transfer.done.set()

@@ -1,0 +1,57 @@
+"""Offloading never changes outputs, and its statistics add up (DESIGN §4, §6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine import LLM, SamplingParams
+
+PROMPTS = [
+    [1, 5, 9, 200, 31],
+    [1, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53],
+    [1, 300],
+    [1, 12, 13, 14],
+]
+PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+CACHE_SETTINGS = [
+    {"expert_cache_size": 1},  # smaller than one layer's top-k: experts stream through one slot
+    {"expert_cache_ratio": 0.25},
+    {"expert_cache_ratio": 0.5, "cache_policy": "lfu"},
+    {"expert_cache_ratio": 0.5, "cache_policy": "lru", "link_gbps": 2.0},
+    {"expert_cache_ratio": 0.75, "cache_policy": "lfu"},
+]
+
+
+def run(path: Path, **flags: object) -> tuple[list[list[int]], dict[str, float], LLM]:
+    llm = LLM(model=str(path), max_model_len=64, **flags)
+    outs = llm.generate(PROMPTS, PARAMS)
+    return [o.token_ids for o in outs], llm.offload_stats(), llm
+
+
+def test_outputs_do_not_depend_on_the_cache(tiny_checkpoint: Path) -> None:
+    reference, stats, _ = run(tiny_checkpoint, expert_cache_ratio=1.0)
+    assert stats["misses"] == 0 and stats["transfers"] == 0
+    for flags in CACHE_SETTINGS:
+        tokens, stats, _ = run(tiny_checkpoint, **flags)
+        assert tokens == reference, flags
+        assert stats["misses"] > 0, flags
+
+
+@pytest.mark.parametrize(
+    "flags", CACHE_SETTINGS[:3], ids=["one-slot", "ratio-0.25", "ratio-0.5-lfu"]
+)
+def test_stats_are_consistent(mixtral_checkpoint: Path, flags: dict[str, object]) -> None:
+    _, stats, llm = run(mixtral_checkpoint, **flags)
+    offload = llm.engine.offload
+    assert stats["hits"] + stats["misses"] == sum(offload.experts.activated_per_step)
+    assert stats["transfer_bytes"] == stats["transfers"] * offload.store.expert_bytes
+    assert stats["transfers"] == stats["misses"]  # no prefetching: every transfer is a miss
+    assert 0.0 <= stats["hit_rate"] <= 1.0
+    assert stats["hit_rate"] == pytest.approx(stats["hits"] / (stats["hits"] + stats["misses"]))
+    one_layer = offload.store.num_experts * offload.store.expert_bytes
+    ratio = flags.get("expert_cache_ratio", 0.0)
+    assert stats["resident_expert_bytes"] <= ratio * stats["total_expert_bytes"] + one_layer
+    assert stats["mean_activated_experts_per_step"] > 0
+    assert all(p == 0 for p in offload.cache.pins), "a slot stayed pinned after its layer ran"

@@ -1,0 +1,239 @@
+"""Request bodies of the OpenAI API as pydantic models: types are strict (a string where a number
+belongs is a 400, as on OpenAI) and every OpenAI feature we do not implement is refused by name."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from engine import SamplingParams
+from engine.sampling import MAX_LOGPROBS
+
+logger = logging.getLogger(__name__)
+INT64 = 2**63
+
+
+def refuse_if_set(value: Any, info: ValidationInfo) -> Any:
+    """Used on fields we parse only to say no: ignoring them would return wrong answers quietly."""
+    if value not in (None, False, "", [], {}):
+        raise ValueError("not supported by this server")
+    return value
+
+
+class RequestModel(BaseModel):
+    """Unknown fields are ignored with a warning in the server log, as vLLM does: OpenAI clients
+    send new optional fields long before servers learn them, and refusing would break them."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                logger.warning("%s: ignoring unknown fields: %s", cls.__name__, ", ".join(unknown))
+        return data
+
+
+class StreamOptions(RequestModel):
+    include_usage: bool | None = False
+
+
+class SamplingRequest(RequestModel):
+    """The fields chat and completions share; each maps onto one SamplingParams field, whose own
+    range checks (raising RequestError with the same field name) turn into 400s."""
+
+    model: str | None = None  # OpenAI requires it; like vLLM we default to the served model
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # extension (vLLM)
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None  # extension (vLLM)
+    ignore_eos: bool = False  # extension (vLLM)
+    include_stop_str_in_output: bool = False  # extension (vLLM)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # an end-user tag for the caller's own bookkeeping; we only accept it
+    logit_bias: dict[str, float] | None = None
+
+    _unsupported = field_validator("logit_bias")(refuse_if_set)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [value]
+        if value is not None and not (
+            isinstance(value, list) and all(isinstance(s, str) for s in value)
+        ):
+            raise ValueError("must be a string or a list of strings")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when `stream` is true")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """Raises RequestError for out-of-range values (answered as 400 naming the field)."""
+        return SamplingParams(
+            n=1 if self.n is None else self.n,
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=0 if self.top_k is None else self.top_k,
+            seed=self.seed,
+            stop=list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logprobs=logprobs,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+        )
+
+
+class ChatMessage(RequestModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+
+    _unsupported = field_validator("tool_calls")(refuse_if_set)
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _no_tool_roles(cls, value: Any) -> Any:
+        if value in ("tool", "function"):
+            raise ValueError(
+                f"{value!r} messages are not supported (no tool calling on this server)"
+            )
+        return value
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_text_parts(cls, value: Any) -> Any:
+        """Content given as parts is accepted when every part is text (joined by newlines, as vLLM)."""
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for part in value:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"only text content parts are supported, got {kind or part!r}")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+    def template_dict(self) -> dict[str, str]:
+        """`developer` is OpenAI's new name for `system`; chat templates know only the old one."""
+        message = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.content,
+        }
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ResponseFormat(RequestModel):
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(f"{value!r} is not supported (only 'text')")
+        return value
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of the next one
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+
+    _unsupported_chat = field_validator(
+        "tools", "functions", "function_call", "audio", "prediction", "web_search_options"
+    )(refuse_if_set)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value: Any) -> Any:
+        if value not in (None, "none"):
+            raise ValueError("not supported by this server")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("only allowed when `logprobs` is true")
+        return value
+
+    def to_sampling_params(self) -> SamplingParams:
+        """No max_tokens means up to the context length, as on OpenAI's chat endpoint."""
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[int]
+    max_tokens: int | None = 16  # OpenAI's default for completions; null means up to the context
+    logprobs: int | None = None
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    _unsupported_completion = field_validator("echo", "suffix")(refuse_if_set)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Any:
+        """A string or token ids, or a list holding one of them; several prompts are refused."""
+        if isinstance(value, list) and value and all(isinstance(p, str | list) for p in value):
+            if len(value) > 1:
+                raise ValueError(
+                    f"got {len(value)} prompts; this server takes one prompt per request"
+                )
+            value = value[0]
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(type(t) is int for t in value):
+            if not value:
+                raise ValueError("the prompt is empty")
+            return value
+        raise ValueError("must be a string or a list of token ids")
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("not supported by this server (use `n`)")
+        return value
+
+    def to_sampling_params(self) -> SamplingParams:
+        return self.sampling_params(self.max_tokens, self.logprobs)

@@ -1,0 +1,103 @@
+"""The FastAPI app: routes, and the AsyncLLM it owns for its lifetime (created at startup, shut down
+on exit). Handlers reach the engine only through the serving objects kept on `app.state`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib.metadata import version
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from engine import AsyncLLM, EngineConfig
+from server.api_requests import ChatCompletionRequest, CompletionRequest
+from server.api_responses import ChatCompletion, Completion, ModelCard, ModelList
+from server.auth import APIKeyMiddleware
+from server.chat_template import ChatRenderer
+from server.errors import install_error_handlers
+from server.serving import until_disconnected
+from server.serving_chat import ChatServing
+from server.serving_completion import CompletionServing
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    served_model_name: str
+    api_key: str | None = None
+    chat_template: str | None = None  # the template text, overriding the checkpoint's
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: ServerSettings = app.state.settings
+    engine = AsyncLLM(app.state.engine_config, model_name=settings.served_model_name)
+    try:
+        renderer = ChatRenderer(engine.tokenizer, settings.chat_template)
+        renderer.check()
+        app.state.engine = engine
+        app.state.chat = ChatServing(engine, settings.served_model_name, renderer)
+        app.state.completion = CompletionServing(engine, settings.served_model_name)
+        logger.info(
+            "serving %s (max_model_len=%d)", settings.served_model_name, engine.max_model_len
+        )
+        yield
+    finally:
+        engine.shutdown()
+
+
+def build_app(engine_config: EngineConfig, settings: ServerSettings) -> FastAPI:
+    app = FastAPI(title="ExpertFlow", version=version("expertflow"), lifespan=lifespan)
+    app.state.engine_config = engine_config
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(router)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    return app
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request
+) -> Response | ChatCompletion:
+    return await until_disconnected(request, request.app.state.chat.create(body))
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> Response | Completion:
+    return await until_disconnected(request, request.app.state.completion.create(body))
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> ModelList:
+    engine: AsyncLLM = request.app.state.engine
+    card = ModelCard(
+        id=request.app.state.settings.served_model_name,
+        root=request.app.state.engine_config.model,
+        max_model_len=engine.max_model_len,
+    )
+    return ModelList(data=[card])
+
+
+@router.get("/health")
+async def health() -> Response:
+    """200 once the model is loaded: uvicorn only listens after the lifespan startup."""
+    return Response(status_code=200)
+
+
+@router.get("/version")
+async def server_version() -> dict[str, str]:
+    return {"version": version("expertflow")}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """The engine's registry: it records request, token, latency and KV metrics itself."""
+    registry = request.app.state.engine.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

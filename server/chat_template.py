@@ -1,0 +1,73 @@
+"""Chat messages -> prompt token ids through the checkpoint's Jinja chat template, or the one given
+with `--chat-template` (a file, or the template text itself)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+
+from server.errors import APIError
+
+logger = logging.getLogger(__name__)
+SAMPLE_CONVERSATION = [{"role": "user", "content": "Hello"}]
+
+
+class ChatTemplateError(ValueError):
+    """`--chat-template` names neither a file nor a usable template."""
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """A path is read; text that looks like Jinja is taken as the template itself (as in vLLM)."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ChatTemplateError(f"--chat-template {value!r}: no such file, and not a Jinja template")
+
+
+class ChatRenderer:
+    def __init__(self, tokenizer: Any, override: str | None) -> None:
+        self.tokenizer = tokenizer
+        self.override = override
+        self.available = override is not None or bool(getattr(tokenizer, "chat_template", None))
+
+    def check(self) -> None:
+        """Renders a sample at startup, so a broken template stops the launch instead of failing
+        every chat request later."""
+        if not self.available:
+            logger.warning("the model has no chat template: /v1/chat/completions will answer 400")
+            return
+        try:
+            self._render(SAMPLE_CONVERSATION)
+        except TemplateError as exc:
+            raise ChatTemplateError(
+                f"the chat template fails on a one-message chat: {exc}"
+            ) from exc
+
+    def render(self, messages: list[dict[str, str]]) -> list[int]:
+        if not self.available:
+            raise APIError(
+                400,
+                "This model has no chat template: start the server with --chat-template, "
+                "or use /v1/completions.",
+                param="messages",
+            )
+        try:
+            text = self._render(messages)
+        except TemplateError as exc:
+            raise APIError(
+                400, f"The chat template rejected the messages: {exc}", param="messages"
+            ) from exc
+        # The template writes the special tokens (BOS included) itself.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.override, tokenize=False, add_generation_prompt=True
+        )

@@ -1,0 +1,73 @@
+"""`expertflow serve`: the OpenAI-compatible HTTP server (like `vllm serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import uvicorn
+
+from engine import ConfigError, ModelConfig
+from server.app import ServerSettings, build_app
+from server.chat_template import ChatTemplateError, load_chat_template
+from server.commands import Command
+from server.engine_args import add_engine_args, engine_config_from_args
+
+logger = logging.getLogger(__name__)
+GRACEFUL_SHUTDOWN_S = 5  # then open streams are cut, so Ctrl-C never waits on a long generation
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    group.add_argument("--port", type=int, default=8000, help="port to listen on")
+    group.add_argument(
+        "--served-model-name",
+        help="the model name clients send and /v1/models lists (default: the model folder's name)",
+    )
+    group.add_argument(
+        "--api-key",
+        default=os.environ.get("EXPERTFLOW_API_KEY"),
+        help="require `Authorization: Bearer KEY` on /v1 routes (default: $EXPERTFLOW_API_KEY, "
+        "unset: no key)",
+    )
+    group.add_argument(
+        "--chat-template",
+        help="Jinja chat template, as a file or inline text (default: the checkpoint's)",
+    )
+    add_engine_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        engine_config = engine_config_from_args(args)
+        ModelConfig.from_pretrained(
+            engine_config.model
+        )  # a bad --model fails before binding a port
+        chat_template = load_chat_template(args.chat_template)
+    except (ConfigError, ChatTemplateError) as exc:
+        logger.error("%s", exc)
+        return 2
+    settings = ServerSettings(
+        served_model_name=args.served_model_name or Path(engine_config.model).name,
+        api_key=args.api_key,
+        chat_template=chat_template,
+    )
+    uvicorn.run(
+        build_app(engine_config, settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    return 0
+
+
+COMMAND = Command(
+    name="serve",
+    help="serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, ...)",
+    add_arguments=add_arguments,
+    run=run,
+)

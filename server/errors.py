@@ -1,0 +1,100 @@
+"""Every failure leaves the server as OpenAI's error body, `{"error": {message, type, param, code}}`,
+so clients built for OpenAI or vLLM can read it; nothing reaches the client as FastAPI's own shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine import RequestError
+
+# vLLM names the error type after the OpenAI SDK exception the status maps to.
+ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+}
+
+
+class APIError(Exception):
+    """A request the server answers with an error status; `param` names the offending field."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.code = status if code is None else code
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | int | None = None
+) -> dict[str, Any]:
+    """`code` is the HTTP status unless a more specific one exists (e.g. context_length_exceeded)."""
+    return {
+        "error": {
+            "message": message,
+            "type": ERROR_TYPES.get(status, "APIError"),
+            "param": param,
+            "code": status if code is None else code,
+        }
+    }
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | int | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
+
+
+def field_path(loc: tuple[int | str, ...]) -> str | None:
+    """("body", "messages", 0, "content") -> "messages[0].content"."""
+    path = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or None
+
+
+def validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
+    """The first pydantic error as (message, param), worded for an API user rather than a developer."""
+    if error.get("type") == "json_invalid":
+        return f"Malformed JSON body: {error.get('ctx', {}).get('error', error['msg'])}", None
+    param = field_path(tuple(error.get("loc", ())))
+    msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if param is None:
+        return f"Invalid request body: {msg}", None
+    return f"{param}: {msg}", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestError)
+    async def _engine_refusal(_: Request, exc: RequestError) -> JSONResponse:
+        return error_response(400, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI answers 422 with a list of errors; OpenAI clients expect 400 and one message.
+        errors = exc.errors()
+        message, param = validation_message(errors[0]) if errors else ("Invalid request", None)
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises after this response, so uvicorn logs the traceback; the server lives on.
+        return error_response(500, f"Internal server error: {exc!r}")

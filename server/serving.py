@@ -1,0 +1,154 @@
+"""What chat and completions share: starting an engine request so that refusals are 400s, following
+it as per-choice deltas, SSE framing, and aborting it when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
+
+from engine import AsyncLLM, RequestOutput, SamplingParams
+from engine.outputs import TokenLogprob
+from server.api_responses import Usage
+from server.errors import APIError, error_body
+
+logger = logging.getLogger(__name__)
+DONE = "data: [DONE]\n\n"
+T = TypeVar("T")
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client left before the answer"
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+def stream_error(exc: Exception) -> str:
+    """Headers are gone once a stream starts, so a late failure travels as an error event."""
+    return sse(error_body(500, f"Internal server error: {exc!r}"))
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str
+    logprobs: list[TokenLogprob] | None  # the new tokens' logprobs; None when not requested
+    finish_reason: str | None
+
+
+class Generation:
+    """One engine request as an endpoint sees it, started before the first response byte."""
+
+    def __init__(self, outputs: AsyncIterator[RequestOutput], first: RequestOutput) -> None:
+        self._outputs = outputs
+        self.last = first
+
+    @classmethod
+    async def start(
+        cls, engine: AsyncLLM, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> Generation:
+        """Waits for the first output: the engine raises its refusals (RequestError) only here."""
+        outputs = engine.generate(prompt_token_ids, params, request_id)
+        return cls(outputs, await anext(outputs))
+
+    async def final(self) -> RequestOutput:
+        async for out in self._outputs:
+            self.last = out
+        return self.last
+
+    async def deltas(self) -> AsyncIterator[list[ChoiceDelta]]:
+        """What each choice gained since the previous output. Engine outputs are cumulative and
+        never retract text, so deltas concatenate to the final text; each choice's finish_reason
+        is reported exactly once, with its last delta."""
+        n = len(self.last.outputs)
+        sent_chars, sent_tokens, done = [0] * n, [0] * n, [False] * n
+
+        async def outputs() -> AsyncIterator[RequestOutput]:
+            yield self.last
+            async for out in self._outputs:
+                self.last = out
+                yield out
+
+        async for out in outputs():
+            batch = []
+            for choice in out.outputs:
+                i = choice.index
+                if done[i]:
+                    continue
+                text = choice.text[sent_chars[i] :]
+                logprobs = None if choice.logprobs is None else choice.logprobs[sent_tokens[i] :]
+                if not (text or logprobs or choice.finish_reason):
+                    continue
+                sent_chars[i], sent_tokens[i] = len(choice.text), len(choice.logprobs or ())
+                done[i] = choice.finish_reason is not None
+                batch.append(ChoiceDelta(i, text, logprobs, choice.finish_reason))
+            if batch:
+                yield batch
+
+    def usage(self) -> Usage:
+        """Exact counts: completion tokens are summed over the n choices, as OpenAI does."""
+        prompt = len(self.last.prompt_token_ids)
+        completion = self.last.num_generated_tokens
+        return Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
+
+
+class OpenAIServing:
+    """Base of the endpoint handlers: the served model's identity and request plumbing."""
+
+    id_prefix = "req"
+
+    def __init__(self, engine: AsyncLLM, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.model_name:
+            raise APIError(404, f"The model `{requested}` does not exist.", param="model")
+
+    def new_request(self) -> tuple[str, int]:
+        """A fresh (id, created) pair; the id is also the engine's request id."""
+        return f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+
+    def event_stream(self, chunks: AsyncIterator[str], request_id: str) -> StreamingResponse:
+        # Starlette cancels the body on disconnect, which closes the engine stream and aborts the
+        # request; the background abort also covers a body cancelled between two chunks.
+        return StreamingResponse(
+            chunks,
+            media_type="text/event-stream",
+            background=BackgroundTask(self.engine.abort, request_id),
+        )
+
+
+async def until_disconnected(request: Request, handler: Awaitable[T]) -> T | Response:
+    """Runs a handler unless the client leaves first (vLLM's `with_cancellation`). Cancelling the
+    handler closes its engine stream, which aborts the request and frees its KV blocks."""
+    work = asyncio.ensure_future(handler)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        logger.info("client disconnected from %s; request aborted", request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return work.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

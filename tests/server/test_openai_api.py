@@ -1,0 +1,250 @@
+"""The wire format, driven by the official OpenAI SDK (and httpx where the raw stream matters)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+if TYPE_CHECKING:
+    from tests.server.conftest import RunningServer
+
+MESSAGES = [{"role": "user", "content": "Write a function that adds two numbers."}]
+GREEDY = {"temperature": 0.0}
+ALWAYS_LENGTH = {"ignore_eos": True}  # a random model may emit EOS at any step
+
+
+@pytest.fixture(scope="module")
+def server(
+    mixtral_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, server_launcher: Callable
+) -> Iterator[RunningServer]:
+    folder = tmp_path_factory.mktemp("api-server")
+    config = folder / "serve.yaml"
+    # The YAML sets the context to 128 and the command line to 256: the command line must win.
+    config.write_text("max_model_len: 128\nmax_num_seqs: 16\nkv_cache_blocks: 256\n")
+    with server_launcher(
+        mixtral_checkpoint, folder, "--config", str(config), "--max-model-len", "256"
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def tokenizer(mixtral_checkpoint: Path):
+    return AutoTokenizer.from_pretrained(mixtral_checkpoint)
+
+
+def sse_events(server: RunningServer, path: str, body: dict) -> list[str]:
+    with server.http() as http, http.stream("POST", path, json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return [line.removeprefix("data: ") for line in response.iter_lines() if line]
+
+
+def test_models_and_flag_precedence(server: RunningServer) -> None:
+    models = server.openai().models.list().data
+    assert [m.id for m in models] == ["tiny"]
+    assert models[0].model_extra["max_model_len"] == 256  # CLI flag over --config value
+
+
+def test_open_routes_need_no_key(server: RunningServer) -> None:
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/version").json()["version"]
+    assert "expertflow_kv_cache_usage_ratio" in httpx.get(f"{server.url}/metrics").text
+
+
+def test_chat_non_streaming(server: RunningServer, tokenizer) -> None:
+    out = server.openai().chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=7, extra_body=ALWAYS_LENGTH, **GREEDY
+    )
+    assert (
+        out.id.startswith("chatcmpl-") and out.object == "chat.completion" and out.model == "tiny"
+    )
+    assert out.created > 0
+    [choice] = out.choices
+    assert (
+        choice.index == 0
+        and choice.message.role == "assistant"
+        and choice.finish_reason == "length"
+    )
+    prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    expected_prompt = len(tokenizer.encode(prompt, add_special_tokens=False))
+    assert out.usage.prompt_tokens == expected_prompt
+    assert out.usage.completion_tokens == 7
+    assert out.usage.total_tokens == expected_prompt + 7
+
+
+def test_completion_token_ids_and_text(server: RunningServer, tokenizer) -> None:
+    client = server.openai()
+    ids = tokenizer.encode("def add(a, b):")
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=5, **GREEDY)
+    by_text = client.completions.create(
+        model="tiny", prompt="def add(a, b):", max_tokens=5, **GREEDY
+    )
+    assert by_ids.id.startswith("cmpl-") and by_ids.object == "text_completion"
+    assert by_ids.usage.prompt_tokens == by_text.usage.prompt_tokens == len(ids)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+
+
+def test_max_completion_tokens_and_default_length(server: RunningServer) -> None:
+    client = server.openai()
+    out = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_completion_tokens=3, extra_body=ALWAYS_LENGTH
+    )
+    assert out.usage.completion_tokens == 3
+    out = client.completions.create(model="tiny", prompt="x", extra_body=ALWAYS_LENGTH)
+    assert out.usage.completion_tokens == 16  # OpenAI's default max_tokens for completions
+
+
+def test_stop_string_cuts_text(server: RunningServer) -> None:
+    client = server.openai()
+    kwargs = {"model": "tiny", "prompt": "import torch", "max_tokens": 24, **GREEDY}
+    full = client.completions.create(**kwargs, extra_body=ALWAYS_LENGTH).choices[0].text
+    assert len(full) >= 6, f"the tiny model's greedy text is too short to cut: {full!r}"
+    stop = full[3:5]
+    out = client.completions.create(
+        **kwargs, stop=[stop, "never-generated"], extra_body=ALWAYS_LENGTH
+    )
+    assert out.choices[0].text == full[: full.find(stop)]
+    assert out.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(**kwargs, stop=stop, stream=True, extra_body=ALWAYS_LENGTH)
+    assert "".join(c.choices[0].text for c in streamed) == full[: full.find(stop)]
+
+
+def test_stop_token_ids(server: RunningServer) -> None:
+    out = server.openai().completions.create(
+        model="tiny", prompt="x", max_tokens=8, extra_body={"stop_token_ids": list(range(384))}
+    )
+    assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == 1
+
+
+def test_n_choices_sum_usage(server: RunningServer) -> None:
+    out = server.openai().chat.completions.create(
+        model="tiny", messages=MESSAGES, n=2, max_tokens=4, seed=1, extra_body=ALWAYS_LENGTH
+    )
+    assert [c.index for c in out.choices] == [0, 1]
+    assert all(c.finish_reason == "length" for c in out.choices)
+    assert out.usage.completion_tokens == 8
+
+
+def test_seed_reproducible(server: RunningServer) -> None:
+    client = server.openai()
+
+    def sample(seed: int) -> str:
+        return client.completions.create(
+            model="tiny", prompt="The quick", max_tokens=12, temperature=1.0, seed=seed,
+            extra_body=ALWAYS_LENGTH,
+        ).choices[0].text  # fmt: skip
+
+    assert sample(7) == sample(7)
+    assert len({sample(seed) for seed in (1, 2, 3)}) > 1  # and the seed matters
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_chat_stream_matches_non_stream(server: RunningServer, n: int) -> None:
+    client = server.openai()
+    kwargs = {"model": "tiny", "messages": MESSAGES, "max_tokens": 20, "n": n, **GREEDY}
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    texts, roles, finishes = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
+    for chunk in chunks:
+        assert chunk.object == "chat.completion.chunk" and chunk.id == chunks[0].id
+        for choice in chunk.choices:
+            roles[choice.index] += [choice.delta.role] if choice.delta.role else []
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] += [choice.finish_reason] if choice.finish_reason else []
+    first_per_choice = {c.choices[0].index: c for c in reversed(chunks)}
+    assert all(first_per_choice[i].choices[0].delta.role == "assistant" for i in range(n))
+    assert roles == [["assistant"]] * n
+    assert texts == [c.message.content for c in whole.choices]
+    assert finishes == [[c.finish_reason] for c in whole.choices]
+
+
+def test_completion_stream_matches_non_stream(server: RunningServer) -> None:
+    client = server.openai()
+    kwargs = {"model": "tiny", "prompt": "def add", "max_tokens": 20, "logprobs": 2, **GREEDY}
+    whole = client.completions.create(**kwargs).choices[0]
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == [
+        whole.finish_reason
+    ]
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert sum((lp.tokens for lp in streamed), []) == whole.logprobs.tokens
+    assert sum((lp.text_offset for lp in streamed), []) == whole.logprobs.text_offset
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_usage_chunk_then_done(server: RunningServer, path: str) -> None:
+    prompt = {"messages": MESSAGES} if "chat" in path else {"prompt": "hello"}
+    body = {
+        **prompt,
+        "max_tokens": 5,
+        "n": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    events = sse_events(server, path, {**body, "ignore_eos": True})
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    usage_chunk = chunks[-1]
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"]["completion_tokens"] == 10
+    u = usage_chunk["usage"]
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert all("usage" not in c for c in chunks[:-1])
+    finishes = [ch["index"] for c in chunks for ch in c["choices"] if ch["finish_reason"]]
+    assert sorted(finishes) == [0, 1]
+    events = sse_events(server, path, {**body, "stream_options": {"include_usage": False}})
+    assert all(json.loads(e)["choices"] for e in events[:-1])  # no usage chunk unless asked
+
+
+def test_chat_logprobs(server: RunningServer) -> None:
+    out = server.openai().chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=6, logprobs=True, top_logprobs=3, **GREEDY
+    )
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode()) and entry.logprob <= 0
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy: the best
+
+
+def test_completion_logprobs(server: RunningServer) -> None:
+    out = server.openai().completions.create(
+        model="tiny", prompt="x", max_tokens=6, logprobs=2, **GREEDY
+    )
+    lp = out.choices[0].logprobs
+    assert (
+        len(lp.tokens)
+        == len(lp.token_logprobs)
+        == len(lp.top_logprobs)
+        == out.usage.completion_tokens
+    )
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert all(1 <= len(top) <= 3 for top in lp.top_logprobs)  # equal texts share a key
+
+
+def test_message_forms(server: RunningServer) -> None:
+    """Text parts join like a plain string; `developer` is rendered as `system`; unknown fields
+    are ignored with a warning in the server log."""
+    client = server.openai()
+
+    def prompt_tokens(messages: list[dict], **extra: object) -> int:
+        out = client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=1, extra_body=extra
+        )
+        return out.usage.prompt_tokens
+
+    plain = prompt_tokens(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"}]
+    )
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    developer = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}]
+    assert prompt_tokens(developer, some_future_field=1) == plain
+    assert "ignoring unknown fields: some_future_field" in server.log()

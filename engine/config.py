@@ -11,6 +11,8 @@ import torch
 
 SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "expertflow-demo")
+CACHE_POLICIES = ("lru", "lfu", "expertflow")
+PREDICTORS = ("none", "pregate", "rpp", "hybrid")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -164,7 +166,10 @@ class EngineConfig:
     expert_cache_size: int | None = flag(
         None, "expert cache slots (overrides --expert-cache-ratio)"
     )
-    cache_policy: str = flag("lru", "expert cache eviction policy", choices=("lru", "lfu"))
+    cache_policy: str = flag("lru", "expert cache eviction policy", choices=CACHE_POLICIES)
+    predictor: str = flag("none", "routing predictor feeding the prefetcher", choices=PREDICTORS)
+    predictor_path: str | None = flag(None, "trained predictor file (for rpp and hybrid)")
+    prefetch_horizon: str = flag("auto", "MoE layers to prefetch ahead: auto (EF-25's rule) or N")
     link_gbps: float | None = flag(None, "emulate a host-device link of this many GB/s (CPU only)")
 
     def __post_init__(self) -> None:
@@ -181,8 +186,22 @@ class EngineConfig:
             raise ConfigError(f"expert_cache_ratio={self.expert_cache_ratio} must be in (0, 1]")
         if self.expert_cache_size is not None and self.expert_cache_size < 1:
             raise ConfigError(f"expert_cache_size={self.expert_cache_size} must be >= 1")
-        if self.cache_policy not in ("lru", "lfu"):
-            raise ConfigError(f"cache_policy={self.cache_policy!r}: choose lru or lfu")
+        if self.cache_policy not in CACHE_POLICIES:
+            raise ConfigError(
+                f"cache_policy={self.cache_policy!r}: choose {', '.join(CACHE_POLICIES)}"
+            )
+        if self.predictor not in PREDICTORS:
+            raise ConfigError(f"predictor={self.predictor!r}: choose {', '.join(PREDICTORS)}")
+        if self.predictor in ("rpp", "hybrid") and not self.predictor_path:
+            raise ConfigError(
+                f"predictor={self.predictor!r} needs --predictor-path (train-predictor's output)"
+            )
+        if self.prefetch_horizon != "auto" and not (
+            str(self.prefetch_horizon).isdigit() and int(self.prefetch_horizon) >= 1
+        ):
+            raise ConfigError(
+                f"prefetch_horizon={self.prefetch_horizon!r}: use auto or a positive integer"
+            )
         if self.link_gbps is not None and (self.link_gbps <= 0 or self.device != "cpu"):
             raise ConfigError("link_gbps must be > 0 and is only emulated with device='cpu'")
 

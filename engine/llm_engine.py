@@ -48,7 +48,7 @@ class LLMEngine:
             )
         model, host_experts = load_model(config.model, mc, config.torch_dtype, self.device)
         self.model = model
-        self.offload = OffloadRuntime(config, host_experts, self.device)
+        self.offload = OffloadRuntime(config, host_experts, model, self.device)
         self.kv = KVCache.allocate(
             mc.num_layers,
             self._num_kv_blocks(),
@@ -63,7 +63,9 @@ class LLMEngine:
         self.scheduler = Scheduler(
             BatchingConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
         )
-        self.runner = ModelRunner(model, self.offload.experts, self.kv, self.device, config.seed)
+        self.runner = ModelRunner(
+            model, self.offload.experts, self.offload.prefetcher, self.kv, self.device, config.seed
+        )
         eos = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

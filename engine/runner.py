@@ -7,6 +7,7 @@ import torch
 from engine.attention import AttentionBatch, KVCache
 from engine.models.model import MoECausalLM
 from engine.offload.experts import OffloadedExperts
+from engine.offload.prefetch import Prefetcher
 from engine.sampler import sample, token_logprobs
 from engine.sequence import Sequence
 
@@ -16,11 +17,13 @@ class ModelRunner:
         self,
         model: MoECausalLM,
         experts: OffloadedExperts,
+        prefetcher: Prefetcher | None,
         kv: KVCache,
         device: torch.device | str,
         seed: int,
     ) -> None:
         self.model, self.experts, self.kv, self.device = model, experts, kv, device
+        self.prefetcher = prefetcher
         self.generator = torch.Generator().manual_seed(seed)
 
     @torch.inference_mode()
@@ -40,8 +43,17 @@ class ModelRunner:
         ]
         batch = AttentionBatch.build(self.kv, block_tables, starts, num_new_tokens, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
+        if self.prefetcher is not None:
+            window = self.prefetcher.predictor.context_window
+            self.prefetcher.begin_step(
+                input_ids, context_windows(seqs, starts, num_new_tokens, window)
+            )
         hidden = self.model(
-            input_ids, torch.tensor(positions, device=self.device), batch, self.experts
+            input_ids,
+            torch.tensor(positions, device=self.device),
+            batch,
+            self.experts,
+            self.prefetcher,
         )
         last_rows, sampling = [], []
         row = -1
@@ -55,3 +67,14 @@ class ModelRunner:
         logits = self.model.logits(hidden[last_rows])  # [B, V]
         tokens = sample(logits, sampling, self.generator)
         return sampling, tokens, token_logprobs(logits, tokens, sampling)
+
+
+def context_windows(
+    seqs: list[Sequence], starts: list[int], num_new_tokens: list[int], window: int
+) -> torch.Tensor:
+    """The `window` token ids before each new token, -1 where the sequence has none: [T, W]."""
+    rows = []
+    for seq, start, n in zip(seqs, starts, num_new_tokens, strict=True):
+        padded = [-1] * window + seq.token_ids[: start + n]
+        rows.extend(padded[start + i : start + i + window] for i in range(n))
+    return torch.tensor(rows, dtype=torch.long).view(len(rows), window)

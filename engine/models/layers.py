@@ -106,6 +106,16 @@ class RoutedExperts(Protocol):
         ...
 
 
+class RoutingObserver(Protocol):
+    """Sees each MoE layer's routing before its experts run: the moment to prefetch or record traces."""
+
+    def on_route(
+        self, layer: int, residual: torch.Tensor, router_logits: torch.Tensor, topk_ids: torch.Tensor
+    ) -> None:
+        """residual [T, H] (the MoE input before its norm), router_logits [T, E], topk_ids [T, k]."""
+        ...
+
+
 class Router(nn.Module):
     """Softmax top-k router; `weight` is [E, H] as on the hub."""
 
@@ -135,8 +145,13 @@ class MoEBlock(nn.Module):
             self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
-    def forward(self, x: torch.Tensor, experts: RoutedExperts) -> torch.Tensor:
-        _, weights, ids = self.gate(x)
+    def forward(
+        self, x: torch.Tensor, experts: RoutedExperts, residual: torch.Tensor,
+        observer: RoutingObserver | None,
+    ) -> torch.Tensor:
+        logits, weights, ids = self.gate(x)
+        if observer is not None:
+            observer.on_route(self.layer, residual, logits, ids)
         out = experts(self.layer, x, ids, weights)  # [T, H]
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -9,7 +9,15 @@ from engine.attention import AttentionBatch
 from engine.config import ModelConfig
 from engine.models import mixtral, olmoe, qwen2_moe, qwen3_moe
 from engine.models.family import FamilySpec
-from engine.models.layers import MLP, Attention, MoEBlock, RMSNorm, Rotary, RoutedExperts
+from engine.models.layers import (
+    MLP,
+    Attention,
+    MoEBlock,
+    RMSNorm,
+    Rotary,
+    RoutedExperts,
+    RoutingObserver,
+)
 
 FAMILIES: dict[str, FamilySpec] = {
     "mixtral": mixtral.SPEC,
@@ -39,11 +47,12 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
         experts: RoutedExperts,
+        observer: RoutingObserver | None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, batch)
         h = self.post_attention_layernorm(x)
         ffn = self.ffn
-        return x + (ffn(h, experts) if isinstance(ffn, MoEBlock) else ffn(h))
+        return x + (ffn(h, experts, x, observer) if isinstance(ffn, MoEBlock) else ffn(h))
 
 
 class Decoder(nn.Module):
@@ -70,12 +79,13 @@ class MoECausalLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
         experts: RoutedExperts,
+        observer: RoutingObserver | None = None,
     ) -> torch.Tensor:
         """input_ids/positions [T] -> final hidden states [T, H]."""
         x = self.model.embed_tokens(input_ids)  # [T, H]
         rope = self.rotary(positions)
         for layer in self.model.layers:
-            x = layer(x, rope, batch, experts)
+            x = layer(x, rope, batch, experts, observer)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

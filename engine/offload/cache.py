@@ -5,13 +5,14 @@ expert in at high priority and the compute path waits for it (the stall)."""
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from engine.offload.policy import EvictionPolicy, Key
 from engine.offload.store import ExpertStore
-from engine.offload.transfer import HIGH, Transfer, TransferEngine
+from engine.offload.transfer import HIGH, LOW, Transfer, TransferEngine
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,9 @@ class CacheStats:
     misses: int = 0
     transfers: int = 0
     transfer_bytes: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0  # prefetched, then evicted unused
 
 
 class ExpertCache:
@@ -49,7 +53,12 @@ class ExpertCache:
         self.key_of: list[Key | None] = [None] * self.num_slots
         self.in_flight: dict[int, Transfer] = {}  # slot -> copy not yet waited on
         self.pins = [0] * self.num_slots
+        self.protected: set[Key] = (
+            set()
+        )  # predicted within the horizon: evicted only as a last resort
+        self.prefetched: set[Key] = set()  # prefetched and not looked up yet
         self.stats = CacheStats()
+        self.completed: deque[Transfer] = deque(maxlen=256)  # finished copies, to measure bandwidth
         self.tick = 0
         self._warm_start()
 
@@ -72,18 +81,32 @@ class ExpertCache:
         if old is not None:
             del self.slot_of[old]
             self.policy.on_evict(old)
+            if old in self.prefetched:
+                self.prefetched.discard(old)
+                self.stats.prefetch_wasted += 1
         self.key_of[slot] = key
         self.slot_of[key] = slot
 
-    def _free_slot(self) -> int | None:
-        """An empty slot, else the policy's victim among slots neither pinned nor being written."""
-        candidates = []
+    def _free_slot(self, for_prefetch: bool) -> int | None:
+        """An empty slot, else the policy's victim among slots neither pinned nor being written.
+        Experts predicted within the horizon are spared; a prefetch never evicts one, a miss only
+        when nothing else is left."""
+        candidates, spared = [], []
         for slot, key in enumerate(self.key_of):
             if key is None:
                 return slot
-            if not self.pins[slot] and slot not in self.in_flight:
-                candidates.append(key)
+            if not self.pins[slot] and not self._writing(slot):
+                (spared if key in self.protected else candidates).append(key)
+        if not candidates and not for_prefetch:
+            candidates = spared
         return self.slot_of[self.policy.victim(candidates)] if candidates else None
+
+    def _writing(self, slot: int) -> bool:
+        transfer = self.in_flight.get(slot)
+        if transfer is not None and transfer.is_done():
+            self.completed.append(self.in_flight.pop(slot))
+            return False
+        return transfer is not None
 
     def begin_step(self) -> None:
         self.tick += 1
@@ -96,25 +119,53 @@ class ExpertCache:
             key = (layer, expert)
             self.policy.on_access(key, self.tick)
             slot = self.slot_of.get(key)
-            if slot is not None and slot not in self.in_flight:
+            if key in self.prefetched:
+                self.prefetched.discard(key)
+                self.stats.prefetch_used += 1
+            if slot is not None and not self._writing(slot):
                 self.stats.hits += 1
             else:
                 self.stats.misses += 1
                 if slot is None:
                     slot = self._load(key, HIGH)
+                    assert slot is not None
                 waits.append(slot)
             self.pins[slot] += 1
             slots.append(slot)
         for slot in waits:
+            transfer = self.in_flight.get(slot)
+            if transfer is not None:
+                self.transfers.promote(transfer)
+        for slot in waits:
             transfer = self.in_flight.pop(slot, None)
             if transfer is not None:
                 self.transfers.wait(transfer)
+                self.completed.append(transfer)
         return slots
 
-    def _load(self, key: Key, priority: int) -> int:
-        slot = self._free_slot()
+    def prefetch(self, layer: int, experts: list[int]) -> int:
+        """Start low-priority copies of the experts not resident yet, into free or evictable slots
+        only (never one pinned, in flight or predicted); returns how many were issued."""
+        issued = 0
+        for expert in experts:
+            key = (layer, expert)
+            if key in self.slot_of:
+                continue
+            if self._load(key, LOW) is None:
+                break
+            self.prefetched.add(key)
+            self.stats.prefetch_issued += 1
+            issued += 1
+        return issued
+
+    def _load(self, key: Key, priority: int) -> int | None:
+        slot = self._free_slot(for_prefetch=priority == LOW)
+        if slot is None and priority == HIGH:
+            slot = self._drain_one_prefetch()
         if slot is None:
-            raise RuntimeError("every expert cache slot is pinned or in flight")
+            if priority == LOW:
+                return None
+            raise RuntimeError("every expert cache slot is pinned")
         self._place(key, slot)
         w13, w2 = self.store.expert(*key)
         transfer = self.transfers.submit([(self.w13[slot], w13), (self.w2[slot], w2)], priority)
@@ -122,6 +173,16 @@ class ExpertCache:
         self.stats.transfers += 1
         self.stats.transfer_bytes += transfer.nbytes
         return slot
+
+    def _drain_one_prefetch(self) -> int | None:
+        """A miss found every unpinned slot still being written by prefetches: wait for one and
+        take its slot (the wait counts as stall)."""
+        for slot, transfer in list(self.in_flight.items()):
+            if not self.pins[slot]:
+                self.transfers.wait(transfer)
+                self.completed.append(self.in_flight.pop(slot))
+                return self._free_slot(for_prefetch=False)
+        return None
 
     def release(self, slots: list[int]) -> None:
         for slot in slots:

@@ -54,7 +54,42 @@ class LFUPolicy:
         return min(candidates, key=lambda k: (self.count[k], self.last_use.get(k, -1), k))
 
 
-POLICIES: dict[str, type] = {"lru": LRUPolicy, "lfu": LFUPolicy}
+class ExpertFlowPolicy(LRUPolicy):
+    """Predicted-need aware (EF-24's correction + EF-25's protected window): a prefetched expert its
+    layer did not use is demoted and goes first; then experts with no predicted use, least recent
+    first; experts predicted ahead go last, the furthest predicted use first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next_use: dict[Key, int] = {}  # key -> MoE layers until its predicted use
+        self.demoted: set[Key] = set()
+
+    def predict(self, next_use: dict[Key, int]) -> None:
+        self.next_use = next_use
+
+    def demote(self, key: Key) -> None:
+        self.demoted.add(key)
+
+    def on_access(self, key: Key, tick: int) -> None:
+        super().on_access(key, tick)
+        self.demoted.discard(key)
+
+    def on_evict(self, key: Key) -> None:
+        super().on_evict(key)
+        self.demoted.discard(key)
+
+    def victim(self, candidates: list[Key]) -> Key:
+        def rank(k: Key) -> tuple[int, int, int, Key]:
+            if k in self.demoted:
+                return (0, 0, self.last_use.get(k, -1), k)
+            if k not in self.next_use:
+                return (1, 0, self.last_use.get(k, -1), k)
+            return (2, -self.next_use[k], self.last_use.get(k, -1), k)
+
+        return min(candidates, key=rank)
+
+
+POLICIES: dict[str, type] = {"lru": LRUPolicy, "lfu": LFUPolicy, "expertflow": ExpertFlowPolicy}
 
 
 def make_policy(name: str) -> EvictionPolicy:

@@ -9,9 +9,13 @@ import torch
 
 from engine.config import EngineConfig
 from engine.loader import HostExperts
+from engine.models.model import MoECausalLM
 from engine.offload.cache import ExpertCache
 from engine.offload.experts import OffloadedExperts
+from engine.offload.horizon import HorizonController
 from engine.offload.policy import make_policy
+from engine.offload.predict import make_predictor
+from engine.offload.prefetch import Prefetcher
 from engine.offload.store import ExpertStore
 from engine.offload.transfer import TransferEngine
 
@@ -19,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 
 class OffloadRuntime:
-    def __init__(self, config: EngineConfig, host: HostExperts, device: torch.device) -> None:
+    def __init__(
+        self, config: EngineConfig, host: HostExperts, model: MoECausalLM, device: torch.device
+    ) -> None:
         self.store = ExpertStore(host, pin=device.type == "cuda")
         total = self.store.num_total_experts
         num_slots = config.expert_cache_size or max(
@@ -30,10 +36,18 @@ class OffloadRuntime:
             self.store, num_slots, make_policy(config.cache_policy), self.transfers, device
         )
         self.experts = OffloadedExperts(self.cache, self.store.num_experts)
+        self.prefetcher: Prefetcher | None = None
+        predictor = make_predictor(config.predictor, model, config.predictor_path)
+        if predictor is not None:
+            fixed = None if str(config.prefetch_horizon) == "auto" else int(config.prefetch_horizon)
+            horizon = HorizonController(len(self.store.layers) - 1, self.store.expert_bytes, fixed)
+            self.prefetcher = Prefetcher(
+                predictor, self.cache, self.store.layers, horizon, model.cfg.top_k
+            )
         saved = 1 - self.cache.resident_bytes / self.store.total_bytes
         logger.info(
             "expert cache: %d of %d experts resident (%.1f of %.1f MiB, %.1f%% of expert memory saved), "
-            "policy=%s, link=%s",
+            "policy=%s, predictor=%s, link=%s",
             self.cache.num_slots,
             total,
             self.cache.resident_bytes / 2**20,
@@ -54,8 +68,10 @@ class OffloadRuntime:
             "transfers": s.transfers,
             "transfer_bytes": s.transfer_bytes,
             "stall_seconds": self.transfers.resolve_stalls(),
-            "prefetch_issued": 0,
-            "prefetch_used": 0,
+            "prefetch_issued": s.prefetch_issued,
+            "prefetch_used": s.prefetch_used,
+            "prefetch_horizon": self.prefetcher.current_horizon if self.prefetcher else 0,
+            "predictor_recall": self.prefetcher.recall if self.prefetcher else 0.0,
             "resident_expert_bytes": self.cache.resident_bytes,
             "total_expert_bytes": self.store.total_bytes,
             "expert_cache_slots": self.cache.num_slots,

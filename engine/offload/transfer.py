@@ -29,7 +29,9 @@ class Transfer:
     priority: int
     done: threading.Event = field(default_factory=threading.Event)
     cuda_event: torch.cuda.Event | None = None
-    duration_s: float = 0.0
+    cuda_start: torch.cuda.Event | None = None
+    started: bool = False
+    duration_s: float | None = None  # copy time once measured
 
     def is_done(self) -> bool:
         if self.cuda_event is not None:
@@ -64,6 +66,8 @@ class TransferEngine:
                 torch.cuda.current_stream(self.device)
             )  # the slot's last reader is done
             with torch.cuda.stream(stream):
+                transfer.cuda_start = torch.cuda.Event(enable_timing=True)
+                transfer.cuda_start.record(stream)
                 for dst, src in pairs:
                     dst.copy_(src, non_blocking=True)
                 transfer.cuda_event = torch.cuda.Event(enable_timing=True)
@@ -73,6 +77,27 @@ class TransferEngine:
             heapq.heappush(self._queue, (priority, next(self._order), transfer))
             self._cv.notify()
         return transfer
+
+    def promote(self, transfer: Transfer) -> None:
+        """A miss now waits on this queued prefetch: move it ahead of the other prefetches."""
+        if self.cuda or transfer.priority == HIGH:
+            return
+        with self._cv:
+            if not transfer.started:
+                transfer.priority = HIGH
+                heapq.heappush(self._queue, (HIGH, next(self._order), transfer))
+                self._cv.notify()
+
+    def measured_duration(self, transfer: Transfer) -> float | None:
+        """Seconds the copy took on the link, once it has completed (None before)."""
+        if (
+            transfer.duration_s is None
+            and transfer.cuda_event is not None
+            and transfer.cuda_event.query()
+        ):
+            assert transfer.cuda_start is not None
+            transfer.duration_s = transfer.cuda_start.elapsed_time(transfer.cuda_event) / 1e3
+        return transfer.duration_s
 
     def wait(self, transfer: Transfer) -> None:
         """Make the compute path wait for `transfer`; its stall is added to `stall_s`."""
@@ -114,6 +139,9 @@ class TransferEngine:
                 if self._closed:
                     return
                 _, _, transfer = heapq.heappop(self._queue)
+                if transfer.started:  # a promoted duplicate entry
+                    continue
+                transfer.started = True
             start = time.perf_counter()
             for dst, src in transfer.pairs:
                 dst.copy_(src)

@@ -1,0 +1,60 @@
+"""EF-25's adaptive prefetch horizon: how many MoE layers ahead to fetch.
+
+S = ceil(N_e * E_s / (B * T_l)): the layers of compute it takes to hide the copies of the N_e experts
+a layer will need (E_s bytes each, B bytes/s link). Then feedback corrects the model: a streak of
+stalled layers adds one layer, a streak of over-fetching layers removes one. Clamped to [1, layers-1].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class HorizonController:
+    max_horizon: int  # MoE layers - 1
+    expert_bytes: int
+    fixed: int | None = None  # `--prefetch-horizon N`; None = auto
+    streak_len: int = 3
+    ewma: float = 0.2
+    bandwidth_bps: float | None = None
+    layer_time_s: float | None = None
+    adjust: int = 0
+    stall_streak: int = 0
+    overfetch_streak: int = 0
+
+    def observe_transfer(self, nbytes: int, seconds: float) -> None:
+        if seconds > 0:
+            self.bandwidth_bps = self._mix(self.bandwidth_bps, nbytes / seconds)
+
+    def observe_layer_time(self, seconds: float) -> None:
+        if seconds > 0:
+            self.layer_time_s = self._mix(self.layer_time_s, seconds)
+
+    def observe_layer(self, stalled: bool, overfetched: bool) -> None:
+        """Feedback from one MoE layer: did compute wait on a copy; were prefetches wasted?"""
+        self.stall_streak = self.stall_streak + 1 if stalled else 0
+        self.overfetch_streak = self.overfetch_streak + 1 if overfetched and not stalled else 0
+        if self.stall_streak >= self.streak_len:
+            self.adjust, self.stall_streak = self.adjust + 1, 0
+        elif self.overfetch_streak >= self.streak_len:
+            self.adjust, self.overfetch_streak = self.adjust - 1, 0
+        self.adjust = max(-self.max_horizon, min(self.max_horizon, self.adjust))
+
+    def horizon(self, expected_experts: float) -> int:
+        """S for a layer expected to need `expected_experts` experts not yet resident."""
+        if self.fixed is not None:
+            return self._clamp(self.fixed)
+        if not self.bandwidth_bps or not self.layer_time_s:
+            base = 1  # nothing measured yet: one layer ahead
+        else:
+            transfer_s = expected_experts * self.expert_bytes / self.bandwidth_bps
+            base = max(1, math.ceil(transfer_s / self.layer_time_s))
+        return self._clamp(base + self.adjust)
+
+    def _clamp(self, s: int) -> int:
+        return max(1, min(self.max_horizon, s)) if self.max_horizon >= 1 else 0
+
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.ewma) * old + self.ewma * new

@@ -1,0 +1,159 @@
+"""Training the RPP and the hybrid predictor on routing traces: BCE against the 0/1 top-k routes,
+Adam, shuffled mini-batches from a seeded generator, so a fixed seed gives the same weights."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from engine.offload.predict.hybrid import HybridConfig, HybridNet
+from engine.offload.predict.rpp import UNSEEN_ROW, RPPConfig, RPPNet
+from engine.offload.predict.trace import TraceSet
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 3e-3
+    seed: int = 0
+    holdout: float = 0.2  # fraction of documents kept out of training, for evaluation
+    embed_dim: int = 32
+    hidden_dim: int = 256
+    context_window: int = 4  # rpp: previous token ids it sees
+    layer_dim: int = 16  # hybrid: source layer and distance embeddings
+    max_token_rows: int = 16384  # token embedding rows at most (most frequent training tokens)
+
+
+def token_rows(traces: TraceSet, max_rows: int) -> torch.Tensor:
+    """Embedding row of every token id: the `max_rows - 2` most frequent tokens of the traces get
+    rows 2.., every other id UNSEEN_ROW (rows 0 and 1 are "no token" and "unseen"). [V] int64."""
+    counts = torch.bincount(traces.token_ids.long(), minlength=traces.meta.vocab_size)
+    seen = int((counts > 0).sum())
+    order = torch.argsort(counts, descending=True, stable=True)[: min(seen, max_rows - 2)]
+    rows = torch.full((traces.meta.vocab_size,), UNSEEN_ROW, dtype=torch.long)
+    rows[order] = torch.arange(2, 2 + order.numel())
+    return rows
+
+
+def train_rpp(traces: TraceSet, cfg: TrainConfig) -> RPPNet:
+    """Learn every layer's routes of a token from the token and its `context_window` predecessors."""
+    torch.manual_seed(cfg.seed)
+    rows = token_rows(traces, cfg.max_token_rows)
+    meta = traces.meta
+    net = RPPNet(
+        RPPConfig(
+            num_layers=meta.num_layers,
+            num_experts=meta.num_experts,
+            top_k=meta.top_k,
+            vocab_size=meta.vocab_size,
+            num_rows=int(rows.max()) + 1,
+            context_window=cfg.context_window,
+            embed_dim=cfg.embed_dim,
+            hidden_dim=cfg.hidden_dim,
+        )
+    )
+    net.tokens.rows.copy_(rows)
+    ids, context, routes = traces.token_ids.long(), traces.context(cfg.context_window), traces.routes()
+
+    def loss(batch: torch.Tensor) -> torch.Tensor:
+        logits = net(ids[batch], context[batch])  # [B, L, E]
+        return F.binary_cross_entropy_with_logits(logits, routes[batch])
+
+    _fit(net, len(traces), loss, cfg, "training rpp")
+    return net.eval()
+
+
+def train_hybrid(traces: TraceSet, cfg: TrainConfig) -> HybridNet:
+    """Learn to correct each traced pre-gate guess (source i -> target j) toward j's actual routes.
+    One sample per (token, layer pair): N * L(L-1)/2 samples."""
+    meta = traces.meta
+    if meta.num_layers < 2:
+        raise ValueError("the hybrid predictor needs a model with at least 2 MoE layers")
+    torch.manual_seed(cfg.seed)
+    rows = token_rows(traces, cfg.max_token_rows)
+    net = HybridNet(
+        HybridConfig(
+            num_layers=meta.num_layers,
+            num_experts=meta.num_experts,
+            top_k=meta.top_k,
+            vocab_size=meta.vocab_size,
+            num_rows=int(rows.max()) + 1,
+            embed_dim=cfg.embed_dim,
+            layer_dim=cfg.layer_dim,
+            hidden_dim=cfg.hidden_dim,
+        )
+    )
+    net.tokens.rows.copy_(rows)
+    pairs = torch.tensor(meta.pairs)  # [P, 2]
+    num_pairs = pairs.shape[0]
+    ids, routes = traces.token_ids.long(), traces.routes()  # [N], [N, L, E]
+
+    def loss(batch: torch.Tensor) -> torch.Tensor:
+        n, p = batch // num_pairs, batch % num_pairs
+        source, target = pairs[p, 0], pairs[p, 1]
+        logits = net(
+            traces.pregate[n, p].float(), routes[n, source], ids[n], source, target - source
+        )  # [B, E]
+        return F.binary_cross_entropy_with_logits(logits, routes[n, target])
+
+    _fit(net, len(traces) * num_pairs, loss, cfg, "training hybrid")
+    return net.eval()
+
+
+def _fit(
+    net: nn.Module,
+    num_samples: int,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    cfg: TrainConfig,
+    desc: str,
+) -> None:
+    if num_samples == 0:
+        raise ValueError("no training samples: the training split of the traces is empty")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    steps_per_epoch = -(-num_samples // cfg.batch_size)
+    net.train()
+    with tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, unit="batch") as bar:
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(num_samples, generator=generator)
+            total = 0.0
+            for start in range(0, num_samples, cfg.batch_size):
+                batch = order[start : start + cfg.batch_size]
+                loss = loss_of(batch)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * batch.numel()
+                bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, bce=f"{total / num_samples:.4f}")
+            logger.debug("%s: epoch %d, mean BCE %.4f", desc, epoch + 1, total / num_samples)
+
+
+def train_predictor(kind: str, traces_path: str | Path, out: str | Path, cfg: TrainConfig) -> None:
+    """Train a `kind` predictor on the training split of a trace file and write it to `out`; the
+    file records the split, so evaluation holds out the same documents."""
+    traces = TraceSet.load(traces_path)
+    train, held_out = traces.split(cfg.holdout, cfg.seed)
+    logger.info(
+        "training %s on %d tokens (%d held out for evaluation)", kind, len(train), len(held_out)
+    )
+    if kind == "rpp":
+        net: RPPNet | HybridNet = train_rpp(train, cfg)
+    elif kind == "hybrid":
+        net = train_hybrid(train, cfg)
+    else:
+        raise ValueError(f"cannot train a {kind!r} predictor; choose rpp or hybrid")
+    info = {"traces": str(traces_path), "model": traces.meta.model, "train_tokens": len(train)}
+    net.save(out, {**info, "training": asdict(cfg)})
+    size_bytes = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    logger.info("wrote %s predictor to %s (%.2f MB)", kind, out, size_bytes / 1e6)

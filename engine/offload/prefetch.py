@@ -1,0 +1,128 @@
+"""Prefetcher: turns routing predictions into low-priority copies for the layers ahead.
+
+It watches each MoE layer's routing (a `RoutingObserver`). Before layer 0 it asks the predictor for the
+whole path (rpp); after each layer's router it asks for the next S layers (pregate, hybrid, or the
+rpp's stored path) and prefetches each token's predicted top-k experts there, while the current
+layer's experts compute. It also scores itself: recall of the one-layer-ahead prediction, stalls and
+wasted prefetches feed the adaptive horizon (EF-25) and the `expertflow` policy's demotions (EF-24).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from engine.offload.cache import ExpertCache
+from engine.offload.horizon import HorizonController
+from engine.offload.policy import ExpertFlowPolicy, Key
+from engine.offload.predict.base import RoutingPredictor, recall_at_k
+
+
+class Prefetcher:
+    def __init__(
+        self,
+        predictor: RoutingPredictor,
+        cache: ExpertCache,
+        moe_layers: tuple[int, ...],
+        horizon: HorizonController,
+        top_k: int,
+    ) -> None:
+        self.predictor, self.cache, self.horizon = predictor, cache, horizon
+        self.moe_layers, self.top_k = moe_layers, top_k
+        self.index_of = {layer: i for i, layer in enumerate(moe_layers)}
+        self.token_ids = torch.empty(0, dtype=torch.long)
+        self.predicted: dict[int, set[int]] = {}  # moe index -> experts prefetched/predicted for it
+        self.next_layer_probs: torch.Tensor | None = None  # [T, E] one-layer-ahead prediction
+        self.recall_sum, self.recall_count = 0.0, 0
+        self.current_horizon = horizon.horizon(top_k)
+        self._layer_start_s = 0.0
+        self._stall_seen_s = 0.0
+
+    @property
+    def recall(self) -> float:
+        """Mean recall@k of the one-layer-ahead prediction so far."""
+        return self.recall_sum / self.recall_count if self.recall_count else 0.0
+
+    def begin_step(self, token_ids: torch.Tensor, context: torch.Tensor) -> None:
+        """token_ids [T], context [T, W]: before layer 0 of a step."""
+        self.token_ids = token_ids
+        self.predicted, self.next_layer_probs = {}, None
+        path = self.predictor.path(token_ids, context)  # [L, T, E] or None
+        if path is not None:
+            self._prefetch(path[: self.current_horizon], first_index=0)
+            self.next_layer_probs = path[0]
+        self._layer_start_s = time.perf_counter()
+
+    def on_route(
+        self,
+        layer: int,
+        residual: torch.Tensor,
+        router_logits: torch.Tensor,
+        topk_ids: torch.Tensor,
+    ) -> None:
+        index = self.index_of[layer]
+        now = time.perf_counter()
+        if index > 0:
+            self.horizon.observe_layer_time(now - self._layer_start_s)
+        self._layer_start_s = now
+        self._score(index, topk_ids)
+        self._measure_bandwidth()
+        distinct_now = int(topk_ids.unique().numel())
+        self.current_horizon = self.horizon.horizon(distinct_now)
+        ahead = self.predictor.ahead(
+            index, residual, self.token_ids, topk_ids, self.current_horizon
+        )
+        self.next_layer_probs = ahead[0] if ahead.shape[0] else None
+        in_use = {(layer, e): 0 for e in topk_ids.unique().tolist()}  # this layer's, about to run
+        self._prefetch(ahead, first_index=index + 1, next_use=in_use)
+
+    def _prefetch(
+        self, probs: torch.Tensor, first_index: int, next_use: dict[Key, int] | None = None
+    ) -> None:
+        """probs [h, T, E] for MoE layers first_index.. : prefetch each token's top-k, nearest first.
+        `next_use` holds experts to protect besides the predicted ones (the current layer's)."""
+        next_use = dict(next_use or {})
+        wanted: list[tuple[int, list[int]]] = []
+        for s in range(probs.shape[0]):
+            index = first_index + s
+            experts = probs[s].topk(self.top_k, dim=-1).indices.unique().tolist()
+            self.predicted[index] = set(experts)
+            layer = self.moe_layers[index]
+            for e in experts:
+                next_use.setdefault((layer, e), s + 1)
+            wanted.append((layer, experts))
+        self.cache.protected = set(next_use)
+        if isinstance(self.cache.policy, ExpertFlowPolicy):
+            self.cache.policy.predict(next_use)
+        for layer, experts in wanted:
+            self.cache.prefetch(layer, experts)
+
+    def _score(self, index: int, topk_ids: torch.Tensor) -> None:
+        """Compare what was predicted for this layer with its actual routing."""
+        if (
+            self.next_layer_probs is not None
+            and self.next_layer_probs.shape[0] == topk_ids.shape[0]
+        ):
+            self.recall_sum += recall_at_k(self.next_layer_probs.cpu(), topk_ids.cpu())
+            self.recall_count += 1
+        predicted = self.predicted.pop(index, None)
+        stall = self.cache.transfers.stall_s
+        stalled, self._stall_seen_s = stall > self._stall_seen_s, stall
+        overfetched = False
+        if predicted is not None:
+            used = set(topk_ids.unique().tolist())
+            unused = predicted - used
+            overfetched = len(unused) > len(predicted & used)
+            if isinstance(self.cache.policy, ExpertFlowPolicy):
+                layer = self.moe_layers[index]
+                for e in unused:
+                    self.cache.policy.demote((layer, e))
+        self.horizon.observe_layer(stalled, overfetched)
+
+    def _measure_bandwidth(self) -> None:
+        while self.cache.completed:
+            transfer = self.cache.completed.popleft()
+            seconds = self.cache.transfers.measured_duration(transfer)
+            if seconds:
+                self.horizon.observe_transfer(transfer.nbytes, seconds)

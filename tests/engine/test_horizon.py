@@ -1,0 +1,62 @@
+"""EF-25's adaptive horizon rule: S = ceil(N_e * E_s / (B * T_l)), corrected by stall/over-fetch streaks."""
+
+from __future__ import annotations
+
+from engine.offload.horizon import HorizonController
+
+
+def controller(
+    bandwidth_bps: float, expert_bytes: int, layer_time_s: float = 1e-3
+) -> HorizonController:
+    h = HorizonController(max_horizon=8, expert_bytes=expert_bytes)
+    h.observe_transfer(int(bandwidth_bps), 1.0)
+    h.observe_layer_time(layer_time_s)
+    return h
+
+
+def test_formula() -> None:
+    # 4 experts x 1 MB over 1 GB/s = 4 ms of copies, 1 ms per layer -> 4 layers ahead.
+    assert controller(1e9, 1_000_000).horizon(4) == 4
+
+
+def test_slower_link_or_larger_experts_look_further_ahead() -> None:
+    base = controller(2e9, 500_000).horizon(4)
+    assert controller(0.5e9, 500_000).horizon(4) > base
+    assert controller(2e9, 2_000_000).horizon(4) > base
+    assert controller(2e9, 500_000, layer_time_s=0.25e-3).horizon(4) > base
+
+
+def test_stall_streak_raises_and_overfetch_streak_lowers() -> None:
+    h = controller(1e9, 500_000)
+    start = h.horizon(4)
+    for _ in range(h.streak_len):
+        h.observe_layer(stalled=True, overfetched=False)
+    assert h.horizon(4) == start + 1
+    for _ in range(2 * h.streak_len):
+        h.observe_layer(stalled=False, overfetched=True)
+    assert h.horizon(4) == start - 1
+
+
+def test_a_broken_streak_does_not_count() -> None:
+    h = controller(1e9, 500_000)
+    start = h.horizon(4)
+    for stalled in (True, True, False, True, True):
+        h.observe_layer(stalled=stalled, overfetched=False)
+    assert h.horizon(4) == start
+
+
+def test_bounds_hold() -> None:
+    h = controller(1e6, 10_000_000)  # hopeless link: clamp to the last layer
+    assert h.horizon(64) == h.max_horizon
+    for _ in range(100):
+        h.observe_layer(stalled=False, overfetched=True)
+    assert h.horizon(64) >= 1
+    fast = controller(1e15, 1)
+    for _ in range(100):
+        fast.observe_layer(stalled=False, overfetched=True)
+    assert fast.horizon(1) == 1
+    assert HorizonController(max_horizon=3, expert_bytes=1, fixed=10).horizon(1) == 3
+
+
+def test_unmeasured_starts_one_layer_ahead() -> None:
+    assert HorizonController(max_horizon=5, expert_bytes=1000).horizon(8) == 1

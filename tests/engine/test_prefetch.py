@@ -1,0 +1,99 @@
+"""Prefetching and the expertflow policy never change outputs and never break the slot pool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.offload.cache import ExpertCache
+from engine.offload.policy import ExpertFlowPolicy
+
+PROMPTS = [
+    [1, 5, 9, 200, 31],
+    [1, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53],
+    [1, 300],
+    [1, 12, 13, 14],
+]
+PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def greedy(path: Path, **flags: object) -> tuple[list[list[int]], LLM]:
+    llm = LLM(model=str(path), max_model_len=64, **flags)
+    return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)], llm
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"predictor": "pregate", "prefetch_horizon": "1"},
+        {"predictor": "pregate", "prefetch_horizon": "auto", "cache_policy": "expertflow"},
+        {
+            "predictor": "pregate",
+            "prefetch_horizon": "2",
+            "cache_policy": "expertflow",
+            "link_gbps": 1.0,
+        },
+        {"predictor": "pregate", "cache_policy": "lfu", "expert_cache_size": 3},
+    ],
+    ids=["pregate-S1", "pregate-auto-expertflow", "pregate-S2-link", "pregate-3-slots"],
+)
+def test_prefetching_keeps_outputs_identical(
+    tiny_checkpoint: Path, flags: dict[str, object]
+) -> None:
+    reference, _ = greedy(tiny_checkpoint)
+    flags = {"expert_cache_ratio": 0.5, **flags}
+    tokens, llm = greedy(tiny_checkpoint, **flags)
+    assert tokens == reference
+    stats = llm.offload_stats()
+    assert stats["prefetch_issued"] > 0
+    assert stats["prefetch_used"] <= stats["prefetch_issued"]
+    assert stats["transfers"] <= stats["misses"] + stats["prefetch_issued"]
+    assert 1 <= stats["prefetch_horizon"] <= len(llm.engine.model_config.moe_layers) - 1
+
+
+def test_prefetcher_never_evicts_a_slot_in_use(
+    mixtral_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    placed = 0
+    original = ExpertCache._place
+
+    def checked_place(self: ExpertCache, key: tuple[int, int], slot: int) -> None:
+        nonlocal placed
+        assert self.pins[slot] == 0, "evicted a pinned slot"
+        assert slot not in self.in_flight, "evicted a slot still being written"
+        assert len(self.slot_of) <= self.num_slots
+        placed += 1
+        original(self, key, slot)
+
+    monkeypatch.setattr(ExpertCache, "_place", checked_place)
+    llm = LLM(
+        model=str(mixtral_checkpoint),
+        max_model_len=64,
+        expert_cache_size=5,
+        predictor="pregate",
+        prefetch_horizon="1",
+        cache_policy="expertflow",
+        link_gbps=5.0,
+    )
+    prompts = [[1, *range(10 + i, 14 + 2 * (i % 5))] for i in range(24)]  # 24 concurrent sequences
+    outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    assert all(len(o.token_ids) == 6 for o in outs)
+    cache = llm.engine.offload.cache
+    assert placed > cache.num_slots and all(p == 0 for p in cache.pins)
+    assert len(cache.slot_of) <= cache.num_slots
+
+
+def test_expertflow_policy_order() -> None:
+    policy = ExpertFlowPolicy()
+    for tick, key in enumerate([(0, 0), (0, 1), (0, 2), (0, 3)]):
+        policy.on_access(key, tick)
+    policy.predict({(0, 0): 1, (0, 1): 3})
+    policy.demote((0, 3))
+    candidates = [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert policy.victim(candidates) == (0, 3)  # predicted but unused goes first
+    assert policy.victim(candidates[:3]) == (0, 2)  # then no predicted use
+    assert policy.victim(candidates[:2]) == (0, 1)  # then the furthest predicted use
+    policy.on_access((0, 3), 10)
+    assert (0, 3) not in policy.demoted

@@ -1,0 +1,89 @@
+"""`fused_moe`: the MoE expert computation every model family calls, over cache slots.
+
+Picks the Triton kernels on CUDA and the torch path on the CPU. Triton is imported only when the
+Triton backend is first used, so `import kernels` works where triton is not installed.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+
+from kernels.moe_config import get_config
+from kernels.moe_torch import fused_moe_torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@functools.cache
+def triton_backend() -> ModuleType | None:
+    """kernels.moe_triton, or None when triton cannot be imported."""
+    try:
+        from kernels import moe_triton
+    except ImportError:
+        return None
+    return moe_triton
+
+
+def fused_moe(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    backend: str = "auto",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Routed-expert output for each token, reading expert weights by slot.
+
+    out[t] = sum_j topk_weights[t, j] * w2[s] @ (silu(w13[s, :I] @ x) * (w13[s, I:] @ x)),
+    with s = topk_ids[t, j] and x = hidden[t].
+
+    hidden [T, H]; w13 [S, 2I, H] (rows 0..I-1 gate, I..2I-1 up); w2 [S, H, I];
+    topk_weights [T, k] float; topk_ids [T, k] int slot ids in [0, S) (any subset, any order,
+    repeats allowed; not range-checked, which would cost a device sync).
+    backend: "triton", "torch", or "auto" (triton on CUDA when importable, else torch).
+    out: optional [T, H] tensor of hidden's dtype and device that receives the result (every row
+    is written; it may be hidden itself); a new one is allocated when None. Returns the output.
+    """
+    num_tokens, hidden_size = hidden.shape
+    num_slots, two_inter, _ = w13.shape
+    top_k = topk_ids.shape[1]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if w13.shape[2] != hidden_size or w2.shape != (num_slots, hidden_size, two_inter // 2):
+        raise ValueError(
+            f"expected w13 [S, 2I, {hidden_size}] and w2 [S, {hidden_size}, I], "
+            f"got {tuple(w13.shape)} and {tuple(w2.shape)}"
+        )
+    if topk_ids.shape != (num_tokens, top_k) or topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_ids and topk_weights must be [{num_tokens}, k], "
+            f"got {tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}"
+        )
+    if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
+        raise ValueError(f"weights must be {hidden.dtype}, got {w13.dtype} and {w2.dtype}")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if out is None:
+        out = torch.empty_like(hidden)  # [T, H]
+    elif out.shape != hidden.shape or out.dtype != hidden.dtype or out.device != hidden.device:
+        raise ValueError(
+            f"out must be {tuple(hidden.shape)} {hidden.dtype} on {hidden.device}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    if num_tokens == 0:
+        return out
+
+    # Triton is imported only when it would run: an "auto" call on the CPU must not decorate
+    # the kernels before a test session sets TRITON_INTERPRET.
+    wants_triton = backend == "triton" or (backend == "auto" and hidden.device.type == "cuda")
+    impl = triton_backend() if wants_triton else None
+    if backend == "triton" and impl is None:
+        raise RuntimeError("backend='triton' needs the triton package: pip install 'triton>=3.0'")
+    if impl is None:
+        return fused_moe_torch(hidden, w13, w2, topk_weights, topk_ids, out)
+    config = get_config(num_tokens, hidden_size, two_inter // 2, top_k, hidden.dtype, hidden.device)
+    return impl.fused_moe_triton(hidden, w13, w2, topk_weights, topk_ids, out, config)

@@ -1,0 +1,154 @@
+"""Triton fused MoE over cache slots: align by slot, gate/up GEMM + SiLU-and-mul, down GEMM.
+
+Each GEMM is one launch over all slots: the (token, k) pairs are sorted by slot and each slot's
+run is padded to BLOCK_M, so every M tile belongs to exactly one slot and reads that slot's
+weights straight from the pool (a cache hit costs no copy).
+
+Importing this module imports triton. Under TRITON_INTERPRET=1 (read by triton when the kernel
+below is decorated, i.e. when this module is first imported) the kernel runs on CPU tensors; the
+interpreter does no bfloat16 arithmetic, so an interpreted kernel upcasts tiles to float32 first.
+The kernel calls no jitted helpers (tl.zeros, tl.cdiv, tl.sigmoid, own functions): the
+interpreter spends milliseconds re-patching triton.language on each such call, per program.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def align_by_slot(
+    topk_ids: torch.Tensor, block_m: int, num_slots: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort (token, k) pairs by slot, padding each slot's run to a multiple of block_m.
+
+    Returns sorted_ids [max_padded] (pair index t*k+j, pad = T*k), block_slots [max_padded/block_m]
+    (the slot of each M tile) and num_padded [1] (used length). All on device, no host sync: the
+    launch grid uses the bound max_padded and tiles past num_padded exit at once.
+    """
+    flat = topk_ids.reshape(-1).long()  # [P]
+    num_pairs, device = flat.numel(), flat.device
+    max_padded = num_pairs + min(num_pairs, num_slots) * (block_m - 1)
+    counts = torch.zeros(num_slots, dtype=torch.long, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # [S]
+    padded = (counts + block_m - 1) // block_m * block_m  # [S]
+    padded_end = padded.cumsum(0)  # [S]
+    sorted_slot, order = flat.sort(stable=True)  # [P]
+    rank = torch.arange(num_pairs, device=device) - (counts.cumsum(0) - counts)[sorted_slot]
+    pos = (padded_end - padded)[sorted_slot] + rank  # [P] row of each sorted pair
+    sorted_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
+    sorted_ids[pos] = order.to(torch.int32)
+    tile_start = torch.arange(0, max_padded, block_m, device=device)  # [max_padded / block_m]
+    block_slots = torch.searchsorted(padded_end, tile_start, right=True)
+    return sorted_ids, block_slots.clamp_(max=num_slots - 1).to(torch.int32), padded_end[-1:]
+
+
+@triton.jit
+def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, block_slots_ptr,
+                     num_padded_ptr, max_padded, num_pairs, N, K,
+                     stride_am, stride_ak, stride_bs, stride_bn, stride_bk, stride_cm, stride_cn,
+                     PAIRS_PER_A_ROW: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """One [BLOCK_M, BLOCK_N] tile of c[pair, n] over the pairs of one slot s.
+
+    GATED (gate/up):  c[pair, n] = silu(a[row] . b[s, n]) * (a[row] . b[s, N + n])
+    else (down):      c[pair, n] = weights[pair] * (a[row] . b[s, n])
+    with row = pair // PAIRS_PER_A_ROW (the token for gate/up, the pair itself for down).
+    """
+    # int64 index math: slot pools pass 2**31 elements, and the interpreter skips overflow checks
+    pid = tl.program_id(0).to(tl.int64)
+    num_pid_m = (max_padded + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    group = GROUP_M * num_pid_n  # GROUP_M M tiles share one sweep over N for L2 reuse
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+    if pid_m * BLOCK_M < tl.load(num_padded_ptr):  # tiles past the padded length have no work
+        pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rows_ok = pairs < num_pairs  # [BM] padding rows hold num_pairs
+        slot = tl.load(block_slots_ptr + pid_m).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols_ok = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+        a_ptrs = (
+            a_ptr + (pairs // PAIRS_PER_A_ROW)[:, None] * stride_am + offs_k[None, :] * stride_ak
+        )
+        b_ptrs = (
+            b_ptr + slot * stride_bs + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        )
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        acc_up = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+            k_ok = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=rows_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & cols_ok[None, :], other=0.0)  # [BK, BN]
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            if GATED:
+                up = tl.load(
+                    b_ptrs + N * stride_bn, mask=k_ok[:, None] & cols_ok[None, :], other=0.0
+                )
+                if UPCAST:
+                    up = up.to(tl.float32)
+                acc_up = tl.dot(a, up, acc_up, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        if GATED:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up
+        else:
+            acc *= tl.load(weights_ptr + pairs, mask=rows_ok, other=0.0).to(tl.float32)[:, None]
+        c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=rows_ok[:, None] & cols_ok[None, :])
+
+
+# triton.jit returned an interpreted function iff TRITON_INTERPRET was set at import.
+INTERPRET = not isinstance(_moe_gemm_kernel, triton.runtime.JITFunction)
+
+
+def fused_moe_triton(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    out: torch.Tensor,
+    config: dict[str, int],
+) -> torch.Tensor:
+    """Write sum_k topk_weights * expert_slot(hidden) into out [T, H] with the given tile config."""
+    if hidden.device.type == "cpu" and not INTERPRET:
+        raise RuntimeError(
+            "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment before "
+            "kernels.moe_triton is first imported"
+        )
+    (num_tokens, hidden_size), top_k = hidden.shape, topk_ids.shape[1]
+    num_slots, inter = w13.shape[0], w2.shape[2]
+    num_pairs = num_tokens * top_k
+    bm, bn, bk, group_m = (config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
+    launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+    flags = dict(
+        UPCAST=INTERPRET, DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32"
+    )
+    sorted_ids, block_slots, num_padded = align_by_slot(topk_ids, bm, num_slots)
+    max_padded = sorted_ids.numel()
+    route_w = topk_weights.reshape(-1).contiguous()  # [P]
+    act = hidden.new_empty(num_pairs, inter)  # [P, I]
+    # One row per pair: with top-1 that is the output itself, else the top-k sum follows.
+    y = out if top_k == 1 else out.new_empty(num_pairs, hidden_size)  # [P, H]
+    tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, **flags, **launch)
+    _moe_gemm_kernel[(triton.cdiv(max_padded, bm) * triton.cdiv(inter, bn),)](
+        hidden, w13, act, route_w, sorted_ids, block_slots, num_padded, max_padded, num_pairs,
+        inter, hidden_size, *hidden.stride(), *w13.stride(), *act.stride(),
+        PAIRS_PER_A_ROW=top_k, GATED=True, **tiles,
+    )  # fmt: skip
+    _moe_gemm_kernel[(triton.cdiv(max_padded, bm) * triton.cdiv(hidden_size, bn),)](
+        act, w2, y, route_w, sorted_ids, block_slots, num_padded, max_padded, num_pairs,
+        hidden_size, inter, *act.stride(), *w2.stride(), *y.stride(),
+        PAIRS_PER_A_ROW=1, GATED=False, **tiles,
+    )  # fmt: skip
+    if top_k > 1:
+        torch.sum(y.view(num_tokens, top_k, hidden_size), dim=1, out=out)
+    return out

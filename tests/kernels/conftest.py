@@ -1,0 +1,29 @@
+"""Kernel tests run the Triton kernel on CPU tensors through triton's interpreter.
+
+triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when `kernels.moe_triton` is first
+imported, so the variable is set here, while pytest collects this folder and before any kernel
+test imports the module. Nothing outside these tests imports it on a CPU-only machine:
+`fused_moe(backend="auto")` runs the torch path there without importing triton. On a CUDA
+machine the variable is left unset so the `gpu` tests run compiled kernels; run the interpreter
+tests there with `TRITON_INTERPRET=1 pytest tests/kernels`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread() -> Iterator[None]:
+    """Tiny GEMMs gain nothing from threads; on shared CI cores OpenMP spin-waits stall for seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

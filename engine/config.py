@@ -170,6 +170,13 @@ class EngineConfig:
     predictor: str = flag("none", "routing predictor feeding the prefetcher", choices=PREDICTORS)
     predictor_path: str | None = flag(None, "trained predictor file (for rpp and hybrid)")
     prefetch_horizon: str = flag("auto", "MoE layers to prefetch ahead: auto (EF-25's rule) or N")
+    resident_first: bool = flag(
+        False, "compute resident experts while missing ones are copied (EF-25)"
+    )
+    cache_aware_routing_margin: float = flag(
+        0.0,
+        "swap a non-resident expert for a resident one within this router-logit margin (changes outputs; 0 = off)",
+    )
     link_gbps: float | None = flag(None, "emulate a host-device link of this many GB/s (CPU only)")
 
     def __post_init__(self) -> None:
@@ -196,6 +203,8 @@ class EngineConfig:
             raise ConfigError(
                 f"predictor={self.predictor!r} needs --predictor-path (train-predictor's output)"
             )
+        if self.cache_aware_routing_margin < 0:
+            raise ConfigError("cache_aware_routing_margin must be >= 0")
         if self.prefetch_horizon != "auto" and not (
             str(self.prefetch_horizon).isdigit() and int(self.prefetch_horizon) >= 1
         ):

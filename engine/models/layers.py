@@ -100,9 +100,11 @@ class RoutedExperts(Protocol):
     """How an MoE block runs its routed experts; all-resident or offloaded, the model does not care."""
 
     def __call__(
-        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+        router_logits: torch.Tensor,
     ) -> torch.Tensor:
-        """hidden [T, H], topk_ids [T, k] expert ids, topk_weights [T, k] -> [T, H]."""
+        """hidden [T, H], topk_ids [T, k] expert ids, topk_weights [T, k], router_logits [T, E]
+        -> [T, H]. The logits are there for opt-in cache-aware routing."""
         ...
 
 
@@ -152,7 +154,7 @@ class MoEBlock(nn.Module):
         logits, weights, ids = self.gate(x)
         if observer is not None:
             observer.on_route(self.layer, residual, logits, ids)
-        out = experts(self.layer, x, ids, weights)  # [T, H]
+        out = experts(self.layer, x, ids, weights, logits)  # [T, H]
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

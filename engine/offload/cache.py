@@ -114,8 +114,16 @@ class ExpertCache:
     def ensure(self, layer: int, experts: list[int]) -> list[int]:
         """Make `experts` of `layer` resident and pin them; returns their slots. At most `num_slots`
         experts at once; the caller unpins with `release` when the layer's kernel has been queued."""
-        slots, waits = [], []
-        for expert in experts:
+        slots, pending = self.acquire(layer, experts)
+        for i in pending:
+            self.wait_ready(slots[i])
+        return slots
+
+    def acquire(self, layer: int, experts: list[int]) -> tuple[list[int], list[int]]:
+        """Pin slots for `experts` and start high-priority copies for the missing ones, without
+        waiting; returns the slots and the indices of the experts whose copy is still under way."""
+        slots, pending = [], []
+        for i, expert in enumerate(experts):
             key = (layer, expert)
             self.policy.on_access(key, self.tick)
             slot = self.slot_of.get(key)
@@ -129,19 +137,29 @@ class ExpertCache:
                 if slot is None:
                     slot = self._load(key, HIGH)
                     assert slot is not None
-                waits.append(slot)
+                pending.append(i)
             self.pins[slot] += 1
             slots.append(slot)
-        for slot in waits:
-            transfer = self.in_flight.get(slot)
+        for i in pending:
+            transfer = self.in_flight.get(slots[i])
             if transfer is not None:
                 self.transfers.promote(transfer)
-        for slot in waits:
-            transfer = self.in_flight.pop(slot, None)
-            if transfer is not None:
-                self.transfers.wait(transfer)
-                self.completed.append(transfer)
-        return slots
+        return slots, pending
+
+    def wait_ready(self, slot: int) -> None:
+        """Block compute until the copy into `slot` has landed (the stall)."""
+        transfer = self.in_flight.pop(slot, None)
+        if transfer is not None:
+            self.transfers.wait(transfer)
+            self.completed.append(transfer)
+
+    def resident_mask(self, layer: int, num_experts: int) -> list[bool]:
+        """Which experts of `layer` are resident with their copy complete."""
+        mask = [False] * num_experts
+        for e in range(num_experts):
+            slot = self.slot_of.get((layer, e))
+            mask[e] = slot is not None and not self._writing(slot)
+        return mask
 
     def prefetch(self, layer: int, experts: list[int]) -> int:
         """Start low-priority copies of the experts not resident yet, into free or evictable slots

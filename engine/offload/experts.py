@@ -1,4 +1,11 @@
-"""OffloadedExperts: the `RoutedExperts` the model calls, running each layer's experts from cache slots."""
+"""OffloadedExperts: the `RoutedExperts` the model calls, running each layer's experts from cache slots.
+
+Three ways through a layer: all experts resident (one kernel call); `resident_first` (EF-25): the
+resident experts compute while the missing ones are still copying, then each missing expert computes
+its tokens as its copy lands; and streaming, when a layer needs more experts than the cache has slots.
+Opt-in cache-aware routing (arXiv 2412.00099) may swap a token's non-resident expert for a resident one
+whose router logit is within a margin: the only path that changes outputs.
+"""
 
 from __future__ import annotations
 
@@ -9,41 +16,100 @@ from engine.offload.cache import ExpertCache
 
 
 class OffloadedExperts:
-    def __init__(self, cache: ExpertCache, num_experts: int) -> None:
-        self.cache = cache
-        self.num_experts = num_experts
+    def __init__(
+        self,
+        cache: ExpertCache,
+        num_experts: int,
+        normalize_topk: bool,
+        resident_first: bool = False,
+        routing_margin: float = 0.0,
+    ) -> None:
+        self.cache, self.num_experts, self.normalize_topk = cache, num_experts, normalize_topk
+        self.resident_first, self.routing_margin = resident_first, routing_margin
         self.activated_per_step: list[int] = []  # distinct experts summed over layers, per step
+        self.rerouted = 0  # (token, k) pairs moved to a resident expert by cache-aware routing
 
     def begin_step(self) -> None:
         self.cache.begin_step()
         self.activated_per_step.append(0)
 
     def __call__(
-        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        router_logits: torch.Tensor,
     ) -> torch.Tensor:
-        """hidden [T, H], topk_ids [T, k] expert ids, topk_weights [T, k] -> [T, H]."""
+        """hidden [T, H], topk_ids [T, k] expert ids, topk_weights [T, k], router_logits [T, E] -> [T, H]."""
+        if self.routing_margin > 0:
+            topk_ids, topk_weights = self._prefer_resident(
+                layer, topk_ids, router_logits, hidden.dtype
+            )
         distinct = topk_ids.unique().tolist()  # the host must know which experts to make resident
         if self.activated_per_step:
             self.activated_per_step[-1] += len(distinct)
-        capacity = self.cache.num_slots
-        if len(distinct) <= capacity:
-            slots = self.cache.ensure(layer, distinct)
-            slot_of = torch.zeros(self.num_experts, dtype=torch.long, device=hidden.device)
-            slot_of[distinct] = torch.tensor(slots, device=hidden.device)
+        if len(distinct) > self.cache.num_slots:
+            return self._stream(layer, hidden, topk_ids, topk_weights, distinct)
+        slots, pending = self.cache.acquire(layer, distinct)
+        slot_of = self._slot_table(distinct, slots, hidden.device)
+        if not self.resident_first or not pending or len(pending) == len(distinct):
+            for i in pending:
+                self.cache.wait_ready(slots[i])
             out = kernels.fused_moe(
                 hidden, self.cache.w13, self.cache.w2, topk_weights, slot_of[topk_ids]
             )
-            self.cache.release(slots)
-            return out
-        # A cache smaller than this layer's working set: stream the experts through it in groups.
+        else:
+            out = self._resident_first(
+                hidden, topk_ids, topk_weights, distinct, slots, pending, slot_of
+            )
+        self.cache.release(slots)
+        return out
+
+    def _resident_first(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        distinct: list[int],
+        slots: list[int],
+        pending: list[int],
+        slot_of: torch.Tensor,
+    ) -> torch.Tensor:
+        missing = torch.tensor([distinct[i] for i in pending], device=hidden.device)
+        is_missing = torch.isin(topk_ids, missing)  # [T, k]
+        ready_slot = slots[next(i for i in range(len(distinct)) if i not in set(pending))]
+        weights = topk_weights.masked_fill(is_missing, 0)
+        ids = torch.where(is_missing, torch.full_like(topk_ids, ready_slot), slot_of[topk_ids])
+        out = kernels.fused_moe(hidden, self.cache.w13, self.cache.w2, weights, ids)
+        for i in pending:  # each missing expert, as its copy lands
+            self.cache.wait_ready(slots[i])
+            rows, cols = (topk_ids == distinct[i]).nonzero(as_tuple=True)
+            part = kernels.fused_moe(
+                hidden[rows],
+                self.cache.w13,
+                self.cache.w2,
+                topk_weights[rows, cols, None],
+                torch.full_like(rows, slots[i])[:, None],
+            )  # [n, H]
+            out.index_add_(0, rows, part)
+        return out
+
+    def _stream(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        distinct: list[int],
+    ) -> torch.Tensor:
+        """A cache smaller than this layer's working set: pass the experts through it in groups."""
         out = torch.zeros_like(hidden)
+        capacity = self.cache.num_slots
         for start in range(0, len(distinct), capacity):
             group = distinct[start : start + capacity]
             slots = self.cache.ensure(layer, group)
-            slot_of = torch.full(
-                (self.num_experts,), slots[0], dtype=torch.long, device=hidden.device
-            )
-            slot_of[group] = torch.tensor(slots, device=hidden.device)
+            slot_of = self._slot_table(group, slots, hidden.device, fill=slots[0])
             in_group = torch.isin(topk_ids, torch.tensor(group, device=hidden.device))
             weights = torch.where(in_group, topk_weights, torch.zeros_like(topk_weights))
             out += kernels.fused_moe(
@@ -51,3 +117,42 @@ class OffloadedExperts:
             )
             self.cache.release(slots)
         return out
+
+    def _slot_table(
+        self, experts: list[int], slots: list[int], device: torch.device, fill: int = 0
+    ) -> torch.Tensor:
+        table = torch.full(
+            (self.num_experts,), fill, dtype=torch.long, device=device
+        )  # expert -> slot
+        table[experts] = torch.tensor(slots, device=device)
+        return table
+
+    def _prefer_resident(
+        self, layer: int, topk_ids: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Swap each token's weakest non-resident experts for its strongest resident experts outside
+        the top-k whose logit is within the margin; weights are recomputed from the router."""
+        resident = torch.tensor(
+            self.cache.resident_mask(layer, self.num_experts), device=logits.device
+        )
+        logits = logits.float()
+        selected = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, topk_ids, True)  # [T, E]
+        weak = torch.where(selected & ~resident, logits, torch.inf).sort(dim=1)  # ascending
+        strong = torch.where(~selected & resident, logits, -torch.inf).sort(dim=1, descending=True)
+        ids = topk_ids.clone()
+        for j in range(topk_ids.shape[1]):
+            swap = torch.isfinite(weak.values[:, j]) & (
+                strong.values[:, j] >= weak.values[:, j] - self.routing_margin
+            )
+            swap &= torch.isfinite(strong.values[:, j])
+            rows = swap.nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                break
+            old, new = weak.indices[rows, j], strong.indices[rows, j]
+            ids[rows] = torch.where(ids[rows] == old[:, None], new[:, None], ids[rows])
+            self.rerouted += rows.numel()
+        probs = torch.softmax(logits, dim=-1)
+        weights = probs.gather(1, ids)  # [T, k]
+        if self.normalize_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights.to(dtype)

@@ -35,7 +35,13 @@ class OffloadRuntime:
         self.cache = ExpertCache(
             self.store, num_slots, make_policy(config.cache_policy), self.transfers, device
         )
-        self.experts = OffloadedExperts(self.cache, self.store.num_experts)
+        self.experts = OffloadedExperts(
+            self.cache,
+            self.store.num_experts,
+            model.cfg.norm_topk_prob,
+            config.resident_first,
+            config.cache_aware_routing_margin,
+        )
         self.prefetcher: Prefetcher | None = None
         predictor = make_predictor(config.predictor, model, config.predictor_path)
         if predictor is not None:

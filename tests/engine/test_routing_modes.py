@@ -1,0 +1,77 @@
+"""Resident-first execution keeps outputs; cache-aware routing is off at margin 0 and cuts misses above."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine import LLM, SamplingParams
+from engine.offload.experts import OffloadedExperts
+
+PROMPTS = [
+    [1, 5, 9, 200, 31],
+    [1, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53],
+    [1, 300],
+    [1, 12, 13, 14],
+]
+PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def run(path: Path, **flags: object) -> tuple[list[list[int]], LLM]:
+    llm = LLM(model=str(path), max_model_len=64, **flags)
+    return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)], llm
+
+
+def test_resident_first_keeps_outputs(tiny_checkpoint: Path, monkeypatch) -> None:  # noqa: ANN001
+    calls = 0
+    original = OffloadedExperts._resident_first
+
+    def counted(self, *args):  # noqa: ANN001, ANN202
+        nonlocal calls
+        calls += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(OffloadedExperts, "_resident_first", counted)
+    reference, _ = run(tiny_checkpoint)
+    for flags in ({"link_gbps": 1.0}, {"predictor": "pregate", "cache_policy": "expertflow"}):
+        tokens, _ = run(tiny_checkpoint, expert_cache_ratio=0.5, resident_first=True, **flags)
+        assert tokens == reference, flags
+    assert calls > 0, "the resident-first path never ran"
+
+
+def test_margin_zero_is_the_default_path(mixtral_checkpoint: Path) -> None:
+    default, llm_default = run(mixtral_checkpoint, expert_cache_ratio=0.25)
+    zero, llm_zero = run(
+        mixtral_checkpoint, expert_cache_ratio=0.25, cache_aware_routing_margin=0.0
+    )
+    assert zero == default
+    a, b = llm_default.offload_stats(), llm_zero.offload_stats()
+    assert (a["hits"], a["misses"], a["transfers"]) == (b["hits"], b["misses"], b["transfers"])
+    assert llm_zero.engine.offload.experts.rerouted == 0
+
+
+def test_a_wide_margin_prefers_resident_experts(mixtral_checkpoint: Path) -> None:
+    _, base = run(mixtral_checkpoint, expert_cache_ratio=0.25)
+    _, wide = run(mixtral_checkpoint, expert_cache_ratio=0.25, cache_aware_routing_margin=100.0)
+    assert wide.engine.offload.experts.rerouted > 0
+    assert wide.offload_stats()["misses"] < base.offload_stats()["misses"]
+
+
+def test_rerouting_only_picks_resident_experts(mixtral_checkpoint: Path) -> None:
+    llm = LLM(
+        model=str(mixtral_checkpoint),
+        max_model_len=64,
+        expert_cache_size=4,
+        cache_aware_routing_margin=1e9,
+    )
+    experts = llm.engine.offload.experts
+    layer = llm.engine.model_config.moe_layers[0]
+    resident = torch.tensor(experts.cache.resident_mask(layer, experts.num_experts))
+    logits = torch.randn(6, experts.num_experts)
+    topk = logits.topk(2, dim=-1).indices
+    ids, weights = experts._prefer_resident(layer, topk, logits, torch.float32)
+    for row in range(6):
+        n_resident = int(resident.sum())
+        assert int(resident[ids[row]].sum()) == min(2, n_resident)
+    assert torch.allclose(weights.sum(-1), torch.ones(6))

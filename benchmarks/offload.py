@@ -1,0 +1,248 @@
+"""Offloading benchmark on the demo model: hit rate, transfers, stall and tokens/s per policy/predictor.
+
+The emulated link is set from the measured per-layer compute time T_l, in two regimes: one expert's
+copy takes ~1x T_l (fine-grained experts over a 64 GB/s link, EF-25's setting) or ~20x T_l
+(Mixtral-8x7B's 336 MiB experts over PCIe 4.0 at batch 1). Every system decodes the same held-out
+prompts; misses are compared with Belady's optimum on the routing sequence actually looked up.
+
+    python benchmarks/offload.py --batch-sizes 1 8 --ratios 0.25 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from belady import belady_misses  # noqa: E402
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.config import DEFAULT_MODEL  # noqa: E402
+from engine.offload.cache import ExpertCache  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def heldout_prompts(tokenizer, count: int, length: int) -> list[list[int]]:  # noqa: ANN001
+    """The leading tokens of documents the demo model never trained on."""
+    spec = importlib.util.spec_from_file_location(
+        "train_demo", ROOT / "scripts" / "train_demo_model.py"
+    )
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    docs = module.build_corpus(module.TrainConfig()).heldout
+    prompts = [tokenizer.encode(d)[:length] for d in docs if len(tokenizer.encode(d)) >= length]
+    return prompts[:count]
+
+
+def trained_predictor(model: str, kind: str, workdir: Path) -> Path:
+    """Trace the training split and train an rpp/hybrid predictor once; cached under `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    out, traces = workdir / f"{kind}.safetensors", workdir / "traces.safetensors"
+    spec = importlib.util.spec_from_file_location(
+        "train_demo", ROOT / "scripts" / "train_demo_model.py"
+    )
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    corpus = workdir / "train_corpus.txt"
+    if not corpus.exists():
+        corpus.write_text("\n\n".join(module.build_corpus(module.TrainConfig()).train[:400]))
+    cli = [sys.executable, "-m", "server.cli"]
+    if not traces.exists():
+        subprocess.run(
+            [
+                *cli,
+                "trace",
+                "--model",
+                model,
+                "--corpus",
+                str(corpus),
+                "--out",
+                str(traces),
+                "--max-tokens",
+                "60000",
+            ],
+            check=True,
+            cwd=ROOT,
+        )
+    if not out.exists():
+        subprocess.run(
+            [
+                *cli,
+                "train-predictor",
+                "--kind",
+                kind,
+                "--traces",
+                str(traces),
+                "--out",
+                str(out),
+                "--model",
+                model,
+            ],
+            check=True,
+            cwd=ROOT,
+        )
+    return out
+
+
+def run(model: str, prompts: list[list[int]], new_tokens: int, batch: int, **flags: object) -> dict:
+    llm = LLM(model=model, max_num_seqs=batch, **flags)
+    lookups: list[tuple[int, list[int]]] = []
+    acquire = ExpertCache.acquire
+
+    def recording(self: ExpertCache, layer: int, experts: list[int]):  # noqa: ANN202
+        lookups.append((layer, list(experts)))
+        return acquire(self, layer, experts)
+
+    ExpertCache.acquire = recording  # type: ignore[method-assign]
+    try:
+        start = time.perf_counter()
+        outs = llm.generate(
+            prompts, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        )
+        elapsed = time.perf_counter() - start
+    finally:
+        ExpertCache.acquire = acquire  # type: ignore[method-assign]
+    stats = llm.offload_stats()
+    cache = llm.engine.offload.cache
+    layers, per_layer = cache.store.layers, cache.store.num_experts
+    warm = [(layer, e) for e in range(per_layer) for layer in layers]
+    stats["belady_misses"] = belady_misses(lookups, cache.num_slots, warm)
+    stats["tokens_per_s"] = sum(len(o.token_ids) for o in outs) / elapsed
+    stats["steps"] = len(llm.engine.offload.experts.activated_per_step)
+    stats["layers"] = len(layers)
+    stats["expert_bytes"] = cache.store.expert_bytes
+    stats["elapsed_s"] = elapsed
+    llm.engine.offload.close()
+    return stats
+
+
+def systems(ratio: float, rpp: Path | None, hybrid: Path | None) -> list[tuple[str, dict]]:
+    rows = [
+        ("lru on demand", {"cache_policy": "lru"}),
+        ("lfu on demand", {"cache_policy": "lfu"}),
+        (
+            "pregate S=1 + lru",
+            {"cache_policy": "lru", "predictor": "pregate", "prefetch_horizon": "1"},
+        ),
+        (
+            "pregate auto + expertflow + RF",
+            {"cache_policy": "expertflow", "predictor": "pregate", "resident_first": True},
+        ),
+    ]
+    if hybrid:
+        rows.append(
+            (
+                "hybrid auto + expertflow + RF",
+                {
+                    "cache_policy": "expertflow",
+                    "predictor": "hybrid",
+                    "predictor_path": str(hybrid),
+                    "resident_first": True,
+                },
+            )
+        )
+    if rpp:
+        rows.append(
+            (
+                "rpp auto + expertflow + RF",
+                {
+                    "cache_policy": "expertflow",
+                    "predictor": "rpp",
+                    "predictor_path": str(rpp),
+                    "resident_first": True,
+                },
+            )
+        )
+    return [(name, {"expert_cache_ratio": ratio, **flags}) for name, flags in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument(
+        "--regimes",
+        type=float,
+        nargs="+",
+        default=[1.0, 20.0],
+        help="one expert's copy time in units of one layer's compute time",
+    )
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=48)
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument(
+        "--predictors",
+        choices=("none", "trained"),
+        default="trained",
+        help="also run rpp and hybrid (traces + trains them once under runs/)",
+    )
+    args = parser.parse_args()
+    llm = LLM(model=args.model)
+    prompts = heldout_prompts(llm.tokenizer, args.prompts, args.prompt_len)
+    del llm
+    rpp = hybrid = None
+    if args.predictors == "trained":
+        workdir = ROOT / "runs" / "predictors"
+        rpp, hybrid = (
+            trained_predictor(args.model, "rpp", workdir),
+            trained_predictor(args.model, "hybrid", workdir),
+        )
+    print(f"command: {' '.join(sys.argv)}")
+    header = (
+        "| system | ratio | hit rate | misses | Belady | transfers | MiB moved | stall s | tok/s "
+        "| recall | S |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    for batch in args.batch_sizes:
+        base = run(args.model, prompts, args.new_tokens, batch, expert_cache_ratio=1.0)
+        layer_s = base["elapsed_s"] / base["steps"] / base["layers"]
+        for regime in args.regimes:
+            gbps = base["expert_bytes"] / (regime * layer_s) / 1e9
+            print(
+                f"\n### batch {batch}, copy = {regime:g}x layer time "
+                f"(T_l = {layer_s * 1e3:.2f} ms, expert = {base['expert_bytes'] / 2**10:.0f} KiB, "
+                f"link = {gbps:.3f} GB/s)\n"
+            )
+            print(header)
+            print(_row("all resident", 1.0, base))
+            streaming = run(
+                args.model, prompts, args.new_tokens, batch, expert_cache_size=1, link_gbps=gbps
+            )
+            print(
+                _row(
+                    "streaming (1 slot)",
+                    streaming["resident_expert_bytes"] / streaming["total_expert_bytes"],
+                    streaming,
+                )
+            )
+            for ratio in args.ratios:
+                for name, flags in systems(ratio, rpp, hybrid):
+                    print(
+                        _row(
+                            name,
+                            ratio,
+                            run(
+                                args.model, prompts, args.new_tokens, batch, link_gbps=gbps, **flags
+                            ),
+                        ),
+                        flush=True,
+                    )
+
+
+def _row(name: str, ratio: float, s: dict) -> str:
+    return (
+        f"| {name} | {ratio:.2f} | {s['hit_rate']:.3f} | {s['misses']} | {s['belady_misses']} | "
+        f"{s['transfers']} | {s['transfer_bytes'] / 2**20:.1f} | {s['stall_seconds']:.3f} | "
+        f"{s['tokens_per_s']:.1f} | {s['predictor_recall']:.3f} | {s['prefetch_horizon']} |"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,6 @@
-"""Engine flags generated from `EngineConfig`'s fields: a field the engine adds is a flag of
-`expertflow serve` (and of any command that calls `add_engine_args`) with no change here."""
+"""Flags generated from a config dataclass's fields (help and choices from each field's metadata):
+a field the engine adds to `EngineConfig` becomes a flag of `expertflow serve` with no change here,
+and other commands can expose their own config dataclasses the same way."""
 
 from __future__ import annotations
 
@@ -8,30 +9,32 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable
-from typing import Any
-
-from engine import EngineConfig
+from typing import Any, TypeVar
 
 SCALARS: tuple[type, ...] = (int, float, str)
+C = TypeVar("C")
 
 
 def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine", "passed to the engine (EngineConfig)")
-    hints = typing.get_type_hints(EngineConfig)
-    for f in dataclasses.fields(EngineConfig):
-        group.add_argument(flag_name(f.name), dest=f.name, **_argument(f, hints[f.name]))
+def add_config_args(parser: argparse.ArgumentParser, config_cls: type, title: str) -> None:
+    """One flag per field of `config_cls`, named after the field with dashes."""
+    group = parser.add_argument_group(title, f"the fields of {config_cls.__name__}")
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        group.add_argument(
+            flag_name(f.name), dest=f.name, **_argument(config_cls, f, hints[f.name])
+        )
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    """Raises engine.ConfigError when the values do not make sense together."""
-    return EngineConfig(**{name: getattr(args, name) for name in EngineConfig.field_names()})
+def config_from_args(config_cls: type[C], args: argparse.Namespace) -> C:
+    """The dataclass from parsed flags; its own checks (__post_init__) still run."""
+    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
 
 
-def _argument(f: dataclasses.Field[Any], hint: Any) -> dict[str, Any]:
+def _argument(config_cls: type, f: dataclasses.Field[Any], hint: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"help": f.metadata.get("help", "")}
     if f.default is not dataclasses.MISSING:
         kwargs["default"] = f.default
@@ -44,16 +47,12 @@ def _argument(f: dataclasses.Field[Any], hint: Any) -> dict[str, Any]:
     members = [t for t in _union_members(hint) if t is not type(None)]
     if members == [bool]:
         kwargs["action"] = argparse.BooleanOptionalAction
-    elif typing.get_origin(members[0]) is typing.Literal and len(members) == 1:
-        values = typing.get_args(members[0])
-        kwargs["choices"] = values
-        kwargs["type"] = _first_parse(tuple(dict.fromkeys(type(v) for v in values)))
     elif all(t in SCALARS for t in members):
         kwargs["type"] = members[0] if len(members) == 1 else _first_parse(tuple(members))
     else:
         raise TypeError(
-            f"EngineConfig.{f.name}: type {hint!r} has no flag form; use bool, int, float, str, "
-            "a Literal or a union of these (None allowed)"
+            f"{config_cls.__name__}.{f.name}: type {hint!r} has no flag form; use bool, int, float, str "
+            "or a union of these with None (and metadata choices=... for a fixed set)"
         )
     return kwargs
 

@@ -69,6 +69,8 @@ def validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
         return f"Malformed JSON body: {error.get('ctx', {}).get('error', error['msg'])}", None
     param = field_path(tuple(error.get("loc", ())))
     msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    if param is None and error.get("type") == "missing":
+        return "The request has no body: send a JSON object", None
     if param is None:
         return f"Invalid request body: {msg}", None
     return f"{param}: {msg}", param

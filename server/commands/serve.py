@@ -9,11 +9,11 @@ from pathlib import Path
 
 import uvicorn
 
-from engine import ConfigError, ModelConfig
+from engine import ConfigError, EngineConfig, ModelConfig
 from server.app import ServerSettings, build_app
 from server.chat_template import ChatTemplateError, load_chat_template
 from server.commands import Command
-from server.engine_args import add_engine_args, engine_config_from_args
+from server.config_args import add_config_args, config_from_args
 
 logger = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN_S = 5  # then open streams are cut, so Ctrl-C never waits on a long generation
@@ -37,12 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chat-template",
         help="Jinja chat template, as a file or inline text (default: the checkpoint's)",
     )
-    add_engine_args(parser)
+    add_config_args(parser, EngineConfig, "engine")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        engine_config = engine_config_from_args(args)
+        engine_config = config_from_args(EngineConfig, args)
         ModelConfig.from_pretrained(
             engine_config.model
         )  # a bad --model fails before binding a port

@@ -18,7 +18,7 @@ def belady_misses(lookups: list[tuple[int, list[int]]], capacity: int, warm: lis
     cursor: dict[Key, int] = defaultdict(int)
     resident = set(warm[:capacity])
     misses = 0
-    for t, group in enumerate(keys):
+    for group in keys:
         for key in group:
             cursor[key] += 1
         for key in group:

@@ -1,0 +1,127 @@
+"""`expertflow serve` flags: generated from EngineConfig, merged with --config YAML, checked early."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from engine import EngineConfig
+from server.chat_template import ChatTemplateError, load_chat_template
+from server.cli import main, parse_args
+from server.config_args import add_config_args, config_from_args
+from server.config_file import ConfigFileError, config_file_tokens
+
+
+def test_every_engine_field_is_a_flag_with_its_default() -> None:
+    args = parse_args(["serve"])
+    assert config_from_args(EngineConfig, args) == EngineConfig()
+    parsed = parse_args(
+        ["serve", "--max-num-seqs", "8", "--dtype", "bfloat16", "--max-model-len", "64"]
+    )
+    config = config_from_args(EngineConfig, parsed)
+    assert (config.max_num_seqs, config.dtype, config.max_model_len) == (8, "bfloat16", 64)
+
+
+@pytest.mark.parametrize("argv", [["--dtype", "int8"], ["--max-num-seqs", "many"], ["--nope", "1"]])
+def test_bad_flags_exit(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["serve", *argv])
+    assert exc.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+    horizon: int | str = dataclasses.field(default="auto", metadata={"help": "N or auto"})
+    fast: bool = dataclasses.field(default=False, metadata={"help": "go fast"})
+    ratio: float | None = dataclasses.field(default=None, metadata={"help": "a ratio"})
+    policy: str = dataclasses.field(
+        default="lru", metadata={"help": "p", "choices": ("lru", "lfu")}
+    )
+
+
+def toy_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_config_args(parser, ToyConfig, "toy")
+    return parser
+
+
+def test_field_types_become_flag_types() -> None:
+    parse = toy_parser().parse_args
+    assert config_from_args(ToyConfig, parse([])) == ToyConfig()
+    config = config_from_args(
+        ToyConfig, parse(["--horizon", "3", "--fast", "--ratio", "0.5", "--policy", "lfu"])
+    )
+    assert config == ToyConfig(horizon=3, fast=True, ratio=0.5, policy="lfu")
+    assert parse(["--horizon", "auto", "--no-fast"]).horizon == "auto"
+    with pytest.raises(argparse.ArgumentError):
+        parse(["--policy", "fifo"])
+
+
+def test_unsupported_field_type_is_named() -> None:
+    @dataclasses.dataclass
+    class Bad:
+        layers: list[int] = dataclasses.field(default_factory=list)
+
+    with pytest.raises(TypeError, match=r"Bad\.layers"):
+        add_config_args(argparse.ArgumentParser(), Bad, "bad")
+
+
+def test_config_file_values_and_command_line_override(tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "max_num_seqs: 8\ndtype: bfloat16\nserved_model_name: from-yaml\nport: 9000\n"
+    )
+    args = parse_args(["serve", "--config", str(config), "--max-num-seqs", "4"])
+    assert (args.max_num_seqs, args.dtype, args.served_model_name, args.port) == (
+        4, "bfloat16", "from-yaml", 9000,
+    )  # fmt: skip
+
+
+def test_config_file_booleans(tmp_path: Path) -> None:
+    parser = toy_parser()
+    config = tmp_path / "toy.yaml"
+    config.write_text("fast: true\nhorizon: 2\nratio: null\n")
+    assert config_file_tokens(parser, str(config)) == ["--fast", "--horizon", "2"]
+    config.write_text("fast: false\n")
+    assert config_file_tokens(parser, str(config)) == ["--no-fast"]
+    config.write_text("fast: yes please\n")
+    with pytest.raises(ConfigFileError, match="true or false"):
+        config_file_tokens(parser, str(config))
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("max_num_sequences: 8\n", "unknown key 'max_num_sequences'"),
+        ("dtype: int8\n", "invalid choice"),
+        ("- 1\n- 2\n", "mapping"),
+        ("max_num_seqs: [1, 2]\n", "one value"),
+        ("max_num_seqs: 8\n  bad: indent\n", "--config"),
+    ],
+)
+def test_config_file_errors(
+    tmp_path: Path, text: str, words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "--config", str(config)])
+    assert words in capsys.readouterr().err
+
+
+def test_chat_template_file_or_inline(tmp_path: Path) -> None:
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    path = tmp_path / "template.jinja"
+    path.write_text(template)
+    assert load_chat_template(str(path)) == template
+    assert load_chat_template(template) == template
+    assert load_chat_template(None) is None
+    with pytest.raises(ChatTemplateError, match="no such file"):
+        load_chat_template(str(tmp_path / "missing.jinja"))
+
+
+def test_serve_refuses_a_folder_without_checkpoint(tmp_path: Path) -> None:
+    assert main(["serve", "--model", str(tmp_path), "--log-level", "error"]) == 2

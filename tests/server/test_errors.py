@@ -1,0 +1,165 @@
+"""Every refusal is an OpenAI error body with the right status, and the server serves on after it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import openai
+import pytest
+
+if TYPE_CHECKING:
+    from tests.server.conftest import RunningServer
+
+MAX_MODEL_LEN = 128
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(
+    mixtral_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, server_launcher: Callable
+) -> Iterator[RunningServer]:
+    folder = tmp_path_factory.mktemp("errors-server")
+    with server_launcher(
+        mixtral_checkpoint, folder, "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "4"
+    ) as running:
+        yield running
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"messages": MESSAGES, "max_tokens": 2, **fields}
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {"prompt": "hi", "max_tokens": 2, **fields}
+
+
+# (path, body, status, param, words the message must contain)
+BAD_REQUESTS = [
+    (CHAT, chat(messages=[]), 400, "messages", "at least 1"),
+    (CHAT, {"max_tokens": 2}, 400, "messages", "required"),
+    (CHAT, chat(max_tokens="ten"), 400, "max_tokens", "integer"),
+    (CHAT, chat(messages=[{"role": "user", "content": 5}]), 400, "messages[0].content", "string"),
+    (CHAT, chat(messages=[{"role": "robot", "content": "x"}]), 400, "messages[0].role", "user"),
+    (CHAT, chat(temperature=3), 400, "temperature", "between 0 and 2"),
+    (CHAT, chat(top_p=0), 400, "top_p", "(0, 1]"),
+    (CHAT, chat(n=0), 400, "n", "between 1"),
+    (CHAT, chat(presence_penalty=5), 400, "presence_penalty", "between -2 and 2"),
+    (CHAT, chat(logprobs=True, top_logprobs=50), 400, "top_logprobs", "20"),
+    (CHAT, chat(top_logprobs=2), 400, "top_logprobs", "logprobs"),
+    (CHAT, chat(stop=7), 400, "stop", "string"),
+    (CHAT, chat(stream_options={"include_usage": True}), 400, "stream_options", "stream"),
+    (
+        CHAT,
+        chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+        400,
+        "tools",
+        "not supported",
+    ),
+    (CHAT, chat(tool_choice="auto"), 400, "tool_choice", "not supported"),
+    (CHAT, chat(functions=[{"name": "f"}]), 400, "functions", "not supported"),
+    (
+        CHAT,
+        chat(response_format={"type": "json_object"}),
+        400,
+        "response_format.type",
+        "not supported",
+    ),
+    (CHAT, chat(logit_bias={"5": 10}), 400, "logit_bias", "not supported"),
+    (
+        CHAT,
+        chat(messages=[{"role": "tool", "content": "4"}]),
+        400,
+        "messages[0].role",
+        "not supported",
+    ),
+    (
+        CHAT,
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+        400,
+        "messages[0].content",
+        "text",
+    ),  # fmt: skip
+    (COMPLETIONS, completion(prompt=["a", "b"]), 400, "prompt", "one prompt per request"),
+    (COMPLETIONS, completion(prompt=5), 400, "prompt", "token ids"),
+    (COMPLETIONS, completion(prompt=""), 400, "prompt", "empty"),
+    (COMPLETIONS, completion(prompt=[1, 10**6]), 400, "prompt", "token ids must be in"),
+    (COMPLETIONS, completion(suffix="end"), 400, "suffix", "not supported"),
+    (COMPLETIONS, completion(echo=True), 400, "echo", "not supported"),
+    (COMPLETIONS, completion(best_of=2, n=1), 400, "best_of", "not supported"),
+    (COMPLETIONS, completion(logprobs=99), 400, "logprobs", "between 0 and 20"),
+    (COMPLETIONS, completion(model="nope"), 404, "model", "The model `nope` does not exist."),
+    (CHAT, chat(model="nope", stream=True), 404, "model", "The model `nope` does not exist."),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param", "words"), BAD_REQUESTS)
+def test_bad_request(
+    server: RunningServer, path: str, body: dict, status: int, param: str, words: str
+) -> None:
+    with server.http() as http:
+        response = http.post(path, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+    assert error["type"] == {400: "BadRequestError", 404: "NotFoundError"}[status]
+    assert error["code"] == status
+    server.assert_alive()
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+@pytest.mark.parametrize("stream", [False, True])
+def test_context_length(server: RunningServer, path: str, stream: bool) -> None:
+    body = chat(max_tokens=1000) if path == CHAT else completion(max_tokens=1000)
+    with server.http() as http:
+        response = http.post(path, json={**body, "stream": stream})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "max_tokens"
+    assert str(MAX_MODEL_LEN) in error["message"] and "1000 in the completion" in error["message"]
+    server.assert_alive()
+
+
+def test_prompt_longer_than_context(server: RunningServer) -> None:
+    with pytest.raises(openai.BadRequestError, match=str(MAX_MODEL_LEN)):
+        server.openai().completions.create(model="tiny", prompt=[5] * (MAX_MODEL_LEN + 1))
+    server.assert_alive()
+
+
+def test_malformed_bodies(server: RunningServer) -> None:
+    with server.http() as http:
+        for content in (b'{"prompt": "hi",', b"[1, 2]", b""):
+            response = http.post(
+                COMPLETIONS, content=content, headers={"content-type": "application/json"}
+            )
+            assert response.status_code == 400, (content, response.text)
+            assert response.json()["error"]["type"] == "BadRequestError"
+        assert (
+            "Malformed JSON"
+            in http.post(CHAT, content=b"{", headers={"content-type": "application/json"}).json()[
+                "error"
+            ]["message"]
+        )
+        assert http.get(COMPLETIONS).status_code == 405
+        missing = http.get("/v1/nothing")
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "NotFoundError"
+    server.assert_alive()
+
+
+def test_api_key(server: RunningServer) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": server.api_key}):
+        response = httpx.post(f"{server.url}{COMPLETIONS}", json=completion(), headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error"]["type"] == "AuthenticationError"
+        assert httpx.get(f"{server.url}/v1/models", headers=headers).status_code == 401
+    # A missing key is a 401 even when the body is malformed too: the key is checked first.
+    assert httpx.post(f"{server.url}{CHAT}", content=b"{").status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong").models.list()
+    for open_path in ("/health", "/metrics", "/version"):
+        assert httpx.get(f"{server.url}{open_path}").status_code == 200
+    server.assert_alive()

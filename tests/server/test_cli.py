@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
 from engine import EngineConfig
 from server.chat_template import ChatTemplateError, load_chat_template
-from server.cli import main, parse_args
+from server.cli import build_parser, main, parse_args
 from server.config_args import add_config_args, config_from_args
 from server.config_file import ConfigFileError, config_file_tokens
 
@@ -125,3 +126,14 @@ def test_chat_template_file_or_inline(tmp_path: Path) -> None:
 
 def test_serve_refuses_a_folder_without_checkpoint(tmp_path: Path) -> None:
     assert main(["serve", "--model", str(tmp_path), "--log-level", "error"]) == 2
+
+
+def test_readme_table_lists_every_serve_flag() -> None:
+    """The README's flag table is written by hand; this keeps it in step with the parser."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("<!-- server:start -->") : readme.index("<!-- server:end -->")]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `--")]
+    documented = {flag for row in rows for flag in re.findall(r"--[a-z-]+", row)}
+    _, parsers = build_parser()
+    flags = {s for a in parsers["serve"]._actions for s in a.option_strings if s.startswith("--")}
+    assert documented == flags - {"--help"}

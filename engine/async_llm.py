@@ -133,8 +133,10 @@ class AsyncLLM:
 
     def _handle(self, message: _Add | _Abort) -> None:
         if isinstance(message, _Abort):
-            self._streams.pop(message.request_id, None)
-            self.engine.abort(message.request_id)
+            stream = self._streams.pop(message.request_id, None)
+            output = self.engine.abort(message.request_id)
+            if stream is not None and output is not None:
+                stream.put(output)  # a final "abort" output ends a stream still being read
             return
         try:
             self.engine.add_request(message.request_id, message.prompt_token_ids, message.params)

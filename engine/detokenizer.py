@@ -19,6 +19,12 @@ class Detokenizer:
             token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
 
+    def token_text(self, token_id: int) -> str:
+        """One token on its own, special tokens included (the `token` of an OpenAI logprob, as vLLM)."""
+        return self.tokenizer.decode(
+            [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+
     def append(
         self, seq: Sequence, token: int, logprob: tuple[float, list[tuple[int, float]]] | None
     ) -> None:
@@ -29,9 +35,9 @@ class Detokenizer:
             seq.logprobs.append(
                 TokenLogprob(
                     token,
-                    self.decode([token]),
+                    self.token_text(token),
                     chosen,
-                    [(i, self.decode([i]), lp) for i, lp in top],
+                    [(i, self.token_text(i), lp) for i, lp in top],
                 )
             )
         p = seq.params
@@ -41,7 +47,10 @@ class Detokenizer:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
-        seq.text = self.decode(seq.output_token_ids)
+        shown = seq.output_token_ids
+        if seq.finish_reason == "stop" and not p.include_stop_str_in_output:
+            shown = shown[:-1]  # as vLLM: the EOS / stop token that ended the text is not rendered
+        seq.text = self.decode(shown)
         if p.stop:
             self._check_stop_strings(seq)
         seq.visible_text = seq.text if seq.finished else self._held_back(seq)

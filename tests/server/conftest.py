@@ -4,6 +4,7 @@ one (module-scoped fixture) with the flags it needs."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import socket
 import subprocess
@@ -40,7 +41,9 @@ class RunningServer:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def openai(self) -> openai.OpenAI:
+    @functools.cached_property
+    def client(self) -> openai.OpenAI:
+        """One SDK client per server, so tests reuse its connections."""
         return openai.OpenAI(
             base_url=f"{self.url}/v1", api_key=self.api_key or "none", max_retries=0
         )
@@ -78,7 +81,7 @@ class RunningServer:
     def assert_alive(self) -> None:
         """A request after an error: the server must keep serving."""
         assert self.process.poll() is None, self.log()[-3000:]
-        out = self.openai().completions.create(model=self.model, prompt="ok", max_tokens=1)
+        out = self.client.completions.create(model=self.model, prompt="ok", max_tokens=1)
         assert out.usage.completion_tokens == 1
 
 

@@ -126,7 +126,7 @@ def test_context_length(server: RunningServer, path: str, stream: bool) -> None:
 
 def test_prompt_longer_than_context(server: RunningServer) -> None:
     with pytest.raises(openai.BadRequestError, match=str(MAX_MODEL_LEN)):
-        server.openai().completions.create(model="tiny", prompt=[5] * (MAX_MODEL_LEN + 1))
+        server.client.completions.create(model="tiny", prompt=[5] * (MAX_MODEL_LEN + 1))
     server.assert_alive()
 
 

@@ -46,7 +46,7 @@ def sse_events(server: RunningServer, path: str, body: dict) -> list[str]:
 
 
 def test_models_and_flag_precedence(server: RunningServer) -> None:
-    models = server.openai().models.list().data
+    models = server.client.models.list().data
     assert [m.id for m in models] == ["tiny"]
     assert models[0].model_extra["max_model_len"] == 256  # CLI flag over --config value
 
@@ -58,7 +58,7 @@ def test_open_routes_need_no_key(server: RunningServer) -> None:
 
 
 def test_chat_non_streaming(server: RunningServer, tokenizer) -> None:
-    out = server.openai().chat.completions.create(
+    out = server.client.chat.completions.create(
         model="tiny", messages=MESSAGES, max_tokens=7, extra_body=ALWAYS_LENGTH, **GREEDY
     )
     assert (
@@ -79,7 +79,7 @@ def test_chat_non_streaming(server: RunningServer, tokenizer) -> None:
 
 
 def test_completion_token_ids_and_text(server: RunningServer, tokenizer) -> None:
-    client = server.openai()
+    client = server.client
     ids = tokenizer.encode("def add(a, b):")
     by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=5, **GREEDY)
     by_text = client.completions.create(
@@ -91,7 +91,7 @@ def test_completion_token_ids_and_text(server: RunningServer, tokenizer) -> None
 
 
 def test_max_completion_tokens_and_default_length(server: RunningServer) -> None:
-    client = server.openai()
+    client = server.client
     out = client.chat.completions.create(
         model="tiny", messages=MESSAGES, max_completion_tokens=3, extra_body=ALWAYS_LENGTH
     )
@@ -101,7 +101,7 @@ def test_max_completion_tokens_and_default_length(server: RunningServer) -> None
 
 
 def test_stop_string_cuts_text(server: RunningServer) -> None:
-    client = server.openai()
+    client = server.client
     kwargs = {"model": "tiny", "prompt": "import torch", "max_tokens": 24, **GREEDY}
     full = client.completions.create(**kwargs, extra_body=ALWAYS_LENGTH).choices[0].text
     assert len(full) >= 6, f"the tiny model's greedy text is too short to cut: {full!r}"
@@ -116,14 +116,14 @@ def test_stop_string_cuts_text(server: RunningServer) -> None:
 
 
 def test_stop_token_ids(server: RunningServer) -> None:
-    out = server.openai().completions.create(
+    out = server.client.completions.create(
         model="tiny", prompt="x", max_tokens=8, extra_body={"stop_token_ids": list(range(384))}
     )
     assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == 1
 
 
 def test_n_choices_sum_usage(server: RunningServer) -> None:
-    out = server.openai().chat.completions.create(
+    out = server.client.chat.completions.create(
         model="tiny", messages=MESSAGES, n=2, max_tokens=4, seed=1, extra_body=ALWAYS_LENGTH
     )
     assert [c.index for c in out.choices] == [0, 1]
@@ -132,7 +132,7 @@ def test_n_choices_sum_usage(server: RunningServer) -> None:
 
 
 def test_seed_reproducible(server: RunningServer) -> None:
-    client = server.openai()
+    client = server.client
 
     def sample(seed: int) -> str:
         return client.completions.create(
@@ -146,7 +146,7 @@ def test_seed_reproducible(server: RunningServer) -> None:
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_chat_stream_matches_non_stream(server: RunningServer, n: int) -> None:
-    client = server.openai()
+    client = server.client
     kwargs = {"model": "tiny", "messages": MESSAGES, "max_tokens": 20, "n": n, **GREEDY}
     whole = client.chat.completions.create(**kwargs)
     chunks = list(client.chat.completions.create(**kwargs, stream=True))
@@ -165,7 +165,7 @@ def test_chat_stream_matches_non_stream(server: RunningServer, n: int) -> None:
 
 
 def test_completion_stream_matches_non_stream(server: RunningServer) -> None:
-    client = server.openai()
+    client = server.client
     kwargs = {"model": "tiny", "prompt": "def add", "max_tokens": 20, "logprobs": 2, **GREEDY}
     whole = client.completions.create(**kwargs).choices[0]
     chunks = list(client.completions.create(**kwargs, stream=True))
@@ -204,7 +204,7 @@ def test_usage_chunk_then_done(server: RunningServer, path: str) -> None:
 
 
 def test_chat_logprobs(server: RunningServer) -> None:
-    out = server.openai().chat.completions.create(
+    out = server.client.chat.completions.create(
         model="tiny", messages=MESSAGES, max_tokens=6, logprobs=True, top_logprobs=3, **GREEDY
     )
     content = out.choices[0].logprobs.content
@@ -216,7 +216,7 @@ def test_chat_logprobs(server: RunningServer) -> None:
 
 
 def test_completion_logprobs(server: RunningServer) -> None:
-    out = server.openai().completions.create(
+    out = server.client.completions.create(
         model="tiny", prompt="x", max_tokens=6, logprobs=2, **GREEDY
     )
     lp = out.choices[0].logprobs
@@ -233,7 +233,7 @@ def test_completion_logprobs(server: RunningServer) -> None:
 def test_message_forms(server: RunningServer) -> None:
     """Text parts join like a plain string; `developer` is rendered as `system`; unknown fields
     are ignored with a warning in the server log."""
-    client = server.openai()
+    client = server.client
 
     def prompt_tokens(messages: list[dict], **extra: object) -> int:
         out = client.chat.completions.create(

@@ -100,7 +100,17 @@ def test_streams_complete_while_others_disconnect(server: RunningServer) -> None
 def test_non_streaming_disconnect_aborts(server: RunningServer) -> None:
     aborts = server.metric(ABORTS, finished_reason="abort")
     body = {"prompt": "long", "max_tokens": LONG_TOKENS, "ignore_eos": True}
-    with server.http() as http, pytest.raises(httpx.ReadTimeout):
-        http.post("/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
+
+    async def leave_once_running() -> None:
+        async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as http:
+            request = asyncio.create_task(http.post("/v1/completions", json=body, timeout=60))
+            while server.metric("expertflow_num_requests_running") < 1:
+                assert not request.done(), "the request ended before the client could leave"
+                await asyncio.sleep(0.01)
+            request.cancel()  # drops the connection while the server is still generating
+            with pytest.raises(asyncio.CancelledError):
+                await request
+
+    asyncio.run(leave_once_running())
     wait_until_idle(server, aborts + 1)
     server.assert_alive()

@@ -170,6 +170,15 @@ class EngineConfig:
     predictor: str = flag("none", "routing predictor feeding the prefetcher", choices=PREDICTORS)
     predictor_path: str | None = flag(None, "trained predictor file (for rpp and hybrid)")
     prefetch_horizon: str = flag("auto", "MoE layers to prefetch ahead: auto (EF-25's rule) or N")
+    token_scheduler: str = flag(
+        "fcfs",
+        "which runnable decodes share a step when more than --token-group-size are runnable",
+        choices=("fcfs", "expertflow"),
+    )
+    token_group_size: int | None = flag(
+        None, "decodes per step (default: all runnable; with expertflow: half of --max-num-seqs)"
+    )
+    max_defer_steps: int = flag(4, "a runnable sequence waits at most this many consecutive steps")
     resident_first: bool = flag(
         False, "compute resident experts while missing ones are copied (EF-25)"
     )
@@ -203,6 +212,15 @@ class EngineConfig:
             raise ConfigError(
                 f"predictor={self.predictor!r} needs --predictor-path (train-predictor's output)"
             )
+        group = self.step_group_size
+        if group is not None and (group < 1 or self.max_defer_steps < 0):
+            raise ConfigError("token_group_size must be >= 1 and max_defer_steps >= 0")
+        if group is not None and self.max_num_seqs > group * (self.max_defer_steps + 1):
+            raise ConfigError(
+                f"max_num_seqs={self.max_num_seqs} decodes cannot each run within max_defer_steps="
+                f"{self.max_defer_steps} steps in groups of {group}: raise token_group_size or "
+                "max_defer_steps, or lower max_num_seqs"
+            )
         if self.cache_aware_routing_margin < 0:
             raise ConfigError("cache_aware_routing_margin must be >= 0")
         if self.prefetch_horizon != "auto" and not (
@@ -213,6 +231,13 @@ class EngineConfig:
             )
         if self.link_gbps is not None and (self.link_gbps <= 0 or self.device != "cpu"):
             raise ConfigError("link_gbps must be > 0 and is only emulated with device='cpu'")
+
+    @property
+    def step_group_size(self) -> int | None:
+        """Decodes per step when regrouping, None when every runnable decode runs each step."""
+        if self.token_group_size is not None:
+            return self.token_group_size
+        return max(1, self.max_num_seqs // 2) if self.token_scheduler == "expertflow" else None
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -53,12 +53,17 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         order: list[str] = []
         results: dict[str, GenerationResult] = {}
-        for prompt in prompts:
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            request_id = f"offline-{next(self._ids)}"
-            self.engine.add_request(request_id, ids, params)
-            order.append(request_id)
-            results[request_id] = GenerationResult(prompt, ids, [])
+        try:
+            for prompt in prompts:
+                ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+                request_id = f"offline-{next(self._ids)}"
+                self.engine.add_request(request_id, ids, params)
+                order.append(request_id)
+                results[request_id] = GenerationResult(prompt, ids, [])
+        except Exception:
+            for request_id in order:  # a refused prompt refuses the whole batch
+                self.engine.abort(request_id)
+            raise
         with tqdm(total=len(order), desc="generating", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished():
                 for out in self.engine.step():

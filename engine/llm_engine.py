@@ -15,11 +15,13 @@ from engine.loader import load_model
 from engine.metrics import EngineMetrics
 from engine.offload.runtime import OffloadRuntime
 from engine.outputs import RequestOutput, RequestTiming
-from engine.runner import ModelRunner
+from engine.routes import RouteTracker
+from engine.runner import ModelRunner, context_windows
 from engine.sampling import RequestError, SamplingParams
 from engine.sequence import Request, Sequence
 from scheduler.batching import BatchingConfig, Scheduler
 from scheduler.blocks import BlockAllocator
+from scheduler.step_selector import StepSelector
 
 logger = logging.getLogger(__name__)
 DEFAULT_KV_BYTES = 1 << 30  # KV budget when --kv-cache-blocks is not given
@@ -60,11 +62,28 @@ class LLMEngine:
         )
         num_blocks = self.kv.k[0].shape[0] // config.block_size
         self.blocks = BlockAllocator(num_blocks, config.block_size)
+        self.routes = RouteTracker(mc.moe_layers, mc.num_experts, mc.top_k)
+        selector = None
+        if config.step_group_size is not None:
+            selector = StepSelector(
+                config.token_scheduler,
+                config.step_group_size,
+                config.max_defer_steps,
+                self._routes_for,
+            )
         self.scheduler = Scheduler(
-            BatchingConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
+            BatchingConfig(config.max_num_seqs, config.max_num_batched_tokens),
+            self.blocks,
+            selector,
         )
         self.runner = ModelRunner(
-            model, self.offload.experts, self.offload.prefetcher, self.kv, self.device, config.seed
+            model,
+            self.offload.experts,
+            self.offload.prefetcher,
+            self.routes,
+            self.kv,
+            self.device,
+            config.seed,
         )
         eos = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -79,6 +98,17 @@ class LLMEngine:
             config.block_size,
             self.max_model_len,
         )
+
+    def _routes_for(self, seq_ids: list[int]) -> torch.Tensor:
+        """Next-token routes of running sequences, for the token scheduler: bool [N, L, E]."""
+        by_id = {s.seq_id: s for s in self.scheduler.running}
+        seqs = [by_id[i] for i in seq_ids]
+        prefetcher = self.offload.prefetcher
+        predictor = prefetcher.predictor if prefetcher is not None else None
+        window = predictor.context_window if predictor is not None else 0
+        last = torch.tensor([s.token_ids[-1] for s in seqs], device=self.device)
+        context = context_windows(seqs, [s.num_tokens - 1 for s in seqs], [1] * len(seqs), window)
+        return self.routes.routes(seq_ids, predictor, last, context.to(self.device))
 
     def _num_kv_blocks(self) -> int:
         mc, cfg = self.model_config, self.config
@@ -154,6 +184,7 @@ class LLMEngine:
             if not seq.finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
+            self.routes.forget(seq.seq_id)
         self._finish(request, time.monotonic())
         self._record_step(0, 0)
         return request.to_output()
@@ -197,6 +228,7 @@ class LLMEngine:
             request.timing.last_token_s = now
             if seq.finished:
                 self.scheduler.finish(seq)
+                self.routes.forget(seq.seq_id)
         outputs = []
         for request in changed.values():
             if request.finished:

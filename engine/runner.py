@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 from engine.attention import AttentionBatch, KVCache
+from engine.models.layers import RoutingObserver
 from engine.models.model import MoECausalLM
 from engine.offload.experts import OffloadedExperts
 from engine.offload.prefetch import Prefetcher
+from engine.routes import RouteTracker
 from engine.sampler import sample, token_logprobs
 from engine.sequence import Sequence
 
@@ -18,12 +20,14 @@ class ModelRunner:
         model: MoECausalLM,
         experts: OffloadedExperts,
         prefetcher: Prefetcher | None,
+        routes: RouteTracker,
         kv: KVCache,
         device: torch.device | str,
         seed: int,
     ) -> None:
         self.model, self.experts, self.kv, self.device = model, experts, kv, device
-        self.prefetcher = prefetcher
+        self.prefetcher, self.routes = prefetcher, routes
+        self.observers = Observers([o for o in (prefetcher, routes) if o is not None])
         self.generator = torch.Generator().manual_seed(seed)
 
     @torch.inference_mode()
@@ -53,7 +57,7 @@ class ModelRunner:
             torch.tensor(positions, device=self.device),
             batch,
             self.experts,
-            self.prefetcher,
+            self.observers,
         )
         last_rows, sampling = [], []
         row = -1
@@ -62,11 +66,29 @@ class ModelRunner:
             if start + n == seq.num_tokens:  # caught up with every known token: sample the next one
                 last_rows.append(row)
                 sampling.append(seq)
+        self.routes.record([s.seq_id for s in sampling], last_rows)
         if not sampling:
             return [], [], []
         logits = self.model.logits(hidden[last_rows])  # [B, V]
         tokens = sample(logits, sampling, self.generator)
         return sampling, tokens, token_logprobs(logits, tokens, sampling)
+
+
+class Observers:
+    """Fans one MoE layer's routing out to every observer (prefetcher, route tracker)."""
+
+    def __init__(self, observers: list[RoutingObserver]) -> None:
+        self.observers = observers
+
+    def on_route(
+        self,
+        layer: int,
+        residual: torch.Tensor,
+        router_logits: torch.Tensor,
+        topk_ids: torch.Tensor,
+    ) -> None:
+        for observer in self.observers:
+            observer.on_route(layer, residual, router_logits, topk_ids)
 
 
 def context_windows(

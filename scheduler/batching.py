@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from scheduler.blocks import BlockAllocator
+from scheduler.step_selector import StepSelector
 
 
 class SchedulableSeq(Protocol):
@@ -44,8 +45,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: BatchingConfig, blocks: BlockAllocator) -> None:
-        self.config, self.blocks = config, blocks
+    def __init__(
+        self, config: BatchingConfig, blocks: BlockAllocator, selector: StepSelector | None = None
+    ) -> None:
+        self.config, self.blocks, self.selector = config, blocks, selector
         self.waiting: deque[SchedulableSeq] = deque()
         self.running: list[SchedulableSeq] = []
 
@@ -58,16 +61,25 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
+        skipped = self._deferred_decodes()
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.seq_id in skipped:
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if self._make_room(seq, seq.num_computed_tokens + n, batch):
                 batch.seqs.append(seq)
                 batch.num_new_tokens.append(n)
                 budget -= n
                 i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (
+            self.waiting
+            and not batch.preempted  # memory is short: admitting now would only preempt again
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.blocks.grow(seq.seq_id, seq.num_computed_tokens + n):
@@ -78,6 +90,14 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
         return batch
+
+    def _deferred_decodes(self) -> set[int]:
+        """Decodes the step selector leaves out of this step (none without a selector)."""
+        if self.selector is None:
+            return set()
+        decodes = [s.seq_id for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        chosen = set(self.selector.select(decodes))
+        return {seq_id for i, seq_id in enumerate(decodes) if i not in chosen}
 
     def _make_room(self, seq: SchedulableSeq, num_tokens: int, batch: ScheduledBatch) -> bool:
         """Grow `seq` to `num_tokens`, preempting the newest running sequences; False if `seq` itself went."""

@@ -17,6 +17,10 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
+# One torch thread per process: the server subprocess and the test process share 2 cores, and
+# oversubscribed threads slow small matmuls down by orders of magnitude.
+torch.set_num_threads(1)
+
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 VOCAB = 384
 CHAT_TEMPLATE = (

@@ -352,11 +352,6 @@ def test_prompt_plus_max_tokens_over_context_is_refused(llm: LLM) -> None:
     assert len(out[0].token_ids) == 28
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/llm.py: LLM.generate adds the prompts before a later one is refused; the "
-    "accepted ones stay queued and the next generate() fails with a KeyError on their outputs",
-)
 def test_a_refused_prompt_in_a_batch_leaves_nothing_queued(mixtral_checkpoint: Path) -> None:
     llm = LLM(model=str(mixtral_checkpoint), max_model_len=MAX_MODEL_LEN)
     ok, too_long = list(range(10, 20)), list(range(10, 110))

@@ -17,6 +17,6 @@ class Command:
 
 
 def all_commands() -> tuple[Command, ...]:
-    from server.commands import serve
+    from server.commands import eval_predictor, serve, trace, train_predictor
 
-    return (serve.COMMAND,)
+    return (serve.COMMAND, trace.COMMAND, train_predictor.COMMAND, eval_predictor.COMMAND)

@@ -9,13 +9,15 @@ from engine.models.model import MoECausalLM
 from engine.offload.predict.base import RoutingPredictor, recall_at_k
 from engine.offload.predict.hybrid import HybridNet, HybridPredictor
 from engine.offload.predict.pregate import PreGatePredictor
-from engine.offload.predict.rpp import RPPNet, RPPPredictor, check_predictor_fits
+from engine.offload.predict.rpp import RPPNet, RPPPredictor, check_dims, model_dims
 
 PREDICTORS = ("none", "pregate", "rpp", "hybrid")
 TRAINED_PREDICTORS = ("rpp", "hybrid")
 
 
-def make_predictor(kind: str, model: MoECausalLM, path: str | Path | None) -> RoutingPredictor | None:
+def make_predictor(
+    kind: str, model: MoECausalLM, path: str | Path | None
+) -> RoutingPredictor | None:
     """The predictor named by `--predictor`; trained kinds load their weights from `path`."""
     if kind == "none":
         return None
@@ -29,7 +31,7 @@ def make_predictor(kind: str, model: MoECausalLM, path: str | Path | None) -> Ro
             f"`expertflow train-predictor --kind {kind}`"
         )
     net = RPPNet.load(path) if kind == "rpp" else HybridNet.load(path)
-    check_predictor_fits(path, asdict(net.cfg), model.cfg)
+    check_dims(f"predictor {path}", asdict(net.cfg), model_dims(model.cfg), "the model")
     net.to(model.lm_head.weight.device)
     return RPPPredictor(net) if kind == "rpp" else HybridPredictor(model, net)
 

@@ -1,12 +1,12 @@
 """EF-25's hybrid cross-layer predictor: correct the pre-gate guess for a later layer with what the
 pre-gate cannot see, the token's identity and the experts it actually took at the current layer.
 
-For source layer i and target j > i, the features are the pre-gate probabilities for j (the router of
-j applied to the residual after i), the multi-hot of i's actual top-k, a learned token embedding and
-learned embeddings of i and of the distance j - i (the residual drifts more the further j is). A small
-MLP maps them to E logits, added to a learned per-distance multiple of the pre-gate log-probabilities
-so training starts from the pre-gate and learns the correction. EF-25 used a random forest; an MLP is
-as cheap at run time and trains with the same BCE loss as the RPP.
+For source layer i and target j > i, the features are the pre-gate probabilities for j (the router
+of j applied to the residual after i), the multi-hot of i's actual top-k, a learned token embedding
+and learned embeddings of i and of the distance j - i (the residual drifts more the further j is).
+A small MLP maps them to E logits, added to a learned per-distance multiple of the pre-gate
+log-probabilities, so training starts from the pre-gate and learns the correction. EF-25 used a
+random forest; an MLP is as cheap at run time and trains with the same BCE loss as the RPP.
 """
 
 from __future__ import annotations
@@ -55,8 +55,12 @@ class HybridNet(nn.Module):
         )
 
     def forward(
-        self, pregate: torch.Tensor, routed: torch.Tensor, token_ids: torch.Tensor,
-        source: torch.Tensor, distance: torch.Tensor,
+        self,
+        pregate: torch.Tensor,
+        routed: torch.Tensor,
+        token_ids: torch.Tensor,
+        source: torch.Tensor,
+        distance: torch.Tensor,
     ) -> torch.Tensor:
         """pregate [B, E] probabilities for the target layer, routed [B, E] multi-hot of the source
         layer's top-k, token_ids/source/distance [B] -> target logits [B, E]."""
@@ -111,7 +115,11 @@ class HybridPredictor:
         return None
 
     def ahead(
-        self, moe_index: int, residual: torch.Tensor, token_ids: torch.Tensor, topk_ids: torch.Tensor,
+        self,
+        moe_index: int,
+        residual: torch.Tensor,
+        token_ids: torch.Tensor,
+        topk_ids: torch.Tensor,
         horizon: int,
     ) -> torch.Tensor:
         guess = self.pregate.ahead(moe_index, residual, token_ids, topk_ids, horizon)  # [h, T, E]

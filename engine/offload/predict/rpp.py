@@ -1,10 +1,11 @@
-"""EF-24's routing-path predictor (RPP): every MoE layer's experts for a token, from the token and the
-ids before it, predicted once per step before layer 0, so the whole path can be prefetched early.
+"""EF-24's routing-path predictor (RPP): every MoE layer's experts for a token, from the token and
+the ids before it, predicted once per step before layer 0 so that the whole path can be prefetched.
 
-EF-24 used a T5 encoder-decoder (7 MB); ours is lighter: an embedding of the token and of each of the W
-previous tokens, concatenated, through a two-layer MLP to [L, E] logits, trained with BCE against the
-0/1 top-k routes. A trained predictor is one safetensors file: the weights plus, under the metadata key
-"expertflow_predictor", JSON {format, kind, config (dims), info (provenance: traces, split, training)}.
+EF-24 used a T5 encoder-decoder (7 MB); ours is lighter: embeddings of the token and of each of the
+W previous tokens, concatenated, through a two-layer MLP to [L, E] logits, trained with BCE against
+the 0/1 top-k routes. A trained predictor (rpp or hybrid) is one safetensors file: the weights plus,
+under the metadata key "expertflow_predictor", JSON {format, kind, config (dims), info (provenance:
+traces, model, training settings including the held-out split)}.
 """
 
 from __future__ import annotations
@@ -97,19 +98,24 @@ class RPPPredictor:
     @torch.no_grad()
     def path(self, token_ids: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if context.shape != (token_ids.shape[0], self.context_window):
-            raise ValueError(
-                f"context must be [T={token_ids.shape[0]}, W={self.context_window}], got {tuple(context.shape)}"
-            )
+            wanted = (token_ids.shape[0], self.context_window)
+            raise ValueError(f"rpp: context must be [T, W] = {wanted}, got {tuple(context.shape)}")
         logits = self.net(token_ids, context)  # [T, L, E]
         self._path = torch.sigmoid(logits).transpose(0, 1).contiguous()  # [L, T, E]
         return self._path
 
     def ahead(
-        self, moe_index: int, residual: torch.Tensor, token_ids: torch.Tensor, topk_ids: torch.Tensor,
+        self,
+        moe_index: int,
+        residual: torch.Tensor,
+        token_ids: torch.Tensor,
+        topk_ids: torch.Tensor,
         horizon: int,
     ) -> torch.Tensor:
         if self._path is None:
-            raise RuntimeError("rpp: ahead() before path(); call path() once per step before layer 0")
+            raise RuntimeError(
+                "rpp: ahead() before path(); call path() once per step before layer 0"
+            )
         if self._path.shape[1] != topk_ids.shape[0]:
             raise RuntimeError(
                 f"rpp: ahead() got {topk_ids.shape[0]} tokens but this step's path() had "
@@ -119,7 +125,10 @@ class RPPPredictor:
 
 
 def save_predictor_file(
-    path: str | Path, kind: str, config: dict[str, Any], state: dict[str, torch.Tensor],
+    path: str | Path,
+    kind: str,
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor],
     info: dict[str, Any],
 ) -> None:
     header = {"format": PREDICTOR_FORMAT, "kind": kind, "config": config, "info": info}
@@ -152,14 +161,22 @@ def read_predictor_file(
     return header, state
 
 
-def check_predictor_fits(path: str | Path, config: dict[str, Any], model: ModelConfig) -> None:
-    """A predictor trained on one model's traces is meaningless on another: compare the dims."""
-    wanted = {
-        "num_layers": len(model.moe_layers),
-        "num_experts": model.num_experts,
-        "top_k": model.top_k,
-        "vocab_size": model.vocab_size,
+def routing_dims(num_layers: int, num_experts: int, top_k: int, vocab_size: int) -> dict[str, int]:
+    """What a predictor, a trace and a model must agree on."""
+    return {
+        "num_layers": num_layers,
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "vocab_size": vocab_size,
     }
-    wrong = [f"{k}={config[k]} (model: {v})" for k, v in wanted.items() if config[k] != v]
+
+
+def model_dims(model: ModelConfig) -> dict[str, int]:
+    return routing_dims(len(model.moe_layers), model.num_experts, model.top_k, model.vocab_size)
+
+
+def check_dims(what: str, have: dict[str, Any], wanted: dict[str, int], other: str) -> None:
+    """A predictor or trace of one model is meaningless on another: compare the routing dims."""
+    wrong = [f"{k}={have[k]} ({other}: {v})" for k, v in wanted.items() if have[k] != v]
     if wrong:
-        raise ValueError(f"{path} was trained for another model: {', '.join(wrong)}")
+        raise ValueError(f"{what} belongs to another model: {', '.join(wrong)}")

@@ -31,11 +31,13 @@ from engine.llm import LLM
 from engine.llm_engine import LLMEngine
 from engine.models.model import MoECausalLM
 from engine.offload.predict.pregate import PreGatePredictor
+from engine.offload.predict.rpp import routing_dims
 
 logger = logging.getLogger(__name__)
 
 TRACE_FORMAT = 1
 METADATA_KEY = "expertflow_trace"
+TENSORS = ("token_ids", "positions", "doc_ids", "topk_ids", "probs", "pregate")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,10 @@ class TraceMeta:
     @property
     def num_layers(self) -> int:
         return len(self.moe_layers)
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return routing_dims(self.num_layers, self.num_experts, self.top_k, self.vocab_size)
 
     @property
     def pairs(self) -> tuple[tuple[int, int], ...]:
@@ -85,7 +91,7 @@ class TraceSet:
         return out.scatter_(2, self.topk_ids.long(), 1.0)
 
     def context(self, window: int) -> torch.Tensor:
-        """The `window` token ids before each token in its sequence, nearest first; -1 = none: [N, W]."""
+        """The `window` ids before each token in its sequence, nearest first, -1 = none: [N, W]."""
         ids, pos = self.token_ids.long(), self.positions.long()
         cols = []
         for back in range(1, window + 1):
@@ -93,18 +99,13 @@ class TraceSet:
             cols.append(torch.where(pos >= back, shifted, -1))
         return torch.stack(cols, dim=1) if cols else ids.new_zeros((len(self), 0))
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in TENSORS}
+
     def select_documents(self, docs: torch.Tensor) -> TraceSet:
         """The tokens of the given document ids (whole sequences, so contexts stay valid)."""
         keep = torch.isin(self.doc_ids, docs.to(self.doc_ids.dtype))
-        return replace(
-            self,
-            token_ids=self.token_ids[keep],
-            positions=self.positions[keep],
-            doc_ids=self.doc_ids[keep],
-            topk_ids=self.topk_ids[keep],
-            probs=self.probs[keep],
-            pregate=self.pregate[keep],
-        )
+        return replace(self, **{name: t[keep] for name, t in self.tensors().items()})
 
     def split(self, fraction: float, seed: int) -> tuple[TraceSet, TraceSet]:
         """(train, held-out) by document: no text of a held-out document is seen in training."""
@@ -122,22 +123,18 @@ class TraceSet:
 
     def save(self, path: str | Path) -> None:
         meta = {"format": TRACE_FORMAT, **asdict(self.meta)}
-        tensors = {
-            "token_ids": self.token_ids,
-            "positions": self.positions,
-            "doc_ids": self.doc_ids,
-            "topk_ids": self.topk_ids,
-            "probs": self.probs,
-            "pregate": self.pregate,
-        }
         save_file(
-            {k: v.contiguous() for k, v in tensors.items()},
+            {name: t.contiguous() for name, t in self.tensors().items()},
             str(path),
             metadata={METADATA_KEY: json.dumps(meta)},
         )
 
     @classmethod
     def load(cls, path: str | Path) -> TraceSet:
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"trace file {path} does not exist (record one: expertflow trace)"
+            )
         with safe_open(str(path), framework="pt") as f:
             header = (f.metadata() or {}).get(METADATA_KEY)
             if header is None:
@@ -145,7 +142,7 @@ class TraceSet:
             raw = json.loads(header)
             if raw.pop("format") != TRACE_FORMAT:
                 raise ValueError(f"{path}: trace format is not {TRACE_FORMAT}; re-record it")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+            tensors = {name: f.get_tensor(name) for name in TENSORS}
         meta = TraceMeta(
             **{
                 **raw,
@@ -158,38 +155,39 @@ class TraceSet:
     @classmethod
     def concat(cls, meta: TraceMeta, parts: list[TraceSet]) -> TraceSet:
         return cls(
-            meta=meta,
-            token_ids=torch.cat([p.token_ids for p in parts]),
-            positions=torch.cat([p.positions for p in parts]),
-            doc_ids=torch.cat([p.doc_ids for p in parts]),
-            topk_ids=torch.cat([p.topk_ids for p in parts]),
-            probs=torch.cat([p.probs for p in parts]),
-            pregate=torch.cat([p.pregate for p in parts]),
+            meta=meta, **{name: torch.cat([getattr(p, name) for p in parts]) for name in TENSORS}
         )
 
 
 class _RouteRecorder:
     """A RoutingObserver that keeps one forward's routing, and the pre-gate guesses made from it."""
 
-    def __init__(self, model: MoECausalLM) -> None:
+    def __init__(self, model: MoECausalLM, token_ids: torch.Tensor) -> None:
         self.moe_index = {layer: i for i, layer in enumerate(model.cfg.moe_layers)}
         self.pregate = PreGatePredictor(model)
+        self.token_ids = token_ids  # [T]
         n = len(self.moe_index)
         self.topk: list[torch.Tensor] = [torch.empty(0)] * n
         self.probs: list[torch.Tensor] = [torch.empty(0)] * n
         self.ahead: list[torch.Tensor] = [torch.empty(0)] * n
 
     def on_route(
-        self, layer: int, residual: torch.Tensor, router_logits: torch.Tensor, topk_ids: torch.Tensor
+        self,
+        layer: int,
+        residual: torch.Tensor,
+        router_logits: torch.Tensor,
+        topk_ids: torch.Tensor,
     ) -> None:
         i = self.moe_index[layer]
         self.topk[i] = topk_ids.to("cpu", torch.int16)  # [T, k]
         probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
         self.probs[i] = probs.to("cpu", torch.float16)  # [T, E]
-        ahead = self.pregate.ahead(i, residual, topk_ids.new_empty(0), topk_ids, len(self.probs))
+        ahead = self.pregate.ahead(i, residual, self.token_ids, topk_ids, len(self.probs))
         self.ahead[i] = ahead.to("cpu", torch.float16)  # [L-1-i, T, E]
 
-    def collect(self, ids: list[int], positions: list[int], docs: list[int], meta: TraceMeta) -> TraceSet:
+    def collect(
+        self, ids: list[int], positions: list[int], docs: list[int], meta: TraceMeta
+    ) -> TraceSet:
         def i32(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int32)
 
@@ -207,15 +205,18 @@ class _RouteRecorder:
 def _chunks(
     tokenizer: PreTrainedTokenizerBase, files: list[Path], seq_len: int, max_tokens: int | None
 ) -> tuple[list[str], list[tuple[int, list[int]]]]:
-    """Tokenize files in order until `max_tokens`: (documents, [(doc_id, chunk of <= seq_len ids)])."""
+    """(documents, [(doc_id, chunk of <= seq_len ids)]). `max_tokens` is shared out over the files,
+    at least one chunk each, so a held-out split by document has documents to hold out."""
+    budget = per_file = float("inf")
+    if max_tokens is not None:
+        budget, per_file = max_tokens, max(seq_len, -(-max_tokens // max(1, len(files))))
     documents: list[str] = []
     chunks: list[tuple[int, list[int]]] = []
-    budget = max_tokens if max_tokens is not None else float("inf")
     for file in files:
         if budget <= 0:
             break
         ids = tokenizer(file.read_text(errors="replace"), verbose=False)["input_ids"]
-        ids = ids[: int(min(len(ids), budget))]
+        ids = ids[: int(min(len(ids), budget, per_file))]
         if not ids:
             continue
         budget -= len(ids)
@@ -233,7 +234,9 @@ def record_traces(
     teacher forcing a causal model routes each token exactly as decoding the same text would."""
     engine = llm.engine
     if seq_len > engine.max_model_len:
-        raise ValueError(f"seq_len={seq_len} exceeds the engine's max_model_len={engine.max_model_len}")
+        raise ValueError(
+            f"seq_len={seq_len} exceeds the engine's max_model_len={engine.max_model_len}"
+        )
     cfg = engine.model_config
     documents, chunks = _chunks(llm.tokenizer, files, seq_len, max_tokens)
     if not chunks:
@@ -247,7 +250,9 @@ def record_traces(
         seq_len=seq_len,
         documents=tuple(documents),
     )
-    per_step = max(1, min(engine.config.max_num_seqs, engine.config.max_num_batched_tokens // seq_len))
+    per_step = max(
+        1, min(engine.config.max_num_seqs, engine.config.max_num_batched_tokens // seq_len)
+    )
     parts: list[TraceSet] = []
     total = sum(len(c) for _, c in chunks)
     with tqdm(total=total, desc="tracing", unit="tok") as bar:
@@ -267,15 +272,16 @@ def _trace_step(engine: LLMEngine, group: list[tuple[int, list[int]]], meta: Tra
     try:
         for seq_id, n in zip(seq_ids, lengths, strict=True):
             if not engine.blocks.grow(seq_id, n):
-                raise RuntimeError("no free KV blocks for tracing; lower --seq-len")
+                raise ValueError("not enough KV blocks to trace; lower --seq-len")
         tables = [engine.blocks.table(s) for s in seq_ids]
         batch = AttentionBatch.build(engine.kv, tables, [0] * len(group), lengths, engine.device)
         ids = [t for _, c in group for t in c]
         positions = [p for n in lengths for p in range(n)]
         docs = [d for d, c in group for _ in c]
-        recorder = _RouteRecorder(engine.model)
+        input_ids = torch.tensor(ids, device=engine.device)  # [T]
+        recorder = _RouteRecorder(engine.model, input_ids)
         engine.model(
-            torch.tensor(ids, device=engine.device),  # [T]
+            input_ids,
             torch.tensor(positions, device=engine.device),  # [T]
             batch,
             engine.offload.experts,

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from engine.config import ModelConfig
 from engine.offload.predict.hybrid import HybridConfig, HybridNet
-from engine.offload.predict.rpp import UNSEEN_ROW, RPPConfig, RPPNet
+from engine.offload.predict.rpp import UNSEEN_ROW, RPPConfig, RPPNet, check_dims, model_dims
 from engine.offload.predict.trace import TraceSet
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,16 @@ class TrainConfig:
     layer_dim: int = 16  # hybrid: source layer and distance embeddings
     max_token_rows: int = 16384  # token embedding rows at most (most frequent training tokens)
 
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "embed_dim", "hidden_dim", "layer_dim")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.lr <= 0 or not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"lr={self.lr} must be > 0 and holdout={self.holdout} in (0, 1)")
+        if self.context_window < 0 or self.max_token_rows < 3:
+            raise ValueError("context_window must be >= 0 and max_token_rows >= 3")
+
 
 def token_rows(traces: TraceSet, max_rows: int) -> torch.Tensor:
     """Embedding row of every token id: the `max_rows - 2` most frequent tokens of the traces get
@@ -46,7 +57,7 @@ def token_rows(traces: TraceSet, max_rows: int) -> torch.Tensor:
 
 
 def train_rpp(traces: TraceSet, cfg: TrainConfig) -> RPPNet:
-    """Learn every layer's routes of a token from the token and its `context_window` predecessors."""
+    """Learn a token's routes at every layer from it and its `context_window` previous ids."""
     torch.manual_seed(cfg.seed)
     rows = token_rows(traces, cfg.max_token_rows)
     meta = traces.meta
@@ -63,7 +74,11 @@ def train_rpp(traces: TraceSet, cfg: TrainConfig) -> RPPNet:
         )
     )
     net.tokens.rows.copy_(rows)
-    ids, context, routes = traces.token_ids.long(), traces.context(cfg.context_window), traces.routes()
+    ids, context, routes = (
+        traces.token_ids.long(),
+        traces.context(cfg.context_window),
+        traces.routes(),
+    )
 
     def loss(batch: torch.Tensor) -> torch.Tensor:
         logits = net(ids[batch], context[batch])  # [B, L, E]
@@ -139,10 +154,19 @@ def _fit(
             logger.debug("%s: epoch %d, mean BCE %.4f", desc, epoch + 1, total / num_samples)
 
 
-def train_predictor(kind: str, traces_path: str | Path, out: str | Path, cfg: TrainConfig) -> None:
+def train_predictor(
+    kind: str,
+    traces_path: str | Path,
+    out: str | Path,
+    cfg: TrainConfig,
+    model: ModelConfig | None = None,
+) -> None:
     """Train a `kind` predictor on the training split of a trace file and write it to `out`; the
-    file records the split, so evaluation holds out the same documents."""
+    file records the split, so evaluation holds out the same documents. With `model`, first check
+    that the traces are of a model with the same routing dims."""
     traces = TraceSet.load(traces_path)
+    if model is not None:
+        check_dims(f"trace {traces_path}", traces.meta.dims, model_dims(model), "the model")
     train, held_out = traces.split(cfg.holdout, cfg.seed)
     logger.info(
         "training %s on %d tokens (%d held out for evaluation)", kind, len(train), len(held_out)

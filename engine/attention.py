@@ -45,9 +45,11 @@ class KVCache:
 
 @dataclass
 class AttentionGroup:
-    """Sequences that share one SDPA call: B sequences, Q new tokens each (padded), L context (padded)."""
+    """Sequences that share one SDPA call: B sequences with Q new tokens each, L context (padded).
+    Decodes form one group (Q = 1); each prefill chunk is a group of its own (B = 1), so no query
+    is ever padded."""
 
-    token_index: torch.Tensor  # [B, Q] rows of the flattened step; -1 = padding
+    rows: torch.Tensor  # [B * Q] rows of the flattened step, sequence-major
     context_slots: torch.Tensor  # [B, L] KV slots of each sequence's context, padded with 0
     mask: torch.Tensor  # [B, 1, Q, L] True where a query may attend to a key
 
@@ -68,54 +70,38 @@ class AttentionBatch:
         device: torch.device | str,
     ) -> AttentionBatch:
         """Sequence i holds `starts[i]` cached tokens and appends `lengths[i]` new ones."""
-        bs = kv.block_size
-        slots_per_seq: list[torch.Tensor] = []
-        for table, start, length in zip(block_tables, starts, lengths, strict=True):
-            pos = torch.arange(start + length)
-            table_t = torch.tensor(table, dtype=torch.long)
-            slots_per_seq.append(table_t[pos // bs] * bs + pos % bs)  # [C]
-        offsets = [0]
-        for length in lengths:
-            offsets.append(offsets[-1] + length)
-        slot_mapping = (
-            torch.cat([s[start:] for s, start in zip(slots_per_seq, starts, strict=True)])
-            if slots_per_seq
-            else torch.empty(0, dtype=torch.long)
-        )
+        bs, num = kv.block_size, len(lengths)
+        ctx = torch.tensor([a + n for a, n in zip(starts, lengths, strict=True)])  # [B]
+        width = max((len(t) for t in block_tables), default=0)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
+        pos = torch.arange(int(ctx.max()) if num else 0)  # [C]
+        slots = tables.view(num, width)[:, pos // bs] * bs + pos % bs  # [B, C]
+        offsets = torch.tensor([0, *lengths]).cumsum(0).tolist()
+        new_pos = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, lengths, strict=True)])
+        seq_of_row = torch.repeat_interleave(torch.arange(num), torch.tensor(lengths))  # [T]
+        slot_mapping = slots[seq_of_row, new_pos]  # [T]
+        groups = []
+        for i, n in enumerate(lengths):
+            if n > 1:  # a prefill chunk: causal over its own new tokens
+                c = int(ctx[i])
+                mask = pos[None, :c] <= torch.arange(starts[i], c)[:, None]  # [n, c]
+                rows = torch.arange(offsets[i], offsets[i] + n)
+                groups.append(AttentionGroup(rows, slots[i : i + 1, :c], mask[None, None]))
         decode = [i for i, n in enumerate(lengths) if n == 1]
-        prefill = [i for i, n in enumerate(lengths) if n > 1]
-        groups = [_group([i], slots_per_seq, starts, lengths, offsets) for i in prefill]
         if decode:
-            groups.append(_group(decode, slots_per_seq, starts, lengths, offsets))
+            index = torch.tensor(decode)
+            c = int(ctx[index].max())
+            mask = pos[None, :c] < ctx[index][:, None]  # [Bd, c]
+            groups.append(
+                AttentionGroup(torch.tensor(offsets)[index], slots[index, :c], mask[:, None, None])
+            )
         for g in groups:
-            g.token_index, g.context_slots, g.mask = (
-                g.token_index.to(device),
+            g.rows, g.context_slots, g.mask = (
+                g.rows.to(device),
                 g.context_slots.to(device),
                 g.mask.to(device),
             )
         return cls(kv=kv, slot_mapping=slot_mapping.to(device), groups=groups)
-
-
-def _group(
-    members: list[int],
-    slots: list[torch.Tensor],
-    starts: list[int],
-    lengths: list[int],
-    offsets: list[int],
-) -> AttentionGroup:
-    q_max = max(lengths[i] for i in members)
-    ctx_max = max(starts[i] + lengths[i] for i in members)
-    token_index = torch.full((len(members), q_max), -1, dtype=torch.long)
-    context_slots = torch.zeros((len(members), ctx_max), dtype=torch.long)
-    mask = torch.zeros((len(members), 1, q_max, ctx_max), dtype=torch.bool)
-    key_pos = torch.arange(ctx_max)
-    for row, i in enumerate(members):
-        n, ctx = lengths[i], starts[i] + lengths[i]
-        token_index[row, :n] = torch.arange(offsets[i], offsets[i] + n)
-        context_slots[row, :ctx] = slots[i]
-        query_pos = torch.arange(starts[i], ctx)  # absolute positions of the new tokens
-        mask[row, 0, :n] = key_pos[None, :] <= query_pos[:, None]
-    return AttentionGroup(token_index, context_slots, mask)
 
 
 def paged_attention(
@@ -125,22 +111,19 @@ def paged_attention(
     k_cache, v_cache = batch.kv.k[layer], batch.kv.v[layer]
     k_cache.index_copy_(0, batch.slot_mapping, k)
     v_cache.index_copy_(0, batch.slot_mapping, v)
-    num_tokens, heads, dim = q.shape
+    heads, dim = q.shape[1], q.shape[2]
     kv_heads = k.shape[1]
     groups_per_kv = heads // kv_heads
     out = torch.empty_like(q)
     for g in batch.groups:
-        b, q_len = g.token_index.shape
-        valid = g.token_index >= 0
-        qg = q.new_zeros(b, q_len, heads, dim)
-        qg[valid] = q[g.token_index[valid]]
+        b, _, q_len, _ = g.mask.shape
         # Fold the query heads sharing a KV head into the query axis: no KV repeat needed.
-        qg = qg.view(b, q_len, kv_heads, groups_per_kv, dim).permute(0, 2, 3, 1, 4)
+        qg = q[g.rows].view(b, q_len, kv_heads, groups_per_kv, dim).permute(0, 2, 3, 1, 4)
         qg = qg.reshape(b, kv_heads, groups_per_kv * q_len, dim)  # [B, kvh, g*Q, D]
         kg = k_cache[g.context_slots].transpose(1, 2)  # [B, kvh, L, D]
         vg = v_cache[g.context_slots].transpose(1, 2)
         mask = g.mask.expand(b, groups_per_kv, q_len, -1).reshape(b, 1, groups_per_kv * q_len, -1)
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)  # [B, kvh, g*Q, D]
         og = og.view(b, kv_heads, groups_per_kv, q_len, dim).permute(0, 3, 1, 2, 4)
-        out[g.token_index[valid]] = og.reshape(b, q_len, heads, dim)[valid]
+        out[g.rows] = og.reshape(b * q_len, heads, dim)
     return out

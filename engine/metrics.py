@@ -143,6 +143,12 @@ class EngineMetrics:
             "expert_cache_resident_bytes", "Device bytes held by expert slots"
         )
         self.slots = gauge("expert_cache_slots", "Expert cache slots")
+        self.horizon = gauge(
+            "prefetch_horizon", "MoE layers the prefetcher looks ahead (0: no predictor)"
+        )
+        self.recall = gauge(
+            "predictor_recall", "Mean recall@k of the one-layer-ahead routing prediction"
+        )
         self.activated = histogram(
             "activated_experts_per_step",
             "Distinct experts activated per step, summed over layers",
@@ -198,5 +204,7 @@ class EngineMetrics:
             self.hit_ratio.set(stats["hit_rate"])
         self.resident_bytes.set(stats["resident_expert_bytes"])
         self.slots.set(stats["expert_cache_slots"])
+        self.horizon.set(stats["prefetch_horizon"])
+        self.recall.set(stats["predictor_recall"])
         if activated_experts is not None:
             self.activated.observe(activated_experts)

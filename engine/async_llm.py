@@ -143,6 +143,10 @@ class AsyncLLM:
         except RequestError as exc:
             message.stream.put(exc)
             return
+        except Exception as exc:  # a bug on one request must not stop the engine thread
+            logger.exception("add_request failed for %s", message.request_id)
+            message.stream.put(RuntimeError(f"internal engine error: {exc!r}"))
+            return
         self._streams[message.request_id] = message.stream
 
     def _fail_all(self, error: BaseException) -> None:

@@ -60,6 +60,7 @@ class OffloadRuntime:
             self.store.total_bytes / 2**20,
             100 * saved,
             config.cache_policy,
+            config.predictor,
             f"{config.link_gbps} GB/s emulated" if config.link_gbps else "native",
         )
 

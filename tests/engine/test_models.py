@@ -72,3 +72,22 @@ def test_batched_greedy_matches_transformers_generate(
     if kv_cache_blocks is not None:
         assert preempted > 0
     assert llm.engine.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_logits_close_to_transformers(mixtral_checkpoint: Path, dtype: str) -> None:
+    llm = LLM(model=str(mixtral_checkpoint), max_model_len=64, dtype=dtype)
+    engine = llm.engine
+    ids = PROMPTS[1]
+    assert engine.blocks.grow(-1, len(ids))
+    batch = AttentionBatch.build(engine.kv, [engine.blocks.table(-1)], [0], [len(ids)], "cpu")
+    torch_dtype = getattr(torch, dtype)
+    with torch.inference_mode():
+        hidden = engine.model(
+            torch.tensor(ids), torch.arange(len(ids)), batch, engine.offload.experts
+        )
+        ours = engine.model.logits(hidden)
+        hf = AutoModelForCausalLM.from_pretrained(mixtral_checkpoint, dtype=torch_dtype).eval()
+        theirs = hf(torch.tensor([ids])).logits[0].float()
+    assert hidden.dtype == torch_dtype
+    torch.testing.assert_close(ours, theirs, atol=0.1, rtol=0.05)

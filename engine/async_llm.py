@@ -56,6 +56,7 @@ class AsyncLLM:
         self._inbox: queue.Queue[_Add | _Abort | None] = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
+        self.num_running = 0  # requests in the running batch, set by the engine thread each turn
         self._thread = threading.Thread(target=self._loop, name="expertflow-engine", daemon=True)
         self._thread.start()
 
@@ -99,6 +100,7 @@ class AsyncLLM:
     # ---- engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
+            self.num_running = int(self.engine.stats()["num_running"])
             block = not self.engine.has_unfinished()
             try:
                 while True:

@@ -3,6 +3,7 @@ on exit). Handlers reach the engine only through the serving objects kept on `ap
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,7 +19,8 @@ from server.api_responses import ChatCompletion, Completion, ModelCard, ModelLis
 from server.auth import APIKeyMiddleware
 from server.chat_template import ChatRenderer
 from server.errors import install_error_handlers
-from server.serving import until_disconnected
+from server.limits import Limits, RequestLimitMiddleware
+from server.serving import RequestPolicy, until_disconnected
 from server.serving_chat import ChatServing
 from server.serving_completion import CompletionServing
 
@@ -31,6 +33,7 @@ class ServerSettings:
     served_model_name: str
     api_key: str | None = None
     chat_template: str | None = None  # the template text, overriding the checkpoint's
+    limits: Limits = Limits()
 
 
 @asynccontextmanager
@@ -41,8 +44,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         renderer = ChatRenderer(engine.tokenizer, settings.chat_template)
         renderer.check()
         app.state.engine = engine
-        app.state.chat = ChatServing(engine, settings.served_model_name, renderer)
-        app.state.completion = CompletionServing(engine, settings.served_model_name)
+        policy = app.state.policy = RequestPolicy(timeout_s=settings.limits.request_timeout_s)
+        app.state.chat = ChatServing(engine, settings.served_model_name, policy, renderer)
+        app.state.completion = CompletionServing(engine, settings.served_model_name, policy)
         logger.info(
             "serving %s (max_model_len=%d)", settings.served_model_name, engine.max_model_len
         )
@@ -57,9 +61,22 @@ def build_app(engine_config: EngineConfig, settings: ServerSettings) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)
+    # Added first, so it runs inside the key check: a client without the key never takes a slot.
+    app.add_middleware(
+        RequestLimitMiddleware,
+        limits=settings.limits,
+        num_running=lambda: app.state.engine.num_running,
+    )
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     return app
+
+
+async def abort_requests(app: FastAPI) -> None:
+    """Ends every request still in flight: the engine fails each one, so a stream gets an error
+    event and [DONE], a whole response a 503, and the KV blocks are freed. Shutdown's last step."""
+    app.state.policy.shutting_down = True
+    await asyncio.to_thread(app.state.engine.shutdown)
 
 
 @router.post("/v1/chat/completions", response_model=None)

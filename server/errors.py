@@ -21,6 +21,8 @@ ERROR_TYPES = {
     413: "RequestTooLargeError",
     429: "RateLimitError",
     500: "InternalServerError",
+    503: "ServiceUnavailableError",
+    504: "TimeoutError",
 }
 
 
@@ -94,6 +96,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        cause = exc.__cause__
+        if isinstance(cause, UnicodeDecodeError):  # FastAPI's wording would not say what is wrong
+            return error_response(
+                400, f"Malformed JSON body: not valid UTF-8 ({cause.reason} at byte {cause.start})"
+            )
         return error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)

@@ -1,5 +1,6 @@
 """What chat and completions share: starting an engine request so that refusals are 400s, following
-it as per-choice deltas, SSE framing, and aborting it when the client goes away."""
+it as per-choice deltas within its time limit, SSE framing, and aborting it when the client goes
+away."""
 
 from __future__ import annotations
 
@@ -35,7 +36,18 @@ def sse(payload: BaseModel | dict[str, Any]) -> str:
 
 def stream_error(exc: Exception) -> str:
     """Headers are gone once a stream starts, so a late failure travels as an error event."""
+    if isinstance(exc, APIError):
+        return sse(error_body(exc.status, exc.message, exc.param, exc.code))
     return sse(error_body(500, f"Internal server error: {exc!r}"))
+
+
+@dataclass
+class RequestPolicy:
+    """What every generation of the server obeys: its time limit, and the flag the server sets
+    when it aborts what is left of its requests at shutdown (they fail with 503, not 500)."""
+
+    timeout_s: float | None = None
+    shutting_down: bool = False
 
 
 @dataclass
@@ -49,17 +61,55 @@ class ChoiceDelta:
 class Generation:
     """One engine request as an endpoint sees it, started before the first response byte."""
 
-    def __init__(self, outputs: AsyncIterator[RequestOutput], first: RequestOutput) -> None:
-        self._outputs = outputs
-        self.last = first
+    def __init__(self, outputs: AsyncIterator[RequestOutput], policy: RequestPolicy) -> None:
+        loop_time = asyncio.get_running_loop().time()
+        deadline = None if policy.timeout_s is None else loop_time + policy.timeout_s
+        self._outputs = self._follow(outputs, policy, deadline)
+        self.last: RequestOutput
 
     @classmethod
     async def start(
-        cls, engine: AsyncLLM, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        cls,
+        engine: AsyncLLM,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        policy: RequestPolicy,
     ) -> Generation:
         """Waits for the first output: the engine raises its refusals (RequestError) only here."""
-        outputs = engine.generate(prompt_token_ids, params, request_id)
-        return cls(outputs, await anext(outputs))
+        generation = cls(engine.generate(prompt_token_ids, params, request_id), policy)
+        generation.last = await anext(generation._outputs)
+        return generation
+
+    @staticmethod
+    async def _follow(
+        outputs: AsyncIterator[RequestOutput], policy: RequestPolicy, deadline: float | None
+    ) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs until the deadline. Past it the wait is cancelled, which closes the
+        engine stream and so aborts the request and frees its KV blocks. The deadline covers each
+        wait for the engine only, never a yield, so it cannot cancel the caller's own writes."""
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    out = await anext(outputs)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise APIError(
+                    504,
+                    f"The request ran longer than the server's limit of {policy.timeout_s:g} s "
+                    "(--request-timeout) and was aborted.",
+                    code="request_timeout",
+                ) from None
+            except Exception as exc:
+                if not policy.shutting_down:
+                    raise
+                raise APIError(
+                    503,
+                    "The server shut down before the request finished; it was aborted.",
+                    code="server_shutting_down",
+                ) from exc
+            yield out
 
     async def final(self) -> RequestOutput:
         async for out in self._outputs:
@@ -109,9 +159,10 @@ class OpenAIServing:
 
     id_prefix = "req"
 
-    def __init__(self, engine: AsyncLLM, model_name: str) -> None:
+    def __init__(self, engine: AsyncLLM, model_name: str, policy: RequestPolicy) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.policy = policy
 
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested != self.model_name:

@@ -20,8 +20,9 @@ from server.api_responses import (
     Usage,
 )
 from server.chat_template import ChatRenderer
+from server.errors import APIError
 from server.logprobs import chat_logprobs
-from server.serving import DONE, Generation, OpenAIServing, sse, stream_error
+from server.serving import DONE, Generation, OpenAIServing, RequestPolicy, sse, stream_error
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,10 @@ logger = logging.getLogger(__name__)
 class ChatServing(OpenAIServing):
     id_prefix = "chatcmpl"
 
-    def __init__(self, engine: AsyncLLM, model_name: str, renderer: ChatRenderer) -> None:
-        super().__init__(engine, model_name)
+    def __init__(
+        self, engine: AsyncLLM, model_name: str, policy: RequestPolicy, renderer: ChatRenderer
+    ) -> None:
+        super().__init__(engine, model_name, policy)
         self.renderer = renderer
 
     async def create(self, request: ChatCompletionRequest) -> Response | ChatCompletion:
@@ -38,7 +41,9 @@ class ChatServing(OpenAIServing):
         params = request.to_sampling_params()
         prompt_ids = self.renderer.render([m.template_dict() for m in request.messages])
         request_id, created = self.new_request()
-        generation = await Generation.start(self.engine, prompt_ids, params, request_id)
+        generation = await Generation.start(
+            self.engine, prompt_ids, params, request_id, self.policy
+        )
         if request.stream:
             chunks = self._stream(generation, request_id, created, request.include_usage)
             return self.event_stream(chunks, request_id)
@@ -90,6 +95,9 @@ class ChatServing(OpenAIServing):
                     )
             if include_usage:
                 yield chunk([], generation.usage())
+        except APIError as exc:  # a timeout or shutdown: the client is told why, no traceback
+            logger.warning("chat stream %s ended early: %s", request_id, exc.message)
+            yield stream_error(exc)
         except Exception as exc:
             logger.exception("chat stream %s failed", request_id)
             yield stream_error(exc)

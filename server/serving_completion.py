@@ -10,6 +10,7 @@ from fastapi import Response
 
 from server.api_requests import CompletionRequest
 from server.api_responses import Completion, CompletionChoice, Usage
+from server.errors import APIError
 from server.logprobs import completion_logprobs
 from server.serving import DONE, Generation, OpenAIServing, sse, stream_error
 
@@ -25,7 +26,9 @@ class CompletionServing(OpenAIServing):
         prompt = request.prompt
         prompt_ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         request_id, created = self.new_request()
-        generation = await Generation.start(self.engine, prompt_ids, params, request_id)
+        generation = await Generation.start(
+            self.engine, prompt_ids, params, request_id, self.policy
+        )
         if request.stream:
             chunks = self._stream(generation, request_id, created, request.include_usage)
             return self.event_stream(chunks, request_id)
@@ -81,6 +84,9 @@ class CompletionServing(OpenAIServing):
                     )
             if include_usage:
                 yield chunk([], generation.usage())
+        except APIError as exc:  # a timeout or shutdown: the client is told why, no traceback
+            logger.warning("completion stream %s ended early: %s", request_id, exc.message)
+            yield stream_error(exc)
         except Exception as exc:
             logger.exception("completion stream %s failed", request_id)
             yield stream_error(exc)

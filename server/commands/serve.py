@@ -10,13 +10,14 @@ from pathlib import Path
 import uvicorn
 
 from engine import ConfigError, EngineConfig, ModelConfig
-from server.app import ServerSettings, build_app
+from server.app import ServerSettings, abort_requests, build_app
 from server.chat_template import ChatTemplateError, load_chat_template
 from server.commands import Command
 from server.config_args import add_config_args, config_from_args
+from server.limits import add_limit_arguments, limits_from_args
+from server.shutdown import DrainingServer
 
 logger = logging.getLogger(__name__)
-GRACEFUL_SHUTDOWN_S = 5  # then open streams are cut, so Ctrl-C never waits on a long generation
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chat-template",
         help="Jinja chat template, as a file or inline text (default: the checkpoint's)",
     )
+    add_limit_arguments(parser)
     add_config_args(parser, EngineConfig, "engine")
 
 
@@ -54,14 +56,11 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or Path(engine_config.model).name,
         api_key=args.api_key,
         chat_template=chat_template,
+        limits=limits_from_args(args),
     )
-    uvicorn.run(
-        build_app(engine_config, settings),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
+    app = build_app(engine_config, settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    DrainingServer(config, settings.limits.graceful_shutdown_s, lambda: abort_requests(app)).run()
     return 0
 
 

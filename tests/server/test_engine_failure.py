@@ -26,6 +26,7 @@ class BrokenEngine:
         self.max_model_len = 64
         self.metrics = SimpleNamespace(registry=CollectorRegistry())
         self.aborted: list[str] = []
+        self.num_running = 0
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str

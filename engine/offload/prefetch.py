@@ -10,6 +10,7 @@ wasted prefetches feed the adaptive horizon (EF-25) and the `expertflow` policy'
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -27,8 +28,9 @@ class Prefetcher:
         moe_layers: tuple[int, ...],
         horizon: HorizonController,
         top_k: int,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self.predictor, self.cache, self.horizon = predictor, cache, horizon
+        self.predictor, self.cache, self.horizon, self.clock = predictor, cache, horizon, clock
         self.moe_layers, self.top_k = moe_layers, top_k
         self.index_of = {layer: i for i, layer in enumerate(moe_layers)}
         self.token_ids = torch.empty(0, dtype=torch.long)
@@ -52,7 +54,7 @@ class Prefetcher:
         if path is not None:
             self._prefetch(path[: self.current_horizon], first_index=0)
             self.next_layer_probs = path[0]
-        self._layer_start_s = time.perf_counter()
+        self._layer_start_s = self.clock()
 
     def on_route(
         self,
@@ -62,7 +64,7 @@ class Prefetcher:
         topk_ids: torch.Tensor,
     ) -> None:
         index = self.index_of[layer]
-        now = time.perf_counter()
+        now = self.clock()
         if index > 0:
             self.horizon.observe_layer_time(now - self._layer_start_s)
         self._layer_start_s = now

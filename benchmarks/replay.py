@@ -1,0 +1,248 @@
+"""Replay recorded routing traces through the real cache, policies and prefetcher under a cost model.
+
+The production ExpertCache, HorizonController and Prefetcher run unchanged; only the link and the
+clock are simulated: one host->device link of B bytes/s moves E_s-byte experts one at a time, misses
+before prefetches (non-preemptive), and every MoE layer computes for T_l seconds. Stall = the time
+compute waits on a copy. With the demo model's own E_s, link and measured T_l this predicts what
+benchmarks/offload.py measures live (the cost model's check); with Mixtral-8x7B / Qwen3-30B-A3B
+costs it tells what the same routing behaviour would stall at that scale.
+
+    python benchmarks/replay.py --traces runs/predictors/traces.safetensors --batch 1 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.loader import HostExperts  # noqa: E402
+from engine.offload.cache import ExpertCache  # noqa: E402
+from engine.offload.horizon import HorizonController  # noqa: E402
+from engine.offload.policy import make_policy  # noqa: E402
+from engine.offload.predict.trace import TraceSet  # noqa: E402
+from engine.offload.prefetch import Prefetcher  # noqa: E402
+from engine.offload.store import ExpertStore  # noqa: E402
+from engine.offload.transfer import HIGH  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Cost:
+    name: str
+    expert_bytes: int
+    link_bps: float
+    layer_s: float
+
+
+# Assumptions, stated: bf16 experts; effective PCIe 4.0 x16 ~25 GB/s, PCIe 5.0 x16 ~50 GB/s; batch-1
+# decode layer time on an H100 ~ reading the active experts at ~3 TB/s plus ~50 us of attention.
+SCALES = {
+    "mixtral-8x7b-pcie4": Cost(
+        "Mixtral-8x7B, PCIe 4.0", 3 * 4096 * 14336 * 2, 25e9, 2 * 352e6 / 3e12 + 50e-6
+    ),
+    "qwen3-30b-a3b-pcie5": Cost(
+        "Qwen3-30B-A3B, PCIe 5.0", 3 * 2048 * 768 * 2, 50e9, 8 * 9.4e6 / 3e12 + 50e-6
+    ),
+}
+
+
+class SimTransfer:
+    def __init__(self, link: SimLink, priority: int, order: int) -> None:
+        self.link, self.priority, self.order = link, priority, order
+        self.submit_s, self.end_s = link.now, None
+        self.nbytes, self.duration_s = link.expert_bytes, link.expert_bytes / link.bps
+
+    def is_done(self) -> bool:
+        self.link.advance(self.link.now)
+        return self.end_s is not None and self.end_s <= self.link.now
+
+
+class SimLink:
+    """TransferEngine's interface on a simulated clock: one link, priority order, no preemption."""
+
+    def __init__(self, expert_bytes: int, bps: float) -> None:
+        self.expert_bytes, self.bps = expert_bytes, bps
+        self.now, self.free_at, self.stall_s = 0.0, 0.0, 0.0
+        self.queue: list[SimTransfer] = []
+        self.submitted = 0
+
+    def submit(self, pairs: list, priority: int) -> SimTransfer:  # noqa: ARG002
+        self.submitted += 1
+        transfer = SimTransfer(self, priority, self.submitted)
+        self.queue.append(transfer)
+        return transfer
+
+    def promote(self, transfer: SimTransfer) -> None:
+        if transfer.end_s is None:
+            transfer.priority = HIGH
+
+    def advance(self, until: float, target: SimTransfer | None = None) -> None:
+        """Start queued copies in priority order while the link frees up before `until`."""
+        while self.queue:
+            start = max(self.free_at, min(t.submit_s for t in self.queue))
+            if start > until and target is None:
+                return
+            ready = [t for t in self.queue if t.submit_s <= start]
+            nxt = min(ready, key=lambda t: (t.priority, t.order))
+            self.queue.remove(nxt)
+            nxt.end_s = self.free_at = start + nxt.duration_s
+            if nxt is target:
+                return
+
+    def wait(self, transfer: SimTransfer) -> None:
+        if transfer.end_s is None:
+            self.advance(self.now, target=transfer)
+        assert transfer.end_s is not None
+        if transfer.end_s > self.now:
+            self.stall_s += transfer.end_s - self.now
+            self.now = transfer.end_s
+
+    def measured_duration(self, transfer: SimTransfer) -> float:
+        return transfer.duration_s
+
+    def resolve_stalls(self) -> float:
+        return self.stall_s
+
+
+class TracePredictor:
+    """Serves predictions recorded in the trace: the pre-gate rows, or the true future (oracle)."""
+
+    context_window = 0
+
+    def __init__(self, traces: TraceSet, oracle: bool) -> None:
+        self.traces, self.oracle, self.rows = traces, oracle, torch.empty(0, dtype=torch.long)
+        self.kind = "oracle" if oracle else "pregate"
+        self.routes = traces.routes() if oracle else None
+
+    def path(self, token_ids: torch.Tensor, context: torch.Tensor) -> None:
+        return None
+
+    def ahead(self, index: int, residual, token_ids, topk_ids, horizon: int) -> torch.Tensor:  # noqa: ANN001
+        targets = range(index + 1, min(index + 1 + horizon, self.traces.meta.num_layers))
+        if self.routes is not None:
+            return (
+                torch.stack([self.routes[self.rows, j] for j in targets])
+                if targets
+                else torch.zeros(0)
+            )
+        rows = [
+            self.traces.pregate[self.rows, self.traces.pair_index(index, j)].float()
+            for j in targets
+        ]
+        return (
+            torch.stack(rows)
+            if rows
+            else torch.zeros(0, len(self.rows), self.traces.meta.num_experts)
+        )
+
+
+def replay(
+    traces: TraceSet, cost: Cost, ratio: float, policy: str, predictor: str, batch: int, steps: int
+) -> dict:
+    meta = traces.meta
+    layers, experts = meta.moe_layers, meta.num_experts
+    host = HostExperts(
+        w13={layer: torch.zeros(experts, 1, 1) for layer in layers},
+        w2={layer: torch.zeros(experts, 1, 1) for layer in layers},
+    )
+    link = SimLink(cost.expert_bytes, cost.link_bps)
+    cache = ExpertCache(
+        ExpertStore(host, pin=False),
+        max(1, int(ratio * len(layers) * experts)),
+        make_policy(policy),
+        link,
+        torch.device("cpu"),
+    )  # type: ignore[arg-type]
+    prefetcher = None
+    if predictor != "none":
+        pred = TracePredictor(traces, oracle=predictor == "oracle")
+        horizon = HorizonController(len(layers) - 1, cost.expert_bytes)
+        prefetcher = Prefetcher(pred, cache, layers, horizon, meta.top_k, clock=lambda: link.now)  # type: ignore[arg-type]
+    # `batch` streams walk through the trace side by side, one token each per step.
+    stride = len(traces) // batch
+    for step in range(min(steps, stride)):
+        rows = torch.tensor([b * stride + step for b in range(batch)])
+        cache.begin_step()
+        if prefetcher is not None:
+            prefetcher.predictor.rows = rows  # type: ignore[attr-defined]
+            prefetcher.begin_step(
+                traces.token_ids[rows].long(), torch.zeros(batch, 0, dtype=torch.long)
+            )
+        for i, layer in enumerate(layers):
+            topk = traces.topk_ids[rows, i].long()  # [B, k]
+            if prefetcher is not None:
+                prefetcher.on_route(layer, torch.zeros(batch, 1), torch.zeros(batch, experts), topk)
+            needed = topk.unique().tolist()
+            for start in range(0, len(needed), cache.num_slots):  # stream when over capacity
+                slots = cache.ensure(layer, needed[start : start + cache.num_slots])
+                cache.release(slots)
+            link.now += cost.layer_s
+    s = cache.stats
+    compute_s = min(steps, stride) * len(layers) * cost.layer_s
+    return {
+        "hit_rate": s.hits / max(1, s.hits + s.misses),
+        "misses": s.misses,
+        "transfers": s.transfers,
+        "stall_s": link.stall_s,
+        "stall_share": link.stall_s / (link.stall_s + compute_s),
+        "horizon": prefetcher.current_horizon if prefetcher else 0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--traces", type=Path, required=True)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument(
+        "--local",
+        nargs=3,
+        type=float,
+        metavar=("EXPERT_BYTES", "LINK_GBPS", "LAYER_MS"),
+        help="also replay with the demo model's own costs, to check against benchmarks/offload.py",
+    )
+    args = parser.parse_args()
+    traces = TraceSet.load(args.traces)
+    scales = dict(SCALES)
+    if args.local:
+        scales["local"] = Cost(
+            "demo model, emulated link",
+            int(args.local[0]),
+            args.local[1] * 1e9,
+            args.local[2] / 1e3,
+        )
+    print(f"command: {' '.join(sys.argv)}\n")
+    systems = [
+        ("lru on demand", "lru", "none"),
+        ("lfu on demand", "lfu", "none"),
+        ("pregate + expertflow", "expertflow", "pregate"),
+        ("oracle + expertflow", "expertflow", "oracle"),
+    ]
+    for cost in scales.values():
+        print(
+            f"### {cost.name}: expert {cost.expert_bytes / 2**20:.1f} MiB, link {cost.link_bps / 1e9:g} GB/s, "
+            f"copy {cost.expert_bytes / cost.link_bps * 1e3:.2f} ms, layer {cost.layer_s * 1e3:.3f} ms\n"
+        )
+        print(
+            "| batch | ratio | system | hit rate | misses | stall s | stall share | S |\n|---|---|---|---|---|---|---|---|"
+        )
+        for batch in args.batch:
+            for ratio in args.ratios:
+                for name, policy, predictor in systems:
+                    r = replay(traces, cost, ratio, policy, predictor, batch, args.steps)
+                    print(
+                        f"| {batch} | {ratio} | {name} | {r['hit_rate']:.3f} | {r['misses']} | {r['stall_s']:.3f} | "
+                        f"{r['stall_share']:.3f} | {r['horizon']} |",
+                        flush=True,
+                    )
+        print()
+
+
+if __name__ == "__main__":
+    main()

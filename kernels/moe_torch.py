@@ -1,8 +1,10 @@
 """Pure-torch fused MoE: the CPU serving hot path, same signature and results as the Triton path.
 
-Pairs (token, k) are sorted by slot once; each slot actually used runs two dense GEMMs on its
-tokens (a loop over distinct slots, never over tokens) and scatter-adds its weighted rows into
-the output. Half-precision inputs accumulate in float32 and round once at the end.
+Pairs (token, k) are sorted by slot once and their inputs gathered once; each slot actually used
+runs its two dense GEMMs on its run of rows (a loop over distinct slots, never over tokens), while
+the activation, the routing weights and the scatter-add into the output run once over all pairs:
+at decode sizes per-op overhead, not FLOPs, is the cost. Half-precision inputs accumulate in
+float32 and round once at the end.
 """
 
 from __future__ import annotations
@@ -24,19 +26,26 @@ def fused_moe_torch(
     sorted_slots, order = topk_ids.reshape(-1).sort(stable=True)  # [P] pairs grouped by slot
     slots, counts = torch.unique_consecutive(sorted_slots, return_counts=True)  # [U]
     tokens = order // top_k  # [P] token of each sorted pair
+    acc_dtype = torch.float32
+    x = hidden.index_select(0, tokens)  # [P, H] every pair's input, gathered once
+    gate_up = x.new_empty(x.shape[0], 2 * inter)  # [P, 2I]
+    down = x.new_empty(x.shape)  # [P, H]
+    # Only the two GEMMs run per slot; gather, activation, weighting and scatter run once.
+    bounds = counts.cumsum(0).tolist()
+    begin = 0
+    for slot, end in zip(slots.tolist(), bounds, strict=True):
+        torch.mm(x[begin:end], w13[slot].T, out=gate_up[begin:end])
+        begin = end
+    act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])  # [P, I]
+    begin = 0
+    for slot, end in zip(slots.tolist(), bounds, strict=True):
+        torch.mm(act[begin:end], w2[slot].T, out=down[begin:end])
+        begin = end
+    route_w = topk_weights.reshape(-1)[order].to(acc_dtype)  # [P]
     # Accumulate straight into a float32 out unless it is hidden itself (an in-place call).
-    direct = out.dtype == torch.float32 and out.data_ptr() != hidden.data_ptr()
-    acc = out.zero_() if direct else out.new_zeros(out.shape, dtype=torch.float32)  # [T, H]
-    route_w = topk_weights.reshape(-1)[order].to(acc.dtype)  # [P]
-    start = 0
-    for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):
-        rows = tokens[start : start + count]  # [c]
-        x = hidden.index_select(0, rows)  # [c, H]
-        gate_up = x @ w13[slot].T  # [c, 2I]
-        act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])  # [c, I]
-        y = (act @ w2[slot].T).to(acc.dtype)  # [c, H]
-        acc.index_add_(0, rows, y.mul_(route_w[start : start + count, None]))
-        start += count
+    direct = out.dtype == acc_dtype and out.data_ptr() != hidden.data_ptr()
+    acc = out.zero_() if direct else out.new_zeros(out.shape, dtype=acc_dtype)  # [T, H]
+    acc.index_add_(0, tokens, down.to(acc_dtype).mul_(route_w[:, None]))
     if acc is not out:
         out.copy_(acc)
     return out

@@ -78,9 +78,10 @@ class ModelConfig:
         num_layers = int(need("num_hidden_layers"))
         rope = raw.get("rope_parameters") or {}
         scaling = raw.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-        if rope_type not in (None, "default"):
-            raise ConfigError(f"config.json: rope_scaling type {rope_type!r} is not supported")
+        for source, params in (("rope_parameters", rope), ("rope_scaling", scaling)):
+            rope_type = params.get("rope_type") or params.get("type")
+            if rope_type not in (None, "default"):
+                raise ConfigError(f"config.json: {source} type {rope_type!r} is not supported")
         if family == "mixtral":
             moe_inter, num_experts = need("intermediate_size"), need("num_local_experts")
         elif family == "olmoe":

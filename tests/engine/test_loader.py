@@ -1,0 +1,71 @@
+"""Unsupported or malformed checkpoints fail at load with an error naming the field or weight."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine import LLM, ConfigError
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config(path: Path, **changes: object) -> None:
+    config = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def edit_weights(path: Path, edit) -> None:  # noqa: ANN001
+    weights = load_file(path / "model.safetensors")
+    edit(weights)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"model_type": "llama"}, "model_type='llama' is not supported"),
+        ({"num_local_experts": None}, "num_local_experts"),
+        ({"num_experts_per_tok": 99}, "num_experts_per_tok=99"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ],
+)
+def test_bad_config_names_the_field(
+    mixtral_checkpoint: Path, tmp_path: Path, changes: dict, message: str
+) -> None:
+    path = copy_checkpoint(mixtral_checkpoint, tmp_path / "ckpt")
+    edit_config(path, **changes)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        LLM(model=str(path))
+
+
+def test_missing_weight_is_named(mixtral_checkpoint: Path, tmp_path: Path) -> None:
+    path = copy_checkpoint(mixtral_checkpoint, tmp_path / "ckpt")
+    edit_weights(path, lambda w: w.pop("model.layers.1.block_sparse_moe.experts.3.w2.weight"))
+    with pytest.raises(ConfigError, match=r"experts\.3\.w2"):
+        LLM(model=str(path))
+
+
+def test_wrong_shape_is_named(mixtral_checkpoint: Path, tmp_path: Path) -> None:
+    path = copy_checkpoint(mixtral_checkpoint, tmp_path / "ckpt")
+    edit_weights(path, lambda w: w.update({"model.norm.weight": torch.ones(7)}))
+    with pytest.raises(ConfigError, match=r"model\.norm\.weight.*\(7,\)"):
+        LLM(model=str(path))
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config.json"):
+        LLM(model=str(tmp_path))

@@ -78,7 +78,8 @@ class OffloadedExperts:
     ) -> torch.Tensor:
         missing = torch.tensor([distinct[i] for i in pending], device=hidden.device)
         is_missing = torch.isin(topk_ids, missing)  # [T, k]
-        ready_slot = slots[next(i for i in range(len(distinct)) if i not in set(pending))]
+        waiting = set(pending)
+        ready_slot = slots[next(i for i in range(len(distinct)) if i not in waiting)]
         weights = topk_weights.masked_fill(is_missing, 0)
         ids = torch.where(is_missing, torch.full_like(topk_ids, ready_slot), slot_of[topk_ids])
         out = kernels.fused_moe(hidden, self.cache.w13, self.cache.w2, weights, ids)

@@ -96,11 +96,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        cause = exc.__cause__
-        if isinstance(cause, UnicodeDecodeError):  # FastAPI's wording would not say what is wrong
+        cause = exc.__cause__  # FastAPI's own wording ("error parsing the body") says not what
+        if isinstance(cause, UnicodeDecodeError):
             return error_response(
                 400, f"Malformed JSON body: not valid UTF-8 ({cause.reason} at byte {cause.start})"
             )
+        if isinstance(cause, RecursionError):
+            return error_response(400, "Malformed JSON body: nested too deeply")
         return error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,10 @@ from typing import Any
 import torch
 
 SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "expertflow-demo")
+# The bundled demo model next to the source tree; $EXPERTFLOW_MODEL points elsewhere (e.g. an install).
+DEFAULT_MODEL = os.environ.get(
+    "EXPERTFLOW_MODEL", str(Path(__file__).resolve().parent.parent / "models" / "expertflow-demo")
+)
 CACHE_POLICIES = ("lru", "lfu", "expertflow")
 PREDICTORS = ("none", "pregate", "rpp", "hybrid")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

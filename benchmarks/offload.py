@@ -11,6 +11,7 @@ prompts; misses are compared with Belady's optimum on the routing sequence actua
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import subprocess
 import sys
@@ -29,30 +30,30 @@ from engine.offload.cache import ExpertCache  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@functools.cache
+def demo_corpus():  # noqa: ANN201
+    """The demo model's training script's corpus split (train / held-out documents)."""
+    path = ROOT / "scripts" / "train_demo_model.py"
+    spec = importlib.util.spec_from_file_location("train_demo_model", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules["train_demo_model"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.build_corpus(module.TrainConfig())
+
+
 def heldout_prompts(tokenizer, count: int, length: int) -> list[list[int]]:  # noqa: ANN001
     """The leading tokens of documents the demo model never trained on."""
-    spec = importlib.util.spec_from_file_location(
-        "train_demo", ROOT / "scripts" / "train_demo_model.py"
-    )
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    docs = module.build_corpus(module.TrainConfig()).heldout
-    prompts = [tokenizer.encode(d)[:length] for d in docs if len(tokenizer.encode(d)) >= length]
-    return prompts[:count]
+    encoded = (tokenizer.encode(d) for d in demo_corpus().heldout)
+    return [ids[:length] for ids in encoded if len(ids) >= length][:count]
 
 
 def trained_predictor(model: str, kind: str, workdir: Path) -> Path:
     """Trace the training split and train an rpp/hybrid predictor once; cached under `workdir`."""
     workdir.mkdir(parents=True, exist_ok=True)
     out, traces = workdir / f"{kind}.safetensors", workdir / "traces.safetensors"
-    spec = importlib.util.spec_from_file_location(
-        "train_demo", ROOT / "scripts" / "train_demo_model.py"
-    )
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
     corpus = workdir / "train_corpus.txt"
     if not corpus.exists():
-        corpus.write_text("\n\n".join(module.build_corpus(module.TrainConfig()).train[:400]))
+        corpus.write_text("\n\n".join(demo_corpus().train[:400]))
     cli = [sys.executable, "-m", "server.cli"]
     if not traces.exists():
         subprocess.run(

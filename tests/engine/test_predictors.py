@@ -351,3 +351,11 @@ def test_cli_on_demo_model(
 ) -> None:
     out = _run_cli(Path(DEFAULT_MODEL), corpus, tmp_path, capsys)
     assert "rpp@path" in out and "hybrid@1" in out
+    # A trained model routes non-randomly: one layer ahead, the traced pre-gate guess and the
+    # hybrid's correction of it are far better than the layer's most frequent experts.
+    traces = TraceSet.load(tmp_path / "t.safetensors")
+    train, test = traces.split(TrainConfig.holdout, TrainConfig.seed)  # what the CLI trained with
+    table = evaluate(train, test, HybridNet.load(tmp_path / "hy.safetensors"))
+    frequent = table.by_horizon("frequent", 1)
+    assert table.by_horizon("pregate", 1) > frequent + 0.1
+    assert table.by_horizon("hybrid", 1) > frequent + 0.1

@@ -51,9 +51,12 @@ def trained_predictor(model: str, kind: str, workdir: Path) -> Path:
     """Trace the training split and train an rpp/hybrid predictor once; cached under `workdir`."""
     workdir.mkdir(parents=True, exist_ok=True)
     out, traces = workdir / f"{kind}.safetensors", workdir / "traces.safetensors"
-    corpus = workdir / "train_corpus.txt"
-    if not corpus.exists():
-        corpus.write_text("\n\n".join(demo_corpus().train[:400]))
+    corpus_dir = workdir / "corpus"  # one file per training document: traces split by document
+    if not corpus_dir.exists():
+        corpus_dir.mkdir()
+        for i, doc in enumerate(demo_corpus().train[:: max(1, len(demo_corpus().train) // 200)]):
+            (corpus_dir / f"doc{i:04d}.txt").write_text(doc)
+    corpus = sorted(str(p) for p in corpus_dir.glob("*.txt"))
     cli = [sys.executable, "-m", "server.cli"]
     if not traces.exists():
         subprocess.run(
@@ -63,7 +66,7 @@ def trained_predictor(model: str, kind: str, workdir: Path) -> Path:
                 "--model",
                 model,
                 "--corpus",
-                str(corpus),
+                *corpus,
                 "--out",
                 str(traces),
                 "--max-tokens",

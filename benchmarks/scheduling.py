@@ -50,10 +50,14 @@ def generate(model: str, prompts: list[list[int]], new_tokens: int, **flags: obj
     return stats
 
 
-@torch.inference_mode()
 def perplexity(model: str, docs: list[list[int]], **flags: object) -> tuple[float, dict]:
     """Teacher-forced decode, one token per sequence per step, all docs side by side."""
     llm = LLM(model=model, max_num_seqs=len(docs), **flags)
+    with torch.inference_mode():
+        return _teacher_forced(llm, docs)
+
+
+def _teacher_forced(llm: LLM, docs: list[list[int]]) -> tuple[float, dict]:
     engine = llm.engine
     length = min(len(d) for d in docs)
     for i in range(len(docs)):
@@ -88,6 +92,13 @@ def main() -> None:
     )
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--margins", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0])
+    parser.add_argument(
+        "--rpp",
+        type=Path,
+        default=Path("runs/predictors/rpp.safetensors"),
+        help="rpp predictor whose routes the token scheduler groups by (EF-24); "
+        "without it, each sequence's last observed route",
+    )
     args = parser.parse_args()
     print(f"command: {' '.join(sys.argv)}\n")
     tokenizer = LLM(model=args.model).tokenizer
@@ -104,6 +115,8 @@ def main() -> None:
         "| concurrency | scheduler | experts/step | hit rate | stall s | tok/s | cluster ms/step |"
     )
     print("|---|---|---|---|---|---|---|")
+    routes = {"predictor": "rpp", "predictor_path": str(args.rpp)} if args.rpp.exists() else {}
+    print(f"routes for the token scheduler: {'rpp' if routes else 'last observed'}\n")
     for n in args.concurrency:
         for scheduler in ("fcfs", "expertflow"):
             s = generate(
@@ -115,6 +128,7 @@ def main() -> None:
                 token_group_size=n // 2,
                 max_defer_steps=1,
                 **offload,
+                **routes,
             )
             print(
                 f"| {n} | {scheduler} | {s['mean_activated_experts_per_step']:.1f} | {s['hit_rate']:.3f} | "

@@ -31,11 +31,14 @@ class Transfer:
     cuda_event: torch.cuda.Event | None = None
     cuda_start: torch.cuda.Event | None = None
     started: bool = False
+    error: Exception | None = None
     duration_s: float | None = None  # copy time once measured
 
     def is_done(self) -> bool:
         if self.cuda_event is not None:
             return self.cuda_event.query()
+        if self.error is not None:
+            raise RuntimeError(f"expert copy failed: {self.error!r}") from self.error
         return self.done.is_set()
 
 
@@ -113,6 +116,8 @@ class TransferEngine:
         start = time.perf_counter()
         transfer.done.wait()
         self.stall_s += time.perf_counter() - start
+        if transfer.error is not None:
+            raise RuntimeError(f"expert copy failed: {transfer.error!r}") from transfer.error
 
     def resolve_stalls(self) -> float:
         """Total stall seconds so far (on CUDA, folds in the timing events that have completed)."""
@@ -143,8 +148,12 @@ class TransferEngine:
                     continue
                 transfer.started = True
             start = time.perf_counter()
-            for dst, src in transfer.pairs:
-                dst.copy_(src)
+            try:
+                with torch.inference_mode():  # slots made under inference mode change only there
+                    for dst, src in transfer.pairs:
+                        dst.copy_(src)
+            except Exception as exc:  # surface it to the waiting compute thread, keep the link up
+                transfer.error = exc
             if self.link_gbps:
                 remaining = start + transfer.nbytes / (self.link_gbps * 1e9) - time.perf_counter()
                 if remaining > 0:

@@ -94,3 +94,13 @@ def test_link_emulation_takes_bytes_over_bandwidth() -> None:
     assert elapsed >= expected and engine.stall_s == pytest.approx(elapsed, rel=0.1)
     assert torch.equal(dst, src)
     engine.close()
+
+
+def test_a_failed_copy_raises_instead_of_hanging() -> None:
+    engine = TransferEngine(CPU)
+    transfer = engine.submit([(torch.empty(3), torch.empty(4))], HIGH)  # shapes do not match
+    with pytest.raises(RuntimeError, match="expert copy failed"):
+        engine.wait(transfer)
+    ok = engine.submit([(torch.empty(4), torch.ones(4))], HIGH)  # the link keeps working
+    engine.wait(ok)
+    engine.close()

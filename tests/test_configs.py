@@ -15,7 +15,9 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_preset_parses(path: Path) -> None:
     args = parse_args(["serve", "--config", str(path)])
-    values = {name: getattr(args, name) for name in EngineConfig.field_names() if hasattr(args, name)}
+    values = {
+        name: getattr(args, name) for name in EngineConfig.field_names() if hasattr(args, name)
+    }
     assert values["model"]
     if values.get("device") == "cuda":
         return  # EngineConfig checks CUDA is present; the flags themselves parsed above

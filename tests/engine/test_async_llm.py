@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import torch
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,15 +24,6 @@ T = TypeVar("T")
 def run(coro: Coroutine[Any, Any, T], timeout_s: float = 60.0) -> T:
     """asyncio.run with a deadline, so a stream that never ends fails the test instead of hanging."""
     return asyncio.run(asyncio.wait_for(coro, timeout_s))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core machine they spin-wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

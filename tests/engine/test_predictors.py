@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,15 +26,6 @@ from server.cli import main
 SEQ_LEN = 64
 MAX_TOKENS = 1536
 FIT = TrainConfig(epochs=12, batch_size=128, lr=1e-2, hidden_dim=128)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Nets this small gain nothing from intra-op threads and lose a lot on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

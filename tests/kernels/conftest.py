@@ -11,19 +11,8 @@ tests there with `TRITON_INTERPRET=1 pytest tests/kernels`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
-import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-@pytest.fixture(autouse=True)
-def one_cpu_thread() -> Iterator[None]:
-    """Tiny GEMMs gain nothing from threads; on shared CI cores OpenMP spin-waits stall for seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,15 +13,6 @@ from scheduler.token_scheduler import (
     activated_experts,
     balanced_kmedoids,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Sub-millisecond ops: a thread pool only adds wake-up jitter on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def random_routes(n: int, layers: int = 8, experts: int = 16, top_k: int = 2, seed: int = 0):

@@ -28,6 +28,7 @@ class CacheStats:
     prefetch_issued: int = 0
     prefetch_used: int = 0
     prefetch_wasted: int = 0  # prefetched, then evicted unused
+    prefetch_late: int = 0  # prefetched, still copying when its layer needed it
 
 
 class ExpertCache:
@@ -127,13 +128,15 @@ class ExpertCache:
             key = (layer, expert)
             self.policy.on_access(key, self.tick)
             slot = self.slot_of.get(key)
-            if key in self.prefetched:
+            was_prefetched = key in self.prefetched
+            if was_prefetched:
                 self.prefetched.discard(key)
                 self.stats.prefetch_used += 1
             if slot is not None and not self._writing(slot):
                 self.stats.hits += 1
             else:
                 self.stats.misses += 1
+                self.stats.prefetch_late += was_prefetched
                 if slot is None:
                     slot = self._load(key, HIGH)
                     assert slot is not None
@@ -161,11 +164,17 @@ class ExpertCache:
             mask[e] = slot is not None and not self._writing(slot)
         return mask
 
-    def prefetch(self, layer: int, experts: list[int]) -> int:
+    def outstanding_prefetches(self) -> int:
+        """Prefetch copies queued or on the link now."""
+        return sum(1 for key in self.prefetched if self._writing(self.slot_of[key]))
+
+    def prefetch(self, layer: int, experts: list[int], limit: int | None = None) -> int:
         """Start low-priority copies of the experts not resident yet, into free or evictable slots
-        only (never one pinned, in flight or predicted); returns how many were issued."""
+        only (never one pinned, in flight or predicted), at most `limit`; returns how many."""
         issued = 0
         for expert in experts:
+            if limit is not None and issued >= limit:
+                break
             key = (layer, expert)
             if key in self.slot_of:
                 continue

@@ -2,7 +2,8 @@
 
 S = ceil(N_e * E_s / (B * T_l)): the layers of compute it takes to hide the copies of the N_e experts
 a layer will need (E_s bytes each, B bytes/s link). Then feedback corrects the model: a streak of
-stalled layers adds one layer, a streak of over-fetching layers removes one. Clamped to [1, layers-1].
+layers that stalled on a late prefetch adds one layer, a streak of over-fetching layers removes one.
+Clamped to [1, layers-1].
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ class HorizonController:
             transfer_s = expected_experts * self.expert_bytes / self.bandwidth_bps
             base = max(1, math.ceil(transfer_s / self.layer_time_s))
         return self._clamp(base + self.adjust)
+
+    def link_budget(self, layers: int) -> int | None:
+        """Copies the link can finish within `layers` layers of compute (at least one): more
+        prefetches outstanding for a layer that close only queue ahead of the misses to come.
+        None before anything is measured."""
+        if not self.bandwidth_bps or not self.layer_time_s:
+            return None
+        return max(
+            1, math.floor(layers * self.layer_time_s * self.bandwidth_bps / self.expert_bytes)
+        )
 
     def _clamp(self, s: int) -> int:
         return max(1, min(self.max_horizon, s)) if self.max_horizon >= 1 else 0

@@ -39,7 +39,7 @@ class Prefetcher:
         self.recall_sum, self.recall_count = 0.0, 0
         self.current_horizon = horizon.horizon(top_k)
         self._layer_start_s = 0.0
-        self._stall_seen_s = 0.0
+        self._late_seen = 0
 
     @property
     def recall(self) -> float:
@@ -82,23 +82,39 @@ class Prefetcher:
     def _prefetch(
         self, probs: torch.Tensor, first_index: int, next_use: dict[Key, int] | None = None
     ) -> None:
-        """probs [h, T, E] for MoE layers first_index.. : prefetch each token's top-k, nearest first.
-        `next_use` holds experts to protect besides the predicted ones (the current layer's)."""
+        """probs [h, T, E] for MoE layers first_index.. : protect and prefetch the likeliest experts,
+        nearest layer first, until the protected tier holds half the slots (EF-25's high tier; the
+        rest stays plain LRU, so far, unsure guesses never crowd out what is actually reused).
+        `next_use` holds experts to protect first (the current layer's, about to run)."""
         next_use = dict(next_use or {})
+        tier = self.cache.num_slots // 2 + len(next_use)  # the layer running now is pinned anyway
         wanted: list[tuple[int, list[int]]] = []
         for s in range(probs.shape[0]):
-            index = first_index + s
-            experts = probs[s].topk(self.top_k, dim=-1).indices.unique().tolist()
+            index, layer = first_index + s, self.moe_layers[first_index + s]
+            room = tier - len(next_use)
+            experts = [e for e in self._ranked(probs[s]) if (layer, e) not in next_use][:room]
+            if not experts:
+                break
             self.predicted[index] = set(experts)
-            layer = self.moe_layers[index]
-            for e in experts:
-                next_use.setdefault((layer, e), s + 1)
+            next_use.update(((layer, e), s + 1) for e in experts)
             wanted.append((layer, experts))
         self.cache.protected = set(next_use)
         if isinstance(self.cache.policy, ExpertFlowPolicy):
             self.cache.policy.predict(next_use)
-        for layer, experts in wanted:
-            self.cache.prefetch(layer, experts)
+        for distance, (layer, experts) in enumerate(wanted, start=1):
+            budget = self.horizon.link_budget(distance)
+            room = None if budget is None else budget - self.cache.outstanding_prefetches()
+            if room is None or room > 0:
+                self.cache.prefetch(layer, experts, room)
+
+    def _ranked(self, probs: torch.Tensor) -> list[int]:
+        """probs [T, E] -> the union of each token's top-k, by summed probability, highest first."""
+        top = probs.topk(self.top_k, dim=-1)  # [T, k]
+        mass = torch.zeros(probs.shape[1], device=probs.device).index_add_(
+            0, top.indices.flatten(), top.values.flatten().float()
+        )  # [E]
+        chosen = mass.nonzero().flatten()
+        return chosen[mass[chosen].argsort(descending=True)].tolist()
 
     def _score(self, index: int, topk_ids: torch.Tensor) -> None:
         """Compare what was predicted for this layer with its actual routing."""
@@ -109,8 +125,10 @@ class Prefetcher:
             self.recall_sum += recall_at_k(self.next_layer_probs.cpu(), topk_ids.cpu())
             self.recall_count += 1
         predicted = self.predicted.pop(index, None)
-        stall = self.cache.transfers.stall_s
-        stalled, self._stall_seen_s = stall > self._stall_seen_s, stall
+        # A stall on a prefetch still in flight says "look further ahead"; a stall on an expert
+        # nobody predicted does not (a longer horizon only adds less accurate guesses).
+        late = self.cache.stats.prefetch_late
+        stalled, self._late_seen = late > self._late_seen, late
         overfetched = False
         if predicted is not None:
             used = set(topk_ids.unique().tolist())

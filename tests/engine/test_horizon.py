@@ -60,3 +60,11 @@ def test_bounds_hold() -> None:
 
 def test_unmeasured_starts_one_layer_ahead() -> None:
     assert HorizonController(max_horizon=5, expert_bytes=1000).horizon(8) == 1
+
+
+def test_link_budget_is_what_the_link_moves_in_time() -> None:
+    h = controller(1e9, 1_000_000, layer_time_s=2e-3)  # two copies per layer of compute
+    assert h.link_budget(3) == 6
+    slow = controller(1e8, 1_000_000, layer_time_s=1e-3)  # a copy takes ten layers
+    assert slow.link_budget(3) == 1  # one copy at a time, never a queue ahead of the misses
+    assert HorizonController(max_horizon=3, expert_bytes=1).link_budget(2) is None

@@ -8,7 +8,8 @@ long chunk never pads the short ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +48,33 @@ class KVCache:
 class AttentionGroup:
     """Sequences that share one SDPA call: B sequences with Q new tokens each, L context (padded).
     Decodes form one group (Q = 1); each prefill chunk is a group of its own (B = 1), so no query
-    is ever padded."""
+    is ever padded. A prompt's first chunk attends only to itself: it reads its keys straight from
+    the step (causal, `blocks` None) instead of from the cache."""
 
-    rows: torch.Tensor  # [B * Q] rows of the flattened step, sequence-major
-    context_slots: torch.Tensor  # [B, L] KV slots of each sequence's context, padded with 0
-    mask: torch.Tensor  # [B, 1, Q, L] True where a query may attend to a key
+    rows: slice | torch.Tensor  # [B * Q] rows of the flattened step, sequence-major
+    blocks: torch.Tensor | None  # [B * nb] KV blocks of each sequence's context, padded with 0
+    mask: torch.Tensor | None  # [B, 1, Q, nb * block_size] additive: 0 where a query may attend
+    _folded: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def folded_mask(self, groups_per_kv: int) -> torch.Tensor:
+        """The mask for queries folded to [B, kvh, g*Q, D]: each query row repeated per head of its
+        KV group (decode masks, Q = 1, broadcast as they are). Built once per step, not per layer."""
+        assert self.mask is not None
+        b, _, q_len, width = self.mask.shape
+        if q_len == 1:
+            return self.mask
+        if groups_per_kv not in self._folded:
+            folded = self.mask.expand(b, groups_per_kv, q_len, width)
+            self._folded[groups_per_kv] = folded.reshape(b, 1, groups_per_kv * q_len, width)
+        return self._folded[groups_per_kv]
+
+
+def _rows(offsets: list[int], index: list[int], lengths: list[int]) -> slice | torch.Tensor:
+    """The step rows of the sequences in `index`: a slice when they are contiguous (the usual case)."""
+    rows = [r for i in index for r in range(offsets[i], offsets[i] + lengths[i])]
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return torch.tensor(rows)
 
 
 @dataclass
@@ -70,38 +93,50 @@ class AttentionBatch:
         device: torch.device | str,
     ) -> AttentionBatch:
         """Sequence i holds `starts[i]` cached tokens and appends `lengths[i]` new ones."""
-        bs, num = kv.block_size, len(lengths)
-        ctx = torch.tensor([a + n for a, n in zip(starts, lengths, strict=True)])  # [B]
-        width = max((len(t) for t in block_tables), default=0)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
-        pos = torch.arange(int(ctx.max()) if num else 0)  # [C]
-        slots = tables.view(num, width)[:, pos // bs] * bs + pos % bs  # [B, C]
-        offsets = torch.tensor([0, *lengths]).cumsum(0).tolist()
-        new_pos = torch.cat([torch.arange(a, a + n) for a, n in zip(starts, lengths, strict=True)])
-        seq_of_row = torch.repeat_interleave(torch.arange(num), torch.tensor(lengths))  # [T]
-        slot_mapping = slots[seq_of_row, new_pos]  # [T]
+        bs = kv.block_size
+        offsets = [0, *itertools.accumulate(lengths)]
+        slot_mapping = [
+            block_tables[i][p // bs] * bs + p % bs
+            for i, (a, n) in enumerate(zip(starts, lengths, strict=True))
+            for p in range(a, a + n)
+        ]
         groups = []
         for i, n in enumerate(lengths):
-            if n > 1:  # a prefill chunk: causal over its own new tokens
-                c = int(ctx[i])
-                mask = pos[None, :c] <= torch.arange(starts[i], c)[:, None]  # [n, c]
-                rows = torch.arange(offsets[i], offsets[i] + n)
-                groups.append(AttentionGroup(rows, slots[i : i + 1, :c], mask[None, None]))
+            if n > 1 and starts[i] == 0:  # a prompt's first chunk: causal over itself
+                groups.append(AttentionGroup(_rows(offsets, [i], lengths), None, None))
+            elif n > 1:  # a later chunk: its cached prefix, then causal over its own tokens
+                groups.append(cls._cached_group(kv, block_tables, starts, lengths, offsets, [i]))
         decode = [i for i, n in enumerate(lengths) if n == 1]
         if decode:
-            index = torch.tensor(decode)
-            c = int(ctx[index].max())
-            mask = pos[None, :c] < ctx[index][:, None]  # [Bd, c]
-            groups.append(
-                AttentionGroup(torch.tensor(offsets)[index], slots[index, :c], mask[:, None, None])
-            )
+            groups.append(cls._cached_group(kv, block_tables, starts, lengths, offsets, decode))
         for g in groups:
-            g.rows, g.context_slots, g.mask = (
-                g.rows.to(device),
-                g.context_slots.to(device),
-                g.mask.to(device),
-            )
-        return cls(kv=kv, slot_mapping=slot_mapping.to(device), groups=groups)
+            g.rows = g.rows if isinstance(g.rows, slice) else g.rows.to(device)
+            g.blocks = None if g.blocks is None else g.blocks.to(device)
+            g.mask = None if g.mask is None else g.mask.to(device)
+        return cls(kv=kv, slot_mapping=torch.tensor(slot_mapping, device=device), groups=groups)
+
+    @staticmethod
+    def _cached_group(
+        kv: KVCache,
+        block_tables: list[list[int]],
+        starts: list[int],
+        lengths: list[int],
+        offsets: list[int],
+        index: list[int],
+    ) -> AttentionGroup:
+        """Sequences `index` (all with the same number of new tokens) reading their context from
+        the cache, whole blocks at a time."""
+        bs, q_len = kv.block_size, lengths[index[0]]
+        ends = torch.tensor([starts[i] + lengths[i] for i in index])  # [B] context lengths
+        nb = -(-int(ends.max()) // bs)
+        blocks = torch.tensor(
+            [block_tables[i][:nb] + [0] * (nb - len(block_tables[i][:nb])) for i in index]
+        )
+        key_pos = torch.arange(nb * bs)  # [L]
+        query_pos = ends[:, None] - q_len + torch.arange(q_len)  # [B, Q]
+        allowed = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, Q, L] causal, no padding
+        mask = torch.zeros(allowed.shape, dtype=kv.k[0].dtype).masked_fill_(~allowed, float("-inf"))
+        return AttentionGroup(_rows(offsets, index, lengths), blocks.view(-1), mask[:, None])
 
 
 def paged_attention(
@@ -114,15 +149,25 @@ def paged_attention(
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = k.shape[1]
     groups_per_kv = heads // kv_heads
+    k_blocks, v_blocks = (
+        k_cache.view(-1, batch.kv.block_size * kv_heads * dim),
+        v_cache.view(-1, batch.kv.block_size * kv_heads * dim),
+    )  # [num_blocks, bs*kvh*D]: a block gathers as one contiguous row
     out = torch.empty_like(q)
     for g in batch.groups:
-        b, _, q_len, _ = g.mask.shape
+        if g.blocks is None:  # causal over the chunk's own keys, GQA handled by SDPA
+            qg, kg, vg = (t[g.rows].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, n, D]
+            og = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=True)
+            out[g.rows] = og[0].transpose(0, 1)
+            continue
+        assert g.mask is not None
+        b, _, q_len, width = g.mask.shape
         # Fold the query heads sharing a KV head into the query axis: no KV repeat needed.
         qg = q[g.rows].view(b, q_len, kv_heads, groups_per_kv, dim).permute(0, 2, 3, 1, 4)
         qg = qg.reshape(b, kv_heads, groups_per_kv * q_len, dim)  # [B, kvh, g*Q, D]
-        kg = k_cache[g.context_slots].transpose(1, 2)  # [B, kvh, L, D]
-        vg = v_cache[g.context_slots].transpose(1, 2)
-        mask = g.mask.expand(b, groups_per_kv, q_len, -1).reshape(b, 1, groups_per_kv * q_len, -1)
+        kg = k_blocks.index_select(0, g.blocks).view(b, width, kv_heads, dim).transpose(1, 2)
+        vg = v_blocks.index_select(0, g.blocks).view(b, width, kv_heads, dim).transpose(1, 2)
+        mask = g.folded_mask(groups_per_kv)
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)  # [B, kvh, g*Q, D]
         og = og.view(b, kv_heads, groups_per_kv, q_len, dim).permute(0, 3, 1, 2, 4)
         out[g.rows] = og.reshape(b * q_len, heads, dim)

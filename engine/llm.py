@@ -44,20 +44,24 @@ class LLM:
     def generate(
         self,
         prompts: str | list[str] | list[list[int]],
-        params: SamplingParams | None = None,
+        params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[GenerationResult]:
-        """Run every prompt through continuous batching; results come back in prompt order."""
-        params = params or SamplingParams()
+        """Run every prompt through continuous batching; results come back in prompt order.
+        `params` is one SamplingParams for all prompts or a list with one per prompt (as in vLLM)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
+        if not isinstance(params, list):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         order: list[str] = []
         results: dict[str, GenerationResult] = {}
         try:
-            for prompt in prompts:
+            for prompt, prompt_params in zip(prompts, params, strict=True):
                 ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
                 request_id = f"offline-{next(self._ids)}"
-                self.engine.add_request(request_id, ids, params)
+                self.engine.add_request(request_id, ids, prompt_params)
                 order.append(request_id)
                 results[request_id] = GenerationResult(prompt, ids, [])
         except Exception:

@@ -349,3 +349,16 @@ def test_a_refused_prompt_in_a_batch_leaves_nothing_queued(mixtral_checkpoint: P
         llm.generate([ok, too_long], SamplingParams(max_tokens=40))
     assert not llm.engine.has_unfinished()
     assert len(llm.generate([ok], SamplingParams(max_tokens=4))[0].token_ids) == 4
+
+
+def test_generate_takes_one_sampling_params_per_prompt(llm: LLM) -> None:
+    lengths = [3, 9, 1, 6, 12]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    outs = llm.generate(PROMPTS, params)
+    assert [len(o.token_ids) for o in outs] == lengths
+    assert [o.token_ids for o in outs] == [
+        greedy(llm, p, n) for p, n in zip(PROMPTS, lengths, strict=True)
+    ]
+    with pytest.raises(ValueError, match="2 sampling params for 5 prompts"):
+        llm.generate(PROMPTS, params[:2])
+    assert not llm.engine.has_unfinished()

@@ -1,6 +1,13 @@
-"""Appends a sampled token to a sequence: stop checks, detokenization, stop strings, held-back text."""
+"""Appends a sampled token to a sequence: stop checks, detokenization, stop strings, held-back text.
+
+Text grows incrementally with the `tokenizers` library's DecodeStream (one token's piece per step,
+instead of re-decoding the whole output every step: quadratic in its length); a finished
+sequence's text is decoded once in full, so final text is exactly `tokenizer.decode` of its tokens.
+"""
 
 from __future__ import annotations
+
+from tokenizers.decoders import DecodeStream
 
 from engine.outputs import TokenLogprob
 from engine.sequence import Sequence
@@ -11,6 +18,7 @@ REPLACEMENT_CHAR = "\ufffd"
 class Detokenizer:
     def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], max_model_len: int) -> None:
         self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)  # None: a slow tokenizer
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = max_model_len
 
@@ -50,7 +58,13 @@ class Detokenizer:
         shown = seq.output_token_ids
         if seq.finish_reason == "stop" and not p.include_stop_str_in_output:
             shown = shown[:-1]  # as vLLM: the EOS / stop token that ended the text is not rendered
-        seq.text = self.decode(shown)
+        if seq.finished or self.backend is None:
+            seq.text = self.decode(shown)
+        else:
+            if seq.decode_stream is None:  # new, or resumed after a restart: catch up first
+                seq.decode_stream = DecodeStream(skip_special_tokens=True)
+                seq.text = "".join(self._pieces(seq.decode_stream, shown[:-1]))
+            seq.text += "".join(self._pieces(seq.decode_stream, [token]))
         if p.stop:
             self._check_stop_strings(seq)
         seq.visible_text = seq.text if seq.finished else self._held_back(seq)
@@ -67,6 +81,10 @@ class Detokenizer:
             seq.text[: at + len(stop)] if seq.params.include_stop_str_in_output else seq.text[:at]
         )
         seq.finish_reason, seq.stop_reason = "stop", stop
+
+    def _pieces(self, stream: DecodeStream, token_ids: list[int]) -> list[str]:
+        """The text each token completes (none while a multi-byte character is still partial)."""
+        return [piece for t in token_ids if (piece := stream.step(self.backend, t))]
 
     @staticmethod
     def _held_back(seq: Sequence) -> str:

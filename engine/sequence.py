@@ -6,6 +6,7 @@ import itertools
 from dataclasses import dataclass, field
 
 import torch
+from tokenizers.decoders import DecodeStream
 
 from engine.outputs import CompletionOutput, RequestOutput, RequestTiming, TokenLogprob
 from engine.sampling import SamplingParams
@@ -32,6 +33,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] | None = None
+    decode_stream: DecodeStream | None = None  # the detokenizer's incremental state
 
     @property
     def num_tokens(self) -> int:

@@ -1,10 +1,14 @@
 """Offline throughput: ExpertFlow's `LLM.generate` against transformers' batched `generate`.
 
-Both get the same prompts (random token ids of mixed lengths), greedy decoding and exactly
-`--new-tokens` new tokens per sequence (EOS may be sampled but stops nothing); transformers runs
-them as one left-padded batch. Each side is warmed up once with a short run, then timed once.
+Both get the same prompts (random token ids of mixed lengths), greedy decoding and the same number
+of new tokens per request (EOS may be sampled but stops nothing): `--new-tokens` each, or spread
+evenly over `--min-new-tokens`..`--new-tokens`. We run all `--num-prompts` requests through
+continuous batching with `--num-seqs` running at once; transformers runs them as static left-padded
+batches of `--num-seqs` in arrival order, each decoding until its longest request is done (only the
+tokens each request asked for are counted). Each side is warmed up once, then timed once.
 
     .venv/bin/python benchmarks/offline.py [--model PATH] [--num-seqs 16] [--new-tokens 64]
+        [--num-prompts 64 --min-new-tokens 8]
 
 Without --model it uses the bundled demo model, or a tiny random Mixtral if that is missing.
 """
@@ -49,15 +53,42 @@ def make_prompts(vocab: int, n: int, lo: int, hi: int, seed: int) -> list[list[i
     return [[rng.randrange(10, vocab) for _ in range(length)] for length in lengths]
 
 
-def run_ours(llm: LLM, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+def output_lengths(n: int, lo: int, hi: int, seed: int) -> list[int]:
+    rng = random.Random(seed + 1)
+    lengths = [lo + (hi - lo) * i // max(n - 1, 1) for i in range(n)]
+    rng.shuffle(lengths)
+    return lengths
+
+
+def run_ours(
+    llm: LLM, prompts: list[list[int]], new_tokens: list[int]
+) -> tuple[float, list[list[int]]]:
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in new_tokens]
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     return time.perf_counter() - start, [o.token_ids for o in outs]
 
 
-@torch.inference_mode()
 def run_hf(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    new_tokens: list[int],
+    batch_size: int,
+    pad_id: int,
+    device: str,
+) -> tuple[float, list[list[int]]]:
+    """Static batches in arrival order; each row keeps the tokens its request asked for."""
+    elapsed, tokens = 0.0, []
+    for first in range(0, len(prompts), batch_size):
+        batch = slice(first, first + batch_size)
+        seconds, out = run_hf_batch(model, prompts[batch], max(new_tokens[batch]), pad_id, device)
+        elapsed += seconds
+        tokens += [row[:n] for row, n in zip(out, new_tokens[batch], strict=True)]
+    return elapsed, tokens
+
+
+@torch.inference_mode()
+def run_hf_batch(
     model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, pad_id: int, device: str
 ) -> tuple[float, list[list[int]]]:
     width = max(len(p) for p in prompts)
@@ -84,7 +115,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
     ap.add_argument("--num-seqs", type=int, default=16, help="concurrent sequences")
-    ap.add_argument("--new-tokens", type=int, default=64, help="new tokens per sequence")
+    ap.add_argument("--num-prompts", type=int, default=0, help="requests (0: --num-seqs)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="new tokens per request (most)")
+    ap.add_argument("--min-new-tokens", type=int, default=0, help="fewest (0: --new-tokens)")
     ap.add_argument("--min-prompt", type=int, default=8, help="shortest prompt (tokens)")
     ap.add_argument("--max-prompt", type=int, default=200, help="longest prompt (tokens)")
     ap.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
@@ -98,9 +131,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path, described = model_folder(args.model, Path(tmp))
         mc = ModelConfig.from_pretrained(path)
+        num_prompts = args.num_prompts or args.num_seqs
         prompts = make_prompts(
-            mc.vocab_size, args.num_seqs, args.min_prompt, args.max_prompt, args.seed
+            mc.vocab_size, num_prompts, args.min_prompt, args.max_prompt, args.seed
         )
+        min_new = args.min_new_tokens or args.new_tokens
+        new_tokens = output_lengths(num_prompts, min_new, args.new_tokens, args.seed)
         warmup = [p[:8] for p in prompts[:2]]
         max_len = min(args.max_prompt + args.new_tokens, mc.max_position_embeddings)
         llm = LLM(
@@ -110,16 +146,16 @@ def main() -> None:
             max_model_len=max_len,
             max_num_seqs=args.num_seqs,
         )
-        run_ours(llm, warmup, 4)
-        ours_s, ours_tokens = run_ours(llm, prompts, args.new_tokens)
+        run_ours(llm, warmup, [4, 4])
+        ours_s, ours_tokens = run_ours(llm, prompts, new_tokens)
         del llm
 
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype])
         hf = hf.to(args.device).eval()
         hf.generation_config.eos_token_id = None  # = ignore_eos (min_new_tokens would forbid EOS)
         pad_id = mc.eos_token_ids[0] if mc.eos_token_ids else 0
-        run_hf(hf, warmup, 4, pad_id, args.device)
-        hf_s, hf_tokens = run_hf(hf, prompts, args.new_tokens, pad_id, args.device)
+        run_hf(hf, warmup, [4, 4], args.num_seqs, pad_id, args.device)
+        hf_s, hf_tokens = run_hf(hf, prompts, new_tokens, args.num_seqs, pad_id, args.device)
 
     n_ours, n_hf = sum(map(len, ours_tokens)), sum(map(len, hf_tokens))
     same = sum(a == b for a, b in zip(ours_tokens, hf_tokens, strict=True))
@@ -130,8 +166,10 @@ def main() -> None:
         f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()}"
     )
     print(
-        f"workload: {args.num_seqs} sequences, prompts {lengths[0]}..{lengths[-1]} tokens "
-        f"(total {sum(lengths)}), {args.new_tokens} new tokens each, greedy, EOS ignored"
+        f"workload: {num_prompts} requests, {args.num_seqs} at once, prompts "
+        f"{lengths[0]}..{lengths[-1]} tokens (total {sum(lengths)}), "
+        f"{min(new_tokens)}..{max(new_tokens)} new tokens each (total {sum(new_tokens)}), "
+        "greedy, EOS ignored"
     )
     print(
         f"expertflow LLM.generate:     {n_ours:6d} tokens in {ours_s:7.2f} s = "

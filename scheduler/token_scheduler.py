@@ -2,8 +2,12 @@
 
 Sequences whose predicted routes (layer x expert bitmaps) overlap share expert loads, so running
 them together cuts transfers. Balanced k-medoids over similarity = 1 - Hamming / (L*E) splits the
-candidates into groups of one step each; `pick` chooses this step's group under a starvation bound.
-Pure policy over arrays: routes come in as tensors, indices go out; nothing here runs a model.
+candidates into groups of one step each; Hamming is only a proxy for the objective (distinct
+experts per group), so each clustering is then improved by member swaps that lower the objective
+itself, and the best of a few k-medoids++ seeds is kept (on the demo model, halving 16 or 64
+decodes, this takes the cut in distinct experts from 11% to 13% and 18%; the best grouping found
+for the true routes cuts 15% and 20%). `pick` fills this step from a preferred group under a
+starvation bound. Pure policy over arrays: routes in as tensors, indices out; no model runs here.
 
 Fairness (`pick`). With D = max_defer_steps and G = group_size, a sequence that has waited d steps
 has slack D - d: it must run within the next D - d + 1 steps. The c_h sequences with slack <= h can
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +35,8 @@ class TokenSchedulerConfig:
     group_size: int  # sequences per step (or micro-batch)
     max_defer_steps: int = 4  # a runnable sequence waits at most this many consecutive steps
     iterations: int = 30  # k-medoids rounds (EF-24)
+    restarts: int = 4  # k-medoids++ seeds tried, each refined by swaps; the lowest objective wins
+    max_swaps: int = 16  # improving swaps per restart, each O(N * group_size * L * E)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -38,6 +44,8 @@ class TokenSchedulerConfig:
             raise ValueError(
                 f"need group_size >= 1, max_defer_steps >= 0, iterations >= 0; got {self}"
             )
+        if self.restarts < 1 or self.max_swaps < 0:
+            raise ValueError(f"need restarts >= 1 and max_swaps >= 0; got {self}")
 
     @property
     def max_candidates(self) -> int:
@@ -146,26 +154,66 @@ def balanced_kmedoids(
     return sorted(groups)
 
 
+def refine(routes: torch.Tensor, groups: list[list[int]], max_swaps: int) -> list[list[int]]:
+    """Swap two members of different groups while a swap lowers `activated_experts` (the best swap
+    first), at most `max_swaps` times; sizes are kept. Returns sorted groups."""
+    x = routes.flatten(1).float()  # [N, L*E]
+    n = x.shape[0]
+    label = torch.empty(n, dtype=torch.long)  # [N] group of each sequence
+    for c, g in enumerate(groups):
+        label[g] = c
+    # gain[i, j]: change in i's group's experts if i leaves it and j joins (j's experts it lacks,
+    # minus those only i used there, plus those of i's that j brings back); lost[i]: the second part
+    gain, lost = torch.zeros(n, n), torch.zeros(n)
+    stale = list(range(len(groups)))
+    for _ in range(max_swaps):
+        for c in stale:
+            rows = (label == c).nonzero().flatten()  # [G]
+            counts = x[rows].sum(0)  # [L*E] members of group c using each expert
+            sole = x[rows] * (counts == 1)  # [G, L*E]
+            gain[rows] = ((counts == 0) + sole) @ x.T  # [G, N]
+            lost[rows] = sole.sum(1)
+        change = gain + gain.T - lost[:, None] - lost[None, :]  # [N, N] change if i and j swap
+        change[label[:, None] == label[None, :]] = 0
+        value, flat = change.flatten().min(0)
+        if value >= 0:
+            break
+        i, j = divmod(int(flat), n)
+        stale = [int(label[i]), int(label[j])]
+        label[i], label[j] = stale[1], stale[0]
+    regrouped: list[list[int]] = [[] for _ in groups]
+    for i, c in enumerate(label.tolist()):
+        regrouped[c].append(i)
+    return sorted(regrouped)
+
+
 class TokenScheduler:
     def __init__(self, config: TokenSchedulerConfig) -> None:
         self.config = config
 
     def group(self, routes: torch.Tensor) -> Grouping:
-        """Regroup candidates (routes [N, L, E] bool, in arrival order) into balanced groups."""
+        """Regroup candidates (routes [N, L, E] bool, in arrival order) into balanced groups: the
+        lowest objective over `restarts` seeds of k-medoids, each refined by swaps."""
         start = time.perf_counter()
         cfg = self.config
-        groups = balanced_kmedoids(routes, cfg.group_size, cfg.iterations, cfg.seed)
-        fcfs = activated_experts(routes, fcfs_groups(routes.shape[0], cfg.group_size))
-        return Grouping(
-            groups, activated_experts(routes, groups), fcfs, time.perf_counter() - start
-        )
+        best: tuple[int, list[list[int]]] | None = None
+        for r in range(cfg.restarts):
+            clusters = balanced_kmedoids(routes, cfg.group_size, cfg.iterations, cfg.seed + r)
+            groups = refine(routes, clusters, cfg.max_swaps)
+            objective = activated_experts(routes, groups) if groups else 0
+            if best is None or objective < best[0]:
+                best = (objective, groups)
+        assert best is not None
+        fcfs = fcfs_groups(routes.shape[0], cfg.group_size)
+        fcfs_objective = activated_experts(routes, fcfs) if fcfs else 0
+        return Grouping(best[1], best[0], fcfs_objective, time.perf_counter() - start)
 
-    def pick(self, routes: torch.Tensor, deferred_steps: list[int]) -> tuple[list[int], Grouping]:
-        """This step's group (sorted candidate indices, at most group_size): the sequences that must
-        run now for the starvation bound, filled up from the cluster holding most of them (else the
-        cluster that waited longest), then by fewest new experts; ties by arrival order. The
-        Grouping's cost_s covers the whole call."""
-        start = time.perf_counter()
+    def pick(
+        self, routes: torch.Tensor, deferred_steps: list[int], preferred: list[int]
+    ) -> list[int]:
+        """This step's sequences (sorted candidate indices, at most group_size): those that must run
+        now for the starvation bound, then `preferred` in its order (the group planned for this
+        step), then the ones adding fewest new experts to the chosen; ties by arrival order."""
         n, size = routes.shape[0], self.config.group_size
         if len(deferred_steps) != n or min(deferred_steps, default=0) < 0:
             raise ValueError(f"need {n} deferred_steps >= 0, got {deferred_steps}")
@@ -175,26 +223,20 @@ class TokenScheduler:
                 f"group_size={size}: pass at most group_size * (max_defer_steps + 1) = "
                 f"{self.config.max_candidates}, or raise group_size or max_defer_steps"
             )
-        grouping = self.group(routes)
-        forced = self._forced(deferred_steps)
-        is_forced = set(forced)
-        best = min(
-            grouping.groups,
-            key=lambda g: (
-                -len(is_forced.intersection(g)),
-                -sum(deferred_steps[i] for i in g),
-                g[0],
-            ),
-            default=[],
-        )
-        chosen = forced + [i for i in best if i not in is_forced][: size - len(forced)]
+        if any(not 0 <= i < n for i in preferred):
+            raise ValueError(f"preferred indices must be in [0, {n}), got {preferred}")
+        chosen = self._forced(deferred_steps)
+        taken = set(chosen)
+        for i in preferred:
+            if len(chosen) < size and i not in taken:
+                chosen.append(i)
+                taken.add(i)
         if len(chosen) < size:
             flat = routes.flatten(1)  # [N, L*E]
             new = (flat & ~flat[chosen].any(0)).sum(1).tolist()  # [N] experts each would add
-            taken = set(chosen)
             rest = sorted((i for i in range(n) if i not in taken), key=lambda i: (new[i], i))
             chosen += rest[: size - len(chosen)]
-        return sorted(chosen), replace(grouping, cost_s=time.perf_counter() - start)
+        return sorted(chosen)
 
     def _forced(self, deferred_steps: list[int]) -> list[int]:
         """The sequences that must run this step, most-waited first (see the module docstring)."""

@@ -1,4 +1,5 @@
-"""EF-24 token scheduler: balanced route clustering, its objective, and the starvation bound of `pick`."""
+"""EF-24 token scheduler: balanced route clustering, swap refinement of its objective, and the
+starvation bound of `pick`."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from scheduler.token_scheduler import (
     TokenSchedulerConfig,
     activated_experts,
     balanced_kmedoids,
+    fcfs_groups,
+    refine,
 )
 
 
@@ -82,15 +85,19 @@ def test_rejects_bad_input() -> None:
         TokenSchedulerConfig(group_size=0)
     scheduler = TokenScheduler(TokenSchedulerConfig(group_size=2, max_defer_steps=1))
     with pytest.raises(ValueError, match="at most"):
-        scheduler.pick(random_routes(5), [0] * 5)  # 5 > 2 * (1 + 1): no rule can keep the bound
+        scheduler.pick(random_routes(5), [0] * 5, [])  # 5 > 2 * (1 + 1): no rule keeps the bound
     with pytest.raises(ValueError):
-        scheduler.pick(random_routes(3), [0, 0])
+        scheduler.pick(random_routes(3), [0, 0], [])
+    with pytest.raises(ValueError, match="preferred"):
+        scheduler.pick(random_routes(3), [0, 0, 0], [3])
+    with pytest.raises(ValueError):
+        TokenSchedulerConfig(group_size=2, restarts=0)
 
 
 def test_empty_and_small_candidate_sets() -> None:
     scheduler = TokenScheduler(TokenSchedulerConfig(group_size=4))
-    assert scheduler.pick(random_routes(0), [])[0] == []
-    assert scheduler.pick(random_routes(3), [0, 0, 0])[0] == [0, 1, 2]
+    assert scheduler.pick(random_routes(0), [], []) == []
+    assert scheduler.pick(random_routes(3), [0, 0, 0], []) == [0, 1, 2]
 
 
 def test_runs_ahead_of_a_pile_up_at_the_bound() -> None:
@@ -99,27 +106,27 @@ def test_runs_ahead_of_a_pile_up_at_the_bound() -> None:
     scheduler = TokenScheduler(TokenSchedulerConfig(group_size=2, max_defer_steps=2))
     routes = random_routes(3).repeat(2, 1, 1)  # [6, L, E]
     deferred = [1, 1, 1, 0, 0, 0]
-    assert scheduler.pick(routes, deferred)[0] == [0, 1]
+    assert scheduler.pick(routes, deferred, [0, 3]) == [0, 1]  # the bound overrides the plan
     for _ in range(12):
-        chosen, _ = scheduler.pick(routes, deferred)
+        chosen = scheduler.pick(routes, deferred, [0, 3])
         deferred = [0 if i in chosen else d + 1 for i, d in enumerate(deferred)]
         assert max(deferred) <= 2
 
 
 def test_more_overdue_than_slots_runs_the_most_deferred_first() -> None:
     scheduler = TokenScheduler(TokenSchedulerConfig(group_size=2, max_defer_steps=1))
-    assert scheduler.pick(random_routes(4), [1, 3, 1, 2])[0] == [1, 3]
+    assert scheduler.pick(random_routes(4), [1, 3, 1, 2], [0, 2]) == [1, 3]
 
 
-def test_fills_the_group_from_the_cluster_of_the_forced_members() -> None:
+def test_fills_after_the_forced_from_the_preferred_then_by_fewest_new_experts() -> None:
     routes, labels = planted_routes(clusters=2, per_cluster=4)
     scheduler = TokenScheduler(TokenSchedulerConfig(group_size=4, max_defer_steps=2))
-    overdue = int((labels == 1).nonzero()[0])
-    deferred = [2 if i == overdue else 0 for i in range(8)]
-    chosen, _ = scheduler.pick(routes, deferred)
-    assert chosen == (labels == 1).nonzero().flatten().tolist()
-    waited = [1 if label == 0 else 0 for label in labels.tolist()]
-    assert scheduler.pick(routes, waited)[0] == (labels == 0).nonzero().flatten().tolist()
+    ones = (labels == 1).nonzero().flatten().tolist()
+    zeros = (labels == 0).nonzero().flatten().tolist()
+    overdue = [2 if i == zeros[0] else 0 for i in range(8)]
+    assert scheduler.pick(routes, overdue, ones) == sorted([zeros[0], *ones[:3]])
+    # a short preferred group is topped up with its own cluster: they add the fewest experts
+    assert scheduler.pick(routes, [0] * 8, ones[:2]) == sorted(ones)
 
 
 @pytest.mark.parametrize("group_size,max_defer_steps", [(8, 3), (1, 2), (4, 0), (3, 5), (4, 3)])
@@ -127,7 +134,8 @@ def test_no_runnable_sequence_waits_longer_than_the_bound(
     group_size: int, max_defer_steps: int
 ) -> None:
     """256 sequences, each runnable until it has run a random number of steps; arrivals keep the
-    runnable set at the largest size the bound allows, so whole cohorts approach it together."""
+    runnable set at the largest size the bound allows, so whole cohorts approach it together; the
+    preferred group is random, so the bound cannot rely on the plan."""
     scheduler = TokenScheduler(TokenSchedulerConfig(group_size, max_defer_steps))
     rng = random.Random(0)
     routes = random_routes(256, layers=4, experts=16)
@@ -136,7 +144,8 @@ def test_no_runnable_sequence_waits_longer_than_the_bound(
     while arrivals or runnable:
         while arrivals and len(runnable) < scheduler.config.max_candidates:
             runnable.append(arrivals.pop(0))
-        chosen, _ = scheduler.pick(routes[runnable], [deferred[s] for s in runnable])
+        preferred = rng.sample(range(len(runnable)), min(group_size, len(runnable)))
+        chosen = scheduler.pick(routes[runnable], [deferred[s] for s in runnable], preferred)
         assert len(chosen) == min(group_size, len(runnable)) == len(set(chosen))
         ran = {runnable[i] for i in chosen}
         for s in runnable:
@@ -152,3 +161,26 @@ def test_cost_is_measured_and_sane() -> None:
     routes = random_routes(64, layers=32, experts=64, top_k=4)  # L*E = 2048
     grouping = TokenScheduler(TokenSchedulerConfig(group_size=8)).group(routes)
     assert 0 < grouping.cost_s < 1.0
+
+
+def test_swaps_fix_what_the_clustering_got_wrong_and_never_make_it_worse() -> None:
+    protos = random_routes(2, seed=1)  # [2, L, E]
+    routes = protos[torch.tensor([0, 0, 0, 1, 1, 1, 1, 0])]  # one member of each cluster swapped
+    wrong = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert refine(routes, wrong, 16) == [[0, 1, 2, 7], [3, 4, 5, 6]]
+    for seed in range(20):
+        routes = random_routes(24, seed=seed)
+        for groups in (fcfs_groups(24, 6), balanced_kmedoids(routes, 6, seed=seed)):
+            refined = refine(routes, groups, 16)
+            assert sorted(map(len, refined)) == sorted(map(len, groups))
+            assert sorted(i for g in refined for i in g) == list(range(24))
+            assert activated_experts(routes, refined) <= activated_experts(routes, groups)
+
+
+def test_more_restarts_never_raise_the_objective() -> None:
+    for seed in range(10):
+        routes = random_routes(32, seed=seed)
+        one = TokenScheduler(TokenSchedulerConfig(group_size=8, restarts=1)).group(routes)
+        four = TokenScheduler(TokenSchedulerConfig(group_size=8, restarts=4)).group(routes)
+        assert four.objective <= one.objective == activated_experts(routes, one.groups)
+        assert four.objective == activated_experts(routes, four.groups)

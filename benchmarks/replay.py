@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from belady import belady_misses  # noqa: E402
 
 from engine.loader import HostExperts  # noqa: E402
 from engine.offload.cache import ExpertCache  # noqa: E402
@@ -165,6 +168,7 @@ def replay(
         prefetcher = Prefetcher(pred, cache, layers, horizon, meta.top_k, clock=lambda: link.now)  # type: ignore[arg-type]
     # `batch` streams walk through the trace side by side, one token each per step.
     stride = len(traces) // batch
+    lookups: list[tuple[int, list[int]]] = []
     for step in range(min(steps, stride)):
         rows = torch.tensor([b * stride + step for b in range(batch)])
         cache.begin_step()
@@ -178,15 +182,18 @@ def replay(
             if prefetcher is not None:
                 prefetcher.on_route(layer, torch.zeros(batch, 1), torch.zeros(batch, experts), topk)
             needed = topk.unique().tolist()
+            lookups.append((layer, needed))
             for start in range(0, len(needed), cache.num_slots):  # stream when over capacity
                 slots = cache.ensure(layer, needed[start : start + cache.num_slots])
                 cache.release(slots)
             link.now += cost.layer_s
     s = cache.stats
     compute_s = min(steps, stride) * len(layers) * cost.layer_s
+    warm = [(layer, e) for e in range(experts) for layer in layers]
     return {
         "hit_rate": s.hits / max(1, s.hits + s.misses),
         "misses": s.misses,
+        "belady": belady_misses(lookups, cache.num_slots, warm),
         "transfers": s.transfers,
         "stall_s": link.stall_s,
         "stall_share": link.stall_s / (link.stall_s + compute_s),
@@ -207,6 +214,9 @@ def main() -> None:
         metavar=("EXPERT_BYTES", "LINK_GBPS", "LAYER_MS"),
         help="also replay with the demo model's own costs, to check against benchmarks/offload.py",
     )
+    parser.add_argument(
+        "--scales", nargs="+", default=[*SCALES, "local"], help="cost models to replay"
+    )
     args = parser.parse_args()
     traces = TraceSet.load(args.traces)
     scales = dict(SCALES)
@@ -224,20 +234,21 @@ def main() -> None:
         ("pregate + expertflow", "expertflow", "pregate"),
         ("oracle + expertflow", "expertflow", "oracle"),
     ]
-    for cost in scales.values():
+    for cost in (scales[name] for name in args.scales if name in scales):
         print(
             f"### {cost.name}: expert {cost.expert_bytes / 2**20:.1f} MiB, link {cost.link_bps / 1e9:g} GB/s, "
             f"copy {cost.expert_bytes / cost.link_bps * 1e3:.2f} ms, layer {cost.layer_s * 1e3:.3f} ms\n"
         )
         print(
-            "| batch | ratio | system | hit rate | misses | stall s | stall share | S |\n|---|---|---|---|---|---|---|---|"
+            "| batch | ratio | system | hit rate | misses | Belady | stall s | stall share | S |\n"
+            "|---|---|---|---|---|---|---|---|---|"
         )
         for batch in args.batch:
             for ratio in args.ratios:
                 for name, policy, predictor in systems:
                     r = replay(traces, cost, ratio, policy, predictor, batch, args.steps)
                     print(
-                        f"| {batch} | {ratio} | {name} | {r['hit_rate']:.3f} | {r['misses']} | {r['stall_s']:.3f} | "
+                        f"| {batch} | {ratio} | {name} | {r['hit_rate']:.3f} | {r['misses']} | {r['belady']} | {r['stall_s']:.3f} | "
                         f"{r['stall_share']:.3f} | {r['horizon']} |",
                         flush=True,
                     )

@@ -97,3 +97,16 @@ def test_expertflow_policy_order() -> None:
     assert policy.victim(candidates[:2]) == (0, 1)  # then the furthest predicted use
     policy.on_access((0, 3), 10)
     assert (0, 3) not in policy.demoted
+
+
+def test_expertflow_policy_falls_back_to_frequency_not_recency() -> None:
+    policy = ExpertFlowPolicy()
+    for tick, key in enumerate([(0, 0), (0, 0), (0, 0), (0, 1), (0, 2), (0, 2)]):
+        policy.on_access(key, tick)
+    unpredicted = [(0, 0), (0, 1), (0, 2)]
+    assert policy.victim(unpredicted) == (0, 1)  # used once; (0, 0) is older but used 3 times
+    policy.on_access((0, 1), 9)
+    policy.on_access((0, 1), 10)
+    assert policy.victim(unpredicted) == (0, 2)  # a tie on count goes to the least recent
+    policy.on_evict((0, 0))
+    assert policy.victim(unpredicted) != (0, 0)  # counts survive eviction

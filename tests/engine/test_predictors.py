@@ -19,7 +19,7 @@ from engine.config import DEFAULT_MODEL
 from engine.offload.predict import PreGatePredictor, make_predictor
 from engine.offload.predict.evaluate import evaluate
 from engine.offload.predict.hybrid import HybridNet
-from engine.offload.predict.trace import TraceSet, record_traces
+from engine.offload.predict.trace import TraceSet, record_traces, trace_sequences
 from engine.offload.predict.train import TrainConfig, train_hybrid, train_rpp
 from server.cli import main
 
@@ -59,6 +59,18 @@ def llm(deep_checkpoint: Path) -> LLM:
 @pytest.fixture(scope="module")
 def traces(llm: LLM, corpus: list[Path]) -> TraceSet:
     return record_traces(llm, corpus, SEQ_LEN, MAX_TOKENS)
+
+
+def test_trace_sequences_records_each_sequence_as_a_document(traces: TraceSet, llm: LLM) -> None:
+    first = traces.select_documents(torch.tensor([0]))  # the first 64-token chunk of document 0
+    chunk = first.token_ids[first.positions < SEQ_LEN][:SEQ_LEN].tolist()
+    other = traces.token_ids[traces.doc_ids == 3][:20].tolist()
+    seqs = trace_sequences(llm, [chunk, other], ["a", "b"])
+    assert seqs.meta.documents == ("a", "b") and len(seqs) == len(chunk) + len(other)
+    assert seqs.doc_ids.tolist() == [0] * len(chunk) + [1] * len(other)
+    assert seqs.positions.tolist() == list(range(len(chunk))) + list(range(len(other)))
+    # the same tokens route the same, whatever they were traced with
+    assert torch.equal(seqs.topk_ids[: len(chunk)], first.topk_ids[: len(chunk)])
 
 
 def test_trace_round_trip(traces: TraceSet, tmp_path: Path) -> None:

@@ -226,21 +226,34 @@ def _chunks(
     return documents, chunks
 
 
-@torch.inference_mode()
 def record_traces(
     llm: LLM, files: list[Path], seq_len: int, max_tokens: int | None = None
 ) -> TraceSet:
     """Prefill the corpus in chunks of `seq_len` tokens and record every token's routing. Under
     teacher forcing a causal model routes each token exactly as decoding the same text would."""
+    documents, chunks = _chunks(llm.tokenizer, files, seq_len, max_tokens)
+    return _trace_chunks(llm, documents, chunks, seq_len)
+
+
+def trace_sequences(llm: LLM, sequences: list[list[int]], names: list[str]) -> TraceSet:
+    """Record the routing of whole token sequences, one document each (e.g. a benchmark's prompts
+    followed by the tokens it generated: the routing its live run took)."""
+    chunks = list(enumerate(sequences))
+    return _trace_chunks(llm, names, chunks, max((len(s) for s in sequences), default=0))
+
+
+@torch.inference_mode()
+def _trace_chunks(
+    llm: LLM, documents: list[str], chunks: list[tuple[int, list[int]]], seq_len: int
+) -> TraceSet:
     engine = llm.engine
     if seq_len > engine.max_model_len:
         raise ValueError(
             f"seq_len={seq_len} exceeds the engine's max_model_len={engine.max_model_len}"
         )
-    cfg = engine.model_config
-    documents, chunks = _chunks(llm.tokenizer, files, seq_len, max_tokens)
-    if not chunks:
+    if not any(c for _, c in chunks):
         raise ValueError("the corpus holds no tokens")
+    cfg = engine.model_config
     meta = TraceMeta(
         model=str(engine.config.model),
         moe_layers=tuple(cfg.moe_layers),

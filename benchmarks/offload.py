@@ -123,6 +123,7 @@ def run(model: str, prompts: list[list[int]], new_tokens: int, batch: int, **fla
     stats["layers"] = len(layers)
     stats["expert_bytes"] = cache.store.expert_bytes
     stats["elapsed_s"] = elapsed
+    stats["outputs"] = [o.token_ids for o in outs]
     llm.engine.offload.close()
     return stats
 

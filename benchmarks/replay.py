@@ -144,9 +144,33 @@ class TracePredictor:
         )
 
 
+def stream_steps(traces: TraceSet, batch: int, steps: int) -> list[torch.Tensor]:
+    """`batch` streams walk through the trace side by side, one token each per step."""
+    stride = len(traces) // batch
+    return [torch.tensor([b * stride + t for b in range(batch)]) for t in range(min(steps, stride))]
+
+
+def wave_steps(traces: TraceSet, batch: int, prompt_len: int) -> list[torch.Tensor]:
+    """The live benchmark's schedule: documents (prompt + generated tokens) in waves of `batch`;
+    a wave prefills its prompts in one step, then decodes one token per document per step."""
+    docs = [torch.nonzero(traces.doc_ids == d).flatten() for d in range(len(traces.meta.documents))]
+    steps = []
+    for first in range(0, len(docs), batch):
+        wave = docs[first : first + batch]
+        steps.append(torch.cat([rows[:prompt_len] for rows in wave]))
+        steps += [torch.stack([rows[t] for rows in wave]) for t in range(prompt_len, len(wave[0]))]
+    return steps
+
+
 def replay(
-    traces: TraceSet, cost: Cost, ratio: float, policy: str, predictor: str, batch: int, steps: int
+    traces: TraceSet,
+    cost: Cost,
+    ratio: float,
+    policy: str,
+    predictor: str,
+    steps: list[torch.Tensor],
 ) -> dict:
+    """Run the trace rows of each step ([T] indices) through the real cache and prefetcher."""
     meta = traces.meta
     layers, experts = meta.moe_layers, meta.num_experts
     host = HostExperts(
@@ -166,21 +190,20 @@ def replay(
         pred = TracePredictor(traces, oracle=predictor == "oracle")
         horizon = HorizonController(len(layers) - 1, cost.expert_bytes)
         prefetcher = Prefetcher(pred, cache, layers, horizon, meta.top_k, clock=lambda: link.now)  # type: ignore[arg-type]
-    # `batch` streams walk through the trace side by side, one token each per step.
-    stride = len(traces) // batch
     lookups: list[tuple[int, list[int]]] = []
-    for step in range(min(steps, stride)):
-        rows = torch.tensor([b * stride + step for b in range(batch)])
+    for rows in steps:
         cache.begin_step()
         if prefetcher is not None:
             prefetcher.predictor.rows = rows  # type: ignore[attr-defined]
             prefetcher.begin_step(
-                traces.token_ids[rows].long(), torch.zeros(batch, 0, dtype=torch.long)
+                traces.token_ids[rows].long(), torch.zeros(len(rows), 0, dtype=torch.long)
             )
         for i, layer in enumerate(layers):
-            topk = traces.topk_ids[rows, i].long()  # [B, k]
+            topk = traces.topk_ids[rows, i].long()  # [T, k]
             if prefetcher is not None:
-                prefetcher.on_route(layer, torch.zeros(batch, 1), torch.zeros(batch, experts), topk)
+                prefetcher.on_route(
+                    layer, torch.zeros(len(rows), 1), torch.zeros(len(rows), experts), topk
+                )
             needed = topk.unique().tolist()
             lookups.append((layer, needed))
             for start in range(0, len(needed), cache.num_slots):  # stream when over capacity
@@ -188,7 +211,7 @@ def replay(
                 cache.release(slots)
             link.now += cost.layer_s
     s = cache.stats
-    compute_s = min(steps, stride) * len(layers) * cost.layer_s
+    compute_s = len(steps) * len(layers) * cost.layer_s
     warm = [(layer, e) for e in range(experts) for layer in layers]
     return {
         "hit_rate": s.hits / max(1, s.hits + s.misses),
@@ -246,7 +269,8 @@ def main() -> None:
         for batch in args.batch:
             for ratio in args.ratios:
                 for name, policy, predictor in systems:
-                    r = replay(traces, cost, ratio, policy, predictor, batch, args.steps)
+                    steps = stream_steps(traces, batch, args.steps)
+                    r = replay(traces, cost, ratio, policy, predictor, steps)
                     print(
                         f"| {batch} | {ratio} | {name} | {r['hit_rate']:.3f} | {r['misses']} | {r['belady']} | {r['stall_s']:.3f} | "
                         f"{r['stall_share']:.3f} | {r['horizon']} |",

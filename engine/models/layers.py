@@ -26,32 +26,41 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Neox-style rotary embedding (rotate_half), as in every family we serve."""
+    """Neox-style rotary embedding (rotate_half), as in every family we serve. Returns cos and a
+    signed sin, [T, 1, D] in the model's dtype, built once per forward for every layer."""
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq = 1.0 / (
+            theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-        return emb.cos(), emb.sin()
+        sin = freqs.sin()
+        cos = torch.cat((freqs, freqs), dim=-1).cos()  # [T, D]
+        signed_sin = torch.cat((-sin, sin), dim=-1)  # [T, D]: rotate_half's signs folded in
+        return cos[:, None, :].to(dtype), signed_sin[:, None, :].to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos/signed_sin: [T, 1, D]. rotate_half(x) * sin is x with its halves
+    swapped (a roll by D/2) times sin with its first half negated: the same products, fewer ops."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
@@ -100,7 +109,11 @@ class RoutedExperts(Protocol):
     """How an MoE block runs its routed experts; all-resident or offloaded, the model does not care."""
 
     def __call__(
-        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
         router_logits: torch.Tensor,
     ) -> torch.Tensor:
         """hidden [T, H], topk_ids [T, k] expert ids, topk_weights [T, k], router_logits [T, E]
@@ -112,7 +125,11 @@ class RoutingObserver(Protocol):
     """Sees each MoE layer's routing before its experts run: the moment to prefetch or record traces."""
 
     def on_route(
-        self, layer: int, residual: torch.Tensor, router_logits: torch.Tensor, topk_ids: torch.Tensor
+        self,
+        layer: int,
+        residual: torch.Tensor,
+        router_logits: torch.Tensor,
+        topk_ids: torch.Tensor,
     ) -> None:
         """residual [T, H] (the MoE input before its norm), router_logits [T, E], topk_ids [T, k]."""
         ...
@@ -148,7 +165,10 @@ class MoEBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(
-        self, x: torch.Tensor, experts: RoutedExperts, residual: torch.Tensor,
+        self,
+        x: torch.Tensor,
+        experts: RoutedExperts,
+        residual: torch.Tensor,
         observer: RoutingObserver | None,
     ) -> torch.Tensor:
         logits, weights, ids = self.gate(x)

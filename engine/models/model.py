@@ -45,7 +45,10 @@ class DecoderLayer(nn.Module):
         return getattr(self, self.moe_attr)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        batch: AttentionBatch,
         experts: RoutedExperts,
         observer: RoutingObserver | None,
     ) -> torch.Tensor:
@@ -77,13 +80,16 @@ class MoECausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        batch: AttentionBatch,
         experts: RoutedExperts,
         observer: RoutingObserver | None = None,
     ) -> torch.Tensor:
         """input_ids/positions [T] -> final hidden states [T, H]."""
         x = self.model.embed_tokens(input_ids)  # [T, H]
-        rope = self.rotary(positions)
+        rope = self.rotary(positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, rope, batch, experts, observer)
         return self.model.norm(x)

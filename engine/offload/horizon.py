@@ -4,6 +4,11 @@ S = ceil(N_e * E_s / (B * T_l)): the layers of compute it takes to hide the copi
 a layer will need (E_s bytes each, B bytes/s link). Then feedback corrects the model: a streak of
 layers that stalled on a late prefetch adds one layer, a streak of over-fetching layers removes one.
 Clamped to [1, layers-1].
+
+Whether a prefetch pays at all (`pays`): a right guess started d layers ahead saves min(d*T_l, C) of
+a miss's wait (C = one copy's time); a wrong one holds the link for C, delaying the misses behind it.
+With accuracy p, prefetch only when p * min(d*T_l, C) > (1 - p) * C. Where a copy is about a layer
+(EF-25's setting) that is p > 1/2; where it is 20 layers and the target is 1 layer ahead, p > 0.95.
 """
 
 from __future__ import annotations
@@ -63,6 +68,14 @@ class HorizonController:
         return max(
             1, math.floor(layers * self.layer_time_s * self.bandwidth_bps / self.expert_bytes)
         )
+
+    def pays(self, layers: int, accuracy: float) -> bool:
+        """Is a prefetch for `layers` layers ahead, right with probability `accuracy`, worth its
+        copy? True before anything is measured."""
+        if not self.bandwidth_bps or not self.layer_time_s:
+            return True
+        copy_s = self.expert_bytes / self.bandwidth_bps
+        return accuracy * min(layers * self.layer_time_s, copy_s) > (1 - accuracy) * copy_s
 
     def _clamp(self, s: int) -> int:
         return max(1, min(self.max_horizon, s)) if self.max_horizon >= 1 else 0

@@ -37,14 +37,20 @@ class Prefetcher:
         self.predicted: dict[int, set[int]] = {}  # moe index -> experts prefetched/predicted for it
         self.next_layer_probs: torch.Tensor | None = None  # [T, E] one-layer-ahead prediction
         self.recall_sum, self.recall_count = 0.0, 0
+        self.predicted_count, self.predicted_used = 0, 0  # for the precision of what we fetch
         self.current_horizon = horizon.horizon(top_k)
-        self._layer_start_s = 0.0
+        self._layer_start_s = self._stall_at_start_s = 0.0
         self._late_seen = 0
 
     @property
     def recall(self) -> float:
         """Mean recall@k of the one-layer-ahead prediction so far."""
         return self.recall_sum / self.recall_count if self.recall_count else 0.0
+
+    @property
+    def precision(self) -> float:
+        """Share of the experts predicted for a layer that it used, so far (1 before any)."""
+        return self.predicted_used / self.predicted_count if self.predicted_count else 1.0
 
     def begin_step(self, token_ids: torch.Tensor, context: torch.Tensor) -> None:
         """token_ids [T], context [T, W]: before layer 0 of a step."""
@@ -55,6 +61,7 @@ class Prefetcher:
             self._prefetch(path[: self.current_horizon], first_index=0)
             self.next_layer_probs = path[0]
         self._layer_start_s = self.clock()
+        self._stall_at_start_s = self.cache.transfers.resolve_stalls()
 
     def on_route(
         self,
@@ -66,8 +73,13 @@ class Prefetcher:
         index = self.index_of[layer]
         now = self.clock()
         if index > 0:
-            self.horizon.observe_layer_time(now - self._layer_start_s)
-        self._layer_start_s = now
+            # Compute time only: a stall inside the layer says nothing about how long layers run
+            # (counting it would make copies look cheap exactly when they are not).
+            stall_s = self.cache.transfers.resolve_stalls()
+            self.horizon.observe_layer_time(
+                now - self._layer_start_s - (stall_s - self._stall_at_start_s)
+            )
+        self._layer_start_s, self._stall_at_start_s = now, self.cache.transfers.resolve_stalls()
         self._score(index, topk_ids)
         self._measure_bandwidth()
         distinct_now = int(topk_ids.unique().numel())
@@ -102,6 +114,8 @@ class Prefetcher:
         if isinstance(self.cache.policy, ExpertFlowPolicy):
             self.cache.policy.predict(next_use)
         for distance, (layer, experts) in enumerate(wanted, start=1):
+            if not self.horizon.pays(distance, self.precision):
+                continue  # a wrong guess would cost the link more than a right one saves
             budget = self.horizon.link_budget(distance)
             room = None if budget is None else budget - self.cache.outstanding_prefetches()
             if room is None or room > 0:
@@ -133,11 +147,14 @@ class Prefetcher:
         if predicted is not None:
             used = set(topk_ids.unique().tolist())
             unused = predicted - used
+            self.predicted_count += len(predicted)
+            self.predicted_used += len(predicted & used)
             overfetched = len(unused) > len(predicted & used)
             if isinstance(self.cache.policy, ExpertFlowPolicy):
                 layer = self.moe_layers[index]
-                for e in unused:
-                    self.cache.policy.demote((layer, e))
+                for e in unused:  # only what we copied in: others keep their frequency rank
+                    if (layer, e) in self.cache.prefetched:
+                        self.cache.policy.demote((layer, e))
         self.horizon.observe_layer(stalled, overfetched)
 
     def _measure_bandwidth(self) -> None:

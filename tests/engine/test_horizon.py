@@ -68,3 +68,12 @@ def test_link_budget_is_what_the_link_moves_in_time() -> None:
     slow = controller(1e8, 1_000_000, layer_time_s=1e-3)  # a copy takes ten layers
     assert slow.link_budget(3) == 1  # one copy at a time, never a queue ahead of the misses
     assert HorizonController(max_horizon=3, expert_bytes=1).link_budget(2) is None
+
+
+def test_a_prefetch_pays_only_when_a_right_guess_saves_more_than_a_wrong_one_costs() -> None:
+    one_layer = controller(1e9, 1_000_000, layer_time_s=1e-3)  # a copy takes one layer
+    assert one_layer.pays(1, 0.6) and not one_layer.pays(1, 0.4)
+    twenty = controller(1e9, 20_000_000, layer_time_s=1e-3)  # a copy takes twenty layers
+    assert not twenty.pays(1, 0.9) and twenty.pays(1, 0.99)
+    assert twenty.pays(5, 0.85) and not twenty.pays(5, 0.75)  # more lead, more saved
+    assert HorizonController(max_horizon=3, expert_bytes=1).pays(1, 0.0)  # nothing measured yet

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from engine.offload.cache import ExpertCache
+from engine.offload.horizon import HorizonController
 from engine.offload.policy import ExpertFlowPolicy
+from engine.offload.prefetch import Prefetcher
 
 PROMPTS = [
     [1, 5, 9, 200, 31],
@@ -110,3 +115,58 @@ def test_expertflow_policy_falls_back_to_frequency_not_recency() -> None:
     assert policy.victim(unpredicted) == (0, 2)  # a tie on count goes to the least recent
     policy.on_evict((0, 0))
     assert policy.victim(unpredicted) != (0, 0)  # counts survive eviction
+
+
+class _Stalls:
+    def __init__(self) -> None:
+        self.total_s = 0.0
+
+    def resolve_stalls(self) -> float:
+        return self.total_s
+
+
+class _NoPrediction:
+    kind, context_window = "none", 0
+
+    def path(self, token_ids: torch.Tensor, context: torch.Tensor) -> None:
+        return None
+
+    def ahead(self, index: int, residual, token_ids, topk_ids, horizon: int) -> torch.Tensor:  # noqa: ANN001
+        return torch.zeros(0, topk_ids.shape[0], 4)
+
+
+def _prefetcher(policy: ExpertFlowPolicy, clock: list[float]) -> tuple[Prefetcher, SimpleNamespace]:
+    cache = SimpleNamespace(
+        num_slots=4,
+        protected=set(),
+        prefetched=set(),
+        policy=policy,
+        stats=SimpleNamespace(prefetch_late=0),
+        completed=deque(),
+        transfers=_Stalls(),
+    )
+    horizon = HorizonController(max_horizon=2, expert_bytes=1000)
+    prefetcher = Prefetcher(_NoPrediction(), cache, (0, 1, 2), horizon, 2, clock=lambda: clock[0])  # type: ignore[arg-type]
+    return prefetcher, cache
+
+
+def test_layer_time_excludes_the_stall_inside_the_layer() -> None:
+    clock = [0.0]
+    prefetcher, cache = _prefetcher(ExpertFlowPolicy(), clock)
+    prefetcher.begin_step(torch.tensor([7]), torch.zeros(1, 0, dtype=torch.long))
+    ids, x = torch.tensor([[0, 1]]), torch.zeros(1, 8)
+    clock[0] = 1.0
+    prefetcher.on_route(0, x, torch.zeros(1, 4), ids)
+    clock[0], cache.transfers.total_s = 3.0, 1.5  # 2 s between routers, 1.5 s of it stalled
+    prefetcher.on_route(1, x, torch.zeros(1, 4), ids)
+    assert prefetcher.horizon.layer_time_s == pytest.approx(0.5)
+
+
+def test_only_prefetched_experts_are_demoted_when_unused() -> None:
+    policy = ExpertFlowPolicy()
+    prefetcher, cache = _prefetcher(policy, [0.0])
+    prefetcher.predicted[1] = {1, 2, 3}  # 1 was copied in for layer 1; 2 and 3 were resident
+    cache.prefetched.add((1, 1))
+    prefetcher._score(1, torch.tensor([[0, 3]]))  # layer 1 used experts 0 and 3
+    assert policy.demoted == {(1, 1)}
+    assert prefetcher.precision == pytest.approx(1 / 3)

@@ -1,15 +1,18 @@
-"""The replay benchmark's simulated link: priority order, no preemption, exact stall accounting."""
+"""The replay benchmark: its simulated link (priority order, no preemption, exact stall accounting)
+and the step schedules it replays."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
-from replay import SimLink  # noqa: E402
+from replay import SimLink, stream_steps, wave_steps  # noqa: E402
 
 from engine.offload.transfer import HIGH, LOW  # noqa: E402
 
@@ -41,3 +44,24 @@ def test_promotion_moves_a_queued_prefetch_ahead() -> None:
     link.promote(b)
     link.wait(b)
     assert b.end_s == pytest.approx(1.0) and a.end_s is None
+
+
+def test_wave_steps_follow_the_live_schedule() -> None:
+    """Waves of `batch` documents: one prefill step of their prompts, then a token each per step."""
+    doc_ids = torch.tensor([0] * 5 + [1] * 5 + [2] * 5)  # 3 documents: 3 prompt + 2 decode tokens
+    traces = SimpleNamespace(doc_ids=doc_ids, meta=SimpleNamespace(documents=("a", "b", "c")))
+    steps = [s.tolist() for s in wave_steps(traces, batch=2, prompt_len=3)]  # type: ignore[arg-type]
+    assert steps == [[0, 1, 2, 5, 6, 7], [3, 8], [4, 9], [10, 11, 12], [13], [14]]
+
+
+def test_stream_steps_walk_side_by_side() -> None:
+    rows = [s.tolist() for s in stream_steps(_Sized(12), batch=3, steps=10)]  # type: ignore[arg-type]
+    assert rows == [[0, 4, 8], [1, 5, 9], [2, 6, 10], [3, 7, 11]]
+
+
+class _Sized:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n

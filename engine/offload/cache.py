@@ -164,6 +164,10 @@ class ExpertCache:
             mask[e] = slot is not None and not self._writing(slot)
         return mask
 
+    def copying(self) -> bool:
+        """Whether any copy is queued or on the link now."""
+        return any(self._writing(slot) for slot in list(self.in_flight))
+
     def outstanding_prefetches(self) -> int:
         """Prefetch copies queued or on the link now."""
         return sum(1 for key in self.prefetched if self._writing(self.slot_of[key]))

@@ -59,15 +59,18 @@ class HorizonController:
             base = max(1, math.ceil(transfer_s / self.layer_time_s))
         return self._clamp(base + self.adjust)
 
-    def link_budget(self, layers: int) -> int | None:
-        """Copies the link can finish within `layers` layers of compute (at least one): more
-        prefetches outstanding for a layer that close only queue ahead of the misses to come.
-        None before anything is measured."""
+    def copies_within(self, layers: int) -> int | None:
+        """Copies the link can finish within `layers` layers of compute; None before anything
+        is measured."""
         if not self.bandwidth_bps or not self.layer_time_s:
             return None
-        return max(
-            1, math.floor(layers * self.layer_time_s * self.bandwidth_bps / self.expert_bytes)
-        )
+        return math.floor(layers * self.layer_time_s * self.bandwidth_bps / self.expert_bytes)
+
+    def link_budget(self, layers: int) -> int | None:
+        """Prefetches that may be outstanding for a layer `layers` ahead: what the link finishes
+        by then (at least one); more only queue ahead of the misses to come."""
+        copies = self.copies_within(layers)
+        return None if copies is None else max(1, copies)
 
     def pays(self, layers: int, accuracy: float) -> bool:
         """Is a prefetch for `layers` layers ahead, right with probability `accuracy`, worth its

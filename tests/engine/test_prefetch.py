@@ -136,7 +136,12 @@ class _NoPrediction:
 
 
 def _prefetcher(policy: ExpertFlowPolicy, clock: list[float]) -> tuple[Prefetcher, SimpleNamespace]:
+    issued: list[tuple[int, list[int], int | None]] = []
     cache = SimpleNamespace(
+        issued=issued,
+        prefetch=lambda layer, experts, limit=None: issued.append((layer, list(experts), limit)),
+        copying=lambda: False,
+        outstanding_prefetches=lambda: 0,
         num_slots=4,
         protected=set(),
         prefetched=set(),
@@ -170,3 +175,19 @@ def test_only_prefetched_experts_are_demoted_when_unused() -> None:
     prefetcher._score(1, torch.tensor([[0, 3]]))  # layer 1 used experts 0 and 3
     assert policy.demoted == {(1, 1)}
     assert prefetcher.precision == pytest.approx(1 / 3)
+
+
+def test_an_idle_fast_link_takes_one_guess_beyond_the_top_k() -> None:
+    probs = torch.tensor([[[0.5, 0.3, 0.15, 0.05]]])  # [h=1, T=1, E=4]: top-2 {0, 1}, then 2
+    for layer_time_s, copying, runner_up in [
+        (2e-3, False, True),
+        (0.5e-3, False, False),
+        (2e-3, True, False),
+    ]:
+        prefetcher, cache = _prefetcher(ExpertFlowPolicy(), [0.0])
+        cache.copying = lambda copying=copying: copying
+        prefetcher.horizon.observe_transfer(1000, 1e-3)  # a copy takes 1 ms
+        prefetcher.horizon.observe_layer_time(layer_time_s)
+        prefetcher._prefetch(probs, first_index=1)
+        assert cache.issued[0][:2] == (1, [0, 1])  # the top-k first
+        assert ((1, [2], 1) in cache.issued) == runner_up  # a slow or busy link guesses nothing

@@ -1,9 +1,10 @@
 """Attention over a paged KV cache in plain torch (SDPA): the CPU path, also correct on CUDA.
 
 A step's tokens are flattened to [T, ...]. Each sequence contributes a run of new tokens (a prefill
-chunk or one decode token) and attends to its whole context, read from KV blocks through its block
-table. Decodes are batched into one padded SDPA call; prefill chunks run one sequence at a time so a
-long chunk never pads the short ones.
+chunk or one decode token) and attends to its whole context, gathered a whole KV block at a time
+through its block table (`index_select` of block rows: per-token advanced indexing cost 6x more).
+Decodes are batched into one padded SDPA call; prefill chunks run one sequence at a time so a long
+chunk never pads the short ones, and a prompt's first chunk skips the cache altogether.
 """
 
 from __future__ import annotations

@@ -55,13 +55,5 @@ def test_wave_steps_follow_the_live_schedule() -> None:
 
 
 def test_stream_steps_walk_side_by_side() -> None:
-    rows = [s.tolist() for s in stream_steps(_Sized(12), batch=3, steps=10)]  # type: ignore[arg-type]
+    rows = [s.tolist() for s in stream_steps(range(12), batch=3, steps=10)]  # type: ignore[arg-type]
     assert rows == [[0, 4, 8], [1, 5, 9], [2, 6, 10], [3, 7, 11]]
-
-
-class _Sized:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n

@@ -71,15 +71,14 @@ class Prefetcher:
         topk_ids: torch.Tensor,
     ) -> None:
         index = self.index_of[layer]
-        now = self.clock()
+        now, stall_s = self.clock(), self.cache.transfers.resolve_stalls()
         if index > 0:
             # Compute time only: a stall inside the layer says nothing about how long layers run
             # (counting it would make copies look cheap exactly when they are not).
-            stall_s = self.cache.transfers.resolve_stalls()
             self.horizon.observe_layer_time(
                 now - self._layer_start_s - (stall_s - self._stall_at_start_s)
             )
-        self._layer_start_s, self._stall_at_start_s = now, self.cache.transfers.resolve_stalls()
+        self._layer_start_s, self._stall_at_start_s = now, stall_s
         self._score(index, topk_ids)
         self._measure_bandwidth()
         distinct_now = int(topk_ids.unique().numel())

@@ -115,12 +115,10 @@ def run(model: str, prompts: list[list[int]], new_tokens: int, batch: int, **fla
         ExpertCache.acquire = acquire  # type: ignore[method-assign]
     stats = llm.offload_stats()
     cache = llm.engine.offload.cache
-    layers, per_layer = cache.store.layers, cache.store.num_experts
-    warm = [(layer, e) for e in range(per_layer) for layer in layers]
-    stats["belady_misses"] = belady_misses(lookups, cache.num_slots, warm)
+    stats["belady_misses"] = belady_misses(lookups, cache.num_slots, cache.warm_keys)
     stats["tokens_per_s"] = sum(len(o.token_ids) for o in outs) / elapsed
     stats["steps"] = len(llm.engine.offload.experts.activated_per_step)
-    stats["layers"] = len(layers)
+    stats["layers"] = len(cache.store.layers)
     stats["expert_bytes"] = cache.store.expert_bytes
     stats["elapsed_s"] = elapsed
     stats["outputs"] = [o.token_ids for o in outs]

@@ -212,11 +212,10 @@ def replay(
             link.now += cost.layer_s
     s = cache.stats
     compute_s = len(steps) * len(layers) * cost.layer_s
-    warm = [(layer, e) for e in range(experts) for layer in layers]
     return {
         "hit_rate": s.hits / max(1, s.hits + s.misses),
         "misses": s.misses,
-        "belady": belady_misses(lookups, cache.num_slots, warm),
+        "belady": belady_misses(lookups, cache.num_slots, cache.warm_keys),
         "transfers": s.transfers,
         "stall_s": link.stall_s,
         "stall_share": link.stall_s / (link.stall_s + compute_s),

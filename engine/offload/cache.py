@@ -67,11 +67,16 @@ class ExpertCache:
     def resident_bytes(self) -> int:
         return self.num_slots * self.store.expert_bytes
 
-    def _warm_start(self) -> None:
-        """Fill the pool before serving, the same number of experts per layer (all of them at ratio 1)."""
+    @property
+    def warm_keys(self) -> list[Key]:
+        """What `_warm_start` loads, slot by slot: expert 0 of every layer, then expert 1, ... so each
+        layer gets the same share (all of them at ratio 1). Belady's reference starts from it too."""
         layers, per_layer = self.store.layers, self.store.num_experts
-        order = [(layer, e) for e in range(per_layer) for layer in layers]
-        for slot, key in enumerate(order[: self.num_slots]):
+        return [(layer, e) for e in range(per_layer) for layer in layers][: self.num_slots]
+
+    def _warm_start(self) -> None:
+        """Fill the pool before serving."""
+        for slot, key in enumerate(self.warm_keys):
             self._place(key, slot)
             w13, w2 = self.store.expert(*key)
             self.w13[slot].copy_(w13)

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from engine import ConfigError, ModelConfig
-from engine.offload.predict.train import TrainConfig, train_predictor
+from engine.offload.predict.train import HIDDEN_DIM, TrainConfig, train_predictor
 from server.commands import Command
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", help="checkpoint the predictor is for; checked against the traces' dims"
     )
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="passes over the data")
+    group.add_argument(
+        "--epochs",
+        type=int,
+        default=DEFAULTS.epochs,
+        help="passes over the data at most (the best by validation recall is kept)",
+    )
     group.add_argument(
         "--batch-size", type=int, default=DEFAULTS.batch_size, help="samples per step"
     )
@@ -39,10 +44,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fraction of documents held out for eval-predictor",
     )
     group.add_argument(
+        "--validation",
+        type=float,
+        default=DEFAULTS.validation,
+        help="fraction of the training documents that picks the epoch (0: keep the last)",
+    )
+    group.add_argument(
         "--embed-dim", type=int, default=DEFAULTS.embed_dim, help="token embedding size"
     )
     group.add_argument(
-        "--hidden-dim", type=int, default=DEFAULTS.hidden_dim, help="MLP hidden size"
+        "--hidden-dim",
+        type=int,
+        default=DEFAULTS.hidden_dim,
+        help="MLP hidden size (default: "
+        + ", ".join(f"{size} for {kind}" for kind, size in HIDDEN_DIM.items())
+        + ")",
     )
     group.add_argument(
         "--context-window",
@@ -71,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         holdout=args.holdout,
+        validation=args.validation,
         embed_dim=args.embed_dim,
         hidden_dim=args.hidden_dim,
         context_window=args.context_window,

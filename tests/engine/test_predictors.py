@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,10 +18,11 @@ from engine import LLM
 from engine.attention import AttentionBatch
 from engine.config import DEFAULT_MODEL
 from engine.offload.predict import PreGatePredictor, make_predictor
-from engine.offload.predict.evaluate import evaluate
+from engine.offload.predict.evaluate import evaluate, horizon_recall
 from engine.offload.predict.hybrid import HybridNet
+from engine.offload.predict.rpp import RPPNet, read_predictor_header
 from engine.offload.predict.trace import TraceSet, record_traces, trace_sequences
-from engine.offload.predict.train import TrainConfig, train_hybrid, train_rpp
+from engine.offload.predict.train import FitReport, TrainConfig, train_hybrid, train_rpp
 from server.cli import main
 
 SEQ_LEN = 64
@@ -159,7 +161,8 @@ def test_context_is_the_previous_ids_of_the_same_sequence(traces: TraceSet) -> N
 
 
 def test_rpp_learns_and_round_trips(llm: LLM, traces: TraceSet, tmp_path: Path) -> None:
-    net = train_rpp(traces, FIT)
+    net, report = train_rpp(traces, FIT)
+    assert report == FitReport(FIT.epochs, [])  # no validation set: the last epoch
     table = evaluate(traces, traces, net)  # on its training data: can it learn at all?
     assert table.by_horizon("rpp", None) > table.by_horizon("frequent", None) + 0.1
     path = tmp_path / "rpp.safetensors"
@@ -177,8 +180,23 @@ def test_rpp_learns_and_round_trips(llm: LLM, traces: TraceSet, tmp_path: Path) 
         predictor.ahead(1, torch.empty(3, 64), ids[:3], topk[:3], horizon=1)
 
 
+@pytest.mark.parametrize("train", [train_rpp, train_hybrid])
+def test_training_keeps_the_epoch_with_the_best_validation_recall(
+    traces: TraceSet, train: Callable[..., tuple[RPPNet | HybridNet, FitReport]]
+) -> None:
+    fit, validation = traces.split(0.34, seed=1)
+    net, report = train(fit, replace(FIT, epochs=5, lr=3e-2), validation)
+    assert len(report.validation_recall) == 5
+    best = max(report.validation_recall)
+    assert report.epoch == report.validation_recall.index(best) + 1
+    assert horizon_recall(net, validation) == pytest.approx(best, abs=1e-6)
+    assert horizon_recall(net, validation) == pytest.approx(
+        evaluate(fit, validation, net).by_horizon(net.kind, 1), abs=1e-6
+    )
+
+
 def test_hybrid_learns_and_round_trips(llm: LLM, traces: TraceSet, tmp_path: Path) -> None:
-    net = train_hybrid(traces, replace(FIT, epochs=4, batch_size=256))
+    net, _ = train_hybrid(traces, replace(FIT, epochs=4, batch_size=256))
     table = evaluate(traces, traces, net)
     for h in (1, 2):
         assert table.by_horizon("hybrid", h) > table.by_horizon("frequent", h) + 0.05
@@ -203,7 +221,7 @@ def test_make_predictor_validates(
     with pytest.raises(ValueError, match="needs a predictor path"):
         make_predictor("rpp", model, None)
     path = tmp_path / "rpp.safetensors"
-    train_rpp(traces, replace(FIT, epochs=1)).save(path, {})
+    train_rpp(traces, replace(FIT, epochs=1))[0].save(path, {})
     with pytest.raises(ValueError, match="holds a 'rpp' predictor, not 'hybrid'"):
         make_predictor("hybrid", model, path)
     with pytest.raises(FileNotFoundError):
@@ -325,6 +343,8 @@ def test_cli_trace_train_eval(
     )
     first, second = load_file(tmp_path / "rpp.safetensors"), load_file(again)
     assert all(torch.equal(first[k], second[k]) for k in first)
+    info = read_predictor_header(again)["info"]  # the epoch was picked on validation documents
+    assert len(info["validation_recall"]) == 3 and 1 <= info["kept_epoch"] <= 3
 
 
 def test_cli_errors_are_reported_not_raised(tmp_path: Path, deep_checkpoint: Path) -> None:

@@ -116,6 +116,19 @@ def evaluate(
     )
 
 
+def horizon_recall(net: RPPNet | HybridNet, test: TraceSet, horizon: int = 1) -> float:
+    """A trained predictor's recall@k `horizon` MoE layers ahead, averaged over the layers it
+    predicts at that distance (what `RecallTable.by_horizon` reports, without the baselines)."""
+    method = _rpp(net, test) if isinstance(net, RPPNet) else _hybrid(net, test)
+    actual = test.topk_ids.long()  # [T, L, k]
+    values = []
+    for target in range(test.meta.num_layers):
+        scores = method(target - horizon, target) if target - horizon >= PATH else None
+        if scores is not None:
+            values.append(recall_at_k(scores, actual[:, target]))
+    return sum(values) / len(values) if values else math.nan
+
+
 def _frequent(train: TraceSet, test: TraceSet) -> Method:
     freq = train.routes().sum(dim=0)  # [L, E]
     return lambda source, target: freq[target].expand(len(test), -1)

@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @functools.cache
 def demo_corpus():  # noqa: ANN201
-    """The demo model's training script's corpus split (train / held-out documents)."""
-    path = ROOT / "scripts" / "train_demo_model.py"
-    spec = importlib.util.spec_from_file_location("train_demo_model", path)
+    """The demo model's corpus split (train / held-out documents), from scripts/demo_data.py."""
+    path = ROOT / "scripts" / "demo_data.py"
+    spec = importlib.util.spec_from_file_location("demo_data", path)
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["train_demo_model"] = module  # dataclasses look their module up
+    sys.modules["demo_data"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module.build_corpus(module.TrainConfig())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from engine.config import ConfigError, ModelConfig
+from engine.models.layers import Attention
 from engine.models.model import MoECausalLM
 
 logger = logging.getLogger(__name__)
@@ -71,8 +73,10 @@ def load_model(
             expert_keys[spec.expert_key(layer, e, spec.up_proj)] = (w13[layer][e], slice(I, 2 * I))
             expert_keys[spec.expert_key(layer, e, spec.down_proj)] = (w2[layer][e], slice(None))
 
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    stacked = stacked_keys(model)
     resident: dict[str, torch.Tensor] = {}
-    seen_experts: set[str] = set()
+    seen_parts: set[str] = set()
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt") as f:
             for key in tqdm(
@@ -85,18 +89,27 @@ def load_model(
                     dest, rows = expert_keys[key]
                     _check_shape(key, tensor, dest[rows].shape)
                     dest[rows].copy_(tensor)
-                    seen_experts.add(key)
+                    seen_parts.add(key)
+                elif key in stacked:
+                    target, rows = stacked[key]
+                    if target not in resident:
+                        resident[target] = torch.empty(shapes[target], dtype=dtype)
+                    _check_shape(key, tensor, resident[target][rows].shape)
+                    resident[target][rows].copy_(tensor)
+                    seen_parts.add(key)
                 elif key in expected:
                     resident[key] = tensor.to(dtype)
                 elif not (cfg.tie_word_embeddings and key == "lm_head.weight"):
                     raise ConfigError(
                         f"{file.name}: unexpected weight {key!r} for a {cfg.family} model"
                     )
-    missing = sorted((expected - resident.keys()) | (expert_keys.keys() - seen_experts))
+    missing = sorted(
+        (expected - resident.keys()) | ((expert_keys.keys() | stacked.keys()) - seen_parts)
+    )
     if missing:
         raise ConfigError(f"{path}: checkpoint lacks {len(missing)} weights, first {missing[0]!r}")
     for key, tensor in resident.items():
-        _check_shape(key, tensor, model.state_dict()[key].shape)
+        _check_shape(key, tensor, shapes[key])
     model.load_state_dict(resident, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -111,6 +124,24 @@ def load_model(
         experts.total_bytes / 2**20,
     )
     return model.eval(), experts
+
+
+def stacked_keys(model: MoECausalLM) -> dict[str, tuple[str, slice]]:
+    """Hub keys that fill rows of one of our fused weights: q/k/v_proj -> (qkv_proj key, rows)."""
+    stacked = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            offsets = [0, *itertools.accumulate(module.qkv_dims)]
+            suffixes = ("weight", "bias") if module.qkv_proj.bias is not None else ("weight",)
+            for part, (begin, end) in zip(
+                module.HUB_PARTS, itertools.pairwise(offsets), strict=True
+            ):
+                for suffix in suffixes:
+                    stacked[f"{name}.{part}.{suffix}"] = (
+                        f"{name}.qkv_proj.{suffix}",
+                        slice(begin, end),
+                    )
+    return stacked
 
 
 def _check_shape(key: str, tensor: torch.Tensor, shape: torch.Size) -> None:

@@ -154,12 +154,12 @@ def paged_attention(
         k_cache.view(-1, batch.kv.block_size * kv_heads * dim),
         v_cache.view(-1, batch.kv.block_size * kv_heads * dim),
     )  # [num_blocks, bs*kvh*D]: a block gathers as one contiguous row
-    out = torch.empty_like(q)
+    outs = []
     for g in batch.groups:
         if g.blocks is None:  # causal over the chunk's own keys, GQA handled by SDPA
             qg, kg, vg = (t[g.rows].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, n, D]
             og = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=True)
-            out[g.rows] = og[0].transpose(0, 1)
+            outs.append(og[0].transpose(0, 1))  # [n, heads, D]
             continue
         assert g.mask is not None
         b, _, q_len, width = g.mask.shape
@@ -171,5 +171,10 @@ def paged_attention(
         mask = g.folded_mask(groups_per_kv)
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)  # [B, kvh, g*Q, D]
         og = og.view(b, kv_heads, groups_per_kv, q_len, dim).permute(0, 3, 1, 2, 4)
-        out[g.rows] = og.reshape(b * q_len, heads, dim)
+        outs.append(og.reshape(b * q_len, heads, dim))
+    if len(outs) == 1 and batch.groups[0].rows == slice(0, q.shape[0]):  # all rows, in order
+        return outs[0]
+    out = q.new_empty(q.shape)  # [T, h, D]
+    for g, og in zip(batch.groups, outs, strict=True):
+        out[g.rows] = og
     return out

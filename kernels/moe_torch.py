@@ -31,16 +31,13 @@ def fused_moe_torch(
     gate_up = x.new_empty(x.shape[0], 2 * inter)  # [P, 2I]
     down = x.new_empty(x.shape)  # [P, H]
     # Only the two GEMMs run per slot; gather, activation, weighting and scatter run once.
-    bounds = counts.cumsum(0).tolist()
-    begin = 0
-    for slot, end in zip(slots.tolist(), bounds, strict=True):
-        torch.mm(x[begin:end], w13[slot].T, out=gate_up[begin:end])
-        begin = end
+    runs, slot_ids = counts.tolist(), slots.tolist()
+    w13_t, w2_t = w13.transpose(1, 2), w2.transpose(1, 2)  # [S, H, 2I], [S, I, H]: x @ W.T
+    for slot, rows, dest in zip(slot_ids, x.split(runs), gate_up.split(runs), strict=True):
+        torch.mm(rows, w13_t[slot], out=dest)
     act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])  # [P, I]
-    begin = 0
-    for slot, end in zip(slots.tolist(), bounds, strict=True):
-        torch.mm(act[begin:end], w2[slot].T, out=down[begin:end])
-        begin = end
+    for slot, rows, dest in zip(slot_ids, act.split(runs), down.split(runs), strict=True):
+        torch.mm(rows, w2_t[slot], out=dest)
     route_w = topk_weights.reshape(-1)[order].to(acc_dtype)  # [P]
     # Accumulate straight into a float32 out unless it is hidden itself (an in-place call).
     direct = out.dtype == acc_dtype and out.data_ptr() != hidden.data_ptr()

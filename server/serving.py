@@ -1,17 +1,20 @@
 """What chat and completions share: starting an engine request so that refusals are 400s, following
-it as per-choice deltas within its time limit, SSE framing, and aborting it when the client goes
-away."""
+it as per-choice deltas within its time limit, answering whole or as an SSE stream (usage, errors
+and [DONE] included), and aborting it when the client goes away. An endpoint only says what its
+answer and its chunks look like."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
@@ -26,6 +29,7 @@ from server.errors import APIError, error_body
 logger = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
 T = TypeVar("T")
+ChoiceT = TypeVar("ChoiceT", bound=BaseModel)
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client left before the answer"
 
 
@@ -154,15 +158,38 @@ class Generation:
         )
 
 
-class OpenAIServing:
-    """Base of the endpoint handlers: the served model's identity and request plumbing."""
+class OpenAIServing(ABC, Generic[ChoiceT]):
+    """Base of the endpoint handlers: the served model's identity and the request's life, from the
+    engine's first output to a whole answer or an SSE stream ending in [DONE]. An endpoint says
+    how its answer and its chunks look."""
 
     id_prefix = "req"
+    chunk_type: ClassVar[type[BaseModel]]  # what one stream event carries
 
     def __init__(self, engine: AsyncLLM, model_name: str, policy: RequestPolicy) -> None:
         self.engine = engine
         self.model_name = model_name
         self.policy = policy
+
+    @abstractmethod
+    def whole(self, final: RequestOutput, usage: Usage, request_id: str, created: int) -> BaseModel:
+        """The non-streamed answer."""
+
+    def chunk(
+        self, request_id: str, created: int, choices: list[ChoiceT], usage: Usage | None = None
+    ) -> str:
+        """One SSE event of the stream: a `chunk_type` object."""
+        return sse(
+            self.chunk_type(
+                id=request_id, created=created, model=self.model_name, choices=choices, usage=usage
+            )
+        )
+
+    @abstractmethod
+    def chunks(
+        self, generation: Generation, chunk: Callable[[list[ChoiceT]], str]
+    ) -> AsyncIterator[str]:
+        """The stream's events for the generation's deltas, each made by `chunk(choices)`."""
 
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested != self.model_name:
@@ -171,6 +198,39 @@ class OpenAIServing:
     def new_request(self) -> tuple[str, int]:
         """A fresh (id, created) pair; the id is also the engine's request id."""
         return f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+
+    async def respond(
+        self, prompt_ids: list[int], params: SamplingParams, stream: bool, include_usage: bool
+    ) -> Response | BaseModel:
+        """Start the engine request (its refusals raise here, as 400s, before any byte is sent),
+        then answer whole or stream."""
+        request_id, created = self.new_request()
+        generation = await Generation.start(
+            self.engine, prompt_ids, params, request_id, self.policy
+        )
+        if not stream:
+            final = await generation.final()
+            return self.whole(final, generation.usage(), request_id, created)
+        events = self._events(generation, request_id, created, include_usage)
+        return self.event_stream(events, request_id)
+
+    async def _events(
+        self, generation: Generation, request_id: str, created: int, include_usage: bool
+    ) -> AsyncIterator[str]:
+        try:
+            async for event in self.chunks(
+                generation, functools.partial(self.chunk, request_id, created)
+            ):
+                yield event
+            if include_usage:
+                yield self.chunk(request_id, created, [], generation.usage())
+        except APIError as exc:  # a timeout or shutdown: the client is told why, no traceback
+            logger.warning("stream %s ended early: %s", request_id, exc.message)
+            yield stream_error(exc)
+        except Exception as exc:
+            logger.exception("stream %s failed", request_id)
+            yield stream_error(exc)
+        yield DONE
 
     def event_stream(self, chunks: AsyncIterator[str], request_id: str) -> StreamingResponse:
         # Starlette cancels the body on disconnect, which closes the engine stream and aborts the

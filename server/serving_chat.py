@@ -3,12 +3,11 @@ an SSE stream of `chat.completion.chunk` objects."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Response
 
-from engine import AsyncLLM
+from engine import AsyncLLM, RequestOutput
 from server.api_requests import ChatCompletionRequest
 from server.api_responses import (
     AssistantMessage,
@@ -20,15 +19,13 @@ from server.api_responses import (
     Usage,
 )
 from server.chat_template import ChatRenderer
-from server.errors import APIError
 from server.logprobs import chat_logprobs
-from server.serving import DONE, Generation, OpenAIServing, RequestPolicy, sse, stream_error
-
-logger = logging.getLogger(__name__)
+from server.serving import Generation, OpenAIServing, RequestPolicy
 
 
-class ChatServing(OpenAIServing):
+class ChatServing(OpenAIServing[ChatChunkChoice]):
     id_prefix = "chatcmpl"
+    chunk_type = ChatCompletionChunk
 
     def __init__(
         self, engine: AsyncLLM, model_name: str, policy: RequestPolicy, renderer: ChatRenderer
@@ -40,14 +37,11 @@ class ChatServing(OpenAIServing):
         self.check_model(request.model)
         params = request.to_sampling_params()
         prompt_ids = self.renderer.render([m.template_dict() for m in request.messages])
-        request_id, created = self.new_request()
-        generation = await Generation.start(
-            self.engine, prompt_ids, params, request_id, self.policy
-        )
-        if request.stream:
-            chunks = self._stream(generation, request_id, created, request.include_usage)
-            return self.event_stream(chunks, request_id)
-        final = await generation.final()
+        return await self.respond(prompt_ids, params, request.stream, request.include_usage)
+
+    def whole(
+        self, final: RequestOutput, usage: Usage, request_id: str, created: int
+    ) -> ChatCompletion:
         return ChatCompletion(
             id=request_id,
             created=created,
@@ -61,44 +55,23 @@ class ChatServing(OpenAIServing):
                 )
                 for o in final.outputs
             ],
-            usage=generation.usage(),
+            usage=usage,
         )
 
-    async def _stream(
-        self, generation: Generation, request_id: str, created: int, include_usage: bool
+    async def chunks(
+        self, generation: Generation, chunk: Callable[[list[ChatChunkChoice]], str]
     ) -> AsyncIterator[str]:
-        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-            return sse(
-                ChatCompletionChunk(
-                    id=request_id,
-                    created=created,
-                    model=self.model_name,
-                    choices=choices,
-                    usage=usage,
-                )
-            )
-
-        for index in range(len(generation.last.outputs)):
+        for index in range(len(generation.last.outputs)):  # each choice opens with its role
             yield chunk([ChatChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
-        try:
-            async for deltas in generation.deltas():
-                for d in deltas:
-                    yield chunk(
-                        [
-                            ChatChunkChoice(
-                                index=d.index,
-                                delta=Delta(content=d.text or None),
-                                logprobs=None if d.logprobs is None else chat_logprobs(d.logprobs),
-                                finish_reason=d.finish_reason,
-                            )
-                        ]
-                    )
-            if include_usage:
-                yield chunk([], generation.usage())
-        except APIError as exc:  # a timeout or shutdown: the client is told why, no traceback
-            logger.warning("chat stream %s ended early: %s", request_id, exc.message)
-            yield stream_error(exc)
-        except Exception as exc:
-            logger.exception("chat stream %s failed", request_id)
-            yield stream_error(exc)
-        yield DONE
+        async for deltas in generation.deltas():
+            for d in deltas:
+                yield chunk(
+                    [
+                        ChatChunkChoice(
+                            index=d.index,
+                            delta=Delta(content=d.text or None),
+                            logprobs=None if d.logprobs is None else chat_logprobs(d.logprobs),
+                            finish_reason=d.finish_reason,
+                        )
+                    ]
+                )

@@ -3,36 +3,31 @@ SSE stream of `text_completion` chunks."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Response
 
+from engine import RequestOutput
 from server.api_requests import CompletionRequest
 from server.api_responses import Completion, CompletionChoice, Usage
-from server.errors import APIError
 from server.logprobs import completion_logprobs
-from server.serving import DONE, Generation, OpenAIServing, sse, stream_error
-
-logger = logging.getLogger(__name__)
+from server.serving import Generation, OpenAIServing
 
 
-class CompletionServing(OpenAIServing):
+class CompletionServing(OpenAIServing[CompletionChoice]):
     id_prefix = "cmpl"
+    chunk_type = Completion
 
     async def create(self, request: CompletionRequest) -> Response | Completion:
         self.check_model(request.model)
         params = request.to_sampling_params()
         prompt = request.prompt
         prompt_ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        request_id, created = self.new_request()
-        generation = await Generation.start(
-            self.engine, prompt_ids, params, request_id, self.policy
-        )
-        if request.stream:
-            chunks = self._stream(generation, request_id, created, request.include_usage)
-            return self.event_stream(chunks, request_id)
-        final = await generation.final()
+        return await self.respond(prompt_ids, params, request.stream, request.include_usage)
+
+    def whole(
+        self, final: RequestOutput, usage: Usage, request_id: str, created: int
+    ) -> Completion:
         return Completion(
             id=request_id,
             created=created,
@@ -46,48 +41,27 @@ class CompletionServing(OpenAIServing):
                 )
                 for o in final.outputs
             ],
-            usage=generation.usage(),
+            usage=usage,
         )
 
-    async def _stream(
-        self, generation: Generation, request_id: str, created: int, include_usage: bool
+    async def chunks(
+        self, generation: Generation, chunk: Callable[[list[CompletionChoice]], str]
     ) -> AsyncIterator[str]:
-        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-            return sse(
-                Completion(
-                    id=request_id,
-                    created=created,
-                    model=self.model_name,
-                    choices=choices,
-                    usage=usage,
-                )
-            )
-
         text_offsets = [0] * len(generation.last.outputs)  # where each choice's next token starts
-        try:
-            async for deltas in generation.deltas():
-                for d in deltas:
-                    logprobs = None
-                    if d.logprobs is not None:
-                        logprobs, text_offsets[d.index] = completion_logprobs(
-                            d.logprobs, text_offsets[d.index]
-                        )
-                    yield chunk(
-                        [
-                            CompletionChoice(
-                                index=d.index,
-                                text=d.text,
-                                logprobs=logprobs,
-                                finish_reason=d.finish_reason,
-                            )
-                        ]
+        async for deltas in generation.deltas():
+            for d in deltas:
+                logprobs = None
+                if d.logprobs is not None:
+                    logprobs, text_offsets[d.index] = completion_logprobs(
+                        d.logprobs, text_offsets[d.index]
                     )
-            if include_usage:
-                yield chunk([], generation.usage())
-        except APIError as exc:  # a timeout or shutdown: the client is told why, no traceback
-            logger.warning("completion stream %s ended early: %s", request_id, exc.message)
-            yield stream_error(exc)
-        except Exception as exc:
-            logger.exception("completion stream %s failed", request_id)
-            yield stream_error(exc)
-        yield DONE
+                yield chunk(
+                    [
+                        CompletionChoice(
+                            index=d.index,
+                            text=d.text,
+                            logprobs=logprobs,
+                            finish_reason=d.finish_reason,
+                        )
+                    ]
+                )

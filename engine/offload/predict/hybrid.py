@@ -11,16 +11,14 @@ random forest; an MLP is as cheap at run time and trains with the same BCE loss 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from engine.models.model import MoECausalLM
 from engine.offload.predict.pregate import PreGatePredictor
-from engine.offload.predict.rpp import TokenEmbedding, read_predictor_file, save_predictor_file
+from engine.offload.predict.rpp import PredictorNet, TokenEmbedding
 
 MIN_PROB = 1e-6  # floor of the pre-gate probabilities before their log
 
@@ -37,8 +35,9 @@ class HybridConfig:
     hidden_dim: int
 
 
-class HybridNet(nn.Module):
+class HybridNet(PredictorNet):
     kind = "hybrid"
+    config_type = HybridConfig
 
     def __init__(self, cfg: HybridConfig) -> None:
         super().__init__()
@@ -89,16 +88,6 @@ class HybridNet(nn.Module):
             distance,
         )
         return torch.sigmoid(logits).view(h, T, E)
-
-    def save(self, path: str | Path, info: dict[str, Any]) -> None:
-        save_predictor_file(path, self.kind, asdict(self.cfg), self.state_dict(), info)
-
-    @classmethod
-    def load(cls, path: str | Path) -> HybridNet:
-        header, state = read_predictor_file(path, cls.kind)
-        net = cls(HybridConfig(**header["config"]))
-        net.load_state_dict(state)
-        return net.eval()
 
 
 class HybridPredictor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import torch
 from safetensors import safe_open
@@ -54,12 +54,32 @@ class RPPConfig:
     hidden_dim: int
 
 
-class RPPNet(nn.Module):
+class PredictorNet(nn.Module):
+    """A trained predictor network: `kind`, a frozen-dataclass `cfg` of `config_type`, and weights,
+    saved together in one predictor file and rebuilt from it."""
+
+    kind: ClassVar[str]
+    config_type: ClassVar[type]
+    cfg: Any
+
+    def save(self, path: str | Path, info: dict[str, Any]) -> None:
+        save_predictor_file(path, self.kind, asdict(self.cfg), self.state_dict(), info)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        header, state = read_predictor_file(path, cls.kind)
+        net = cls(cls.config_type(**header["config"]))
+        net.load_state_dict(state)
+        return net.eval()
+
+
+class RPPNet(PredictorNet):
     kind = "rpp"
+    config_type = RPPConfig
 
     def __init__(self, cfg: RPPConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg: RPPConfig = cfg
         self.tokens = TokenEmbedding(cfg.vocab_size, cfg.num_rows, cfg.embed_dim)
         self.mlp = nn.Sequential(
             nn.Linear((cfg.context_window + 1) * cfg.embed_dim, cfg.hidden_dim),
@@ -72,16 +92,6 @@ class RPPNet(nn.Module):
         ids = torch.cat([token_ids[:, None], context], dim=1)  # [T, W+1]
         x = self.tokens(ids).flatten(1)  # [T, (W+1)*D]
         return self.mlp(x).view(-1, self.cfg.num_layers, self.cfg.num_experts)
-
-    def save(self, path: str | Path, info: dict[str, Any]) -> None:
-        save_predictor_file(path, self.kind, asdict(self.cfg), self.state_dict(), info)
-
-    @classmethod
-    def load(cls, path: str | Path) -> RPPNet:
-        header, state = read_predictor_file(path, cls.kind)
-        net = cls(RPPConfig(**header["config"]))
-        net.load_state_dict(state)
-        return net.eval()
 
 
 class RPPPredictor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from transformers import (
     Qwen2MoeConfig,
     Qwen3MoeConfig,
 )
+
+from engine import LLM, SamplingParams
 
 # One torch thread per process: the server subprocess and the test process share 2 cores, and
 # oversubscribed threads slow small matmuls down by orders of magnitude.
@@ -118,3 +121,25 @@ def tiny_checkpoint(
 @pytest.fixture(scope="session")
 def mixtral_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("mixtral-single"))
+
+
+GreedyRun = Callable[..., tuple[list[list[int]], LLM]]  # see `greedy_run`
+
+
+@pytest.fixture(scope="session")
+def greedy_run() -> GreedyRun:
+    """`greedy_run(checkpoint, **engine_flags)` -> (token ids per prompt, the LLM): four prompts of
+    mixed lengths, 12 greedy tokens each, what the invariance tests compare across engine flags."""
+    prompts = [
+        [1, 5, 9, 200, 31],
+        [1, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53],
+        [1, 300],
+        [1, 12, 13, 14],
+    ]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    def run(path: Path, **flags: object) -> tuple[list[list[int]], LLM]:
+        llm = LLM(model=str(path), max_model_len=64, **flags)
+        return [o.token_ids for o in llm.generate(prompts, params)], llm
+
+    return run

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -15,18 +16,8 @@ from engine.offload.horizon import HorizonController
 from engine.offload.policy import ExpertFlowPolicy
 from engine.offload.prefetch import Prefetcher
 
-PROMPTS = [
-    [1, 5, 9, 200, 31],
-    [1, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53],
-    [1, 300],
-    [1, 12, 13, 14],
-]
-PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-def greedy(path: Path, **flags: object) -> tuple[list[list[int]], LLM]:
-    llm = LLM(model=str(path), max_model_len=64, **flags)
-    return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)], llm
+if TYPE_CHECKING:
+    from tests.conftest import GreedyRun
 
 
 @pytest.mark.parametrize(
@@ -45,11 +36,11 @@ def greedy(path: Path, **flags: object) -> tuple[list[list[int]], LLM]:
     ids=["pregate-S1", "pregate-auto-expertflow", "pregate-S2-link", "pregate-3-slots"],
 )
 def test_prefetching_keeps_outputs_identical(
-    tiny_checkpoint: Path, flags: dict[str, object]
+    tiny_checkpoint: Path, flags: dict[str, object], greedy_run: GreedyRun
 ) -> None:
-    reference, _ = greedy(tiny_checkpoint)
+    reference, _ = greedy_run(tiny_checkpoint)
     flags = {"expert_cache_ratio": 0.5, **flags}
-    tokens, llm = greedy(tiny_checkpoint, **flags)
+    tokens, llm = greedy_run(tiny_checkpoint, **flags)
     assert tokens == reference
     stats = llm.offload_stats()
     assert stats["prefetch_issued"] > 0

@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine import LLM, SamplingParams
+from engine import LLM
 from engine.offload.experts import OffloadedExperts
 
-PROMPTS = [
-    [1, 5, 9, 200, 31],
-    [1, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53],
-    [1, 300],
-    [1, 12, 13, 14],
-]
-PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+if TYPE_CHECKING:
+    from tests.conftest import GreedyRun
 
 
-def run(path: Path, **flags: object) -> tuple[list[list[int]], LLM]:
-    llm = LLM(model=str(path), max_model_len=64, **flags)
-    return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)], llm
-
-
-def test_resident_first_keeps_outputs(tiny_checkpoint: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_resident_first_keeps_outputs(
+    tiny_checkpoint: Path,
+    monkeypatch,
+    greedy_run: GreedyRun,  # noqa: ANN001
+) -> None:
     calls = 0
     original = OffloadedExperts._resident_first
 
@@ -33,16 +28,18 @@ def test_resident_first_keeps_outputs(tiny_checkpoint: Path, monkeypatch) -> Non
         return original(self, *args)
 
     monkeypatch.setattr(OffloadedExperts, "_resident_first", counted)
-    reference, _ = run(tiny_checkpoint)
+    reference, _ = greedy_run(tiny_checkpoint)
     for flags in ({"link_gbps": 1.0}, {"predictor": "pregate", "cache_policy": "expertflow"}):
-        tokens, _ = run(tiny_checkpoint, expert_cache_ratio=0.5, resident_first=True, **flags)
+        tokens, _ = greedy_run(
+            tiny_checkpoint, expert_cache_ratio=0.5, resident_first=True, **flags
+        )
         assert tokens == reference, flags
     assert calls > 0, "the resident-first path never ran"
 
 
-def test_margin_zero_is_the_default_path(mixtral_checkpoint: Path) -> None:
-    default, llm_default = run(mixtral_checkpoint, expert_cache_ratio=0.25)
-    zero, llm_zero = run(
+def test_margin_zero_is_the_default_path(mixtral_checkpoint: Path, greedy_run: GreedyRun) -> None:
+    default, llm_default = greedy_run(mixtral_checkpoint, expert_cache_ratio=0.25)
+    zero, llm_zero = greedy_run(
         mixtral_checkpoint, expert_cache_ratio=0.25, cache_aware_routing_margin=0.0
     )
     assert zero == default
@@ -51,9 +48,13 @@ def test_margin_zero_is_the_default_path(mixtral_checkpoint: Path) -> None:
     assert llm_zero.engine.offload.experts.rerouted == 0
 
 
-def test_a_wide_margin_prefers_resident_experts(mixtral_checkpoint: Path) -> None:
-    _, base = run(mixtral_checkpoint, expert_cache_ratio=0.25)
-    _, wide = run(mixtral_checkpoint, expert_cache_ratio=0.25, cache_aware_routing_margin=100.0)
+def test_a_wide_margin_prefers_resident_experts(
+    mixtral_checkpoint: Path, greedy_run: GreedyRun
+) -> None:
+    _, base = greedy_run(mixtral_checkpoint, expert_cache_ratio=0.25)
+    _, wide = greedy_run(
+        mixtral_checkpoint, expert_cache_ratio=0.25, cache_aware_routing_margin=100.0
+    )
     assert wide.engine.offload.experts.rerouted > 0
     assert wide.offload_stats()["misses"] < base.offload_stats()["misses"]
 

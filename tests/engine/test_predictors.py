@@ -22,7 +22,13 @@ from engine.offload.predict.evaluate import evaluate, horizon_recall
 from engine.offload.predict.hybrid import HybridNet
 from engine.offload.predict.rpp import RPPNet, read_predictor_header
 from engine.offload.predict.trace import TraceSet, record_traces, trace_sequences
-from engine.offload.predict.train import FitReport, TrainConfig, train_hybrid, train_rpp
+from engine.offload.predict.train import (
+    FitReport,
+    TrainConfig,
+    train_hybrid,
+    train_predictor,
+    train_rpp,
+)
 from server.cli import main
 
 SEQ_LEN = 64
@@ -193,6 +199,15 @@ def test_training_keeps_the_epoch_with_the_best_validation_recall(
     assert horizon_recall(net, validation) == pytest.approx(
         evaluate(fit, validation, net).by_horizon(net.kind, 1), abs=1e-6
     )
+
+
+def test_picking_the_epoch_needs_two_training_documents(traces: TraceSet, tmp_path: Path) -> None:
+    path, out = tmp_path / "two-docs.safetensors", tmp_path / "rpp.safetensors"
+    traces.select_documents(torch.tensor([0, 1])).save(path)  # 1 held out, 1 left to train on
+    with pytest.raises(ValueError, match="at least 2 training documents.*--validation 0"):
+        train_predictor("rpp", path, out, replace(FIT, epochs=1))
+    train_predictor("rpp", path, out, replace(FIT, epochs=1, validation=0.0))
+    assert read_predictor_header(out)["info"]["kept_epoch"] == 1
 
 
 def test_hybrid_learns_and_round_trips(llm: LLM, traces: TraceSet, tmp_path: Path) -> None:

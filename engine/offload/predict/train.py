@@ -214,6 +214,12 @@ def train_predictor(
     train, held_out = traces.split(cfg.holdout, cfg.seed)
     validation = None
     if cfg.validation > 0:
+        num_docs = int(torch.unique(train.doc_ids).numel())
+        if num_docs < 2:
+            raise ValueError(
+                f"picking the epoch needs at least 2 training documents, the split left "
+                f"{num_docs}: trace more corpus files, or pass --validation 0 to keep the last epoch"
+            )
         train, validation = train.split(cfg.validation, cfg.seed + 1)
     logger.info(
         "training %s on %d tokens (%d to pick the epoch, %d held out for evaluation)",

@@ -84,10 +84,10 @@ class Attention(nn.Module):
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (h + 2 kvh) * D]
-        if self.clip_qkv is not None:
-            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
-        h, kvh = self.num_heads, self.num_kv_heads
+        h, kvh, clip = self.num_heads, self.num_kv_heads, self.clip_qkv
         if self.qk_norm is None:  # rotate q and k in one go: they are adjacent heads of qkv
+            if clip is not None:
+                qkv = qkv.clamp(-clip, clip)
             heads = qkv.view(-1, h + 2 * kvh, self.head_dim)
             qk = apply_rotary(heads[:, : h + kvh], *rope)  # [T, h + kvh, D]
             q, k, v = qk[:, :h], qk[:, h:], heads[:, h + kvh :]
@@ -95,6 +95,8 @@ class Attention(nn.Module):
             q, k, v = qkv.split(self.qkv_dims, dim=-1)  # [T, h*D], [T, kvh*D] x2
             if self.qk_norm == "full":
                 q, k = self.q_norm(q), self.k_norm(k)
+            if clip is not None:  # OLMoE clips after its q/k norms
+                q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
             q = q.reshape(-1, h, self.head_dim)  # [T, h, D]
             k = k.reshape(-1, kvh, self.head_dim)  # [T, kvh, D]
             v = v.reshape(-1, kvh, self.head_dim)

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.attention import AttentionBatch
+from tests.conftest import build_tokenizer, tiny_config
 
 PROMPTS = [
     [1, 17, 99, 240, 5],
@@ -23,8 +24,8 @@ def hf_model(path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def test_prefill_logits_match_transformers(tiny_checkpoint: Path) -> None:
-    llm = LLM(model=str(tiny_checkpoint), max_model_len=256)
+def assert_prefill_logits_match(checkpoint: Path) -> None:
+    llm = LLM(model=str(checkpoint), max_model_len=256)
     engine = llm.engine
     ids = PROMPTS[1]
     assert engine.blocks.grow(-1, len(ids))
@@ -34,9 +35,23 @@ def test_prefill_logits_match_transformers(tiny_checkpoint: Path) -> None:
             torch.tensor(ids), torch.arange(len(ids)), batch, engine.offload.experts
         )
         ours = engine.model.logits(hidden)  # [T, V]
-        theirs = hf_model(tiny_checkpoint)(torch.tensor([ids])).logits[0]
+        theirs = hf_model(checkpoint)(torch.tensor([ids])).logits[0]
     assert ours.std() > 0.1, "logits too flat for a meaningful comparison"
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_prefill_logits_match_transformers(tiny_checkpoint: Path) -> None:
+    assert_prefill_logits_match(tiny_checkpoint)
+
+
+def test_olmoe_clip_qkv_matches_transformers(tmp_path: Path) -> None:
+    """OLMoE clamps q, k and v after its q/k norms; a small clip makes the clamp bite."""
+    config = tiny_config("olmoe")
+    config.clip_qkv = 0.3
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    assert_prefill_logits_match(tmp_path)
 
 
 @pytest.mark.parametrize("kv_cache_blocks", [None, 4], ids=["roomy-kv", "preempting-kv"])

@@ -18,6 +18,7 @@ from engine import LLM
 from engine.attention import AttentionBatch
 from engine.config import DEFAULT_MODEL
 from engine.offload.predict import PreGatePredictor, make_predictor
+from engine.offload.predict import train as train_module
 from engine.offload.predict.evaluate import evaluate, horizon_recall
 from engine.offload.predict.hybrid import HybridNet
 from engine.offload.predict.rpp import RPPNet, read_predictor_header
@@ -199,6 +200,16 @@ def test_training_keeps_the_epoch_with_the_best_validation_recall(
     assert horizon_recall(net, validation) == pytest.approx(
         evaluate(fit, validation, net).by_horizon(net.kind, 1), abs=1e-6
     )
+
+
+def test_a_tie_keeps_the_earlier_epoch(traces: TraceSet, monkeypatch: pytest.MonkeyPatch) -> None:
+    scripted = iter([0.5, 0.7, 0.7, 0.6])  # validation recall after epochs 1..4
+    monkeypatch.setattr(train_module, "horizon_recall", lambda net, validation: next(scripted))
+    net, report = train_rpp(traces, replace(FIT, epochs=4), validation=traces)
+    assert report.epoch == 2 and report.validation_recall == [0.5, 0.7, 0.7, 0.6]
+    two_epochs, _ = train_rpp(traces, replace(FIT, epochs=2))  # the same seed, stopped there
+    state, expected = net.state_dict(), two_epochs.state_dict()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
 
 
 def test_picking_the_epoch_needs_two_training_documents(traces: TraceSet, tmp_path: Path) -> None:

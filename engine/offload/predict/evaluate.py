@@ -119,11 +119,15 @@ def evaluate(
 def horizon_recall(net: RPPNet | HybridNet, test: TraceSet, horizon: int = 1) -> float:
     """A trained predictor's recall@k `horizon` MoE layers ahead, averaged over the layers it
     predicts at that distance (what `RecallTable.by_horizon` reports, without the baselines)."""
-    method = _rpp(net, test) if isinstance(net, RPPNet) else _hybrid(net, test)
     actual = test.topk_ids.long()  # [T, L, k]
+    rpp = _rpp(net, test) if isinstance(net, RPPNet) else None
     values = []
     for target in range(test.meta.num_layers):
-        scores = method(target - horizon, target) if target - horizon >= PATH else None
+        source = target - horizon
+        if rpp is not None:
+            scores = rpp(source, target) if source >= PATH else None
+        else:  # only the guesses up to `target`, not every layer after `source`
+            scores = _hybrid(net, test, last=target)(source, target) if source >= 0 else None
         if scores is not None:
             values.append(recall_at_k(scores, actual[:, target]))
     return sum(values) / len(values) if values else math.nan
@@ -163,16 +167,17 @@ def _rpp(net: RPPNet, test: TraceSet) -> Method:
     return lambda source, target: path[:, target]
 
 
-def _hybrid(net: HybridNet, test: TraceSet) -> Method:
+def _hybrid(net: HybridNet, test: TraceSet, last: int | None = None) -> Method:
+    """Corrected pre-gate guesses of layers source+1..`last` (default: the last layer)."""
     ids, topk = test.token_ids.long(), test.topk_ids.long()
-    L = test.meta.num_layers
-    corrected: dict[int, torch.Tensor] = {}  # source -> [L-1-source, T, E], as `ahead` returns
+    end = test.meta.num_layers if last is None else last + 1
+    corrected: dict[int, torch.Tensor] = {}  # source -> [end-1-source, T, E], as `ahead` returns
 
     def method(source: int, target: int) -> torch.Tensor | None:
         if source == PATH:
             return None
         if source not in corrected:
-            rows = [test.pair_index(source, j) for j in range(source + 1, L)]
+            rows = [test.pair_index(source, j) for j in range(source + 1, end)]
             guess = test.pregate[:, rows].float().transpose(0, 1)  # [h, T, E]
             corrected[source] = net.correct(source, guess, ids, topk[:, source])
         return corrected[source][target - source - 1]

@@ -186,7 +186,7 @@ def _fit(
                 net.eval()
                 recalls.append(horizon_recall(net, validation))
                 net.train()
-                if recalls[-1] >= max(recalls):
+                if recalls[-1] > max(recalls[:-1], default=-1.0):  # ties keep the earlier
                     best_state = copy.deepcopy(net.state_dict())
                 bar.set_postfix(epoch=epoch + 1, val_recall=f"{recalls[-1]:.4f}")
     net.eval()

@@ -69,3 +69,19 @@ def test_wrong_shape_is_named(mixtral_checkpoint: Path, tmp_path: Path) -> None:
 def test_not_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config.json"):
         LLM(model=str(tmp_path))
+
+
+def test_missing_or_misshapen_attention_part_is_named(
+    mixtral_checkpoint: Path, tmp_path: Path
+) -> None:
+    """q/k/v_proj fill rows of one fused qkv_proj; errors still name the hub's own key."""
+    missing = copy_checkpoint(mixtral_checkpoint, tmp_path / "missing")
+    edit_weights(missing, lambda w: w.pop("model.layers.0.self_attn.k_proj.weight"))
+    with pytest.raises(ConfigError, match=r"layers\.0\.self_attn\.k_proj\.weight"):
+        LLM(model=str(missing))
+    misshapen = copy_checkpoint(mixtral_checkpoint, tmp_path / "misshapen")
+    edit_weights(
+        misshapen, lambda w: w.update({"model.layers.1.self_attn.v_proj.weight": torch.ones(3, 64)})
+    )
+    with pytest.raises(ConfigError, match=r"layers\.1\.self_attn\.v_proj\.weight.*\(3, 64\)"):
+        LLM(model=str(misshapen))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 import torch
 
 from engine import LLM
@@ -15,9 +16,7 @@ if TYPE_CHECKING:
 
 
 def test_resident_first_keeps_outputs(
-    tiny_checkpoint: Path,
-    monkeypatch,
-    greedy_run: GreedyRun,  # noqa: ANN001
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, greedy_run: GreedyRun
 ) -> None:
     calls = 0
     original = OffloadedExperts._resident_first

@@ -70,3 +70,15 @@ def test_streaming_failure_is_an_error_event(client: TestClient) -> None:
     assert "engine exploded" in failure["error"]["message"]
     assert client.app.state.engine.aborted  # the stream's end always tells the engine
     assert client.get("/health").status_code == 200
+
+
+def test_completion_streaming_failure_is_an_error_event(client: TestClient) -> None:
+    body = {"prompt": "hi", "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    content, failure = (json.loads(e) for e in events[:-1])  # no usage chunk after a failure
+    assert content["choices"][0]["text"] == "partial"
+    assert "engine exploded" in failure["error"]["message"]
+    assert client.get("/health").status_code == 200

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from engine import LLM, SamplingParams
+if TYPE_CHECKING:
+    from tests.conftest import GreedyRun
 
-PROMPTS = [
-    [1, 5, 9, 200, 31],
-    [1, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53],
-    [1, 300],
-    [1, 12, 13, 14],
-]
-PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
 CACHE_SETTINGS = [
     {"expert_cache_size": 1},  # smaller than one layer's top-k: experts stream through one slot
     {"expert_cache_ratio": 0.25},
@@ -24,26 +20,24 @@ CACHE_SETTINGS = [
 ]
 
 
-def run(path: Path, **flags: object) -> tuple[list[list[int]], dict[str, float], LLM]:
-    llm = LLM(model=str(path), max_model_len=64, **flags)
-    outs = llm.generate(PROMPTS, PARAMS)
-    return [o.token_ids for o in outs], llm.offload_stats(), llm
-
-
-def test_outputs_do_not_depend_on_the_cache(tiny_checkpoint: Path) -> None:
-    reference, stats, _ = run(tiny_checkpoint, expert_cache_ratio=1.0)
+def test_outputs_do_not_depend_on_the_cache(tiny_checkpoint: Path, greedy_run: GreedyRun) -> None:
+    reference, llm = greedy_run(tiny_checkpoint, expert_cache_ratio=1.0)
+    stats = llm.offload_stats()
     assert stats["misses"] == 0 and stats["transfers"] == 0
     for flags in CACHE_SETTINGS:
-        tokens, stats, _ = run(tiny_checkpoint, **flags)
+        tokens, llm = greedy_run(tiny_checkpoint, **flags)
         assert tokens == reference, flags
-        assert stats["misses"] > 0, flags
+        assert llm.offload_stats()["misses"] > 0, flags
 
 
 @pytest.mark.parametrize(
     "flags", CACHE_SETTINGS[:3], ids=["one-slot", "ratio-0.25", "ratio-0.5-lfu"]
 )
-def test_stats_are_consistent(mixtral_checkpoint: Path, flags: dict[str, object]) -> None:
-    _, stats, llm = run(mixtral_checkpoint, **flags)
+def test_stats_are_consistent(
+    mixtral_checkpoint: Path, flags: dict[str, object], greedy_run: GreedyRun
+) -> None:
+    _, llm = greedy_run(mixtral_checkpoint, **flags)
+    stats = llm.offload_stats()
     offload = llm.engine.offload
     assert stats["hits"] + stats["misses"] == sum(offload.experts.activated_per_step)
     assert stats["transfer_bytes"] == stats["transfers"] * offload.store.expert_bytes

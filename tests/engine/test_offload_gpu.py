@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+if TYPE_CHECKING:
+    from tests.conftest import GreedyRun
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
-PROMPTS = [
-    [1, 5, 9, 200, 31],
-    [1, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53],
-    [1, 300],
-    [1, 12, 13, 14],
-]
-PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-def greedy(path: Path, **flags: object) -> tuple[list[list[int]], dict[str, float]]:
-    llm = LLM(model=str(path), device="cuda", max_model_len=64, **flags)
-    outs = llm.generate(PROMPTS, PARAMS)
-    return [o.token_ids for o in outs], llm.offload_stats()
 
 
 @pytest.mark.parametrize(
@@ -43,11 +32,12 @@ def greedy(path: Path, **flags: object) -> tuple[list[list[int]], dict[str, floa
     ],
 )
 def test_cuda_outputs_do_not_depend_on_the_cache(
-    tiny_checkpoint: Path, flags: dict[str, object]
+    tiny_checkpoint: Path, flags: dict[str, object], greedy_run: GreedyRun
 ) -> None:
-    reference, full = greedy(tiny_checkpoint, expert_cache_ratio=1.0)
-    assert full["misses"] == 0 and full["transfers"] == 0
-    tokens, stats = greedy(tiny_checkpoint, **flags)
+    reference, full = greedy_run(tiny_checkpoint, device="cuda", expert_cache_ratio=1.0)
+    assert full.offload_stats()["misses"] == 0 and full.offload_stats()["transfers"] == 0
+    tokens, llm = greedy_run(tiny_checkpoint, device="cuda", **flags)
+    stats = llm.offload_stats()
     assert tokens == reference
     assert stats["misses"] > 0
     assert stats["hits"] + stats["misses"] > 0

@@ -209,7 +209,8 @@ def train_predictor(
     traces = TraceSet.load(traces_path)
     if model is not None:
         check_dims(f"trace {traces_path}", traces.meta.dims, model_dims(model), "the model")
-    if kind not in ("rpp", "hybrid"):
+    trainer = {"rpp": train_rpp, "hybrid": train_hybrid}.get(kind)
+    if trainer is None:
         raise ValueError(f"cannot train a {kind!r} predictor; choose rpp or hybrid")
     train, held_out = traces.split(cfg.holdout, cfg.seed)
     validation = None
@@ -228,7 +229,6 @@ def train_predictor(
         len(validation) if validation is not None else 0,
         len(held_out),
     )
-    trainer = train_rpp if kind == "rpp" else train_hybrid
     net, report = trainer(train, cfg, validation)
     if report.validation_recall:
         logger.info(

@@ -143,6 +143,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         num_prompt = len(prompt_token_ids)
         max_tokens = params.max_tokens or self.max_model_len - num_prompt
         if num_prompt + max_tokens > self.max_model_len or max_tokens < 1:

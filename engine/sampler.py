@@ -1,4 +1,5 @@
-"""Turns last-position logits into next tokens: penalties, temperature, top-k/top-p, seeded draws."""
+"""Turns last-position logits into next tokens: penalties, logit bias, temperature, top-k/top-p,
+seeded draws."""
 
 from __future__ import annotations
 
@@ -16,6 +17,18 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
                 return_counts=True
             )
             logits[row, ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """OpenAI logit_bias: each request's per-token bias added to its row before sampling. logits [B, V]."""
+    for row, seq in enumerate(seqs):
+        bias = seq.params.logit_bias
+        if bias:
+            ids = torch.tensor(list(bias), device=logits.device)
+            logits[row, ids] += torch.tensor(
+                list(bias.values()), dtype=logits.dtype, device=logits.device
+            )
     return logits
 
 
@@ -37,7 +50,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], default: torch.Generator) -> list[int]:
     """logits [B, V] float32 (raw) -> one token per sequence."""
-    logits = apply_penalties(logits.clone(), seqs)
+    logits = apply_logit_bias(apply_penalties(logits.clone(), seqs), seqs)
     tokens = logits.argmax(dim=-1).tolist()
     for row, seq in enumerate(seqs):
         p = seq.params

@@ -30,6 +30,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: off; k: the sampled token's logprob plus the top k
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,6 +53,11 @@ class SamplingParams:
                 f"must be between 0 and {MAX_LOGPROBS}",
             ),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            (
+                "logit_bias",
+                all(t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()),
+                "must map token ids (>= 0) to biases between -100 and 100",
+            ),
         ]
         for name, ok, why in checks:
             if not ok:

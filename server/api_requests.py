@@ -61,9 +61,14 @@ class SamplingRequest(RequestModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user tag for the caller's own bookkeeping; we only accept it
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as in OpenAI) -> bias
 
-    _unsupported = field_validator("logit_bias")(refuse_if_set)
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value and not all(key.isdigit() for key in value):
+            raise ValueError("keys must be token ids (non-negative integers as strings)")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -105,6 +110,7 @@ class SamplingRequest(RequestModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
         )
 
 

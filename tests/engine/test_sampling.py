@@ -1,5 +1,6 @@
 """engine/sampler.py, engine/detokenizer.py, engine/sampling.py through the offline LLM API: seeds,
-top-k/top-p, stop strings and tokens, finish reasons, streamed text, n, logprobs, penalties, validation."""
+top-k/top-p, stop strings and tokens, finish reasons, streamed text, n, logprobs, penalties,
+logit bias, validation."""
 
 from __future__ import annotations
 
@@ -296,6 +297,32 @@ def test_penalties_change_greedy_output_only_when_set(
     assert sum(len(set(p)) for p in penalised) > sum(len(set(r)) for r in reference)
 
 
+# ---- logit bias -----------------------------------------------------------------------------------
+def test_logit_bias_forces_and_bans_tokens_in_a_mixed_batch(llm: LLM) -> None:
+    base = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=0)
+    prompt_ids = encode(llm, PROMPTS[0])
+    plain = llm.generate([prompt_ids], base)[0].outputs[0]
+    forced_id = 42 if plain.token_ids[0] != 42 else 43
+    forced = SamplingParams(**{**vars(base), "logit_bias": {forced_id: 100.0}})
+    banned = SamplingParams(**{**vars(base), "logit_bias": {t: -100.0 for t in plain.token_ids}})
+    outs = run_batch(llm, [(prompt_ids, forced), (prompt_ids, base), (prompt_ids, banned)])
+    forced_out, plain_again, banned_out = (o.outputs[0] for o in outs)
+    assert forced_out.token_ids == [forced_id] * 6
+    assert plain_again.token_ids == plain.token_ids  # a neighbour's bias never leaks into a row
+    assert not set(banned_out.token_ids) & set(plain.token_ids)
+    # logprobs stay the model's own: the first forced token keeps its unbiased log-probability
+    assert forced_out.logprobs is not None and plain.logprobs is not None
+    assert forced_out.logprobs[0].logprob < plain.logprobs[0].logprob
+
+
+def test_logit_bias_token_outside_the_vocabulary_is_refused(llm: LLM) -> None:
+    vocab = llm.engine.model_config.vocab_size
+    with pytest.raises(RequestError) as info:
+        llm.generate(PROMPTS[0], SamplingParams(logit_bias={vocab: 1.0}))
+    assert info.value.param == "logit_bias" and str(vocab) in str(info.value)
+    assert not llm.engine.has_unfinished()
+
+
 # ---- validation -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("param", "value"),
@@ -313,6 +340,8 @@ def test_penalties_change_greedy_output_only_when_set(
         ("logprobs", 21),
         ("logprobs", -1),
         ("stop", [""]),
+        ("logit_bias", {5: 100.5}),
+        ("logit_bias", {-1: 1.0}),
     ],
 )
 def test_out_of_range_parameters_raise_request_error(param: str, value: object) -> None:
@@ -324,6 +353,7 @@ def test_out_of_range_parameters_raise_request_error(param: str, value: object) 
 def test_boundary_parameters_are_accepted() -> None:
     SamplingParams(n=128, temperature=2.0, top_p=1.0, top_k=-1, logprobs=20, max_tokens=1)
     SamplingParams(presence_penalty=-2.0, frequency_penalty=2.0, stop="one string")
+    SamplingParams(logit_bias={0: -100.0, 7: 100.0})
     assert SamplingParams(stop="x").stop == ["x"]
 
 

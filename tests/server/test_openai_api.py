@@ -122,6 +122,19 @@ def test_stop_token_ids(server: RunningServer) -> None:
     assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == 1
 
 
+def test_logit_bias_forces_a_token(server: RunningServer, tokenizer) -> None:
+    token = tokenizer.encode("abc", add_special_tokens=False)[-1]
+    out = server.client.completions.create(
+        model="tiny",
+        prompt="x",
+        max_tokens=4,
+        logit_bias={str(token): 100},
+        extra_body=ALWAYS_LENGTH,
+        **GREEDY,
+    )
+    assert out.choices[0].text == tokenizer.decode([token] * 4)
+
+
 def test_n_choices_sum_usage(server: RunningServer) -> None:
     out = server.client.chat.completions.create(
         model="tiny", messages=MESSAGES, n=2, max_tokens=4, seed=1, extra_body=ALWAYS_LENGTH

@@ -373,7 +373,9 @@ def test_cli_trace_train_eval(
     assert len(info["validation_recall"]) == 3 and 1 <= info["kept_epoch"] <= 3
 
 
-def test_cli_errors_are_reported_not_raised(tmp_path: Path, deep_checkpoint: Path) -> None:
+def test_cli_errors_are_reported_not_raised(
+    tmp_path: Path, deep_checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     assert (
         main(
             [
@@ -389,6 +391,9 @@ def test_cli_errors_are_reported_not_raised(tmp_path: Path, deep_checkpoint: Pat
         == 2
     )
     assert main(["eval-predictor", "--traces", str(tmp_path / "nope.safetensors")]) == 2
+    bad_flag = ["--traces", str(tmp_path / "t.safetensors"), "--out", str(tmp_path / "p")]
+    assert main(["train-predictor", "--kind", "rpp", *bad_flag, "--validation", "1.5"]) == 2
+    assert "validation=1.5 must be in [0, 1)" in caplog.text
 
 
 @pytest.mark.skipif(

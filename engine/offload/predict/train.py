@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, flag
 from engine.offload.predict.evaluate import horizon_recall
 from engine.offload.predict.hybrid import HybridConfig, HybridNet
 from engine.offload.predict.rpp import UNSEEN_ROW, RPPConfig, RPPNet, check_dims, model_dims
@@ -33,17 +33,28 @@ HIDDEN_DIM = {"rpp": 128, "hybrid": 256}
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 20  # at most: the epoch with the best validation recall is kept
-    batch_size: int = 256
-    lr: float = 3e-3
-    seed: int = 0
-    holdout: float = 0.2  # fraction of documents kept out of training, for evaluation
-    validation: float = 0.1  # fraction of the training documents that picks the epoch (0: last)
-    embed_dim: int = 32
-    hidden_dim: int | None = None  # None: HIDDEN_DIM of the kind trained
-    context_window: int = 4  # rpp: previous token ids it sees
-    layer_dim: int = 16  # hybrid: source layer and distance embeddings
-    max_token_rows: int = 16384  # token embedding rows at most (most frequent training tokens)
+    """The `expertflow train-predictor` flags (help from each field's metadata)."""
+
+    epochs: int = flag(20, "passes over the data at most (the best by validation recall is kept)")
+    batch_size: int = flag(256, "samples per step")
+    lr: float = flag(3e-3, "Adam learning rate")
+    seed: int = flag(0, "init, shuffling and split seed")
+    holdout: float = flag(0.2, "fraction of documents held out for eval-predictor")
+    validation: float = flag(
+        0.1, "fraction of the training documents that picks the epoch (0: keep the last)"
+    )
+    embed_dim: int = flag(32, "token embedding size")
+    hidden_dim: int | None = flag(
+        None,
+        "MLP hidden size (default: "
+        + ", ".join(f"{size} for {kind}" for kind, size in HIDDEN_DIM.items())
+        + ")",
+    )
+    context_window: int = flag(4, "rpp: previous token ids it sees")
+    layer_dim: int = flag(16, "hybrid: size of the source-layer and distance embeddings")
+    max_token_rows: int = flag(
+        16384, "token embedding rows at most (the most frequent training tokens get one)"
+    )
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "embed_dim", "hidden_dim", "layer_dim")
@@ -69,6 +80,20 @@ def token_rows(traces: TraceSet, max_rows: int) -> torch.Tensor:
     return rows
 
 
+def net_dims(traces: TraceSet, cfg: TrainConfig, kind: str) -> tuple[torch.Tensor, dict[str, int]]:
+    """The token rows and the config fields both predictor kinds share, from traces and flags."""
+    rows, meta = token_rows(traces, cfg.max_token_rows), traces.meta
+    return rows, {
+        "num_layers": meta.num_layers,
+        "num_experts": meta.num_experts,
+        "top_k": meta.top_k,
+        "vocab_size": meta.vocab_size,
+        "num_rows": int(rows.max()) + 1,
+        "embed_dim": cfg.embed_dim,
+        "hidden_dim": cfg.hidden_dim or HIDDEN_DIM[kind],
+    }
+
+
 @dataclass(frozen=True)
 class FitReport:
     epoch: int  # the epoch whose weights were kept (1-based)
@@ -83,20 +108,8 @@ def train_rpp(
 ) -> tuple[RPPNet, FitReport]:
     """Learn a token's routes at every layer from it and its `context_window` previous ids."""
     torch.manual_seed(cfg.seed)
-    rows = token_rows(traces, cfg.max_token_rows)
-    meta = traces.meta
-    net = RPPNet(
-        RPPConfig(
-            num_layers=meta.num_layers,
-            num_experts=meta.num_experts,
-            top_k=meta.top_k,
-            vocab_size=meta.vocab_size,
-            num_rows=int(rows.max()) + 1,
-            context_window=cfg.context_window,
-            embed_dim=cfg.embed_dim,
-            hidden_dim=cfg.hidden_dim or HIDDEN_DIM["rpp"],
-        )
-    )
+    rows, dims = net_dims(traces, cfg, "rpp")
+    net = RPPNet(RPPConfig(**dims, context_window=cfg.context_window))
     net.tokens.rows.copy_(rows)
     ids, context, routes = (
         traces.token_ids.long(),
@@ -121,19 +134,8 @@ def train_hybrid(
     if meta.num_layers < 2:
         raise ValueError("the hybrid predictor needs a model with at least 2 MoE layers")
     torch.manual_seed(cfg.seed)
-    rows = token_rows(traces, cfg.max_token_rows)
-    net = HybridNet(
-        HybridConfig(
-            num_layers=meta.num_layers,
-            num_experts=meta.num_experts,
-            top_k=meta.top_k,
-            vocab_size=meta.vocab_size,
-            num_rows=int(rows.max()) + 1,
-            embed_dim=cfg.embed_dim,
-            layer_dim=cfg.layer_dim,
-            hidden_dim=cfg.hidden_dim or HIDDEN_DIM["hybrid"],
-        )
-    )
+    rows, dims = net_dims(traces, cfg, "hybrid")
+    net = HybridNet(HybridConfig(**dims, layer_dim=cfg.layer_dim))
     net.tokens.rows.copy_(rows)
     pairs = torch.tensor(meta.pairs)  # [P, 2]
     num_pairs = pairs.shape[0]

@@ -50,6 +50,7 @@ class AsyncLLM:
     def __init__(self, config: EngineConfig, model_name: str | None = None) -> None:
         self.engine = LLMEngine(config, model_name)
         self.tokenizer = self.engine.tokenizer
+        self.token_text = self.engine.detokenizer.token_text  # one token as logprobs show it
         self.model_config = self.engine.model_config
         self.max_model_len = self.engine.max_model_len
         self.metrics = self.engine.metrics

@@ -10,6 +10,7 @@ from __future__ import annotations
 from tokenizers.decoders import DecodeStream
 
 from engine.outputs import TokenLogprob
+from engine.sampler import Logprob
 from engine.sequence import Sequence
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -33,21 +34,17 @@ class Detokenizer:
             [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
 
-    def append(
-        self, seq: Sequence, token: int, logprob: tuple[float, list[tuple[int, float]]] | None
-    ) -> None:
+    def token_logprob(self, token: int, logprob: Logprob) -> TokenLogprob:
+        chosen, top = logprob
+        return TokenLogprob(
+            token, self.token_text(token), chosen, [(i, self.token_text(i), lp) for i, lp in top]
+        )
+
+    def append(self, seq: Sequence, token: int, logprob: Logprob | None) -> None:
         seq.token_ids.append(token)
         if logprob is not None:
-            chosen, top = logprob
             seq.logprobs = seq.logprobs or []
-            seq.logprobs.append(
-                TokenLogprob(
-                    token,
-                    self.token_text(token),
-                    chosen,
-                    [(i, self.token_text(i), lp) for i, lp in top],
-                )
-            )
+            seq.logprobs.append(self.token_logprob(token, logprob))
         p = seq.params
         if not p.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.outputs import CompletionOutput, TokenLogprob
 from engine.sampling import SamplingParams
 
 
@@ -19,7 +20,8 @@ class GenerationResult:
 
     prompt: str | list[int]
     prompt_token_ids: list[int]
-    outputs: list[Any]
+    outputs: list[CompletionOutput]
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs
 
     @property
     def text(self) -> str:
@@ -73,6 +75,7 @@ class LLM:
                 for out in self.engine.step():
                     if out.finished:
                         results[out.request_id].outputs = out.outputs
+                        results[out.request_id].prompt_logprobs = out.prompt_logprobs
                         bar.update(1)
         return [results[r] for r in order]
 

@@ -208,9 +208,7 @@ class LLMEngine:
                 new_prompt_tokens += seq.num_prompt_tokens
         tables = [self.blocks.table(s.seq_id) for s in batch.seqs]
         try:
-            sampled, tokens, logprobs = self.runner.execute(
-                batch.seqs, batch.num_new_tokens, tables
-            )
+            result = self.runner.execute(batch.seqs, batch.num_new_tokens, tables)
         except Exception as exc:
             ids = sorted({s.request_id for s in batch.seqs})
             logger.exception("step failed; aborting %d requests", len(ids))
@@ -219,9 +217,14 @@ class LLMEngine:
             raise EngineStepError(ids, exc) from exc
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
+        for seq, first, scores in result.prompt_logprobs:
+            entries = self.requests[seq.request_id].prompt_logprobs
+            assert entries is not None
+            for position, score in enumerate(scores, start=first):
+                entries[position] = self.detokenizer.token_logprob(seq.token_ids[position], score)
         now = time.monotonic()
         changed: dict[str, Request] = {}
-        for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
+        for seq, token, logprob in zip(result.sampled, result.tokens, result.logprobs, strict=True):
             self.detokenizer.append(seq, token, logprob)
             request = changed[seq.request_id] = self.requests[seq.request_id]
             if request.timing.first_token_s is None:
@@ -237,7 +240,7 @@ class LLMEngine:
                 self.requests.pop(request.request_id)
                 self._finish(request, now)
             outputs.append(request.to_output())
-        self._record_step(new_prompt_tokens, len(sampled))
+        self._record_step(new_prompt_tokens, len(result.sampled))
         self.metrics.record_offload(
             self.offload.stats(), self.offload.experts.activated_per_step[-1]
         )

@@ -43,6 +43,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     timing: RequestTiming
+    # One per prompt token when asked for (SamplingParams.prompt_logprobs); the first is None,
+    # nothing precedes it. Filled as the prompt's prefill chunks run.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def num_generated_tokens(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from engine.attention import AttentionBatch, KVCache
@@ -10,8 +12,17 @@ from engine.models.model import MoECausalLM
 from engine.offload.experts import OffloadedExperts
 from engine.offload.prefetch import Prefetcher
 from engine.routes import RouteTracker
-from engine.sampler import sample, token_logprobs
+from engine.sampler import Logprob, sample, scored, token_logprobs
 from engine.sequence import Sequence
+
+
+@dataclass
+class StepResult:
+    sampled: list[Sequence]  # the sequences that got a new token, in batch order
+    tokens: list[int]  # that token, per sampled sequence
+    logprobs: list[Logprob | None]  # its logprobs, where the sequence asked for them
+    # (sequence, first prompt position scored, one score per position) for prompt logprobs
+    prompt_logprobs: list[tuple[Sequence, int, list[Logprob]]]
 
 
 class ModelRunner:
@@ -33,8 +44,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(
         self, seqs: list[Sequence], num_new_tokens: list[int], block_tables: list[list[int]]
-    ) -> tuple[list[Sequence], list[int], list[tuple[float, list[tuple[int, float]]] | None]]:
-        """Run the new tokens of each sequence; return the sequences that sample, their tokens, logprobs."""
+    ) -> StepResult:
+        """Run the new tokens of each sequence; sample for those that reached their end."""
         self.experts.begin_step()
         starts = [s.num_computed_tokens for s in seqs]
         ids = [
@@ -67,11 +78,36 @@ class ModelRunner:
                 last_rows.append(row)
                 sampling.append(seq)
         self.routes.record([s.seq_id for s in sampling], last_rows)
+        prompt_logprobs = self._prompt_logprobs(hidden, seqs, starts, num_new_tokens)
         if not sampling:
-            return [], [], []
+            return StepResult([], [], [], prompt_logprobs)
         logits = self.model.logits(hidden[last_rows])  # [B, V]
         tokens = sample(logits, sampling, self.generator)
-        return sampling, tokens, token_logprobs(logits, tokens, sampling)
+        return StepResult(
+            sampling, tokens, token_logprobs(logits, tokens, sampling), prompt_logprobs
+        )
+
+    def _prompt_logprobs(
+        self,
+        hidden: torch.Tensor,
+        seqs: list[Sequence],
+        starts: list[int],
+        num_new_tokens: list[int],
+    ) -> list[tuple[Sequence, int, list[Logprob]]]:
+        """Score the prompt tokens this step's chunks predict: the row at position p gives the
+        logprob of prompt token p + 1. Only a request's first choice asks (the prompt is the
+        same for all n); a chunk recomputed after preemption scores the same positions again."""
+        result = []
+        row = 0
+        for seq, start, n in zip(seqs, starts, num_new_tokens, strict=True):
+            k = seq.params.prompt_logprobs
+            end = min(start + n, seq.num_prompt_tokens - 1)  # positions start..end-1 are scored
+            if k is not None and seq.index == 0 and end > start:
+                logits = self.model.logits(hidden[row : row + end - start])  # [end - start, V]
+                next_ids = seq.token_ids[start + 1 : end + 1]
+                result.append((seq, start + 1, scored(logits, next_ids, k)))
+            row += n
+        return result
 
 
 class Observers:

@@ -63,20 +63,27 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], default: torch.Generator)
     return tokens
 
 
+Logprob = tuple[float, list[tuple[int, float]]]  # the token's log-probability, the top k (id, lp)
+
+
+def scored(logits: torch.Tensor, tokens: list[int], k: int) -> list[Logprob]:
+    """The raw model log-probability of each row's token and the row's k best. logits [R, V]."""
+    logp = torch.log_softmax(logits, dim=-1)  # [R, V]
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    if not k:
+        return [(c, []) for c in chosen]
+    top = torch.topk(logp, k, dim=-1)
+    ids, values = top.indices.tolist(), top.values.tolist()
+    return [(c, list(zip(i, v, strict=True))) for c, i, v in zip(chosen, ids, values, strict=True)]
+
+
 def token_logprobs(
     logits: torch.Tensor, tokens: list[int], seqs: list[Sequence]
-) -> list[tuple[float, list[tuple[int, float]]] | None]:
-    """The raw model log-probability of each chosen token and the top-k alternatives (OpenAI logprobs)."""
-    wanted = [r for r, s in enumerate(seqs) if s.params.logprobs is not None]
-    result: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(seqs)
-    if not wanted:
-        return result
-    logp = torch.log_softmax(logits[wanted], dim=-1)  # [W, V]
-    for i, row in enumerate(wanted):
-        k = seqs[row].params.logprobs or 0
-        top = torch.topk(logp[i], k) if k else None
-        alternatives = (
-            list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else []
-        )
-        result[row] = (float(logp[i, tokens[row]]), alternatives)
+) -> list[Logprob | None]:
+    """OpenAI logprobs of each sampled token, for the sequences that asked. logits [B, V]."""
+    result: list[Logprob | None] = [None] * len(seqs)
+    for row, seq in enumerate(seqs):
+        k = seq.params.logprobs
+        if k is not None:
+            result[row] = scored(logits[row : row + 1], [tokens[row]], k)[0]
     return result

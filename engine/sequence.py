@@ -65,6 +65,11 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence]
     timing: RequestTiming
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # see RequestOutput
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
 
     @property
     def finished(self) -> bool:
@@ -77,4 +82,5 @@ class Request:
             outputs=[s.to_output() for s in self.seqs],
             finished=self.finished,
             timing=self.timing,
+            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
         )

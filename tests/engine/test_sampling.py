@@ -266,6 +266,51 @@ def test_logprobs_match_transformers(
                 assert lp.top[0][0] == token and lp.top[0][2] == lp.logprob
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [{}, {"max_num_batched_tokens": 8, "kv_cache_blocks": 3}],
+    ids=["whole-prompt", "chunked-and-preempted"],
+)
+def test_prompt_logprobs_match_transformers(
+    mixtral_checkpoint: Path, flags: dict[str, int]
+) -> None:
+    # 3 blocks of 16 tokens hold one of these sequences at a time: prompts are prefilled 8 tokens
+    # a chunk, and a sequence preempted while decoding rescores its prompt when recomputed.
+    llm = LLM(model=str(mixtral_checkpoint), max_model_len=48, **flags)
+    preempted = 0
+    original = llm.engine.scheduler.schedule
+
+    def counting_schedule():  # noqa: ANN202
+        nonlocal preempted
+        batch = original()
+        preempted += len(batch.preempted)
+        return batch
+
+    llm.engine.scheduler.schedule = counting_schedule  # type: ignore[method-assign]
+    prompts = [encode(llm, p) * 3 for p in PROMPTS[:3]]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=3)
+    hf = AutoModelForCausalLM.from_pretrained(mixtral_checkpoint, dtype=torch.float32).eval()
+    for out in llm.generate(prompts, params):
+        ids, entries = out.prompt_token_ids, out.prompt_logprobs
+        assert entries is not None and len(entries) == len(ids) and entries[0] is None
+        with torch.inference_mode():
+            ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1], dim=-1)  # [P-1, V]
+        for position, entry in enumerate(entries[1:], start=1):
+            assert entry is not None and entry.token_id == ids[position]
+            assert entry.logprob == pytest.approx(ref[position - 1, ids[position]].item(), abs=1e-4)
+            assert [i for i, _, _ in entry.top] == torch.topk(ref[position - 1], 3).indices.tolist()
+    assert (preempted > 0) == bool(flags)
+    assert llm.engine.blocks.num_used == 0
+
+
+def test_prompt_logprobs_off_by_default_and_once_for_n_choices(llm: LLM) -> None:
+    assert llm.generate(PROMPTS[0], SamplingParams(max_tokens=2))[0].prompt_logprobs is None
+    params = SamplingParams(n=3, max_tokens=2, seed=1, prompt_logprobs=0)
+    out = llm.generate(PROMPTS[0], params)[0]
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(out.prompt_token_ids)
+    assert all(e is not None and e.top == [] for e in out.prompt_logprobs[1:])
+
+
 def test_logprobs_off_zero_and_max(llm: LLM) -> None:
     out = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=3))[0].outputs[0]
     assert out.logprobs is None
@@ -339,6 +384,7 @@ def test_logit_bias_token_outside_the_vocabulary_is_refused(llm: LLM) -> None:
         ("frequency_penalty", -2.1),
         ("logprobs", 21),
         ("logprobs", -1),
+        ("prompt_logprobs", 21),
         ("stop", [""]),
         ("logit_bias", {5: 100.5}),
         ("logit_bias", {-1: 1.0}),

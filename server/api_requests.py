@@ -94,7 +94,9 @@ class SamplingRequest(RequestModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, score_prompt: bool | None = False
+    ) -> SamplingParams:
         """Raises RequestError for out-of-range values (answered as 400 naming the field)."""
         return SamplingParams(
             n=1 if self.n is None else self.n,
@@ -109,6 +111,7 @@ class SamplingRequest(RequestModel):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             logprobs=logprobs,
+            prompt_logprobs=logprobs if score_prompt else None,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
         )
@@ -214,7 +217,7 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = None
     best_of: int | None = None
 
-    _unsupported_completion = field_validator("echo", "suffix")(refuse_if_set)
+    _unsupported_completion = field_validator("suffix")(refuse_if_set)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -242,4 +245,5 @@ class CompletionRequest(SamplingRequest):
         return value
 
     def to_sampling_params(self) -> SamplingParams:
-        return self.sampling_params(self.max_tokens, self.logprobs)
+        # An echoed prompt carries logprobs too.
+        return self.sampling_params(self.max_tokens, self.logprobs, self.echo)

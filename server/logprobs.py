@@ -3,6 +3,8 @@ legacy completions' parallel lists."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from engine.outputs import TokenLogprob
 from server.api_responses import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
@@ -28,22 +30,24 @@ def chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
 
 
 def completion_logprobs(
-    entries: list[TokenLogprob], start_offset: int
+    entries: Sequence[TokenLogprob | str], start_offset: int
 ) -> tuple[CompletionLogprobs, int]:
     """`start_offset` is where these tokens' text begins in the choice's text (nonzero for later
-    stream chunks); returns the logprobs and the offset just past them."""
-    offsets, top = [], []
+    stream chunks); returns the logprobs and the offset just past them. A bare string is a token
+    without a logprob (an echoed prompt's first): null in both logprob lists, as on OpenAI."""
+    logprobs = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
     offset = start_offset
     for e in entries:
-        offsets.append(offset)
-        offset += len(e.token)
+        token = e if isinstance(e, str) else e.token
+        logprobs.tokens.append(token)
+        logprobs.text_offset.append(offset)
+        offset += len(token)
+        if isinstance(e, str):
+            logprobs.token_logprobs.append(None)
+            logprobs.top_logprobs.append(None)
+            continue
         alternatives = {t: lp for _, t, lp in e.top}
         alternatives.setdefault(e.token, e.logprob)  # OpenAI lists the sampled token too
-        top.append(alternatives)
-    logprobs = CompletionLogprobs(
-        tokens=[e.token for e in entries],
-        token_logprobs=[e.logprob for e in entries],
-        top_logprobs=top,
-        text_offset=offsets,
-    )
+        logprobs.token_logprobs.append(e.logprob)
+        logprobs.top_logprobs.append(alternatives)
     return logprobs, offset

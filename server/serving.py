@@ -23,12 +23,14 @@ from starlette.background import BackgroundTask
 
 from engine import AsyncLLM, RequestOutput, SamplingParams
 from engine.outputs import TokenLogprob
+from server.api_requests import SamplingRequest
 from server.api_responses import Usage
 from server.errors import APIError, error_body
 
 logger = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
 T = TypeVar("T")
+RequestT = TypeVar("RequestT", bound=SamplingRequest)
 ChoiceT = TypeVar("ChoiceT", bound=BaseModel)
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client left before the answer"
 
@@ -158,7 +160,7 @@ class Generation:
         )
 
 
-class OpenAIServing(ABC, Generic[ChoiceT]):
+class OpenAIServing(ABC, Generic[RequestT, ChoiceT]):
     """Base of the endpoint handlers: the served model's identity and the request's life, from the
     engine's first output to a whole answer or an SSE stream ending in [DONE]. An endpoint says
     how its answer and its chunks look."""
@@ -172,7 +174,9 @@ class OpenAIServing(ABC, Generic[ChoiceT]):
         self.policy = policy
 
     @abstractmethod
-    def whole(self, final: RequestOutput, usage: Usage, request_id: str, created: int) -> BaseModel:
+    def whole(
+        self, request: RequestT, final: RequestOutput, usage: Usage, request_id: str, created: int
+    ) -> BaseModel:
         """The non-streamed answer."""
 
     def chunk(
@@ -187,7 +191,7 @@ class OpenAIServing(ABC, Generic[ChoiceT]):
 
     @abstractmethod
     def chunks(
-        self, generation: Generation, chunk: Callable[[list[ChoiceT]], str]
+        self, request: RequestT, generation: Generation, chunk: Callable[[list[ChoiceT]], str]
     ) -> AsyncIterator[str]:
         """The stream's events for the generation's deltas, each made by `chunk(choices)`."""
 
@@ -200,7 +204,7 @@ class OpenAIServing(ABC, Generic[ChoiceT]):
         return f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time())
 
     async def respond(
-        self, prompt_ids: list[int], params: SamplingParams, stream: bool, include_usage: bool
+        self, request: RequestT, prompt_ids: list[int], params: SamplingParams
     ) -> Response | BaseModel:
         """Start the engine request (its refusals raise here, as 400s, before any byte is sent),
         then answer whole or stream."""
@@ -208,21 +212,21 @@ class OpenAIServing(ABC, Generic[ChoiceT]):
         generation = await Generation.start(
             self.engine, prompt_ids, params, request_id, self.policy
         )
-        if not stream:
+        if not request.stream:
             final = await generation.final()
-            return self.whole(final, generation.usage(), request_id, created)
-        events = self._events(generation, request_id, created, include_usage)
+            return self.whole(request, final, generation.usage(), request_id, created)
+        events = self._events(request, generation, request_id, created)
         return self.event_stream(events, request_id)
 
     async def _events(
-        self, generation: Generation, request_id: str, created: int, include_usage: bool
+        self, request: RequestT, generation: Generation, request_id: str, created: int
     ) -> AsyncIterator[str]:
         try:
             async for event in self.chunks(
-                generation, functools.partial(self.chunk, request_id, created)
+                request, generation, functools.partial(self.chunk, request_id, created)
             ):
                 yield event
-            if include_usage:
+            if request.include_usage:
                 yield self.chunk(request_id, created, [], generation.usage())
         except APIError as exc:  # a timeout or shutdown: the client is told why, no traceback
             logger.warning("stream %s ended early: %s", request_id, exc.message)

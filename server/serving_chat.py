@@ -23,7 +23,7 @@ from server.logprobs import chat_logprobs
 from server.serving import Generation, OpenAIServing, RequestPolicy
 
 
-class ChatServing(OpenAIServing[ChatChunkChoice]):
+class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
     id_prefix = "chatcmpl"
     chunk_type = ChatCompletionChunk
 
@@ -37,10 +37,15 @@ class ChatServing(OpenAIServing[ChatChunkChoice]):
         self.check_model(request.model)
         params = request.to_sampling_params()
         prompt_ids = self.renderer.render([m.template_dict() for m in request.messages])
-        return await self.respond(prompt_ids, params, request.stream, request.include_usage)
+        return await self.respond(request, prompt_ids, params)
 
     def whole(
-        self, final: RequestOutput, usage: Usage, request_id: str, created: int
+        self,
+        request: ChatCompletionRequest,
+        final: RequestOutput,
+        usage: Usage,
+        request_id: str,
+        created: int,
     ) -> ChatCompletion:
         return ChatCompletion(
             id=request_id,
@@ -59,7 +64,10 @@ class ChatServing(OpenAIServing[ChatChunkChoice]):
         )
 
     async def chunks(
-        self, generation: Generation, chunk: Callable[[list[ChatChunkChoice]], str]
+        self,
+        request: ChatCompletionRequest,
+        generation: Generation,
+        chunk: Callable[[list[ChatChunkChoice]], str],
     ) -> AsyncIterator[str]:
         for index in range(len(generation.last.outputs)):  # each choice opens with its role
             yield chunk([ChatChunkChoice(index=index, delta=Delta(role="assistant", content=""))])

@@ -1,20 +1,51 @@
 """/v1/completions: a text prompt (or token ids) straight into the engine, answered whole or as an
-SSE stream of `text_completion` chunks."""
+SSE stream of `text_completion` chunks. With `echo` each choice's text starts with the prompt, and
+with `logprobs` too its logprobs start with the prompt tokens' (the first has none): what
+evaluation harnesses use to score a text under the model."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from fastapi import Response
 
 from engine import RequestOutput
+from engine.outputs import TokenLogprob
 from server.api_requests import CompletionRequest
-from server.api_responses import Completion, CompletionChoice, Usage
+from server.api_responses import Completion, CompletionChoice, CompletionLogprobs, Usage
 from server.logprobs import completion_logprobs
 from server.serving import Generation, OpenAIServing
 
 
-class CompletionServing(OpenAIServing[CompletionChoice]):
+@dataclass(frozen=True)
+class Echo:
+    """What an echoing choice starts with: the prompt's text and, when logprobs are asked for,
+    the prompt tokens' entries (the first a bare token: nothing precedes it to score it)."""
+
+    text: str
+    logprobs: list[TokenLogprob | str] | None
+
+    def join(
+        self, text: str, logprobs: list[TokenLogprob] | None
+    ) -> tuple[str, CompletionLogprobs | None, int]:
+        """The echo followed by a choice's first text and logprobs, and the text offset after
+        them; the generated tokens' offsets start where the echoed text ends."""
+        if logprobs is None:
+            return self.text + text, None, 0
+        assert self.logprobs is not None
+        prompt, _ = completion_logprobs(self.logprobs, 0)
+        generated, offset = completion_logprobs(logprobs, len(self.text))
+        joined = CompletionLogprobs(
+            tokens=prompt.tokens + generated.tokens,
+            token_logprobs=prompt.token_logprobs + generated.token_logprobs,
+            top_logprobs=prompt.top_logprobs + generated.top_logprobs,
+            text_offset=prompt.text_offset + generated.text_offset,
+        )
+        return self.text + text, joined, offset
+
+
+class CompletionServing(OpenAIServing[CompletionRequest, CompletionChoice]):
     id_prefix = "cmpl"
     chunk_type = Completion
 
@@ -23,35 +54,61 @@ class CompletionServing(OpenAIServing[CompletionChoice]):
         params = request.to_sampling_params()
         prompt = request.prompt
         prompt_ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        return await self.respond(prompt_ids, params, request.stream, request.include_usage)
+        return await self.respond(request, prompt_ids, params)
+
+    def echo(self, request: CompletionRequest, output: RequestOutput) -> Echo | None:
+        if not request.echo:
+            return None
+        ids, prompt = output.prompt_token_ids, request.prompt
+        text = prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids)
+        if output.prompt_logprobs is None:
+            return Echo(text, None)
+        scored = [e for e in output.prompt_logprobs[1:] if e is not None]
+        return Echo(text, [self.engine.token_text(ids[0]), *scored])
 
     def whole(
-        self, final: RequestOutput, usage: Usage, request_id: str, created: int
+        self,
+        request: CompletionRequest,
+        final: RequestOutput,
+        usage: Usage,
+        request_id: str,
+        created: int,
     ) -> Completion:
-        return Completion(
-            id=request_id,
-            created=created,
-            model=self.model_name,
-            choices=[
+        echo = self.echo(request, final)
+        choices = []
+        for o in final.outputs:
+            if echo is not None:
+                text, logprobs, _ = echo.join(o.text, o.logprobs)
+            else:
+                text = o.text
+                logprobs = None if o.logprobs is None else completion_logprobs(o.logprobs, 0)[0]
+            choices.append(
                 CompletionChoice(
-                    index=o.index,
-                    text=o.text,
-                    logprobs=None if o.logprobs is None else completion_logprobs(o.logprobs, 0)[0],
-                    finish_reason=o.finish_reason,
+                    index=o.index, text=text, logprobs=logprobs, finish_reason=o.finish_reason
                 )
-                for o in final.outputs
-            ],
-            usage=usage,
+            )
+        return Completion(
+            id=request_id, created=created, model=self.model_name, choices=choices, usage=usage
         )
 
     async def chunks(
-        self, generation: Generation, chunk: Callable[[list[CompletionChoice]], str]
+        self,
+        request: CompletionRequest,
+        generation: Generation,
+        chunk: Callable[[list[CompletionChoice]], str],
     ) -> AsyncIterator[str]:
-        text_offsets = [0] * len(generation.last.outputs)  # where each choice's next token starts
+        echo = self.echo(request, generation.last)
+        n = len(generation.last.outputs)
+        text_offsets = [0] * n  # where each choice's next token starts in its text
+        echoed = [echo is None] * n  # an echo rides on each choice's first chunk
         async for deltas in generation.deltas():
             for d in deltas:
-                logprobs = None
-                if d.logprobs is not None:
+                text, logprobs = d.text, None
+                if not echoed[d.index]:
+                    assert echo is not None
+                    text, logprobs, text_offsets[d.index] = echo.join(d.text, d.logprobs)
+                    echoed[d.index] = True
+                elif d.logprobs is not None:
                     logprobs, text_offsets[d.index] = completion_logprobs(
                         d.logprobs, text_offsets[d.index]
                     )
@@ -59,7 +116,7 @@ class CompletionServing(OpenAIServing[CompletionChoice]):
                     [
                         CompletionChoice(
                             index=d.index,
-                            text=d.text,
+                            text=text,
                             logprobs=logprobs,
                             finish_reason=d.finish_reason,
                         )

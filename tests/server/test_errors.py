@@ -92,7 +92,7 @@ BAD_REQUESTS = [
     (COMPLETIONS, completion(prompt=""), 400, "prompt", "empty"),
     (COMPLETIONS, completion(prompt=[1, 10**6]), 400, "prompt", "token ids must be in"),
     (COMPLETIONS, completion(suffix="end"), 400, "suffix", "not supported"),
-    (COMPLETIONS, completion(echo=True), 400, "echo", "not supported"),
+    (COMPLETIONS, completion(echo=True, max_tokens=0), 400, "max_tokens", "at least 1"),
     (COMPLETIONS, completion(best_of=2, n=1), 400, "best_of", "not supported"),
     (COMPLETIONS, completion(logprobs=99), 400, "logprobs", "between 0 and 20"),
     (COMPLETIONS, completion(model="nope"), 404, "model", "The model `nope` does not exist."),

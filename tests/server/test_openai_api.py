@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 if TYPE_CHECKING:
     from tests.server.conftest import RunningServer
@@ -241,6 +242,52 @@ def test_completion_logprobs(server: RunningServer) -> None:
     )
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
     assert all(1 <= len(top) <= 3 for top in lp.top_logprobs)  # equal texts share a key
+
+
+def test_completion_echo_scores_the_prompt(
+    server: RunningServer, tokenizer, mixtral_checkpoint: Path
+) -> None:
+    """What evaluation harnesses send to score a text: echo, logprobs, one new token."""
+    prompt = "def add(a, b): return a + b"
+    ids = tokenizer.encode(prompt)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "logprobs": 2, **GREEDY}
+    out = server.client.completions.create(**body, echo=True)
+    choice, plain = out.choices[0], server.client.completions.create(**body).choices[0]
+    assert choice.text == prompt + plain.text
+    lp = choice.logprobs
+    assert lp.tokens[0] == tokenizer.decode(ids[:1]) and len(lp.tokens) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes it
+    assert lp.token_logprobs[-1] == plain.logprobs.token_logprobs[0]
+    assert lp.text_offset[len(ids)] == len(prompt) and lp.text_offset == sorted(lp.text_offset)
+    hf = AutoModelForCausalLM.from_pretrained(mixtral_checkpoint, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1], dim=-1)  # [P-1, V]
+    expected = ref.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert all(1 <= len(top) <= 3 for top in lp.top_logprobs[1:])
+    # token ids echo as their text; without logprobs the prompt's are not computed
+    by_ids = server.client.completions.create(
+        model="tiny", prompt=ids, max_tokens=1, echo=True, **GREEDY
+    )
+    assert by_ids.choices[0].text == tokenizer.decode(ids) + plain.text
+    assert by_ids.choices[0].logprobs is None and by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_completion_echo_stream_matches_non_stream(server: RunningServer) -> None:
+    body = {"model": "tiny", "prompt": "import torch", "max_tokens": 5, "logprobs": 1, "n": 2}
+    body |= {"echo": True, "seed": 3, **ALWAYS_LENGTH}
+    with server.http() as http:
+        whole = http.post("/v1/completions", json=body).json()["choices"]
+    chunks = [
+        json.loads(e) for e in sse_events(server, "/v1/completions", {**body, "stream": True})[:-1]
+    ]
+    for choice in whole:
+        parts = [c for ch in chunks for c in ch["choices"] if c["index"] == choice["index"]]
+        assert "".join(p["text"] for p in parts) == choice["text"]
+        assert parts[0]["text"].startswith("import torch")
+        for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            streamed = [v for p in parts for v in p["logprobs"][field]]
+            assert streamed == choice["logprobs"][field]
 
 
 def test_message_forms(server: RunningServer) -> None:

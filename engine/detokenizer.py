@@ -7,6 +7,8 @@ sequence's text is decoded once in full, so final text is exactly `tokenizer.dec
 
 from __future__ import annotations
 
+import functools
+
 from tokenizers.decoders import DecodeStream
 
 from engine.outputs import TokenLogprob
@@ -28,8 +30,10 @@ class Detokenizer:
             token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
 
+    @functools.cache  # noqa: B019 (one detokenizer per engine, as long-lived as its tokenizer)
     def token_text(self, token_id: int) -> str:
-        """One token on its own, special tokens included (the `token` of an OpenAI logprob, as vLLM)."""
+        """One token on its own, special tokens included (the `token` of an OpenAI logprob, as
+        vLLM). Cached: prompt logprobs ask for k + 1 texts per prompt token."""
         return self.tokenizer.decode(
             [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
         )

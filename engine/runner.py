@@ -15,6 +15,8 @@ from engine.routes import RouteTracker
 from engine.sampler import Logprob, sample, scored, token_logprobs
 from engine.sequence import Sequence
 
+PROMPT_SCORE_ROWS = 256  # prompt positions scored per logits call (each row is vocab-sized)
+
 
 @dataclass
 class StepResult:
@@ -103,9 +105,12 @@ class ModelRunner:
             k = seq.params.prompt_logprobs
             end = min(start + n, seq.num_prompt_tokens - 1)  # positions start..end-1 are scored
             if k is not None and seq.index == 0 and end > start:
-                logits = self.model.logits(hidden[row : row + end - start])  # [end - start, V]
-                next_ids = seq.token_ids[start + 1 : end + 1]
-                result.append((seq, start + 1, scored(logits, next_ids, k)))
+                scores = []
+                for a in range(start, end, PROMPT_SCORE_ROWS):  # bounded [rows, V] logits
+                    b = min(a + PROMPT_SCORE_ROWS, end)
+                    logits = self.model.logits(hidden[row + a - start : row + b - start])
+                    scores += scored(logits, seq.token_ids[a + 1 : b + 1], k)
+                result.append((seq, start + 1, scores))
             row += n
         return result
 

@@ -61,7 +61,10 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             (
                 "logit_bias",
-                all(t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()),
+                all(
+                    type(t) is int and t >= 0 and -100.0 <= b <= 100.0
+                    for t, b in self.logit_bias.items()
+                ),
                 "must map token ids (>= 0) to biases between -100 and 100",
             ),
         ]

@@ -66,7 +66,7 @@ class SamplingRequest(RequestModel):
     @field_validator("logit_bias")
     @classmethod
     def _token_id_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value and not all(key.isdigit() for key in value):
+        if value and not all(key.isascii() and key.isdigit() and len(key) <= 18 for key in value):
             raise ValueError("keys must be token ids (non-negative integers as strings)")
         return value
 

@@ -30,12 +30,12 @@ class Echo:
         self, text: str, logprobs: list[TokenLogprob] | None
     ) -> tuple[str, CompletionLogprobs | None, int]:
         """The echo followed by a choice's first text and logprobs, and the text offset after
-        them; the generated tokens' offsets start where the echoed text ends."""
-        if logprobs is None:
+        them. Offsets run on over the prompt's token texts into the generated ones (as vLLM's),
+        so they never go back even where those texts do not add up to the prompt's text."""
+        if self.logprobs is None:
             return self.text + text, None, 0
-        assert self.logprobs is not None
-        prompt, _ = completion_logprobs(self.logprobs, 0)
-        generated, offset = completion_logprobs(logprobs, len(self.text))
+        prompt, end = completion_logprobs(self.logprobs, 0)
+        generated, offset = completion_logprobs(logprobs or [], end)
         joined = CompletionLogprobs(
             tokens=prompt.tokens + generated.tokens,
             token_logprobs=prompt.token_logprobs + generated.token_logprobs,
@@ -63,8 +63,10 @@ class CompletionServing(OpenAIServing[CompletionRequest, CompletionChoice]):
         text = prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids)
         if output.prompt_logprobs is None:
             return Echo(text, None)
-        scored = [e for e in output.prompt_logprobs[1:] if e is not None]
-        return Echo(text, [self.engine.token_text(ids[0]), *scored])
+        # Complete by now: the engine answers only after the whole prompt has been prefilled.
+        scored = output.prompt_logprobs[1:]
+        assert all(e is not None for e in scored), "prompt logprobs arrive with the first token"
+        return Echo(text, [self.engine.token_text(ids[0]), *scored])  # type: ignore[list-item]
 
     def whole(
         self,

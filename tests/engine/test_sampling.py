@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine import LLM, RequestError, RequestOutput, SamplingParams
+from engine import LLM, RequestError, RequestOutput, SamplingParams, runner
 
 MAX_MODEL_LEN = 128
 PROMPTS = [
@@ -272,10 +272,12 @@ def test_logprobs_match_transformers(
     ids=["whole-prompt", "chunked-and-preempted"],
 )
 def test_prompt_logprobs_match_transformers(
-    mixtral_checkpoint: Path, flags: dict[str, int]
+    mixtral_checkpoint: Path, flags: dict[str, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 3 blocks of 16 tokens hold one of these sequences at a time: prompts are prefilled 8 tokens
-    # a chunk, and a sequence preempted while decoding rescores its prompt when recomputed.
+    # a chunk, and a sequence preempted while decoding rescores its prompt when recomputed; a
+    # chunk's positions are scored 3 at a time.
+    monkeypatch.setattr(runner, "PROMPT_SCORE_ROWS", 3)
     llm = LLM(model=str(mixtral_checkpoint), max_model_len=48, **flags)
     preempted = 0
     original = llm.engine.scheduler.schedule
@@ -304,6 +306,8 @@ def test_prompt_logprobs_match_transformers(
 
 
 def test_prompt_logprobs_off_by_default_and_once_for_n_choices(llm: LLM) -> None:
+    one = llm.generate([[7]], SamplingParams(max_tokens=2, prompt_logprobs=2))[0]
+    assert one.prompt_logprobs == [None]  # nothing to score in a one-token prompt
     assert llm.generate(PROMPTS[0], SamplingParams(max_tokens=2))[0].prompt_logprobs is None
     params = SamplingParams(n=3, max_tokens=2, seed=1, prompt_logprobs=0)
     out = llm.generate(PROMPTS[0], params)[0]
@@ -388,6 +392,7 @@ def test_logit_bias_token_outside_the_vocabulary_is_refused(llm: LLM) -> None:
         ("stop", [""]),
         ("logit_bias", {5: 100.5}),
         ("logit_bias", {-1: 1.0}),
+        ("logit_bias", {"5": 1.0}),
     ],
 )
 def test_out_of_range_parameters_raise_request_error(param: str, value: object) -> None:

@@ -70,6 +70,8 @@ BAD_REQUESTS = [
         "not supported",
     ),
     (CHAT, chat(logit_bias={"a": 10}), 400, "logit_bias", "token ids"),
+    (CHAT, chat(logit_bias={"²": 10}), 400, "logit_bias", "token ids"),
+    (CHAT, chat(logit_bias={"9" * 5000: 10}), 400, "logit_bias", "token ids"),
     (CHAT, chat(logit_bias={"5": 101}), 400, "logit_bias", "between -100 and 100"),
     (COMPLETIONS, completion(logit_bias={"5": "x"}), 400, "logit_bias.5", "number"),
     (COMPLETIONS, completion(logit_bias={"99999": 1}), 400, "logit_bias", "must be in [0,"),

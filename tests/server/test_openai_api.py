@@ -273,6 +273,18 @@ def test_completion_echo_scores_the_prompt(
     assert by_ids.choices[0].logprobs is None and by_ids.usage.prompt_tokens == len(ids)
 
 
+def test_echo_offsets_run_on_where_token_texts_differ_from_the_prompt(
+    server: RunningServer,
+) -> None:
+    # "é" and "😀" are byte-level tokens whose texts alone are "\ufffd": they add up differently.
+    for prompt in ("café 😀 ok", "x"):
+        out = server.client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=3, logprobs=0, echo=True, **GREEDY
+        )
+        offsets = out.choices[0].logprobs.text_offset
+        assert offsets == sorted(offsets) and out.choices[0].text.startswith(prompt)
+
+
 def test_completion_echo_stream_matches_non_stream(server: RunningServer) -> None:
     body = {"model": "tiny", "prompt": "import torch", "max_tokens": 5, "logprobs": 1, "n": 2}
     body |= {"echo": True, "seed": 3, **ALWAYS_LENGTH}

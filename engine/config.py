@@ -145,7 +145,7 @@ class ModelConfig:
 
 
 def flag(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field that also describes its `expertflow serve` flag."""
+    """A dataclass field that also describes its command-line flag (help, choices)."""
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -190,6 +190,9 @@ class EngineConfig:
     cache_aware_routing_margin: float = flag(
         0.0,
         "swap a non-resident expert for a resident one within this router-logit margin (changes outputs; 0 = off)",
+    )
+    cpu_expert_compute: bool = flag(
+        False, "run a missing expert on the host when measured quicker than copying it (Fiddler)"
     )
     link_gbps: float | None = flag(None, "emulate a host-device link of this many GB/s (CPU only)")
 

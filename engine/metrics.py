@@ -62,7 +62,7 @@ class EngineMetrics:
                 "expert_cache_hits", "Expert cache lookups that found the expert resident"
             ),
             "misses": counter(
-                "expert_cache_misses", "Expert cache lookups that had to wait for a copy"
+                "expert_cache_misses", "Expert cache lookups that did not find the expert ready"
             ),
             "transfers": counter("expert_transfers", "Host-to-device expert copies"),
             "transfer_bytes": counter(
@@ -73,6 +73,9 @@ class EngineMetrics:
             ),
             "prefetch_issued": counter("prefetch_issued", "Expert prefetches issued"),
             "prefetch_used": counter("prefetch_used", "Prefetched experts used before eviction"),
+            "host_computes": counter(
+                "expert_host_computes", "Missing experts run on the host instead of copied in"
+            ),
         }
         self._offload_seen = dict.fromkeys(self.offload_counters, 0.0)
         self.hit_ratio = gauge(

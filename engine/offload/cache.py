@@ -1,6 +1,7 @@
 """ExpertCache: a fixed pool of device slots shared by all layers, a map (layer, expert) -> slot, and
 an eviction policy. The kernel reads weights by slot id, so a hit costs nothing; a miss copies the
-expert in at high priority and the compute path waits for it (the stall)."""
+expert in at high priority and the compute path waits for it (the stall), unless `take_host` hands
+it to the host to compute (`HostCompute`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.offload.host_compute import HostCompute
 from engine.offload.policy import EvictionPolicy, Key
 from engine.offload.store import ExpertStore
 from engine.offload.transfer import HIGH, LOW, Transfer, TransferEngine
@@ -29,6 +31,7 @@ class CacheStats:
     prefetch_used: int = 0
     prefetch_wasted: int = 0  # prefetched, then evicted unused
     prefetch_late: int = 0  # prefetched, still copying when its layer needed it
+    host_computes: int = 0  # misses computed on the host instead of waiting for a copy
 
 
 class ExpertCache:
@@ -39,10 +42,11 @@ class ExpertCache:
         policy: EvictionPolicy,
         transfers: TransferEngine,
         device: torch.device,
+        host: HostCompute | None = None,
     ) -> None:
         if num_slots < 1:
             raise ValueError("the expert cache needs at least one slot")
-        self.store, self.policy, self.transfers = store, policy, transfers
+        self.store, self.policy, self.transfers, self.host = store, policy, transfers, host
         self.num_slots = min(num_slots, store.num_total_experts)
         self.w13 = torch.empty(
             (self.num_slots, *store.w13_shape), dtype=store.dtype, device=device
@@ -60,6 +64,7 @@ class ExpertCache:
         self.prefetched: set[Key] = set()  # prefetched and not looked up yet
         self.stats = CacheStats()
         self.completed: deque[Transfer] = deque(maxlen=256)  # finished copies, to measure bandwidth
+        self._untimed: list[Transfer] = []  # finished copies the HostCompute has not timed yet
         self.tick = 0
         self._warm_start()
 
@@ -93,15 +98,15 @@ class ExpertCache:
         self.key_of[slot] = key
         self.slot_of[key] = slot
 
-    def _free_slot(self, for_prefetch: bool) -> int | None:
-        """An empty slot, else the policy's victim among slots neither pinned nor being written.
-        Experts predicted within the horizon are spared; a prefetch never evicts one, a miss only
-        when nothing else is left."""
+    def _free_slot(self, for_prefetch: bool, keep: frozenset[Key] = frozenset()) -> int | None:
+        """An empty slot, else the policy's victim among slots neither pinned nor being written
+        nor in `keep`. Experts predicted within the horizon are spared; a prefetch never evicts
+        one, a miss only when nothing else is left."""
         candidates, spared = [], []
         for slot, key in enumerate(self.key_of):
             if key is None:
                 return slot
-            if not self.pins[slot] and not self._writing(slot):
+            if not self.pins[slot] and not self._writing(slot) and key not in keep:
                 (spared if key in self.protected else candidates).append(key)
         if not candidates and not for_prefetch:
             candidates = spared
@@ -110,9 +115,25 @@ class ExpertCache:
     def _writing(self, slot: int) -> bool:
         transfer = self.in_flight.get(slot)
         if transfer is not None and transfer.is_done():
-            self.completed.append(self.in_flight.pop(slot))
+            self._finished(self.in_flight.pop(slot))
             return False
         return transfer is not None
+
+    def _finished(self, transfer: Transfer) -> None:
+        self.completed.append(transfer)
+        if self.host is not None:  # timed once its duration is known (CUDA: when its event is)
+            self._untimed.append(transfer)
+
+    def _time_copies(self) -> None:
+        assert self.host is not None
+        waiting = []
+        for transfer in self._untimed:
+            seconds = self.transfers.measured_duration(transfer)
+            if seconds is None:
+                waiting.append(transfer)
+            else:
+                self.host.record_copy(seconds)
+        self._untimed = waiting
 
     def begin_step(self) -> None:
         self.tick += 1
@@ -131,17 +152,8 @@ class ExpertCache:
         slots, pending = [], []
         for i, expert in enumerate(experts):
             key = (layer, expert)
-            self.policy.on_access(key, self.tick)
             slot = self.slot_of.get(key)
-            was_prefetched = key in self.prefetched
-            if was_prefetched:
-                self.prefetched.discard(key)
-                self.stats.prefetch_used += 1
-            if slot is not None and not self._writing(slot):
-                self.stats.hits += 1
-            else:
-                self.stats.misses += 1
-                self.stats.prefetch_late += was_prefetched
+            if not self._count_lookup(key, slot is not None and not self._writing(slot)):
                 if slot is None:
                     slot = self._load(key, HIGH)
                     assert slot is not None
@@ -154,12 +166,49 @@ class ExpertCache:
                 self.transfers.promote(transfer)
         return slots, pending
 
+    def take_host(self, layer: int, experts: list[int]) -> list[int]:
+        """The experts of `layer` not ready in a slot that the host should compute now (none
+        without a HostCompute, or while copying is the quicker). Each is counted as a miss, and
+        one not resident yet is copied in the background, at prefetch priority, if a slot is free
+        or evictable (never one of this layer's `experts`): later tokens find it resident, and
+        nothing waits for it now."""
+        if self.host is None:
+            return []
+        self._time_copies()
+        layer_keys = frozenset((layer, e) for e in experts)  # a fill never evicts this layer's own
+        taken = []
+        for expert in experts:
+            key = (layer, expert)
+            slot = self.slot_of.get(key)
+            if (slot is not None and not self._writing(slot)) or not self.host.prefer_host():
+                continue
+            self._count_lookup(key, hit=False)
+            self.stats.host_computes += 1
+            if slot is None:
+                self._load(key, LOW, keep=layer_keys)
+            taken.append(expert)
+        return taken
+
+    def _count_lookup(self, key: Key, hit: bool) -> bool:
+        """Policy and statistics of one lookup; returns `hit`."""
+        self.policy.on_access(key, self.tick)
+        was_prefetched = key in self.prefetched
+        if was_prefetched:
+            self.prefetched.discard(key)
+            self.stats.prefetch_used += 1
+        if hit:
+            self.stats.hits += 1
+        else:
+            self.stats.misses += 1
+            self.stats.prefetch_late += was_prefetched
+        return hit
+
     def wait_ready(self, slot: int) -> None:
         """Block compute until the copy into `slot` has landed (the stall)."""
         transfer = self.in_flight.pop(slot, None)
         if transfer is not None:
             self.transfers.wait(transfer)
-            self.completed.append(transfer)
+            self._finished(transfer)
 
     def resident_mask(self, layer: int, num_experts: int) -> list[bool]:
         """Which experts of `layer` are resident with their copy complete."""
@@ -194,8 +243,8 @@ class ExpertCache:
             issued += 1
         return issued
 
-    def _load(self, key: Key, priority: int) -> int | None:
-        slot = self._free_slot(for_prefetch=priority == LOW)
+    def _load(self, key: Key, priority: int, keep: frozenset[Key] = frozenset()) -> int | None:
+        slot = self._free_slot(for_prefetch=priority == LOW, keep=keep)
         if slot is None and priority == HIGH:
             slot = self._drain_one_prefetch()
         if slot is None:
@@ -216,7 +265,7 @@ class ExpertCache:
         for slot, transfer in list(self.in_flight.items()):
             if not self.pins[slot]:
                 self.transfers.wait(transfer)
-                self.completed.append(self.in_flight.pop(slot))
+                self._finished(self.in_flight.pop(slot))
                 return self._free_slot(for_prefetch=False)
         return None
 

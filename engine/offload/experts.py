@@ -3,11 +3,14 @@
 Three ways through a layer: all experts resident (one kernel call); `resident_first` (EF-25): the
 resident experts compute while the missing ones are still copying, then each missing expert computes
 its tokens as its copy lands; and streaming, when a layer needs more experts than the cache has slots.
+With `--cpu-expert-compute` a missing expert may instead run on the host (`HostCompute`).
 Opt-in cache-aware routing (arXiv 2412.00099) may swap a token's non-resident expert for a resident one
 whose router logit is within a margin: the only path that changes outputs.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -49,6 +52,20 @@ class OffloadedExperts:
         distinct = topk_ids.unique().tolist()  # the host must know which experts to make resident
         if self.activated_per_step:
             self.activated_per_step[-1] += len(distinct)
+        on_host = self.cache.take_host(layer, distinct)
+        if on_host:
+            return self._with_host(layer, hidden, topk_ids, topk_weights, distinct, on_host)
+        return self._on_device(layer, hidden, topk_ids, topk_weights, distinct)
+
+    def _on_device(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        distinct: list[int],
+    ) -> torch.Tensor:
+        """Every expert of `distinct` from a slot: resident, copied in, or streamed."""
         if len(distinct) > self.cache.num_slots:
             return self._stream(layer, hidden, topk_ids, topk_weights, distinct)
         slots, pending = self.cache.acquire(layer, distinct)
@@ -65,6 +82,48 @@ class OffloadedExperts:
             )
         self.cache.release(slots)
         return out
+
+    def _with_host(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        distinct: list[int],
+        on_host: list[int],
+    ) -> torch.Tensor:
+        """The host runs `on_host` from its own copy of their weights; the device the rest."""
+        is_host = torch.isin(topk_ids, torch.tensor(on_host, device=hidden.device))  # [T, k]
+        on_device = [e for e in distinct if e not in on_host]
+        if on_device:  # host pairs weigh 0 here, on an expert the device runs anyway
+            ids = topk_ids.masked_fill(is_host, on_device[0])
+            weights = topk_weights.masked_fill(is_host, 0)
+            out = self._on_device(layer, hidden, ids, weights, on_device)
+        else:
+            out = torch.zeros_like(hidden)
+        for expert in on_host:
+            rows, cols = (topk_ids == expert).nonzero(as_tuple=True)
+            out.index_add_(
+                0, rows, self._host_expert(layer, expert, hidden[rows], topk_weights[rows, cols])
+            )
+        return out
+
+    def _host_expert(
+        self, layer: int, expert: int, hidden: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden [n, H] of the tokens routed to `expert`, weights [n] -> weighted output [n, H]."""
+        assert self.cache.host is not None
+        start = time.perf_counter()
+        w13, w2 = self.cache.store.expert(layer, expert)  # host [2I, H], [H, I]
+        part = kernels.fused_moe(
+            hidden.to(w13.device),
+            w13[None],
+            w2[None],
+            weights.to(w13.device)[:, None],
+            torch.zeros(hidden.shape[0], 1, dtype=torch.long),
+        ).to(hidden.device)  # [n, H]
+        self.cache.host.record_host(time.perf_counter() - start)
+        return part
 
     def _resident_first(
         self,

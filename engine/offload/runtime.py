@@ -13,6 +13,7 @@ from engine.models.model import MoECausalLM
 from engine.offload.cache import ExpertCache
 from engine.offload.experts import OffloadedExperts
 from engine.offload.horizon import HorizonController
+from engine.offload.host_compute import HostCompute
 from engine.offload.policy import make_policy
 from engine.offload.predict import make_predictor
 from engine.offload.prefetch import Prefetcher
@@ -33,7 +34,12 @@ class OffloadRuntime:
         )
         self.transfers = TransferEngine(device, config.link_gbps)
         self.cache = ExpertCache(
-            self.store, num_slots, make_policy(config.cache_policy), self.transfers, device
+            self.store,
+            num_slots,
+            make_policy(config.cache_policy),
+            self.transfers,
+            device,
+            HostCompute() if config.cpu_expert_compute else None,
         )
         self.experts = OffloadedExperts(
             self.cache,
@@ -77,6 +83,7 @@ class OffloadRuntime:
             "stall_seconds": self.transfers.resolve_stalls(),
             "prefetch_issued": s.prefetch_issued,
             "prefetch_used": s.prefetch_used,
+            "host_computes": s.host_computes,
             "prefetch_horizon": self.prefetcher.current_horizon if self.prefetcher else 0,
             "predictor_recall": self.prefetcher.recall if self.prefetcher else 0.0,
             "resident_expert_bytes": self.cache.resident_bytes,

@@ -9,6 +9,7 @@ import torch
 
 from engine.loader import HostExperts
 from engine.offload.cache import ExpertCache
+from engine.offload.host_compute import HostCompute
 from engine.offload.policy import LFUPolicy, LRUPolicy
 from engine.offload.store import ExpertStore
 from engine.offload.transfer import HIGH, TransferEngine
@@ -25,10 +26,15 @@ def make_store(layers: int = 2, experts: int = 4, hidden: int = 8, inter: int = 
     return ExpertStore(host, pin=False)
 
 
-def make_cache(slots: int, policy: str = "lru", link_gbps: float | None = None) -> ExpertCache:
+def make_cache(
+    slots: int,
+    policy: str = "lru",
+    link_gbps: float | None = None,
+    host: HostCompute | None = None,
+) -> ExpertCache:
     store = make_store()
     pol = LRUPolicy() if policy == "lru" else LFUPolicy()
-    return ExpertCache(store, slots, pol, TransferEngine(CPU, link_gbps), CPU)
+    return ExpertCache(store, slots, pol, TransferEngine(CPU, link_gbps), CPU, host)
 
 
 def test_slots_hold_the_right_weights() -> None:
@@ -104,3 +110,43 @@ def test_a_failed_copy_raises_instead_of_hanging() -> None:
     ok = engine.submit([(torch.empty(4), torch.ones(4))], HIGH)  # the link keeps working
     engine.wait(ok)
     engine.close()
+
+
+def test_host_compute_copies_until_timed_probes_once_then_takes_the_quicker() -> None:
+    host = HostCompute(smoothing=0.5)
+    assert not host.prefer_host()  # no copy timed yet: copy, and learn the link
+    host.record_copy(0.010)
+    assert host.prefer_host()  # the host is untried: one miss probes it
+    host.record_host(0.030)
+    assert not host.prefer_host() and host.computed == 1
+    host.record_copy(0.050)  # the link got slower: 0.010 -> 0.030, level with the host
+    assert host.copy_s == pytest.approx(0.030) and not host.prefer_host()
+    host.record_copy(0.050)
+    assert host.prefer_host()
+
+
+def test_take_host_takes_only_missing_experts_and_fills_in_the_background() -> None:
+    host = HostCompute(copy_s=1.0, host_s=0.001)  # the host is far quicker
+    cache = make_cache(3, host=host)  # warm: (0,0), (1,0), (0,1)
+    cache.begin_step()
+    slots = cache.ensure(0, [0])  # pinned while its layer runs
+    taken = cache.take_host(0, [0, 1, 2, 3])
+    assert taken == [2, 3]  # resident ones are not taken
+    s = cache.stats
+    assert s.host_computes == 2 and s.misses == 2 and s.hits == 1
+    # one background fill: the only evictable slot (not pinned) went to expert 2, none to 3
+    assert (0, 2) in cache.slot_of and (0, 3) not in cache.slot_of
+    assert cache.slot_of.get((0, 0)) == slots[0] and s.transfers == 1
+    assert (0, 2) not in cache.prefetched and s.prefetch_issued == 0
+    cache.release(slots)
+    assert make_cache(3).take_host(0, [2, 3]) == []  # without a HostCompute nothing is taken
+
+
+def test_a_copy_in_flight_is_not_waited_for_when_the_host_is_quicker() -> None:
+    host = HostCompute(copy_s=1.0, host_s=0.001)
+    cache = make_cache(3, link_gbps=1e-6, host=host)  # a copy would take minutes
+    cache.begin_step()
+    assert cache.take_host(0, [2]) == [2]  # filled in the background, still copying
+    start = time.perf_counter()
+    assert cache.take_host(0, [2]) == [2]  # not waited for: the host computes it again
+    assert time.perf_counter() - start < 1.0 and cache.stats.transfers == 1

@@ -1,4 +1,5 @@
-"""Resident-first execution keeps outputs; cache-aware routing is off at margin 0 and cuts misses above."""
+"""Resident-first execution and host-computed experts keep outputs; cache-aware routing is off at
+margin 0 and cuts misses above."""
 
 from __future__ import annotations
 
@@ -34,6 +35,28 @@ def test_resident_first_keeps_outputs(
         )
         assert tokens == reference, flags
     assert calls > 0, "the resident-first path never ran"
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"expert_cache_ratio": 0.25},
+        {"expert_cache_size": 1},  # the device part streams through one slot
+        {"expert_cache_ratio": 0.5, "resident_first": True, "predictor": "pregate"},
+    ],
+    ids=["ratio-0.25", "one-slot", "resident-first-pregate"],
+)
+def test_host_computed_experts_keep_outputs(
+    tiny_checkpoint: Path, flags: dict[str, object], greedy_run: GreedyRun
+) -> None:
+    # A slow emulated link: once a copy has been timed the host is quicker, so misses run there.
+    reference, _ = greedy_run(tiny_checkpoint)
+    tokens, llm = greedy_run(tiny_checkpoint, cpu_expert_compute=True, link_gbps=0.02, **flags)
+    assert tokens == reference
+    stats, offload = llm.offload_stats(), llm.engine.offload
+    assert 0 < stats["host_computes"] <= stats["misses"]
+    assert stats["hits"] + stats["misses"] == sum(offload.experts.activated_per_step)
+    assert all(p == 0 for p in offload.cache.pins), "a slot stayed pinned after its layer ran"
 
 
 def test_margin_zero_is_the_default_path(mixtral_checkpoint: Path, greedy_run: GreedyRun) -> None:

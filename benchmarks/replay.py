@@ -5,7 +5,11 @@ clock are simulated: one host->device link of B bytes/s moves E_s-byte experts o
 before prefetches (non-preemptive), and every MoE layer computes for T_l seconds. Stall = the time
 compute waits on a copy. With the demo model's own E_s, link and measured T_l this predicts what
 benchmarks/offload.py measures live (the cost model's check); with Mixtral-8x7B / Qwen3-30B-A3B
-costs it tells what the same routing behaviour would stall at that scale.
+costs it tells what the same routing behaviour would stall at that scale. With `--cpu-expert-compute`
+(the `host compute` rows) a miss may run on the host instead, at expert bytes / `--host-gbps` a
+expert (decode on a CPU reads the weights once, memory-bound): the production HostCompute makes the
+choice from the simulated copy times; the host's time counts as stall where it outlasts the layer's
+wait on the link (no overlap with device compute is assumed).
 
     python benchmarks/replay.py --traces runs/predictors/traces.safetensors --batch 1 8
 """
@@ -27,6 +31,7 @@ from belady import belady_misses  # noqa: E402
 from engine.loader import HostExperts  # noqa: E402
 from engine.offload.cache import ExpertCache  # noqa: E402
 from engine.offload.horizon import HorizonController  # noqa: E402
+from engine.offload.host_compute import HostCompute  # noqa: E402
 from engine.offload.policy import make_policy  # noqa: E402
 from engine.offload.predict.trace import TraceSet  # noqa: E402
 from engine.offload.prefetch import Prefetcher  # noqa: E402
@@ -169,8 +174,10 @@ def replay(
     policy: str,
     predictor: str,
     steps: list[torch.Tensor],
+    host_s: float | None = None,
 ) -> dict:
-    """Run the trace rows of each step ([T] indices) through the real cache and prefetcher."""
+    """Run the trace rows of each step ([T] indices) through the real cache and prefetcher;
+    `host_s`: seconds the host takes per expert, None for no host compute."""
     meta = traces.meta
     layers, experts = meta.moe_layers, meta.num_experts
     host = HostExperts(
@@ -184,6 +191,7 @@ def replay(
         make_policy(policy),
         link,
         torch.device("cpu"),
+        None if host_s is None else HostCompute(),
     )  # type: ignore[arg-type]
     prefetcher = None
     if predictor != "none":
@@ -206,9 +214,19 @@ def replay(
                 )
             needed = topk.unique().tolist()
             lookups.append((layer, needed))
-            for start in range(0, len(needed), cache.num_slots):  # stream when over capacity
-                slots = cache.ensure(layer, needed[start : start + cache.num_slots])
+            on_host = cache.take_host(layer, needed)
+            on_device = [e for e in needed if e not in on_host]
+            link_wait = link.stall_s
+            for start in range(0, len(on_device), cache.num_slots):  # stream when over capacity
+                slots = cache.ensure(layer, on_device[start : start + cache.num_slots])
                 cache.release(slots)
+            if on_host:
+                assert host_s is not None and cache.host is not None
+                for _ in on_host:
+                    cache.host.record_host(host_s)
+                extra = max(0.0, len(on_host) * host_s - (link.stall_s - link_wait))
+                link.stall_s += extra
+                link.now += extra
             link.now += cost.layer_s
     s = cache.stats
     compute_s = len(steps) * len(layers) * cost.layer_s
@@ -217,6 +235,7 @@ def replay(
         "misses": s.misses,
         "belady": belady_misses(lookups, cache.num_slots, cache.warm_keys),
         "transfers": s.transfers,
+        "host_computes": s.host_computes,
         "stall_s": link.stall_s,
         "stall_share": link.stall_s / (link.stall_s + compute_s),
         "horizon": prefetcher.current_horizon if prefetcher else 0,
@@ -239,6 +258,12 @@ def main() -> None:
     parser.add_argument(
         "--scales", nargs="+", default=[*SCALES, "local"], help="cost models to replay"
     )
+    parser.add_argument(
+        "--host-gbps",
+        type=float,
+        default=50.0,
+        help="host memory bandwidth for the host compute rows (an expert costs bytes / this)",
+    )
     args = parser.parse_args()
     traces = TraceSet.load(args.traces)
     scales = dict(SCALES)
@@ -250,29 +275,35 @@ def main() -> None:
             args.local[2] / 1e3,
         )
     print(f"command: {' '.join(sys.argv)}\n")
-    systems = [
-        ("lru on demand", "lru", "none"),
-        ("lfu on demand", "lfu", "none"),
-        ("pregate + expertflow", "expertflow", "pregate"),
-        ("oracle + expertflow", "expertflow", "oracle"),
+    systems = [  # name, policy, predictor, host compute
+        ("lru on demand", "lru", "none", False),
+        ("lfu on demand", "lfu", "none", False),
+        ("lfu + host compute", "lfu", "none", True),
+        ("pregate + expertflow", "expertflow", "pregate", False),
+        ("pregate + expertflow + host compute", "expertflow", "pregate", True),
+        ("oracle + expertflow", "expertflow", "oracle", False),
     ]
     for cost in (scales[name] for name in args.scales if name in scales):
+        host_s = cost.expert_bytes / (args.host_gbps * 1e9)
         print(
             f"### {cost.name}: expert {cost.expert_bytes / 2**20:.1f} MiB, link {cost.link_bps / 1e9:g} GB/s, "
-            f"copy {cost.expert_bytes / cost.link_bps * 1e3:.2f} ms, layer {cost.layer_s * 1e3:.3f} ms\n"
+            f"copy {cost.expert_bytes / cost.link_bps * 1e3:.2f} ms, layer {cost.layer_s * 1e3:.3f} ms, "
+            f"host {host_s * 1e3:.2f} ms an expert ({args.host_gbps:g} GB/s)\n"
         )
         print(
-            "| batch | ratio | system | hit rate | misses | Belady | stall s | stall share | S |\n"
-            "|---|---|---|---|---|---|---|---|---|"
+            "| batch | ratio | system | hit rate | misses | Belady | on host | stall s | stall share | S |\n"
+            "|---|---|---|---|---|---|---|---|---|---|"
         )
         for batch in args.batch:
             for ratio in args.ratios:
-                for name, policy, predictor in systems:
+                for name, policy, predictor, on_host in systems:
                     steps = stream_steps(traces, batch, args.steps)
-                    r = replay(traces, cost, ratio, policy, predictor, steps)
+                    r = replay(
+                        traces, cost, ratio, policy, predictor, steps, host_s if on_host else None
+                    )
                     print(
-                        f"| {batch} | {ratio} | {name} | {r['hit_rate']:.3f} | {r['misses']} | {r['belady']} | {r['stall_s']:.3f} | "
-                        f"{r['stall_share']:.3f} | {r['horizon']} |",
+                        f"| {batch} | {ratio} | {name} | {r['hit_rate']:.3f} | {r['misses']} | {r['belady']} | "
+                        f"{r['host_computes']} | {r['stall_s']:.3f} | {r['stall_share']:.3f} | {r['horizon']} |",
                         flush=True,
                     )
         print()

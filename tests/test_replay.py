@@ -1,5 +1,5 @@
-"""The replay benchmark: its simulated link (priority order, no preemption, exact stall accounting)
-and the step schedules it replays."""
+"""The replay benchmark: its simulated link (priority order, no preemption, exact stall accounting),
+the step schedules it replays, and host compute under its cost model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
-from replay import SimLink, stream_steps, wave_steps  # noqa: E402
+from replay import Cost, SimLink, replay, stream_steps, wave_steps  # noqa: E402
 
 from engine.offload.transfer import HIGH, LOW  # noqa: E402
 
@@ -57,3 +57,21 @@ def test_wave_steps_follow_the_live_schedule() -> None:
 def test_stream_steps_walk_side_by_side() -> None:
     rows = [s.tolist() for s in stream_steps(range(12), batch=3, steps=10)]  # type: ignore[arg-type]
     assert rows == [[0, 4, 8], [1, 5, 9], [2, 6, 10], [3, 7, 11]]
+
+
+def test_host_compute_takes_misses_only_while_it_beats_the_link() -> None:
+    g = torch.Generator().manual_seed(0)
+    tokens, layers, experts = 150, 2, 8
+    topk = torch.stack([torch.randperm(experts, generator=g)[:2] for _ in range(tokens * layers)])
+    traces = SimpleNamespace(
+        meta=SimpleNamespace(moe_layers=(0, 1), num_experts=experts, top_k=2),
+        topk_ids=topk.view(tokens, layers, 2),
+    )
+    cost = Cost("test", expert_bytes=100, link_bps=100.0, layer_s=0.01)  # a copy: 1 s
+    steps = [torch.tensor([t]) for t in range(tokens)]
+    run = lambda host_s: replay(traces, cost, 0.5, "lru", "none", steps, host_s)  # noqa: E731
+    copies, quick, slow = run(None), run(0.1), run(10.0)
+    assert copies["host_computes"] == 0
+    assert quick["host_computes"] > 0 and quick["stall_s"] < copies["stall_s"] / 2
+    assert slow["host_computes"] <= 2  # one layer's probe, then copies again
+    assert quick["misses"] >= quick["host_computes"]

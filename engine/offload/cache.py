@@ -168,10 +168,10 @@ class ExpertCache:
 
     def take_host(self, layer: int, experts: list[int]) -> list[int]:
         """The experts of `layer` not ready in a slot that the host should compute now (none
-        without a HostCompute, or while copying is the quicker). Each is counted as a miss, and
-        one not resident yet is copied in the background, at prefetch priority, if a slot is free
-        or evictable (never one of this layer's `experts`): later tokens find it resident, and
-        nothing waits for it now."""
+        without a HostCompute, or while copying is the quicker). Each is counted as a miss. One
+        not resident yet is also copied in, as a miss would be (never evicting one of this
+        layer's `experts`) but with nobody waiting, if the link is idle: so the cache still
+        learns what is in use, at the pace the link allows instead of queueing behind it."""
         if self.host is None:
             return []
         self._time_copies()
@@ -184,8 +184,8 @@ class ExpertCache:
                 continue
             self._count_lookup(key, hit=False)
             self.stats.host_computes += 1
-            if slot is None:
-                self._load(key, LOW, keep=layer_keys)
+            if slot is None and not self.copying():  # a busy link would only fall behind
+                self._load(key, HIGH, keep=layer_keys, demand=False)
             taken.append(expert)
         return taken
 
@@ -243,12 +243,18 @@ class ExpertCache:
             issued += 1
         return issued
 
-    def _load(self, key: Key, priority: int, keep: frozenset[Key] = frozenset()) -> int | None:
+    def _load(
+        self, key: Key, priority: int, keep: frozenset[Key] = frozenset(), demand: bool = True
+    ) -> int | None:
+        """Copy `key` into a slot; None when no slot may be taken. A prefetch (LOW) takes a free
+        or evictable slot; a miss (HIGH) may also evict a predicted expert, then waits for a
+        prefetch's slot, and fails only when all are pinned; a miss the host computes (HIGH,
+        not `demand`) takes what a miss may evict, but never waits."""
         slot = self._free_slot(for_prefetch=priority == LOW, keep=keep)
-        if slot is None and priority == HIGH:
+        if slot is None and priority == HIGH and demand:
             slot = self._drain_one_prefetch()
         if slot is None:
-            if priority == LOW:
+            if priority == LOW or not demand:
                 return None
             raise RuntimeError("every expert cache slot is pinned")
         self._place(key, slot)

@@ -92,7 +92,14 @@ class OffloadedExperts:
         distinct: list[int],
         on_host: list[int],
     ) -> torch.Tensor:
-        """The host runs `on_host` from its own copy of their weights; the device the rest."""
+        """The host runs `on_host` from its own copy of their weights; the device the rest. The
+        host's inputs leave the device first, so on CUDA the device part, queued next, runs
+        while the host computes."""
+        host = self.cache.store.w13[layer].device
+        inputs = []
+        for expert in on_host:
+            rows, cols = (topk_ids == expert).nonzero(as_tuple=True)  # [n] each
+            inputs.append((expert, rows, hidden[rows].to(host), topk_weights[rows, cols].to(host)))
         is_host = torch.isin(topk_ids, torch.tensor(on_host, device=hidden.device))  # [T, k]
         on_device = [e for e in distinct if e not in on_host]
         if on_device:  # host pairs weigh 0 here, on an expert the device runs anyway
@@ -101,27 +108,20 @@ class OffloadedExperts:
             out = self._on_device(layer, hidden, ids, weights, on_device)
         else:
             out = torch.zeros_like(hidden)
-        for expert in on_host:
-            rows, cols = (topk_ids == expert).nonzero(as_tuple=True)
-            out.index_add_(
-                0, rows, self._host_expert(layer, expert, hidden[rows], topk_weights[rows, cols])
-            )
+        for expert, rows, x, w in inputs:
+            out.index_add_(0, rows, self._host_expert(layer, expert, x, w).to(out.device))
         return out
 
     def _host_expert(
         self, layer: int, expert: int, hidden: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """hidden [n, H] of the tokens routed to `expert`, weights [n] -> weighted output [n, H]."""
+        """On the host: hidden [n, H] of the tokens routed to `expert`, their weights [n] ->
+        weighted output [n, H]; the time it takes feeds the host-or-copy choice."""
         assert self.cache.host is not None
         start = time.perf_counter()
-        w13, w2 = self.cache.store.expert(layer, expert)  # host [2I, H], [H, I]
-        part = kernels.fused_moe(
-            hidden.to(w13.device),
-            w13[None],
-            w2[None],
-            weights.to(w13.device)[:, None],
-            torch.zeros(hidden.shape[0], 1, dtype=torch.long),
-        ).to(hidden.device)  # [n, H]
+        w13, w2 = self.cache.store.expert(layer, expert)  # [2I, H], [H, I]
+        ids = torch.zeros(hidden.shape[0], 1, dtype=torch.long)  # [n, 1]: slot 0 of a 1-slot view
+        part = kernels.fused_moe(hidden, w13[None], w2[None], weights[:, None], ids)
         self.cache.host.record_host(time.perf_counter() - start)
         return part
 

@@ -5,9 +5,10 @@ keeps copying and a slow one stops stalling.
 
 Both sides are timed as they happen: the copy from each finished transfer, the host from each expert
 it computes (the activations' round trip included). Until a copy has been timed every miss copies;
-then one miss probes the host; after that the quicker side wins. A host-computed expert is not made
-resident on the spot, so the cache still learns what is in use: it is filled in the background, at
-prefetch priority, when a slot is free or evictable.
+then one miss probes the host; after that the quicker side wins. A host-computed expert is still
+copied in, as a miss would be but with nobody waiting, when the link is idle: the cache keeps
+learning what is in use at the pace the link allows (filling behind a busy link would only queue
+ever older copies).
 """
 
 from __future__ import annotations

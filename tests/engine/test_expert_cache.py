@@ -125,7 +125,7 @@ def test_host_compute_copies_until_timed_probes_once_then_takes_the_quicker() ->
     assert host.prefer_host()
 
 
-def test_take_host_takes_only_missing_experts_and_fills_in_the_background() -> None:
+def test_take_host_takes_only_missing_experts_and_copies_one_in_unwaited() -> None:
     host = HostCompute(copy_s=1.0, host_s=0.001)  # the host is far quicker
     cache = make_cache(3, host=host)  # warm: (0,0), (1,0), (0,1)
     cache.begin_step()
@@ -134,7 +134,8 @@ def test_take_host_takes_only_missing_experts_and_fills_in_the_background() -> N
     assert taken == [2, 3]  # resident ones are not taken
     s = cache.stats
     assert s.host_computes == 2 and s.misses == 2 and s.hits == 1
-    # one background fill: the only evictable slot (not pinned) went to expert 2, none to 3
+    # one copy with nobody waiting: the only evictable slot (not pinned, not expert 1 of this
+    # layer) went to expert 2; none was left for 3
     assert (0, 2) in cache.slot_of and (0, 3) not in cache.slot_of
     assert cache.slot_of.get((0, 0)) == slots[0] and s.transfers == 1
     assert (0, 2) not in cache.prefetched and s.prefetch_issued == 0
@@ -149,4 +150,5 @@ def test_a_copy_in_flight_is_not_waited_for_when_the_host_is_quicker() -> None:
     assert cache.take_host(0, [2]) == [2]  # filled in the background, still copying
     start = time.perf_counter()
     assert cache.take_host(0, [2]) == [2]  # not waited for: the host computes it again
+    assert cache.take_host(1, [3]) == [3]  # and no second copy queues behind the busy link
     assert time.perf_counter() - start < 1.0 and cache.stats.transfers == 1

@@ -29,6 +29,7 @@ pytestmark = [
             "cache_policy": "expertflow",
             "resident_first": True,
         },
+        {"expert_cache_ratio": 0.25, "cpu_expert_compute": True},  # misses may run on the host
     ],
 )
 def test_cuda_outputs_do_not_depend_on_the_cache(

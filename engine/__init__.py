@@ -4,7 +4,7 @@ from engine.async_llm import AsyncLLM
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.llm import LLM
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling import RequestError, SamplingParams
+from engine.sampling import GuidedDecoding, RequestError, SamplingParams
 
 __all__ = [
     "LLM",
@@ -12,6 +12,7 @@ __all__ = [
     "ConfigError",
     "CompletionOutput",
     "EngineConfig",
+    "GuidedDecoding",
     "ModelConfig",
     "RequestError",
     "RequestOutput",

@@ -56,6 +56,8 @@ class Detokenizer:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
+        if seq.guide is not None and seq.guide.accept(token) and not seq.finished:
+            seq.finish_reason = "stop"  # the grammar is complete: it took one of its stop tokens
         shown = seq.output_token_ids
         if seq.finish_reason == "stop" and not p.include_stop_str_in_output:
             shown = shown[:-1]  # as vLLM: the EOS / stop token that ended the text is not rendered

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from engine.attention import KVCache
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.detokenizer import Detokenizer
+from engine.guided import GrammarCompiler, Guide
 from engine.loader import load_model
 from engine.metrics import EngineMetrics
 from engine.offload.runtime import OffloadRuntime
@@ -89,6 +90,7 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.detokenizer = Detokenizer(self.tokenizer, tuple(sorted(eos)), self.max_model_len)
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, tuple(sorted(eos)))
         self.metrics = EngineMetrics(model_name or config.model)
         self.metrics.record_offload(self.offload.stats(), None)
         self.requests: dict[str, Request] = {}
@@ -156,6 +158,9 @@ class LLMEngine:
                 param="max_tokens" if params.max_tokens else "messages",
                 code="context_length_exceeded",
             )
+        guides: list[Guide | None] = [None] * params.n
+        if params.guided is not None:  # compiled here, so a bad schema is refused up front
+            guides = [self.grammars.guide(params.guided) for _ in range(params.n)]
         seqs = [
             Sequence(
                 request_id=request_id,
@@ -167,6 +172,7 @@ class LLMEngine:
                 generator=None
                 if params.seed is None
                 else torch.Generator().manual_seed(params.seed + i),
+                guide=guides[i],
             )
             for i in range(params.n)
         ]

@@ -1,5 +1,5 @@
-"""Turns last-position logits into next tokens: penalties, logit bias, temperature, top-k/top-p,
-seeded draws."""
+"""Turns last-position logits into next tokens: penalties, logit bias, a structured output's
+grammar, temperature, top-k/top-p, seeded draws."""
 
 from __future__ import annotations
 
@@ -51,6 +51,9 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 def sample(logits: torch.Tensor, seqs: list[Sequence], default: torch.Generator) -> list[int]:
     """logits [B, V] float32 (raw) -> one token per sequence."""
     logits = apply_logit_bias(apply_penalties(logits.clone(), seqs), seqs)
+    for row, seq in enumerate(seqs):
+        if seq.guide is not None:
+            seq.guide.mask(logits[row])
     tokens = logits.argmax(dim=-1).tolist()
     for row, seq in enumerate(seqs):
         p = seq.params

@@ -15,6 +15,18 @@ class RequestError(ValueError):
         self.message, self.param, self.code = message, param, code
 
 
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """Structured output (engine/guided.py): `json_schema` (a schema as JSON text), or, when
+    None, any JSON object (OpenAI's json_object mode)."""
+
+    json_schema: str | None = None
+
+    @property
+    def schema(self) -> str:
+        return self.json_schema or '{"type": "object"}'
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -32,6 +44,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob plus the top k
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    guided: GuidedDecoding | None = None  # None: free text
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from tokenizers.decoders import DecodeStream
 
+from engine.guided import Guide
 from engine.outputs import CompletionOutput, RequestOutput, RequestTiming, TokenLogprob
 from engine.sampling import SamplingParams
 
@@ -34,6 +35,7 @@ class Sequence:
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] | None = None
     decode_stream: DecodeStream | None = None  # the detokenizer's incremental state
+    guide: Guide | None = None  # its place in the grammar, for structured outputs
 
     @property
     def num_tokens(self) -> int:

@@ -3,12 +3,13 @@ belongs is a 400, as on OpenAI) and every OpenAI feature we do not implement is 
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from engine import SamplingParams
+from engine import GuidedDecoding, SamplingParams
 from engine.sampling import MAX_LOGPROBS
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ class RequestModel(BaseModel):
     @classmethod
     def _warn_unknown_fields(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            unknown = sorted(set(data) - set(cls.model_fields))
+            known = {f.alias or name for name, f in cls.model_fields.items()}
+            unknown = sorted(set(data) - known)
             if unknown:
                 logger.warning("%s: ignoring unknown fields: %s", cls.__name__, ", ".join(unknown))
         return data
@@ -40,6 +42,32 @@ class RequestModel(BaseModel):
 
 class StreamOptions(RequestModel):
     include_usage: bool | None = False
+
+
+class JSONSchemaFormat(RequestModel):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {}: any JSON object
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(RequestModel):
+    """OpenAI's structured outputs: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("`json_schema` is required with type 'json_schema', and only then")
+        return self
+
+    def guided(self) -> GuidedDecoding | None:
+        if self.type == "text":
+            return None
+        schema = self.json_schema.schema_ if self.json_schema is not None else {}
+        return GuidedDecoding(json.dumps(schema) if schema else None)
 
 
 class SamplingRequest(RequestModel):
@@ -62,6 +90,7 @@ class SamplingRequest(RequestModel):
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user tag for the caller's own bookkeeping; we only accept it
     logit_bias: dict[str, float] | None = None  # token id (as a string, as in OpenAI) -> bias
+    response_format: ResponseFormat | None = None  # completions too, as in vLLM
 
     @field_validator("logit_bias")
     @classmethod
@@ -114,6 +143,7 @@ class SamplingRequest(RequestModel):
             prompt_logprobs=logprobs if score_prompt else None,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
+            guided=self.response_format.guided() if self.response_format else None,
         )
 
 
@@ -159,24 +189,12 @@ class ChatMessage(RequestModel):
         return message
 
 
-class ResponseFormat(RequestModel):
-    type: str
-
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, value: str) -> str:
-        if value != "text":
-            raise ValueError(f"{value!r} is not supported (only 'text')")
-        return value
-
-
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of the next one
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None

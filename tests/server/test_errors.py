@@ -62,12 +62,28 @@ BAD_REQUESTS = [
     ),
     (CHAT, chat(tool_choice="auto"), 400, "tool_choice", "not supported"),
     (CHAT, chat(functions=[{"name": "f"}]), 400, "functions", "not supported"),
+    (CHAT, chat(response_format={"type": "yaml"}), 400, "response_format.type", "json_schema"),
+    (CHAT, chat(response_format={"type": "json_schema"}), 400, "response_format", "required"),
+    (
+        COMPLETIONS,
+        completion(
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": []}}
+        ),
+        400,
+        "response_format.json_schema.schema",
+        "dictionary",
+    ),
     (
         CHAT,
-        chat(response_format={"type": "json_object"}),
+        chat(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"properties": {"a": {"$ref": "#/no"}}}},
+            }
+        ),
         400,
-        "response_format.type",
-        "not supported",
+        "response_format",
+        "invalid JSON schema: Cannot find field no",
     ),
     (CHAT, chat(logit_bias={"a": 10}), 400, "logit_bias", "token ids"),
     (CHAT, chat(logit_bias={"²": 10}), 400, "logit_bias", "token ids"),

@@ -1,0 +1,82 @@
+"""Structured outputs: a JSON schema (or any JSON object) that every sampled token must keep valid.
+
+xgrammar (the engine vLLM and SGLang use) compiles the schema against the tokenizer once; each
+sequence then holds a matcher that, before every draw, marks the tokens that can continue the
+text, and accepts the drawn one. Disallowed logits are set to -inf after penalties and bias, so
+greedy and sampled draws alike stay inside the grammar; logprobs remain the model's own. The text
+ends when the grammar is complete (the matcher then allows only the stop tokens), or at max_tokens,
+which can cut it short, as on OpenAI. Like vLLM's, the grammar lets a string hold raw control
+characters (JSON wants them escaped; `json.loads(text, strict=False)` reads them). xgrammar is
+imported on first use: it takes seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from engine.sampling import GuidedDecoding, RequestError
+
+INSTALL_HINT = "structured outputs need the xgrammar package: pip install 'expertflow[structured]'"
+
+
+@functools.cache
+def _xgrammar() -> ModuleType:
+    try:
+        import xgrammar
+    except ImportError as exc:
+        raise RequestError(INSTALL_HINT, param="response_format") from exc
+    return xgrammar
+
+
+class GrammarCompiler:
+    """One per engine: the tokenizer's vocabulary as xgrammar sees it, and compiled schemas."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...]) -> None:
+        self.tokenizer, self.vocab_size, self.stop_token_ids = tokenizer, vocab_size, stop_token_ids
+
+    @functools.cached_property
+    def _compiler(self) -> Any:
+        xgr = _xgrammar()
+        info = xgr.TokenizerInfo.from_huggingface(
+            self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self.stop_token_ids)
+        )
+        return xgr.GrammarCompiler(info)
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 (one compiler per engine, for its lifetime)
+    def compile(self, guided: GuidedDecoding) -> Any:
+        """The compiled grammar; a schema xgrammar cannot take is a RequestError."""
+        try:
+            json.loads(guided.schema)
+            return self._compiler.compile_json_schema(guided.schema, any_whitespace=False)
+        except (ValueError, RuntimeError) as exc:
+            why = re.sub(r"^\[[\d:]+\] \S+: ", "", str(exc).strip().splitlines()[0])  # xgrammar's
+            raise RequestError(f"invalid JSON schema: {why}", param="response_format") from exc
+
+    def guide(self, guided: GuidedDecoding) -> Guide:
+        return Guide(_xgrammar().GrammarMatcher(self.compile(guided)), self.vocab_size)
+
+
+class Guide:
+    """One sequence's place in its grammar."""
+
+    def __init__(self, matcher: Any, vocab_size: int) -> None:
+        self.matcher, self.vocab_size = matcher, vocab_size
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """Set to -inf, in place, the logits [V] of tokens the grammar does not allow next."""
+        xgr = _xgrammar()
+        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)  # [1, ceil(V / 32)] int32
+        self.matcher.fill_next_token_bitmask(bitmask)
+        xgr.apply_token_bitmask_inplace(logits[None], bitmask.to(logits.device))
+
+    def accept(self, token: int) -> bool:
+        """Advance past `token`; True once the grammar is complete."""
+        if not self.matcher.accept_token(token):
+            raise RuntimeError(f"token {token} was sampled outside the grammar")
+        return self.matcher.is_terminated()

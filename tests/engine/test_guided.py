@@ -1,0 +1,90 @@
+"""Structured outputs (engine/guided.py): JSON that matches its schema, greedy or sampled, next to
+free-text requests in one batch, and through preemption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine import LLM, GuidedDecoding, RequestError, SamplingParams
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "label": {"enum": ["yes", "no", "maybe"]},
+        "ok": {"type": "boolean"},
+        "note": {"type": "string", "maxLength": 8},
+    },
+    "required": ["label", "ok", "note"],
+    "additionalProperties": False,
+}
+GUIDED = GuidedDecoding(json.dumps(SCHEMA))
+PROMPTS = ["The quick brown fox", "def add(a, b):", "Mixture of experts", "import torch"]
+
+
+def assert_matches_schema(text: str) -> None:
+    # xgrammar (as in vLLM) lets a string hold raw control characters, which strict JSON escapes
+    value = json.loads(text, strict=False)
+    assert set(value) == {"label", "ok", "note"}, value
+    assert value["label"] in ("yes", "no", "maybe") and isinstance(value["ok"], bool)
+    assert isinstance(value["note"], str) and len(value["note"]) <= 8
+
+
+@pytest.fixture(scope="module")
+def llm(mixtral_checkpoint: Path) -> LLM:
+    return LLM(model=str(mixtral_checkpoint), max_model_len=128)
+
+
+def test_schema_holds_greedy_and_sampled_next_to_free_text(llm: LLM) -> None:
+    free = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    alone = llm.generate(PROMPTS[2], free)[0].token_ids
+    params = [
+        SamplingParams(max_tokens=60, temperature=0.0, guided=GUIDED),
+        SamplingParams(max_tokens=60, temperature=1.0, seed=1, n=3, guided=GUIDED),
+        free,
+    ]
+    greedy, sampled, text = llm.generate(PROMPTS[:3], params)
+    for choice in greedy.outputs + sampled.outputs:
+        assert choice.finish_reason == "stop", choice.text
+        assert_matches_schema(choice.text)
+    assert len({c.text for c in sampled.outputs}) > 1  # sampling still samples, inside the grammar
+    assert text.token_ids == alone  # a neighbour's grammar never masks another row
+
+
+def test_json_object_mode_starts_an_object(llm: LLM) -> None:
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=40, guided=GuidedDecoding(), seed=0))
+    choice = out[0].outputs[0]
+    assert choice.text.startswith("{")
+    if choice.finish_reason == "stop":  # a random model may also run out of tokens mid-object
+        assert isinstance(json.loads(choice.text, strict=False), dict)
+
+
+def test_grammar_state_survives_preemption(mixtral_checkpoint: Path, llm: LLM) -> None:
+    params = SamplingParams(max_tokens=100, temperature=0.0, guided=GUIDED)
+    roomy = [o.outputs[0] for o in llm.generate(PROMPTS, params)]
+    tight = LLM(model=str(mixtral_checkpoint), max_model_len=128, kv_cache_blocks=10)
+    preempted = 0
+    original = tight.engine.scheduler.schedule
+
+    def counting_schedule():  # noqa: ANN202
+        nonlocal preempted
+        batch = original()
+        preempted += len(batch.preempted)
+        return batch
+
+    tight.engine.scheduler.schedule = counting_schedule  # type: ignore[method-assign]
+    assert [o.text for o in tight.generate(PROMPTS, params)] == [c.text for c in roomy]
+    assert preempted > 0 and tight.engine.blocks.num_used == 0
+    for choice in roomy:
+        assert choice.finish_reason == "stop", choice.text
+        assert_matches_schema(choice.text)
+
+
+def test_a_schema_xgrammar_cannot_take_is_refused(llm: LLM) -> None:
+    bad = GuidedDecoding(json.dumps({"properties": {"a": {"$ref": "#/nowhere"}}}))
+    with pytest.raises(RequestError) as info:
+        llm.generate(PROMPTS[0], SamplingParams(guided=bad))
+    assert info.value.param == "response_format" and "nowhere" in str(info.value)
+    assert not llm.engine.has_unfinished()

@@ -214,7 +214,8 @@ def replay(
                 )
             needed = topk.unique().tolist()
             lookups.append((layer, needed))
-            on_host = cache.take_host(layer, needed)
+            rows = torch.bincount(topk.flatten(), minlength=experts)[needed].tolist()
+            on_host = cache.take_host(layer, needed, rows)
             on_device = [e for e in needed if e not in on_host]
             link_wait = link.stall_s
             for start in range(0, len(on_device), cache.num_slots):  # stream when over capacity
@@ -222,8 +223,8 @@ def replay(
                 cache.release(slots)
             if on_host:
                 assert host_s is not None and cache.host is not None
-                for _ in on_host:
-                    cache.host.record_host(host_s)
+                for expert in on_host:  # memory-bound: the same time whatever the token count
+                    cache.host.record_host(host_s, rows[needed.index(expert)])
                 extra = max(0.0, len(on_host) * host_s - (link.stall_s - link_wait))
                 link.stall_s += extra
                 link.now += extra

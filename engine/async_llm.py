@@ -67,6 +67,8 @@ class AsyncLLM:
         """Yield cumulative outputs until the request finishes; raises RequestError if refused."""
         if self._stopped:
             raise RuntimeError("the engine is shut down")
+        if params.guided is not None:  # compiled here, off the engine thread that serves everyone
+            await asyncio.to_thread(self.engine.grammars.compile, params.guided)
         stream = _Stream(asyncio.get_running_loop())
         self._inbox.put(_Add(request_id, prompt_token_ids, params, stream))
         finished = False

@@ -23,6 +23,35 @@ import torch
 from engine.sampling import GuidedDecoding, RequestError
 
 INSTALL_HINT = "structured outputs need the xgrammar package: pip install 'expertflow[structured]'"
+MAX_SCHEMA_CHARS = 65536
+MAX_SCHEMA_DEPTH = 32  # compile time grows steeply with nesting (2 s at 300 levels of arrays)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def check_schema(text: str) -> None:
+    """Refuse what would stall a compile: over MAX_SCHEMA_CHARS characters or nested deeper than
+    MAX_SCHEMA_DEPTH; and what is not JSON."""
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise RequestError(
+            f"the JSON schema is {len(text)} characters; at most {MAX_SCHEMA_CHARS}",
+            param="response_format",
+        )
+    try:
+        depth = _depth(json.loads(text))
+    except (ValueError, RecursionError) as exc:
+        raise RequestError(f"invalid JSON schema: {exc}", param="response_format") from exc
+    if depth > MAX_SCHEMA_DEPTH:
+        raise RequestError(
+            f"the JSON schema nests {depth} levels deep; at most {MAX_SCHEMA_DEPTH}",
+            param="response_format",
+        )
 
 
 @functools.cache
@@ -50,9 +79,10 @@ class GrammarCompiler:
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 (one compiler per engine, for its lifetime)
     def compile(self, guided: GuidedDecoding) -> Any:
-        """The compiled grammar; a schema xgrammar cannot take is a RequestError."""
+        """The compiled grammar; a schema xgrammar cannot take is a RequestError. Thread-safe:
+        the server compiles in a worker thread before the request reaches the engine."""
+        check_schema(guided.schema)
         try:
-            json.loads(guided.schema)
             return self._compiler.compile_json_schema(guided.schema, any_whitespace=False)
         except (ValueError, RuntimeError) as exc:
             why = re.sub(r"^\[[\d:]+\] \S+: ", "", str(exc).strip().splitlines()[0])  # xgrammar's
@@ -68,15 +98,21 @@ class Guide:
     def __init__(self, matcher: Any, vocab_size: int) -> None:
         self.matcher, self.vocab_size = matcher, vocab_size
 
-    def mask(self, logits: torch.Tensor) -> None:
-        """Set to -inf, in place, the logits [V] of tokens the grammar does not allow next."""
-        xgr = _xgrammar()
-        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)  # [1, ceil(V / 32)] int32
-        self.matcher.fill_next_token_bitmask(bitmask)
-        xgr.apply_token_bitmask_inplace(logits[None], bitmask.to(logits.device))
-
     def accept(self, token: int) -> bool:
         """Advance past `token`; True once the grammar is complete."""
         if not self.matcher.accept_token(token):
             raise RuntimeError(f"token {token} was sampled outside the grammar")
         return self.matcher.is_terminated()
+
+
+def mask_disallowed(logits: torch.Tensor, guides: list[Guide | None]) -> None:
+    """Set to -inf, in place, each guided row's logits [B, V] that its grammar does not allow
+    next: one bitmask for the batch, one masking call."""
+    rows = [r for r, g in enumerate(guides) if g is not None]
+    if not rows:
+        return
+    xgr = _xgrammar()
+    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])  # [B, ceil(V/32)]
+    for r in rows:
+        guides[r].matcher.fill_next_token_bitmask(bitmask, r)  # type: ignore[union-attr]
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)

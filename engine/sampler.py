@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.guided import mask_disallowed
 from engine.sequence import Sequence
 
 
@@ -51,9 +52,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 def sample(logits: torch.Tensor, seqs: list[Sequence], default: torch.Generator) -> list[int]:
     """logits [B, V] float32 (raw) -> one token per sequence."""
     logits = apply_logit_bias(apply_penalties(logits.clone(), seqs), seqs)
-    for row, seq in enumerate(seqs):
-        if seq.guide is not None:
-            seq.guide.mask(logits[row])
+    mask_disallowed(logits, [s.guide for s in seqs])
     tokens = logits.argmax(dim=-1).tolist()
     for row, seq in enumerate(seqs):
         p = seq.params

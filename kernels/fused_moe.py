@@ -45,8 +45,10 @@ def fused_moe(
     topk_weights [T, k] float; topk_ids [T, k] int slot ids in [0, S) (any subset, any order,
     repeats allowed; not range-checked, which would cost a device sync).
     backend: "triton", "torch", or "auto" (triton on CUDA when importable, else torch).
-    out: optional [T, H] tensor of hidden's dtype and device that receives the result (every row
-    is written; it may be hidden itself); a new one is allocated when None. Returns the output.
+    out: optional [T, H] tensor on hidden's device that receives the result (every row is
+    written; it may be hidden itself), of hidden's dtype or float32 (unrounded: a layer computed
+    in several calls adds them up and rounds once); a new one of hidden's dtype when None.
+    Returns the output.
     """
     num_tokens, hidden_size = hidden.shape
     num_slots, two_inter, _ = w13.shape
@@ -69,9 +71,13 @@ def fused_moe(
         raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
     if out is None:
         out = torch.empty_like(hidden)  # [T, H]
-    elif out.shape != hidden.shape or out.dtype != hidden.dtype or out.device != hidden.device:
+    elif (
+        out.shape != hidden.shape
+        or out.dtype not in (hidden.dtype, torch.float32)
+        or out.device != hidden.device
+    ):
         raise ValueError(
-            f"out must be {tuple(hidden.shape)} {hidden.dtype} on {hidden.device}, "
+            f"out must be {tuple(hidden.shape)} {hidden.dtype} or float32 on {hidden.device}, "
             f"got {tuple(out.shape)} {out.dtype} on {out.device}"
         )
     if num_tokens == 0:

@@ -136,8 +136,10 @@ def fused_moe_triton(
     max_padded = sorted_ids.numel()
     route_w = topk_weights.reshape(-1).contiguous()  # [P]
     act = hidden.new_empty(num_pairs, inter)  # [P, I]
-    # One row per pair: with top-1 that is the output itself, else the top-k sum follows.
-    y = out if top_k == 1 else out.new_empty(num_pairs, hidden_size)  # [P, H]
+    # One float32 row per pair (with top-1 into a float32 out itself); the top-k sum follows and
+    # is rounded once by torch, as on the torch path, whether out is float32 or not.
+    direct = top_k == 1 and out.dtype == torch.float32
+    y = out if direct else out.new_empty(num_pairs, hidden_size, dtype=torch.float32)  # [P, H]
     tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, **flags, **launch)
     _moe_gemm_kernel[(triton.cdiv(max_padded, bm) * triton.cdiv(inter, bn),)](
         hidden, w13, act, route_w, sorted_ids, block_slots, num_padded, max_padded, num_pairs,
@@ -149,6 +151,6 @@ def fused_moe_triton(
         hidden_size, inter, *act.stride(), *w2.stride(), *y.stride(),
         PAIRS_PER_A_ROW=1, GATED=False, **tiles,
     )  # fmt: skip
-    if top_k > 1:
-        torch.sum(y.view(num_tokens, top_k, hidden_size), dim=1, out=out)
+    if not direct:
+        out.copy_(y.view(num_tokens, top_k, hidden_size).sum(dim=1))
     return out

@@ -45,7 +45,7 @@ class StreamOptions(RequestModel):
 
 
 class JSONSchemaFormat(RequestModel):
-    name: str
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {}: any JSON object
     strict: bool | None = None  # the schema is always enforced

@@ -166,26 +166,29 @@ class ExpertCache:
                 self.transfers.promote(transfer)
         return slots, pending
 
-    def take_host(self, layer: int, experts: list[int]) -> list[int]:
-        """The experts of `layer` not ready in a slot that the host should compute now (none
-        without a HostCompute, or while copying is the quicker). Each is counted as a miss. One
-        not resident yet is also copied in, as a miss would be (never evicting one of this
-        layer's `experts`) but with nobody waiting, if the link is idle: so the cache still
-        learns what is in use, at the pace the link allows instead of queueing behind it."""
+    def take_host(self, layer: int, experts: list[int], rows: list[int]) -> list[int]:
+        """The experts of `layer` (with `rows` tokens each) not ready in a slot that the host
+        should compute now (none without a HostCompute, or while copying is the quicker). Each
+        is counted as a miss. One not resident yet is also copied in, if the link is idle, into
+        a slot a prefetch could take (never one of this layer's `experts`) with nobody waiting:
+        the cache still learns what is in use, at the pace the link allows."""
         if self.host is None:
             return []
         self._time_copies()
-        layer_keys = frozenset((layer, e) for e in experts)  # a fill never evicts this layer's own
-        taken = []
-        for expert in experts:
+        layer_keys = frozenset((layer, e) for e in experts)
+        taken: list[int] = []
+        probing: set[int] = set()
+        for expert, n in zip(experts, rows, strict=True):
             key = (layer, expert)
             slot = self.slot_of.get(key)
-            if (slot is not None and not self._writing(slot)) or not self.host.prefer_host():
+            if slot is not None and not self._writing(slot):
+                continue
+            if not self.host.prefer_host(n, probing):
                 continue
             self._count_lookup(key, hit=False)
             self.stats.host_computes += 1
             if slot is None and not self.copying():  # a busy link would only fall behind
-                self._load(key, HIGH, keep=layer_keys, demand=False)
+                self._load(key, LOW, keep=layer_keys)
             taken.append(expert)
         return taken
 
@@ -243,18 +246,15 @@ class ExpertCache:
             issued += 1
         return issued
 
-    def _load(
-        self, key: Key, priority: int, keep: frozenset[Key] = frozenset(), demand: bool = True
-    ) -> int | None:
-        """Copy `key` into a slot; None when no slot may be taken. A prefetch (LOW) takes a free
-        or evictable slot; a miss (HIGH) may also evict a predicted expert, then waits for a
-        prefetch's slot, and fails only when all are pinned; a miss the host computes (HIGH,
-        not `demand`) takes what a miss may evict, but never waits."""
+    def _load(self, key: Key, priority: int, keep: frozenset[Key] = frozenset()) -> int | None:
+        """Copy `key` into a slot. A prefetch (LOW) takes a free or evictable slot, or none
+        (None); a miss (HIGH) may also evict a predicted expert, then waits for a prefetch's
+        slot, and fails only when every slot is pinned."""
         slot = self._free_slot(for_prefetch=priority == LOW, keep=keep)
-        if slot is None and priority == HIGH and demand:
+        if slot is None and priority == HIGH:
             slot = self._drain_one_prefetch()
         if slot is None:
-            if priority == LOW or not demand:
+            if priority == LOW:
                 return None
             raise RuntimeError("every expert cache slot is pinned")
         self._place(key, slot)

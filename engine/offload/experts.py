@@ -52,36 +52,35 @@ class OffloadedExperts:
         distinct = topk_ids.unique().tolist()  # the host must know which experts to make resident
         if self.activated_per_step:
             self.activated_per_step[-1] += len(distinct)
-        on_host = self.cache.take_host(layer, distinct)
-        if on_host:
-            return self._with_host(layer, hidden, topk_ids, topk_weights, distinct, on_host)
-        return self._on_device(layer, hidden, topk_ids, topk_weights, distinct)
-
-    def _on_device(
-        self,
-        layer: int,
-        hidden: torch.Tensor,
-        topk_ids: torch.Tensor,
-        topk_weights: torch.Tensor,
-        distinct: list[int],
-    ) -> torch.Tensor:
-        """Every expert of `distinct` from a slot: resident, copied in, or streamed."""
-        if len(distinct) > self.cache.num_slots:
-            return self._stream(layer, hidden, topk_ids, topk_weights, distinct)
-        slots, pending = self.cache.acquire(layer, distinct)
-        slot_of = self._slot_table(distinct, slots, hidden.device)
-        if not self.resident_first or not pending or len(pending) == len(distinct):
-            for i in pending:
-                self.cache.wait_ready(slots[i])
-            out = kernels.fused_moe(
-                hidden, self.cache.w13, self.cache.w2, topk_weights, slot_of[topk_ids]
-            )
+        rows = torch.bincount(topk_ids.flatten(), minlength=self.num_experts)[distinct].tolist()
+        on_host = self.cache.take_host(layer, distinct, rows)
+        if not on_host and len(distinct) <= self.cache.num_slots:
+            slots, pending = self.cache.acquire(layer, distinct)
+            slot_of = self._slot_table(distinct, slots, hidden.device)
+            if not self.resident_first or not pending or len(pending) == len(distinct):
+                for i in pending:
+                    self.cache.wait_ready(slots[i])
+                out = kernels.fused_moe(  # the common path: one kernel call, rounded once
+                    hidden, self.cache.w13, self.cache.w2, topk_weights, slot_of[topk_ids]
+                )
+                self.cache.release(slots)
+                return out
+        # Split over several calls (resident-first, streaming, the host): each part is added up
+        # in float32 and rounded once, so the split never shows in the output.
+        acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # [T, H]
+        if not on_host and len(distinct) <= self.cache.num_slots:
+            self._resident_first(hidden, topk_ids, topk_weights, distinct, slots, pending, acc)
+            self.cache.release(slots)
         else:
-            out = self._resident_first(
-                hidden, topk_ids, topk_weights, distinct, slots, pending, slot_of
-            )
-        self.cache.release(slots)
-        return out
+            self._with_host(layer, hidden, topk_ids, topk_weights, distinct, on_host, acc)
+        return acc.to(hidden.dtype)
+
+    def _part(
+        self, hidden: torch.Tensor, weights: torch.Tensor, slot_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """One kernel call over the slots, in float32: hidden [n, H] -> [n, H]."""
+        out = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+        return kernels.fused_moe(hidden, self.cache.w13, self.cache.w2, weights, slot_ids, out=out)
 
     def _with_host(
         self,
@@ -91,38 +90,36 @@ class OffloadedExperts:
         topk_weights: torch.Tensor,
         distinct: list[int],
         on_host: list[int],
-    ) -> torch.Tensor:
-        """The host runs `on_host` from its own copy of their weights; the device the rest. The
-        host's inputs leave the device first, so on CUDA the device part, queued next, runs
-        while the host computes."""
+        acc: torch.Tensor,
+    ) -> None:
+        """The host runs `on_host` from its own copy of their weights, the device (streaming if
+        need be) the rest; all added into `acc`. The host's inputs leave the device first, so on
+        CUDA the device part, queued next, runs while the host computes."""
         host = self.cache.store.w13[layer].device
         inputs = []
         for expert in on_host:
             rows, cols = (topk_ids == expert).nonzero(as_tuple=True)  # [n] each
             inputs.append((expert, rows, hidden[rows].to(host), topk_weights[rows, cols].to(host)))
-        is_host = torch.isin(topk_ids, torch.tensor(on_host, device=hidden.device))  # [T, k]
         on_device = [e for e in distinct if e not in on_host]
         if on_device:  # host pairs weigh 0 here, on an expert the device runs anyway
+            is_host = torch.isin(topk_ids, torch.tensor(on_host, device=hidden.device))  # [T, k]
             ids = topk_ids.masked_fill(is_host, on_device[0])
-            weights = topk_weights.masked_fill(is_host, 0)
-            out = self._on_device(layer, hidden, ids, weights, on_device)
-        else:
-            out = torch.zeros_like(hidden)
+            self._stream(layer, hidden, ids, topk_weights.masked_fill(is_host, 0), on_device, acc)
         for expert, rows, x, w in inputs:
-            out.index_add_(0, rows, self._host_expert(layer, expert, x, w).to(out.device))
-        return out
+            acc.index_add_(0, rows, self._host_expert(layer, expert, x, w).to(acc.device))
 
     def _host_expert(
         self, layer: int, expert: int, hidden: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """On the host: hidden [n, H] of the tokens routed to `expert`, their weights [n] ->
-        weighted output [n, H]; the time it takes feeds the host-or-copy choice."""
+        weighted output [n, H] in float32; its time (the GEMMs alone) feeds the choice."""
         assert self.cache.host is not None
         start = time.perf_counter()
         w13, w2 = self.cache.store.expert(layer, expert)  # [2I, H], [H, I]
         ids = torch.zeros(hidden.shape[0], 1, dtype=torch.long)  # [n, 1]: slot 0 of a 1-slot view
-        part = kernels.fused_moe(hidden, w13[None], w2[None], weights[:, None], ids)
-        self.cache.host.record_host(time.perf_counter() - start)
+        out = torch.empty(hidden.shape, dtype=torch.float32)
+        part = kernels.fused_moe(hidden, w13[None], w2[None], weights[:, None], ids, out=out)
+        self.cache.host.record_host(time.perf_counter() - start, hidden.shape[0])
         return part
 
     def _resident_first(
@@ -133,27 +130,24 @@ class OffloadedExperts:
         distinct: list[int],
         slots: list[int],
         pending: list[int],
-        slot_of: torch.Tensor,
-    ) -> torch.Tensor:
+        acc: torch.Tensor,
+    ) -> None:
+        """The resident experts into `acc` at once, then each missing one as its copy lands."""
         missing = torch.tensor([distinct[i] for i in pending], device=hidden.device)
         is_missing = torch.isin(topk_ids, missing)  # [T, k]
         waiting = set(pending)
         ready_slot = slots[next(i for i in range(len(distinct)) if i not in waiting)]
+        slot_of = self._slot_table(distinct, slots, hidden.device)
         weights = topk_weights.masked_fill(is_missing, 0)
         ids = torch.where(is_missing, torch.full_like(topk_ids, ready_slot), slot_of[topk_ids])
-        out = kernels.fused_moe(hidden, self.cache.w13, self.cache.w2, weights, ids)
+        acc.add_(self._part(hidden, weights, ids))
         for i in pending:  # each missing expert, as its copy lands
             self.cache.wait_ready(slots[i])
             rows, cols = (topk_ids == distinct[i]).nonzero(as_tuple=True)
-            part = kernels.fused_moe(
-                hidden[rows],
-                self.cache.w13,
-                self.cache.w2,
-                topk_weights[rows, cols, None],
-                torch.full_like(rows, slots[i])[:, None],
-            )  # [n, H]
-            out.index_add_(0, rows, part)
-        return out
+            slot_ids = torch.full_like(rows, slots[i])[:, None]
+            acc.index_add_(
+                0, rows, self._part(hidden[rows], topk_weights[rows, cols, None], slot_ids)
+            )
 
     def _stream(
         self,
@@ -162,9 +156,10 @@ class OffloadedExperts:
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
         distinct: list[int],
-    ) -> torch.Tensor:
-        """A cache smaller than this layer's working set: pass the experts through it in groups."""
-        out = torch.zeros_like(hidden)
+        acc: torch.Tensor,
+    ) -> None:
+        """Pass the experts through the cache in groups of at most its size, into `acc` (one
+        group when they fit; more when a layer needs more experts than the cache has slots)."""
         capacity = self.cache.num_slots
         for start in range(0, len(distinct), capacity):
             group = distinct[start : start + capacity]
@@ -172,11 +167,8 @@ class OffloadedExperts:
             slot_of = self._slot_table(group, slots, hidden.device, fill=slots[0])
             in_group = torch.isin(topk_ids, torch.tensor(group, device=hidden.device))
             weights = torch.where(in_group, topk_weights, torch.zeros_like(topk_weights))
-            out += kernels.fused_moe(
-                hidden, self.cache.w13, self.cache.w2, weights, slot_of[topk_ids]
-            )
+            acc.add_(self._part(hidden, weights, slot_of[topk_ids]))
             self.cache.release(slots)
-        return out
 
     def _slot_table(
         self, experts: list[int], slots: list[int], device: torch.device, fill: int = 0

@@ -3,37 +3,53 @@ the host, when that is quicker than copying it in. KTransformers and llama.cpp `
 experts on the CPU for good; here the choice is made per miss from two measurements, so a fast link
 keeps copying and a slow one stops stalling.
 
-Both sides are timed as they happen: the copy from each finished transfer, the host from each expert
-it computes (the activations' round trip included). Until a copy has been timed every miss copies;
-then one miss probes the host; after that the quicker side wins. A host-computed expert is still
-copied in, as a miss would be but with nobody waiting, when the link is idle: the cache keeps
-learning what is in use at the pace the link allows (filling behind a busy link would only queue
-ever older copies).
+Both sides are timed as they happen: the copy from each finished transfer, the host from each
+expert it computes (its GEMMs alone), by how many tokens it had, in powers of two: one token reads
+the weights once, a prefill's hundreds are a GEMM the host may be far slower at. Until a copy has
+been timed every miss copies; a token count the host has not run yet is probed by one miss; after
+that the quicker side wins. A host-computed expert is still copied in, as a miss would be but with
+nobody waiting, when the link is idle: the cache keeps learning what is in use at the pace the link
+allows (filling behind a busy link would only queue ever older copies).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+MAX_BUCKET = 12  # token counts of 2048 and more share one estimate
+
+
+def bucket(rows: int) -> int:
+    """Token counts 1, 2-3, 4-7, ... share an estimate."""
+    return min(max(rows, 1).bit_length(), MAX_BUCKET)
 
 
 @dataclass
 class HostCompute:
     smoothing: float = 0.2  # weight of the newest measurement in each moving average
     copy_s: float | None = None  # seconds one expert's copy takes on the link
-    host_s: float | None = None  # seconds the host takes to run one missing expert's tokens
+    host_s: dict[int, float] = field(default_factory=dict)  # token-count bucket -> seconds
     computed: int = 0  # experts computed on the host so far
 
-    def prefer_host(self) -> bool:
-        """Whether the next missing expert should run on the host rather than be copied in."""
+    def prefer_host(self, rows: int, probing: set[int]) -> bool:
+        """Whether a missing expert with `rows` tokens should run on the host rather than be
+        copied in. `probing`: the buckets already being probed in this layer (one miss each)."""
         if self.copy_s is None:
             return False
-        return self.host_s is None or self.host_s < self.copy_s
+        b = bucket(rows)
+        if b not in self.host_s:
+            if b in probing:
+                return False
+            probing.add(b)
+            return True
+        return self.host_s[b] < self.copy_s
 
     def record_copy(self, seconds: float) -> None:
         self.copy_s = self._average(self.copy_s, seconds)
 
-    def record_host(self, seconds: float) -> None:
-        self.host_s = self._average(self.host_s, seconds)
+    def record_host(self, seconds: float, rows: int) -> None:
+        b = bucket(rows)
+        self.host_s[b] = self._average(self.host_s.get(b), seconds)
         self.computed += 1
 
     def _average(self, current: float | None, sample: float) -> float:

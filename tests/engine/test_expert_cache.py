@@ -112,25 +112,32 @@ def test_a_failed_copy_raises_instead_of_hanging() -> None:
     engine.close()
 
 
-def test_host_compute_copies_until_timed_probes_once_then_takes_the_quicker() -> None:
+def test_host_compute_copies_until_timed_probes_each_token_count_once_then_takes_the_quicker() -> (
+    None
+):
     host = HostCompute(smoothing=0.5)
-    assert not host.prefer_host()  # no copy timed yet: copy, and learn the link
+    assert not host.prefer_host(1, set())  # no copy timed yet: copy, and learn the link
     host.record_copy(0.010)
-    assert host.prefer_host()  # the host is untried: one miss probes it
-    host.record_host(0.030)
-    assert not host.prefer_host() and host.computed == 1
+    probing: set[int] = set()
+    assert host.prefer_host(1, probing)  # one token is untried on the host: probe it once...
+    assert not host.prefer_host(1, probing)  # ...in this layer; another miss copies
+    assert host.prefer_host(300, probing)  # a prefill's token count is a separate probe
+    host.record_host(0.030, 1)
+    host.record_host(0.002, 2)  # 2-3 tokens: another estimate
+    assert not host.prefer_host(1, set()) and host.prefer_host(3, set())
+    assert host.computed == 2
     host.record_copy(0.050)  # the link got slower: 0.010 -> 0.030, level with the host
-    assert host.copy_s == pytest.approx(0.030) and not host.prefer_host()
+    assert host.copy_s == pytest.approx(0.030) and not host.prefer_host(1, set())
     host.record_copy(0.050)
-    assert host.prefer_host()
+    assert host.prefer_host(1, set())
 
 
 def test_take_host_takes_only_missing_experts_and_copies_one_in_unwaited() -> None:
-    host = HostCompute(copy_s=1.0, host_s=0.001)  # the host is far quicker
+    host = HostCompute(copy_s=1.0, host_s={1: 0.001})  # one token each: the host is far quicker
     cache = make_cache(3, host=host)  # warm: (0,0), (1,0), (0,1)
     cache.begin_step()
     slots = cache.ensure(0, [0])  # pinned while its layer runs
-    taken = cache.take_host(0, [0, 1, 2, 3])
+    taken = cache.take_host(0, [0, 1, 2, 3], [1, 1, 1, 1])
     assert taken == [2, 3]  # resident ones are not taken
     s = cache.stats
     assert s.host_computes == 2 and s.misses == 2 and s.hits == 1
@@ -140,15 +147,22 @@ def test_take_host_takes_only_missing_experts_and_copies_one_in_unwaited() -> No
     assert cache.slot_of.get((0, 0)) == slots[0] and s.transfers == 1
     assert (0, 2) not in cache.prefetched and s.prefetch_issued == 0
     cache.release(slots)
-    assert make_cache(3).take_host(0, [2, 3]) == []  # without a HostCompute nothing is taken
+    assert make_cache(3).take_host(0, [2, 3], [1, 1]) == []  # without a HostCompute: none
+
+
+def test_a_token_count_the_host_is_slow_at_still_copies() -> None:
+    host = HostCompute(copy_s=1.0, host_s={1: 0.001, 9: 5.0})  # 256-511 tokens: slower
+    cache = make_cache(3, host=host)
+    cache.begin_step()
+    assert cache.take_host(0, [2, 3], [300, 1]) == [3]
 
 
 def test_a_copy_in_flight_is_not_waited_for_when_the_host_is_quicker() -> None:
-    host = HostCompute(copy_s=1.0, host_s=0.001)
+    host = HostCompute(copy_s=1.0, host_s={1: 0.001})
     cache = make_cache(3, link_gbps=1e-6, host=host)  # a copy would take minutes
     cache.begin_step()
-    assert cache.take_host(0, [2]) == [2]  # filled in the background, still copying
+    assert cache.take_host(0, [2], [1]) == [2]  # copied in with nobody waiting, still copying
     start = time.perf_counter()
-    assert cache.take_host(0, [2]) == [2]  # not waited for: the host computes it again
-    assert cache.take_host(1, [3]) == [3]  # and no second copy queues behind the busy link
+    assert cache.take_host(0, [2], [1]) == [2]  # not waited for: the host computes it again
+    assert cache.take_host(1, [3], [1]) == [3]  # and no second copy queues behind the busy link
     assert time.perf_counter() - start < 1.0 and cache.stats.transfers == 1

@@ -53,6 +53,23 @@ def test_schema_holds_greedy_and_sampled_next_to_free_text(llm: LLM) -> None:
     assert text.token_ids == alone  # a neighbour's grammar never masks another row
 
 
+def test_the_grammar_ends_the_text_with_ignore_eos_and_keeps_it_valid_under_bias(llm: LLM) -> None:
+    # ignore_eos would run to max_tokens, but a complete grammar allows nothing more; a bias
+    # toward '"yes"'-less text (banning the letter y) only narrows what the grammar allows.
+    y = llm.tokenizer.encode("y", add_special_tokens=False)
+    params = SamplingParams(
+        max_tokens=60,
+        temperature=0.0,
+        ignore_eos=True,
+        guided=GUIDED,
+        logit_bias=dict.fromkeys(y, -100.0),
+    )
+    choice = llm.generate(PROMPTS[3], params)[0].outputs[0]
+    assert choice.finish_reason == "stop" and len(choice.token_ids) < 60
+    assert_matches_schema(choice.text)
+    assert json.loads(choice.text, strict=False)["label"] != "yes"
+
+
 def test_json_object_mode_starts_an_object(llm: LLM) -> None:
     out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=40, guided=GuidedDecoding(), seed=0))
     choice = out[0].outputs[0]
@@ -88,3 +105,14 @@ def test_a_schema_xgrammar_cannot_take_is_refused(llm: LLM) -> None:
         llm.generate(PROMPTS[0], SamplingParams(guided=bad))
     assert info.value.param == "response_format" and "nowhere" in str(info.value)
     assert not llm.engine.has_unfinished()
+
+
+def test_schemas_that_would_stall_the_compiler_are_refused(llm: LLM) -> None:
+    deep: dict = {"type": "string"}
+    for _ in range(40):
+        deep = {"type": "array", "items": deep}
+    for schema, words in ((deep, "nests"), ({"enum": ["x" * 70000]}, "characters")):
+        params = SamplingParams(guided=GuidedDecoding(json.dumps(schema)))
+        with pytest.raises(RequestError, match=words) as info:
+            llm.generate(PROMPTS[0], params)
+        assert info.value.param == "response_format"

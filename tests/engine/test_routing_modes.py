@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
-from engine import LLM
+from engine import LLM, SamplingParams
 from engine.offload.experts import OffloadedExperts
 
 if TYPE_CHECKING:
@@ -57,6 +57,31 @@ def test_host_computed_experts_keep_outputs(
     assert 0 < stats["host_computes"] <= stats["misses"]
     assert stats["hits"] + stats["misses"] == sum(offload.experts.activated_per_step)
     assert all(p == 0 for p in offload.cache.pins), "a slot stayed pinned after its layer ran"
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"expert_cache_size": 1},
+        {"expert_cache_ratio": 0.5, "resident_first": True, "link_gbps": 1.0},
+        {"expert_cache_ratio": 0.25, "cpu_expert_compute": True, "link_gbps": 0.02},
+    ],
+    ids=["streamed", "resident-first", "host-computed"],
+)
+def test_split_layers_keep_bfloat16_logprobs_bit_for_bit(
+    tiny_checkpoint: Path, flags: dict[str, object]
+) -> None:
+    """A layer computed in several calls sums them in float32 and rounds once, as one call does:
+    in bfloat16, rounding each part would move the logits."""
+    prompts = [[1, 5, 9, 200, 31], [1, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53], [1, 300]]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
+
+    def logprobs(**extra: object) -> list[list[tuple[int, float]]]:
+        llm = LLM(model=str(tiny_checkpoint), max_model_len=64, dtype="bfloat16", **extra)
+        outs = [o.outputs[0] for o in llm.generate(prompts, params)]
+        return [[(lp.token_id, lp.logprob) for lp in o.logprobs or []] for o in outs]
+
+    assert logprobs(**flags) == logprobs()
 
 
 def test_margin_zero_is_the_default_path(mixtral_checkpoint: Path, greedy_run: GreedyRun) -> None:

@@ -127,6 +127,22 @@ def test_allocates_output_when_none_given(device, backend):
     assert ((out.double() - ref).abs().max() / ref.abs().max()).item() <= TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize(("device", "backend"), TARGETS)
+@pytest.mark.parametrize("top_k", [1, 4])
+def test_float32_out_adds_up_split_calls_unrounded(device, backend, top_k):
+    """A layer run in two calls (half of each token's experts each) into float32 outputs sums to
+    the one-call result rounded once: what resident-first, streaming and host compute rely on."""
+    hidden, w13, w2, weights, ids = make_inputs(9, top_k, torch.bfloat16, device, seed=11)
+    whole = fused_moe(hidden, w13, w2, weights, ids, backend=backend)  # bf16, rounded once
+    halves = torch.zeros(hidden.shape, dtype=torch.float32, device=device)
+    for keep in (slice(0, top_k // 2), slice(top_k // 2, top_k)):
+        part_weights = torch.zeros_like(weights)
+        part_weights[:, keep] = weights[:, keep]
+        out = torch.full(hidden.shape, float("nan"), dtype=torch.float32, device=device)
+        halves += fused_moe(hidden, w13, w2, part_weights, ids, backend=backend, out=out)
+    torch.testing.assert_close(halves.to(torch.bfloat16), whole, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_tiny_tiles_cover_every_tile_and_k_step(device):
     """16-wide tiles: several N tiles and K steps per slot, a partial last GROUP_M group."""
@@ -209,6 +225,7 @@ def test_imports_and_runs_where_triton_is_missing():
         (dict(topk_ids=torch.zeros(2, 2)), "integer"),
         (dict(w13=torch.zeros(4, 6, 8, dtype=torch.float64)), "weights must be"),
         (dict(out=torch.zeros(2, 8, dtype=torch.bfloat16)), "out must be"),
+        (dict(out=torch.zeros(2, 8, dtype=torch.float64)), "or float32"),
     ],
 )
 def test_rejects_bad_arguments(change, message):

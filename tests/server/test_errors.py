@@ -65,6 +65,13 @@ BAD_REQUESTS = [
     (CHAT, chat(response_format={"type": "yaml"}), 400, "response_format.type", "json_schema"),
     (CHAT, chat(response_format={"type": "json_schema"}), 400, "response_format", "required"),
     (
+        CHAT,
+        chat(response_format={"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}),
+        400,
+        "response_format.json_schema.name",
+        "pattern",
+    ),
+    (
         COMPLETIONS,
         completion(
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": []}}

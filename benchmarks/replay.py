@@ -214,8 +214,8 @@ def replay(
                 )
             needed = topk.unique().tolist()
             lookups.append((layer, needed))
-            rows = torch.bincount(topk.flatten(), minlength=experts)[needed].tolist()
-            on_host = cache.take_host(layer, needed, rows)
+            tokens_of = torch.bincount(topk.flatten(), minlength=experts)[needed].tolist()
+            on_host = cache.take_host(layer, needed, tokens_of)
             on_device = [e for e in needed if e not in on_host]
             link_wait = link.stall_s
             for start in range(0, len(on_device), cache.num_slots):  # stream when over capacity
@@ -224,7 +224,7 @@ def replay(
             if on_host:
                 assert host_s is not None and cache.host is not None
                 for expert in on_host:  # memory-bound: the same time whatever the token count
-                    cache.host.record_host(host_s, rows[needed.index(expert)])
+                    cache.host.record_host(host_s, tokens_of[needed.index(expert)])
                 extra = max(0.0, len(on_host) * host_s - (link.stall_s - link_wait))
                 link.stall_s += extra
                 link.now += extra
@@ -232,6 +232,7 @@ def replay(
     s = cache.stats
     compute_s = len(steps) * len(layers) * cost.layer_s
     return {
+        "lookups": s.hits + s.misses,
         "hit_rate": s.hits / max(1, s.hits + s.misses),
         "misses": s.misses,
         "belady": belady_misses(lookups, cache.num_slots, cache.warm_keys),

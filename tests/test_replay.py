@@ -68,10 +68,12 @@ def test_host_compute_takes_misses_only_while_it_beats_the_link() -> None:
         topk_ids=topk.view(tokens, layers, 2),
     )
     cost = Cost("test", expert_bytes=100, link_bps=100.0, layer_s=0.01)  # a copy: 1 s
-    steps = [torch.tensor([t]) for t in range(tokens)]
+    steps = [torch.tensor([t, t + 1]) for t in range(0, tokens - 1, 2)]  # batch 2
+    lookups = sum(len(traces.topk_ids[s, i].unique()) for s in steps for i in range(layers))
     run = lambda host_s: replay(traces, cost, 0.5, "lru", "none", steps, host_s)  # noqa: E731
     copies, quick, slow = run(None), run(0.1), run(10.0)
     assert copies["host_computes"] == 0
     assert quick["host_computes"] > 0 and quick["stall_s"] < copies["stall_s"] / 2
     assert slow["host_computes"] <= 2  # one layer's probe, then copies again
     assert quick["misses"] >= quick["host_computes"]
+    assert copies["lookups"] == quick["lookups"] == slow["lookups"] == lookups

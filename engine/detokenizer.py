@@ -68,7 +68,7 @@ class Detokenizer:
                 seq.decode_stream = DecodeStream(skip_special_tokens=True)
                 seq.text = "".join(self._pieces(seq.decode_stream, shown[:-1]))
             seq.text += "".join(self._pieces(seq.decode_stream, [token]))
-        if p.stop:
+        if p.stop and len(seq.output_token_ids) >= p.min_tokens:
             self._check_stop_strings(seq)
         seq.visible_text = seq.text if seq.finished else self._held_back(seq)
 

@@ -158,6 +158,8 @@ class LLMEngine:
                 param="max_tokens" if params.max_tokens else "messages",
                 code="context_length_exceeded",
             )
+        eos = () if params.ignore_eos else tuple(self.detokenizer.eos_token_ids)
+        stop_ids = tuple(sorted({*eos, *params.stop_token_ids}))
         guides: list[Guide | None] = [None] * params.n
         if params.guided is not None:  # compiled here, so a bad schema is refused up front
             guides = [self.grammars.guide(params.guided) for _ in range(params.n)]
@@ -173,6 +175,7 @@ class LLMEngine:
                 if params.seed is None
                 else torch.Generator().manual_seed(params.seed + i),
                 guide=guides[i],
+                stop_token_ids=stop_ids,
             )
             for i in range(params.n)
         ]

@@ -10,9 +10,19 @@ from engine.sequence import Sequence
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """OpenAI presence/frequency penalties over each sequence's generated tokens. logits [B, V]."""
+    """OpenAI presence/frequency penalties over each sequence's generated tokens; the repetition
+    penalty (vLLM, transformers) over its prompt and generated tokens; and, below min_tokens, no
+    stop token. logits [B, V]."""
     for row, seq in enumerate(seqs):
         p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(seq.token_ids, device=logits.device).unique()
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(
+                values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+            )
+        if len(seq.output_token_ids) < p.min_tokens and seq.stop_token_ids:
+            logits[row, list(seq.stop_token_ids)] = float("-inf")
         if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
             ids, counts = torch.tensor(seq.output_token_ids, device=logits.device).unique(
                 return_counts=True

@@ -40,6 +40,8 @@ class SamplingParams:
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM/transformers: divides a seen token's positive logit
+    min_tokens: int = 0  # vLLM: no EOS, stop token or stop string before this many tokens
     logprobs: int | None = None  # None: off; k: the sampled token's logprob plus the top k
     prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob plus the top k
     include_stop_str_in_output: bool = False
@@ -60,6 +62,16 @@ class SamplingParams:
                 "frequency_penalty",
                 -2.0 <= self.frequency_penalty <= 2.0,
                 "must be between -2 and 2",
+            ),
+            (
+                "repetition_penalty",
+                0.0 < self.repetition_penalty <= 2.0,
+                "must be in (0, 2]",
+            ),
+            (
+                "min_tokens",
+                0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
+                "must be between 0 and max_tokens",
             ),
             (
                 "logprobs",
@@ -84,6 +96,10 @@ class SamplingParams:
         for name, ok, why in checks:
             if not ok:
                 raise RequestError(f"{name} {why}, got {getattr(self, name)!r}", param=name)
+        if self.min_tokens and self.guided is not None:  # a complete grammar allows only a stop
+            raise RequestError(
+                "min_tokens cannot be combined with a structured output", param="min_tokens"
+            )
 
     @property
     def greedy(self) -> bool:

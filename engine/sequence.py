@@ -36,6 +36,7 @@ class Sequence:
     logprobs: list[TokenLogprob] | None = None
     decode_stream: DecodeStream | None = None  # the detokenizer's incremental state
     guide: Guide | None = None  # its place in the grammar, for structured outputs
+    stop_token_ids: tuple[int, ...] = ()  # EOS (unless ignored) and the request's stop tokens
 
     @property
     def num_tokens(self) -> int:

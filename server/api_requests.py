@@ -84,6 +84,8 @@ class SamplingRequest(RequestModel):
     stop_token_ids: list[int] | None = None  # extension (vLLM)
     ignore_eos: bool = False  # extension (vLLM)
     include_stop_str_in_output: bool = False  # extension (vLLM)
+    min_tokens: int | None = None  # extension (vLLM)
+    repetition_penalty: float | None = None  # extension (vLLM)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     stream: bool | None = False
@@ -139,6 +141,8 @@ class SamplingRequest(RequestModel):
             ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_tokens=self.min_tokens or 0,
             logprobs=logprobs,
             prompt_logprobs=logprobs if score_prompt else None,
             include_stop_str_in_output=self.include_stop_str_in_output,

@@ -107,6 +107,12 @@ def test_a_schema_xgrammar_cannot_take_is_refused(llm: LLM) -> None:
     assert not llm.engine.has_unfinished()
 
 
+def test_min_tokens_and_a_grammar_do_not_mix() -> None:
+    with pytest.raises(RequestError) as info:  # a complete grammar allows only its stop token
+        SamplingParams(min_tokens=2, guided=GUIDED)
+    assert info.value.param == "min_tokens"
+
+
 def test_schemas_that_would_stall_the_compiler_are_refused(llm: LLM) -> None:
     deep: dict = {"type": "string"}
     for _ in range(40):

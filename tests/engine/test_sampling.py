@@ -372,6 +372,40 @@ def test_logit_bias_token_outside_the_vocabulary_is_refused(llm: LLM) -> None:
     assert not llm.engine.has_unfinished()
 
 
+def test_repetition_penalty_changes_greedy_output_only_when_set(llm: LLM) -> None:
+    base = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    reference = [o.token_ids for o in llm.generate(PROMPTS, base)]
+    same = SamplingParams(**{**vars(base), "repetition_penalty": 1.0})
+    assert [o.token_ids for o in llm.generate(PROMPTS, same)] == reference
+    strong = SamplingParams(**{**vars(base), "repetition_penalty": 2.0})
+    penalised = [o.token_ids for o in llm.generate(PROMPTS, strong)]
+    assert penalised != reference
+    assert sum(len(set(p)) for p in penalised) > sum(len(set(r)) for r in reference)
+
+
+def test_min_tokens_holds_back_eos_stop_tokens_and_stop_strings(llm: LLM) -> None:
+    eos = llm.engine.model_config.eos_token_ids[0]
+    forced_eos = {eos: 100.0}  # EOS would be drawn at once
+    params = SamplingParams(temperature=0.0, max_tokens=12, logit_bias=forced_eos, min_tokens=5)
+    out = llm.generate(PROMPTS[0], params)[0].outputs[0]
+    assert out.finish_reason == "stop" and len(out.token_ids) == 6 and out.token_ids[-1] == eos
+    assert eos not in out.token_ids[:5]
+    token = 42
+    params = SamplingParams(
+        temperature=0.0, max_tokens=12, logit_bias={token: 100.0}, stop_token_ids=[token]
+    )
+    assert len(llm.generate(PROMPTS[0], params)[0].token_ids) == 1
+    params = SamplingParams(**{**vars(params), "min_tokens": 3, "logit_bias": {}})
+    held = llm.generate(PROMPTS[0], params)[0].outputs[0]
+    assert token not in held.token_ids[:3] and len(held.token_ids) >= 3
+    free = llm.generate(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    stop = free[0].text[:2]  # a stop string the free text hits at once
+    params = SamplingParams(
+        temperature=0.0, max_tokens=8, ignore_eos=True, stop=[stop], min_tokens=4
+    )
+    assert len(llm.generate(PROMPTS[1], params)[0].token_ids) >= 4
+
+
 # ---- validation -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("param", "value"),
@@ -389,6 +423,8 @@ def test_logit_bias_token_outside_the_vocabulary_is_refused(llm: LLM) -> None:
         ("logprobs", 21),
         ("logprobs", -1),
         ("prompt_logprobs", 21),
+        ("repetition_penalty", 0.0),
+        ("min_tokens", -1),
         ("stop", [""]),
         ("logit_bias", {5: 100.5}),
         ("logit_bias", {-1: 1.0}),

@@ -49,6 +49,8 @@ BAD_REQUESTS = [
     (CHAT, chat(top_p=0), 400, "top_p", "(0, 1]"),
     (CHAT, chat(n=0), 400, "n", "between 1"),
     (CHAT, chat(presence_penalty=5), 400, "presence_penalty", "between -2 and 2"),
+    (CHAT, chat(repetition_penalty=0), 400, "repetition_penalty", "(0, 2]"),
+    (COMPLETIONS, completion(min_tokens=5), 400, "min_tokens", "between 0 and max_tokens"),
     (CHAT, chat(logprobs=True, top_logprobs=50), 400, "top_logprobs", "20"),
     (CHAT, chat(top_logprobs=2), 400, "top_logprobs", "logprobs"),
     (CHAT, chat(stop=7), 400, "stop", "string"),

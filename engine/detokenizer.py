@@ -61,21 +61,23 @@ class Detokenizer:
         shown = seq.output_token_ids
         if seq.finish_reason == "stop" and not p.include_stop_str_in_output:
             shown = shown[:-1]  # as vLLM: the EOS / stop token that ended the text is not rendered
+        before = len(seq.text)  # where the newest token's text starts
         if seq.finished or self.backend is None:
             seq.text = self.decode(shown)
         else:
             if seq.decode_stream is None:  # new, or resumed after a restart: catch up first
                 seq.decode_stream = DecodeStream(skip_special_tokens=True)
                 seq.text = "".join(self._pieces(seq.decode_stream, shown[:-1]))
+                before = len(seq.text)
             seq.text += "".join(self._pieces(seq.decode_stream, [token]))
         if p.stop and len(seq.output_token_ids) >= p.min_tokens:
-            self._check_stop_strings(seq)
+            self._check_stop_strings(seq, before)
         seq.visible_text = seq.text if seq.finished else self._held_back(seq)
 
-    def _check_stop_strings(self, seq: Sequence) -> None:
-        # A stop string may only end inside the newest token's text: search just the tail.
-        tail_from = max(0, len(seq.visible_text) - max(len(s) for s in seq.params.stop))
-        hits = [(seq.text.find(s, tail_from), s) for s in seq.params.stop]
+    def _check_stop_strings(self, seq: Sequence, before: int) -> None:
+        """A stop string counts only where it ends inside the newest token's text (from
+        `before`): an earlier one was either caught then or, below min_tokens, let pass."""
+        hits = [(seq.text.find(s, max(0, before - len(s) + 1)), s) for s in seq.params.stop]
         hits = [(at, s) for at, s in hits if at >= 0]
         if not hits:
             return

@@ -145,8 +145,12 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        if params.logit_bias and max(params.logit_bias) >= vocab:
-            raise RequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        for name, ids in (
+            ("logit_bias", params.logit_bias),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
+            if ids and max(ids) >= vocab:
+                raise RequestError(f"{name} token ids must be in [0, {vocab})", param=name)
         num_prompt = len(prompt_token_ids)
         max_tokens = params.max_tokens or self.max_model_len - num_prompt
         if num_prompt + max_tokens > self.max_model_len or max_tokens < 1:

@@ -40,7 +40,7 @@ class SamplingParams:
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0  # vLLM/transformers: divides a seen token's positive logit
+    repetition_penalty: float = 1.0  # vLLM, transformers: divides a seen token's positive logit
     min_tokens: int = 0  # vLLM: no EOS, stop token or stop string before this many tokens
     logprobs: int | None = None  # None: off; k: the sampled token's logprob plus the top k
     prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob plus the top k
@@ -63,11 +63,7 @@ class SamplingParams:
                 -2.0 <= self.frequency_penalty <= 2.0,
                 "must be between -2 and 2",
             ),
-            (
-                "repetition_penalty",
-                0.0 < self.repetition_penalty <= 2.0,
-                "must be in (0, 2]",
-            ),
+            ("repetition_penalty", self.repetition_penalty > 0.0, "must be above 0"),
             (
                 "min_tokens",
                 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
@@ -84,6 +80,7 @@ class SamplingParams:
                 f"must be between 0 and {MAX_LOGPROBS}",
             ),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be token ids"),
             (
                 "logit_bias",
                 all(

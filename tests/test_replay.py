@@ -74,6 +74,8 @@ def test_host_compute_takes_misses_only_while_it_beats_the_link() -> None:
     copies, quick, slow = run(None), run(0.1), run(10.0)
     assert copies["host_computes"] == 0
     assert quick["host_computes"] > 0 and quick["stall_s"] < copies["stall_s"] / 2
-    assert slow["host_computes"] <= 2  # one layer's probe, then copies again
+    assert (
+        slow["host_computes"] <= 4
+    )  # 1 and 2 tokens each probed twice (the first run is not kept)
     assert quick["misses"] >= quick["host_computes"]
     assert copies["lookups"] == quick["lookups"] == slow["lookups"] == lookups

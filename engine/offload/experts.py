@@ -52,8 +52,10 @@ class OffloadedExperts:
         distinct = topk_ids.unique().tolist()  # the host must know which experts to make resident
         if self.activated_per_step:
             self.activated_per_step[-1] += len(distinct)
-        rows = torch.bincount(topk_ids.flatten(), minlength=self.num_experts)[distinct].tolist()
-        on_host = self.cache.take_host(layer, distinct, rows)
+        on_host = []
+        if self.cache.host is not None:  # tokens per expert: the host's cost depends on them
+            rows = torch.bincount(topk_ids.flatten(), minlength=self.num_experts)[distinct]
+            on_host = self.cache.take_host(layer, distinct, rows.tolist())
         if not on_host and len(distinct) <= self.cache.num_slots:
             slots, pending = self.cache.acquire(layer, distinct)
             slot_of = self._slot_table(distinct, slots, hidden.device)

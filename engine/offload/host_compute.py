@@ -6,8 +6,9 @@ keeps copying and a slow one stops stalling.
 Both sides are timed as they happen: the copy from each finished transfer, the host from each
 expert it computes (its GEMMs alone), by how many tokens it had, in powers of two: one token reads
 the weights once, a prefill's hundreds are a GEMM the host may be far slower at. Until a copy has
-been timed every miss copies; a token count the host has not run yet is probed by one miss; after
-that the quicker side wins. A host-computed expert is still copied in, as a miss would be but with
+been timed every miss copies; a token count the host has no estimate for yet is probed by one miss
+a layer (its first run is not kept: it pays one-time costs, a first GEMM can take 15x the next);
+after that the quicker side wins. A host-computed expert is still copied in, as a miss would be but with
 nobody waiting, when the link is idle: the cache keeps learning what is in use at the pace the link
 allows (filling behind a busy link would only queue ever older copies).
 """
@@ -29,6 +30,7 @@ class HostCompute:
     smoothing: float = 0.2  # weight of the newest measurement in each moving average
     copy_s: float | None = None  # seconds one expert's copy takes on the link
     host_s: dict[int, float] = field(default_factory=dict)  # token-count bucket -> seconds
+    warmed: set[int] = field(default_factory=set)  # buckets whose first (discarded) run is done
     computed: int = 0  # experts computed on the host so far
 
     def prefer_host(self, rows: int, probing: set[int]) -> bool:
@@ -49,7 +51,9 @@ class HostCompute:
 
     def record_host(self, seconds: float, rows: int) -> None:
         b = bucket(rows)
-        self.host_s[b] = self._average(self.host_s.get(b), seconds)
+        if b in self.warmed:
+            self.host_s[b] = self._average(self.host_s.get(b), seconds)
+        self.warmed.add(b)
         self.computed += 1
 
     def _average(self, current: float | None, sample: float) -> float:

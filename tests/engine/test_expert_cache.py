@@ -122,10 +122,13 @@ def test_host_compute_copies_until_timed_probes_each_token_count_once_then_takes
     assert host.prefer_host(1, probing)  # one token is untried on the host: probe it once...
     assert not host.prefer_host(1, probing)  # ...in this layer; another miss copies
     assert host.prefer_host(300, probing)  # a prefill's token count is a separate probe
+    host.record_host(9.0, 1)  # a first run pays one-time costs: not kept, probed again
+    assert host.prefer_host(1, set())
     host.record_host(0.030, 1)
-    host.record_host(0.002, 2)  # 2-3 tokens: another estimate
+    host.record_host(0.002, 2)  # 2-3 tokens: another estimate, after its own first run
+    host.record_host(0.002, 2)
     assert not host.prefer_host(1, set()) and host.prefer_host(3, set())
-    assert host.computed == 2
+    assert host.computed == 4
     host.record_copy(0.050)  # the link got slower: 0.010 -> 0.030, level with the host
     assert host.copy_s == pytest.approx(0.030) and not host.prefer_host(1, set())
     host.record_copy(0.050)
@@ -133,7 +136,7 @@ def test_host_compute_copies_until_timed_probes_each_token_count_once_then_takes
 
 
 def test_take_host_takes_only_missing_experts_and_copies_one_in_unwaited() -> None:
-    host = HostCompute(copy_s=1.0, host_s={1: 0.001})  # one token each: the host is far quicker
+    host = HostCompute(copy_s=1.0, host_s={1: 0.001}, warmed={1})  # one token: host far quicker
     cache = make_cache(3, host=host)  # warm: (0,0), (1,0), (0,1)
     cache.begin_step()
     slots = cache.ensure(0, [0])  # pinned while its layer runs

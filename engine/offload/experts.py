@@ -56,7 +56,8 @@ class OffloadedExperts:
         if self.cache.host is not None:  # tokens per expert: the host's cost depends on them
             rows = torch.bincount(topk_ids.flatten(), minlength=self.num_experts)[distinct]
             on_host = self.cache.take_host(layer, distinct, rows.tolist())
-        if not on_host and len(distinct) <= self.cache.num_slots:
+        fits = not on_host and len(distinct) <= self.cache.num_slots
+        if fits:
             slots, pending = self.cache.acquire(layer, distinct)
             slot_of = self._slot_table(distinct, slots, hidden.device)
             if not self.resident_first or not pending or len(pending) == len(distinct):
@@ -70,7 +71,7 @@ class OffloadedExperts:
         # Split over several calls (resident-first, streaming, the host): each part is added up
         # in float32 and rounded once, so the split never shows in the output.
         acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # [T, H]
-        if not on_host and len(distinct) <= self.cache.num_slots:
+        if fits:
             self._resident_first(hidden, topk_ids, topk_weights, distinct, slots, pending, acc)
             self.cache.release(slots)
         else:
@@ -94,8 +95,8 @@ class OffloadedExperts:
         on_host: list[int],
         acc: torch.Tensor,
     ) -> None:
-        """The host runs `on_host` from its own copy of their weights, the device (streaming if
-        need be) the rest; all added into `acc`. The host's inputs leave the device first, so on
+        """The host runs `on_host` (none when a layer only outgrows the slots) from its own copy
+        of their weights, the device the rest, streamed through the slots; all added into `acc`. The host's inputs leave the device first, so on
         CUDA the device part, queued next, runs while the host computes."""
         host = self.cache.store.w13[layer].device
         inputs = []

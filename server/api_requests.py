@@ -269,3 +269,25 @@ class CompletionRequest(SamplingRequest):
     def to_sampling_params(self) -> SamplingParams:
         # An echoed prompt carries logprobs too.
         return self.sampling_params(self.max_tokens, self.logprobs, self.echo)
+
+
+class TokenizeRequest(RequestModel):
+    """vLLM's /tokenize: a prompt, or chat messages through the chat template, to token ids."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # for a prompt; the chat template places its own
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either `prompt` or `messages`")
+        return self
+
+
+class DetokenizeRequest(RequestModel):
+    """vLLM's /detokenize: token ids back to text."""
+
+    model: str | None = None
+    tokens: list[int]

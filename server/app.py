@@ -14,11 +14,23 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine import AsyncLLM, EngineConfig
-from server.api_requests import ChatCompletionRequest, CompletionRequest
-from server.api_responses import ChatCompletion, Completion, ModelCard, ModelList
+from server.api_requests import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from server.api_responses import (
+    ChatCompletion,
+    Completion,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeResponse,
+)
 from server.auth import APIKeyMiddleware
 from server.chat_template import ChatRenderer
-from server.errors import install_error_handlers
+from server.errors import APIError, install_error_handlers
 from server.limits import Limits, RequestLimitMiddleware
 from server.serving import RequestPolicy, until_disconnected
 from server.serving_chat import ChatServing
@@ -47,6 +59,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         policy = app.state.policy = RequestPolicy(timeout_s=settings.limits.request_timeout_s)
         app.state.chat = ChatServing(engine, settings.served_model_name, policy, renderer)
         app.state.completion = CompletionServing(engine, settings.served_model_name, policy)
+        app.state.renderer = renderer
         logger.info(
             "serving %s (max_model_len=%d)", settings.served_model_name, engine.max_model_len
         )
@@ -89,6 +102,28 @@ async def chat_completions(
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Response | Completion:
     return await until_disconnected(request, request.app.state.completion.create(body))
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    """vLLM's: count a prompt's tokens against the context before sending it."""
+    request.app.state.completion.check_model(body.model)
+    engine: AsyncLLM = request.app.state.engine
+    if body.messages is not None:
+        ids = request.app.state.renderer.render([m.template_dict() for m in body.messages])
+    else:
+        ids = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids)
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    request.app.state.completion.check_model(body.model)
+    engine: AsyncLLM = request.app.state.engine
+    vocab = engine.model_config.vocab_size
+    if any(not 0 <= t < vocab for t in body.tokens):
+        raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
+    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 
 
 @router.get("/v1/models")

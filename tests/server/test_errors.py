@@ -125,13 +125,17 @@ BAD_REQUESTS = [
     (COMPLETIONS, completion(best_of=2, n=1), 400, "best_of", "not supported"),
     (COMPLETIONS, completion(logprobs=99), 400, "logprobs", "between 0 and 20"),
     (COMPLETIONS, completion(model="nope"), 404, "model", "The model `nope` does not exist."),
+    ("/tokenize", {"prompt": "x", "messages": MESSAGES}, 400, None, "either"),
+    ("/tokenize", {"prompt": "x", "model": "nope"}, 404, "model", "does not exist"),
+    ("/detokenize", {"tokens": [1, 10**6]}, 400, "tokens", "token ids must be in"),
+    ("/detokenize", {"tokens": "abc"}, 400, "tokens", "list"),
     (CHAT, chat(model="nope", stream=True), 404, "model", "The model `nope` does not exist."),
 ]
 
 
 @pytest.mark.parametrize(("path", "body", "status", "param", "words"), BAD_REQUESTS)
 def test_bad_request(
-    server: RunningServer, path: str, body: dict, status: int, param: str, words: str
+    server: RunningServer, path: str, body: dict, status: int, param: str | None, words: str
 ) -> None:
     with server.http() as http:
         response = http.post(path, json=body)

@@ -330,6 +330,18 @@ def test_structured_outputs_follow_the_schema(server: RunningServer) -> None:
     assert anything.choices[0].text.startswith("{")
 
 
+def test_tokenize_counts_what_generation_counts(server: RunningServer, tokenizer) -> None:
+    with server.http() as http:
+        by_prompt = http.post("/tokenize", json={"prompt": "def add(a, b):"}).json()
+        by_messages = http.post("/tokenize", json={"messages": MESSAGES}).json()
+        back = http.post("/detokenize", json={"tokens": by_prompt["tokens"]}).json()
+    assert by_prompt["tokens"] == tokenizer.encode("def add(a, b):")
+    assert by_prompt["count"] == len(by_prompt["tokens"]) and by_prompt["max_model_len"] == 256
+    chat = server.client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1)
+    assert by_messages["count"] == chat.usage.prompt_tokens  # the chat template included
+    assert back["prompt"] == tokenizer.decode(by_prompt["tokens"])
+
+
 def test_message_forms(server: RunningServer) -> None:
     """Text parts join like a plain string; `developer` is rendered as `system`; unknown fields
     are ignored with a warning in the server log."""

@@ -143,3 +143,24 @@ def greedy_run() -> GreedyRun:
         return [o.token_ids for o in llm.generate(prompts, params)], llm
 
     return run
+
+
+class Preemptions:
+    """Counts the sequences an LLM's scheduler preempts from now on (wraps its `schedule`)."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.count = 0
+        original = llm.engine.scheduler.schedule
+
+        def schedule():  # noqa: ANN202
+            batch = original()
+            self.count += len(batch.preempted)
+            return batch
+
+        llm.engine.scheduler.schedule = schedule  # type: ignore[method-assign]
+
+
+@pytest.fixture(scope="session")
+def preemptions() -> Callable[[LLM], Preemptions]:
+    """`preemptions(llm).count`: what the tests under KV pressure check actually happened."""
+    return Preemptions

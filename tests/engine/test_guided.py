@@ -4,11 +4,16 @@ free-text requests in one batch, and through preemption."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from engine import LLM, GuidedDecoding, RequestError, SamplingParams
+
+if TYPE_CHECKING:
+    from tests.conftest import Preemptions
 
 SCHEMA = {
     "type": "object",
@@ -78,22 +83,15 @@ def test_json_object_mode_starts_an_object(llm: LLM) -> None:
         assert isinstance(json.loads(choice.text, strict=False), dict)
 
 
-def test_grammar_state_survives_preemption(mixtral_checkpoint: Path, llm: LLM) -> None:
+def test_grammar_state_survives_preemption(
+    mixtral_checkpoint: Path, llm: LLM, preemptions: Callable[[LLM], Preemptions]
+) -> None:
     params = SamplingParams(max_tokens=100, temperature=0.0, guided=GUIDED)
     roomy = [o.outputs[0] for o in llm.generate(PROMPTS, params)]
     tight = LLM(model=str(mixtral_checkpoint), max_model_len=128, kv_cache_blocks=10)
-    preempted = 0
-    original = tight.engine.scheduler.schedule
-
-    def counting_schedule():  # noqa: ANN202
-        nonlocal preempted
-        batch = original()
-        preempted += len(batch.preempted)
-        return batch
-
-    tight.engine.scheduler.schedule = counting_schedule  # type: ignore[method-assign]
+    watched = preemptions(tight)
     assert [o.text for o in tight.generate(PROMPTS, params)] == [c.text for c in roomy]
-    assert preempted > 0 and tight.engine.blocks.num_used == 0
+    assert watched.count > 0 and tight.engine.blocks.num_used == 0
     for choice in roomy:
         assert choice.finish_reason == "stop", choice.text
         assert_matches_schema(choice.text)

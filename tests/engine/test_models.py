@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.attention import AttentionBatch
-from tests.conftest import build_tokenizer, tiny_config
+from tests.conftest import Preemptions, build_tokenizer, tiny_config
 
 PROMPTS = [
     [1, 17, 99, 240, 5],
@@ -56,7 +57,9 @@ def test_olmoe_clip_qkv_matches_transformers(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kv_cache_blocks", [None, 4], ids=["roomy-kv", "preempting-kv"])
 def test_batched_greedy_matches_transformers_generate(
-    tiny_checkpoint: Path, kv_cache_blocks: int | None
+    tiny_checkpoint: Path,
+    kv_cache_blocks: int | None,
+    preemptions: Callable[[LLM], Preemptions],
 ) -> None:
     # 4 blocks of 16 tokens hold ~two sequences: the batch must preempt and recompute to finish.
     llm = LLM(
@@ -66,16 +69,7 @@ def test_batched_greedy_matches_transformers_generate(
         max_num_batched_tokens=24,
     )
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    preempted = 0
-    original = llm.engine.scheduler.schedule
-
-    def counting_schedule():  # noqa: ANN202
-        nonlocal preempted
-        batch = original()
-        preempted += len(batch.preempted)
-        return batch
-
-    llm.engine.scheduler.schedule = counting_schedule  # type: ignore[method-assign]
+    watched = preemptions(llm)
     outs = llm.generate(PROMPTS, params)
     hf = hf_model(tiny_checkpoint)
     hf.generation_config.eos_token_id = None  # like ignore_eos: EOS may be generated, never stops
@@ -85,7 +79,7 @@ def test_batched_greedy_matches_transformers_generate(
         )[0, len(prompt) :].tolist()
         assert out.token_ids == ref
     if kv_cache_blocks is not None:
-        assert preempted > 0
+        assert watched.count > 0
     assert llm.engine.blocks.num_used == 0
 
 

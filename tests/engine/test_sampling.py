@@ -8,13 +8,18 @@ import itertools
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from engine import LLM, RequestError, RequestOutput, SamplingParams, runner
+
+if TYPE_CHECKING:
+    from tests.conftest import Preemptions
 
 MAX_MODEL_LEN = 128
 PROMPTS = [
@@ -272,23 +277,17 @@ def test_logprobs_match_transformers(
     ids=["whole-prompt", "chunked-and-preempted"],
 )
 def test_prompt_logprobs_match_transformers(
-    mixtral_checkpoint: Path, flags: dict[str, int], monkeypatch: pytest.MonkeyPatch
+    mixtral_checkpoint: Path,
+    flags: dict[str, int],
+    monkeypatch: pytest.MonkeyPatch,
+    preemptions: Callable[[LLM], Preemptions],
 ) -> None:
     # 3 blocks of 16 tokens hold one of these sequences at a time: prompts are prefilled 8 tokens
     # a chunk, and a sequence preempted while decoding rescores its prompt when recomputed; a
     # chunk's positions are scored 3 at a time.
     monkeypatch.setattr(runner, "PROMPT_SCORE_ROWS", 3)
     llm = LLM(model=str(mixtral_checkpoint), max_model_len=48, **flags)
-    preempted = 0
-    original = llm.engine.scheduler.schedule
-
-    def counting_schedule():  # noqa: ANN202
-        nonlocal preempted
-        batch = original()
-        preempted += len(batch.preempted)
-        return batch
-
-    llm.engine.scheduler.schedule = counting_schedule  # type: ignore[method-assign]
+    watched = preemptions(llm)
     prompts = [encode(llm, p) * 3 for p in PROMPTS[:3]]
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=3)
     hf = AutoModelForCausalLM.from_pretrained(mixtral_checkpoint, dtype=torch.float32).eval()
@@ -301,7 +300,7 @@ def test_prompt_logprobs_match_transformers(
             assert entry is not None and entry.token_id == ids[position]
             assert entry.logprob == pytest.approx(ref[position - 1, ids[position]].item(), abs=1e-4)
             assert [i for i, _, _ in entry.top] == torch.topk(ref[position - 1], 3).indices.tolist()
-    assert (preempted > 0) == bool(flags)
+    assert (watched.count > 0) == bool(flags)
     assert llm.engine.blocks.num_used == 0
 
 

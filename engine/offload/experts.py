@@ -72,7 +72,9 @@ class OffloadedExperts:
         # in float32 and rounded once, so the split never shows in the output.
         acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # [T, H]
         if fits:
-            self._resident_first(hidden, topk_ids, topk_weights, distinct, slots, pending, acc)
+            self._resident_first(
+                hidden, topk_ids, topk_weights, distinct, slots, pending, slot_of, acc
+            )
             self.cache.release(slots)
         else:
             self._with_host(layer, hidden, topk_ids, topk_weights, distinct, on_host, acc)
@@ -133,6 +135,7 @@ class OffloadedExperts:
         distinct: list[int],
         slots: list[int],
         pending: list[int],
+        slot_of: torch.Tensor,
         acc: torch.Tensor,
     ) -> None:
         """The resident experts into `acc` at once, then each missing one as its copy lands."""
@@ -140,7 +143,6 @@ class OffloadedExperts:
         is_missing = torch.isin(topk_ids, missing)  # [T, k]
         waiting = set(pending)
         ready_slot = slots[next(i for i in range(len(distinct)) if i not in waiting)]
-        slot_of = self._slot_table(distinct, slots, hidden.device)
         weights = topk_weights.masked_fill(is_missing, 0)
         ids = torch.where(is_missing, torch.full_like(topk_ids, ready_slot), slot_of[topk_ids])
         acc.add_(self._part(hidden, weights, ids))

@@ -1,8 +1,9 @@
 """ExpertFlow's engine: offline `LLM`, server-side `AsyncLLM`, and their configs."""
 
 from engine.async_llm import AsyncLLM
-from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.config import ConfigError, EngineConfig
 from engine.llm import LLM
+from engine.model_config import ModelConfig
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling import GuidedDecoding, RequestError, SamplingParams
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 @dataclass
 class KVCache:
-    """Paged KV storage: one [num_blocks * block_size, kv_heads, head_dim] tensor per layer."""
+    """Paged KV storage: one [num_blocks * block_size, kv_heads, dim] key and value tensor per layer.
+    With no value tensors (`v` empty) values are the leading channels of the keys: MLA's latent."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
@@ -30,19 +31,18 @@ class KVCache:
         num_layers: int,
         num_blocks: int,
         block_size: int,
-        kv_heads: int,
-        head_dim: int,
+        geometry: tuple[int, int, int],
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> KVCache:
-        shape = (num_blocks * block_size, kv_heads, head_dim)
-        make = lambda: [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # noqa: E731
-        return cls(k=make(), v=make(), block_size=block_size)
+        """geometry: (kv heads, key dim, value dim), value dim 0 when values live in the keys."""
+        kv_heads, key_dim, value_dim = geometry
 
-    @property
-    def bytes_per_block(self) -> int:
-        t = self.k[0]
-        return 2 * len(self.k) * self.block_size * t.shape[1] * t.shape[2] * t.element_size()
+        def make(dim: int) -> list[torch.Tensor]:
+            shape = (num_blocks * block_size, kv_heads, dim)
+            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+        return cls(k=make(key_dim), v=make(value_dim) if value_dim else [], block_size=block_size)
 
 
 @dataclass
@@ -141,40 +141,52 @@ class AttentionBatch:
 
 
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: AttentionBatch
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: int,
+    batch: AttentionBatch,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """q [T, h, D], k/v [T, kvh, D] for the new tokens -> [T, h, D]; writes k/v into the cache."""
-    k_cache, v_cache = batch.kv.k[layer], batch.kv.v[layer]
+    """q [T, h, D], k [T, kvh, D], v [T, kvh, Dv] for the new tokens -> [T, h, Dv]; writes k and v
+    into the cache (a cache without value tensors reads v as k[..., :Dv]). `scale` is the softmax
+    scale, 1/sqrt(D) by default."""
+    bs = batch.kv.block_size
+    k_cache = batch.kv.k[layer]
     k_cache.index_copy_(0, batch.slot_mapping, k)
-    v_cache.index_copy_(0, batch.slot_mapping, v)
-    heads, dim = q.shape[1], q.shape[2]
-    kv_heads = k.shape[1]
+    if batch.kv.v:
+        batch.kv.v[layer].index_copy_(0, batch.slot_mapping, v)
+    heads, kv_heads, key_dim, value_dim = q.shape[1], k.shape[1], k.shape[2], v.shape[2]
     groups_per_kv = heads // kv_heads
-    k_blocks, v_blocks = (
-        k_cache.view(-1, batch.kv.block_size * kv_heads * dim),
-        v_cache.view(-1, batch.kv.block_size * kv_heads * dim),
-    )  # [num_blocks, bs*kvh*D]: a block gathers as one contiguous row
+    k_blocks = k_cache.view(-1, bs * kv_heads * key_dim)  # a block gathers as one contiguous row
+    v_blocks = batch.kv.v[layer].view(-1, bs * kv_heads * value_dim) if batch.kv.v else None
     outs = []
     for g in batch.groups:
         if g.blocks is None:  # causal over the chunk's own keys, GQA handled by SDPA
             qg, kg, vg = (t[g.rows].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, n, D]
-            og = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=True)
-            outs.append(og[0].transpose(0, 1))  # [n, heads, D]
+            og = F.scaled_dot_product_attention(
+                qg, kg, vg, is_causal=True, enable_gqa=True, scale=scale
+            )
+            outs.append(og[0].transpose(0, 1))  # [n, heads, Dv]
             continue
         assert g.mask is not None
         b, _, q_len, width = g.mask.shape
         # Fold the query heads sharing a KV head into the query axis: no KV repeat needed.
-        qg = q[g.rows].view(b, q_len, kv_heads, groups_per_kv, dim).permute(0, 2, 3, 1, 4)
-        qg = qg.reshape(b, kv_heads, groups_per_kv * q_len, dim)  # [B, kvh, g*Q, D]
-        kg = k_blocks.index_select(0, g.blocks).view(b, width, kv_heads, dim).transpose(1, 2)
-        vg = v_blocks.index_select(0, g.blocks).view(b, width, kv_heads, dim).transpose(1, 2)
+        qg = q[g.rows].view(b, q_len, kv_heads, groups_per_kv, key_dim).permute(0, 2, 3, 1, 4)
+        qg = qg.reshape(b, kv_heads, groups_per_kv * q_len, key_dim)  # [B, kvh, g*Q, D]
+        kg = k_blocks.index_select(0, g.blocks).view(b, width, kv_heads, key_dim).transpose(1, 2)
+        if v_blocks is None:
+            vg = kg[..., :value_dim]  # [B, kvh, L, Dv]
+        else:
+            vg = v_blocks.index_select(0, g.blocks).view(b, width, kv_heads, value_dim)
+            vg = vg.transpose(1, 2)
         mask = g.folded_mask(groups_per_kv)
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)  # [B, kvh, g*Q, D]
-        og = og.view(b, kv_heads, groups_per_kv, q_len, dim).permute(0, 3, 1, 2, 4)
-        outs.append(og.reshape(b * q_len, heads, dim))
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+        og = og.view(b, kv_heads, groups_per_kv, q_len, value_dim).permute(0, 3, 1, 2, 4)
+        outs.append(og.reshape(b * q_len, heads, value_dim))  # [B*Q, h, Dv]
     if len(outs) == 1 and batch.groups[0].rows == slice(0, q.shape[0]):  # all rows, in order
         return outs[0]
-    out = q.new_empty(q.shape)  # [T, h, D]
+    out = q.new_empty(q.shape[0], heads, value_dim)  # [T, h, Dv]
     for g, og in zip(batch.groups, outs, strict=True):
         out[g.rows] = og
     return out

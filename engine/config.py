@@ -1,8 +1,8 @@
-"""Frozen configs: what the checkpoint says (ModelConfig) and what the user asked for (EngineConfig)."""
+"""What the user asked for (EngineConfig), and the error any bad flag or checkpoint raises. What the
+checkpoint says is `engine.model_config.ModelConfig`."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 # The bundled demo model next to the source tree; $EXPERTFLOW_MODEL points elsewhere (e.g. an install).
 DEFAULT_MODEL = os.environ.get(
     "EXPERTFLOW_MODEL", str(Path(__file__).resolve().parent.parent / "models" / "expertflow-demo")
@@ -22,126 +21,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ConfigError(ValueError):
     """A checkpoint or flag we cannot serve; the message names the offending field."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The architecture of one checkpoint, normalised across families."""
-
-    family: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    num_experts: int
-    top_k: int
-    moe_intermediate_size: int
-    rope_theta: float
-    rms_norm_eps: float
-    max_position_embeddings: int
-    norm_topk_prob: bool
-    tie_word_embeddings: bool
-    qkv_bias: bool = False
-    qk_norm: str = "none"  # "none" | "head" (Qwen3: per head) | "full" (OLMoE: over all heads)
-    clip_qkv: float | None = None
-    shared_expert_intermediate_size: int = 0
-    dense_intermediate_size: int = 0
-    dense_layers: tuple[int, ...] = ()
-    eos_token_ids: tuple[int, ...] = ()
-    bos_token_id: int | None = None
-
-    @property
-    def moe_layers(self) -> tuple[int, ...]:
-        return tuple(i for i in range(self.num_layers) if i not in self.dense_layers)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> ModelConfig:
-        config_file = Path(path) / "config.json"
-        if not config_file.is_file():
-            raise ConfigError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
-        return cls.from_dict(json.loads(config_file.read_text()))
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
-        family = raw.get("model_type")
-        if family not in SUPPORTED_FAMILIES:
-            raise ConfigError(
-                f"config.json: model_type={family!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_FAMILIES)})"
-            )
-
-        def need(*keys: str) -> Any:
-            for key in keys:
-                if raw.get(key) is not None:
-                    return raw[key]
-            raise ConfigError(f"config.json: missing field {keys[0]!r} required for {family}")
-
-        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-        num_layers = int(need("num_hidden_layers"))
-        rope = raw.get("rope_parameters") or {}
-        scaling = raw.get("rope_scaling") or {}
-        for source, params in (("rope_parameters", rope), ("rope_scaling", scaling)):
-            rope_type = params.get("rope_type") or params.get("type")
-            if rope_type not in (None, "default"):
-                raise ConfigError(f"config.json: {source} type {rope_type!r} is not supported")
-        if family == "mixtral":
-            moe_inter, num_experts = need("intermediate_size"), need("num_local_experts")
-        elif family == "olmoe":
-            moe_inter, num_experts = need("intermediate_size"), need("num_experts")
-        else:
-            moe_inter, num_experts = (
-                need("moe_intermediate_size"),
-                need("num_experts", "num_local_experts"),
-            )
-        dense_layers: tuple[int, ...] = ()
-        if family in ("qwen2_moe", "qwen3_moe"):
-            step = int(raw.get("decoder_sparse_step") or 1)
-            only_mlp = set(raw.get("mlp_only_layers") or [])
-            dense_layers = tuple(
-                i for i in range(num_layers) if i in only_mlp or (i + 1) % step != 0
-            )
-        eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        cfg = cls(
-            family=family,
-            vocab_size=int(need("vocab_size")),
-            hidden_size=hidden,
-            num_layers=num_layers,
-            num_heads=heads,
-            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(raw.get("head_dim") or hidden // heads),
-            num_experts=int(num_experts),
-            top_k=int(need("num_experts_per_tok")),
-            moe_intermediate_size=int(moe_inter),
-            rope_theta=float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-            rms_norm_eps=float(raw.get("rms_norm_eps") or 1e-6),
-            max_position_embeddings=int(raw.get("max_position_embeddings") or 4096),
-            norm_topk_prob=True if family == "mixtral" else bool(raw.get("norm_topk_prob", False)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=bool(raw.get("qkv_bias", True))
-            if family == "qwen2_moe"
-            else bool(raw.get("attention_bias", False)),
-            qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(family, "none"),
-            clip_qkv=raw.get("clip_qkv"),
-            shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
-            if family == "qwen2_moe"
-            else 0,
-            dense_intermediate_size=int(raw.get("intermediate_size") or 0) if dense_layers else 0,
-            dense_layers=dense_layers,
-            eos_token_ids=eos_ids,
-            bos_token_id=raw.get("bos_token_id"),
-        )
-        if cfg.top_k > cfg.num_experts:
-            raise ConfigError(
-                f"config.json: num_experts_per_tok={cfg.top_k} exceeds the number of experts {cfg.num_experts}"
-            )
-        if cfg.num_heads % cfg.num_kv_heads:
-            raise ConfigError(
-                "config.json: num_attention_heads must be a multiple of num_key_value_heads"
-            )
-        return cfg
 
 
 def flag(default: Any, help: str, **extra: Any) -> Any:

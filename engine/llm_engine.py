@@ -9,11 +9,12 @@ import torch
 from transformers import AutoTokenizer
 
 from engine.attention import KVCache
-from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.config import ConfigError, EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.guided import GrammarCompiler, Guide
 from engine.loader import load_model
 from engine.metrics import EngineMetrics
+from engine.model_config import ModelConfig
 from engine.offload.runtime import OffloadRuntime
 from engine.outputs import RequestOutput, RequestTiming
 from engine.routes import RouteTracker
@@ -56,8 +57,7 @@ class LLMEngine:
             mc.num_layers,
             self._num_kv_blocks(),
             config.block_size,
-            mc.num_kv_heads,
-            mc.head_dim,
+            mc.kv_cache_geometry,
             config.torch_dtype,
             self.device,
         )
@@ -122,8 +122,9 @@ class LLMEngine:
                     f"{self.max_model_len} sequence ({min_blocks} blocks needed)"
                 )
             return cfg.kv_cache_blocks
+        kv_heads, key_dim, value_dim = mc.kv_cache_geometry
         bytes_per_token = (
-            2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * cfg.torch_dtype.itemsize
+            mc.num_layers * kv_heads * (key_dim + value_dim) * cfg.torch_dtype.itemsize
         )
         wanted = -(-cfg.max_num_seqs * self.max_model_len // cfg.block_size)
         affordable = DEFAULT_KV_BYTES // (bytes_per_token * cfg.block_size)

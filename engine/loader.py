@@ -12,8 +12,10 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from engine.config import ConfigError, ModelConfig
+from engine.config import ConfigError
+from engine.model_config import ModelConfig
 from engine.models.layers import Attention
+from engine.models.mla import MLAttention
 from engine.models.model import MoECausalLM
 
 logger = logging.getLogger(__name__)
@@ -113,7 +115,11 @@ def load_model(
     model.load_state_dict(resident, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.rotary = type(model.rotary)(cfg.head_dim, cfg.rope_theta)  # rebuild the meta buffer
+    if cfg.mla is not None and cfg.mla.rope_interleave:
+        for module in model.modules():
+            if isinstance(module, MLAttention):
+                module.deinterleave_rope()
+    model.rotary = type(model.rotary)(cfg)  # rebuild the meta buffer
     model.to(device)
     experts = HostExperts(w13=w13, w2=w2)
     logger.info(

@@ -10,6 +10,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV2Config,
+    DeepseekV3Config,
     MixtralConfig,
     OlmoeConfig,
     PretrainedConfig,
@@ -24,7 +26,7 @@ from engine import LLM, SamplingParams
 # oversubscribed threads slow small matmuls down by orders of magnitude.
 torch.set_num_threads(1)
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 VOCAB = 384
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -79,6 +81,28 @@ def tiny_config(family: str) -> PretrainedConfig:
         )
     if family == "olmoe":
         return OlmoeConfig(**common, intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+    latent = dict(
+        num_key_value_heads=4,
+        num_hidden_layers=3,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=2,
+        kv_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=12,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+    )
+    if family == "deepseek_v2":  # V2-Lite's shape: one q_proj; V2's grouped routing
+        return DeepseekV2Config(
+            **{**common, **latent}, q_lora_rank=None, topk_method="group_limited_greedy"
+        )
+    if family == "deepseek_v3":  # q LoRA, sigmoid scores with a correction bias, scaled weights
+        return DeepseekV3Config(**{**common, **latent}, q_lora_rank=24, routed_scaling_factor=2.5)
     raise ValueError(family)
 
 
@@ -105,6 +129,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 def save_tiny_checkpoint(family: str, path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # zero at init: make it pick experts
+            buffer.normal_(0.0, 0.3)
     model.save_pretrained(path)
     build_tokenizer().save_pretrained(path)
     return path

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionBatch, paged_attention
-from engine.config import ModelConfig
+from engine.model_config import ModelConfig
+from engine.models.router import Router
 
 
 class RMSNorm(nn.Module):
@@ -29,14 +30,18 @@ class RMSNorm(nn.Module):
 
 class Rotary(nn.Module):
     """Neox-style rotary embedding (rotate_half), as in every family we serve. Returns cos and a
-    signed sin, [T, 1, D] in the model's dtype, built once per forward for every layer."""
+    signed sin, [T, 1, D] in the model's dtype, built once per forward for every layer. A scaled
+    rotary (YaRN, linear, Llama 3) brings its own frequencies and cos/sin factor."""
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        inv_freq = 1.0 / (
-            theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
-        )
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if cfg.rope_inv_freq:
+            inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32)
+        else:
+            exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim
+            inv_freq = 1.0 / (cfg.rope_theta**exponents)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2]
+        self.factor = cfg.rope_attention_factor
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
@@ -45,6 +50,8 @@ class Rotary(nn.Module):
         sin = freqs.sin()
         cos = torch.cat((freqs, freqs), dim=-1).cos()  # [T, D]
         signed_sin = torch.cat((-sin, sin), dim=-1)  # [T, D]: rotate_half's signs folded in
+        if self.factor != 1.0:
+            cos, signed_sin = cos * self.factor, signed_sin * self.factor
         return cos[:, None, :].to(dtype), signed_sin[:, None, :].to(dtype)
 
 
@@ -150,33 +157,19 @@ class RoutingObserver(Protocol):
         ...
 
 
-class Router(nn.Module):
-    """Softmax top-k router; `weight` is [E, H] as on the hub."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
-        self.top_k, self.normalize = cfg.top_k, cfg.norm_topk_prob
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = F.linear(x, self.weight)  # [T, E]
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return logits, weights.to(x.dtype), ids
-
-
 class MoEBlock(nn.Module):
-    """Router + routed experts (+ Qwen2-MoE's sigmoid-gated shared expert)."""
+    """Router + routed experts (+ shared experts: Qwen2-MoE's one behind a sigmoid gate, or
+    DeepSeek's ungated `shared_experts`)."""
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.gate = Router(cfg)
-        self.shared_expert: MLP | None = None
+        self.gate = Router(cfg.router, cfg.hidden_size, cfg.num_experts)
+        self.shared_attr: str | None = None  # the shared experts' module name on the hub
         if cfg.shared_expert_intermediate_size:
-            self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            self.shared_attr = "shared_expert" if cfg.shared_expert_gated else "shared_experts"
+            setattr(self, self.shared_attr, MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size))
+        if self.shared_attr == "shared_expert":
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(
@@ -190,6 +183,9 @@ class MoEBlock(nn.Module):
         if observer is not None:
             observer.on_route(self.layer, residual, logits, ids)
         out = experts(self.layer, x, ids, weights, logits)  # [T, H]
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        if self.shared_attr is None:
+            return out
+        shared = getattr(self, self.shared_attr)(x)  # [T, H]
+        if self.shared_attr == "shared_expert":  # Qwen2-MoE gates it per token
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return out + shared

@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from engine.attention import AttentionBatch
-from engine.config import ModelConfig
-from engine.models import mixtral, olmoe, qwen2_moe, qwen3_moe
+from engine.model_config import ModelConfig
+from engine.models import deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe
 from engine.models.family import FamilySpec
+from engine.models.mla import MLAttention
 from engine.models.layers import (
     MLP,
     Attention,
@@ -24,6 +25,8 @@ FAMILIES: dict[str, FamilySpec] = {
     "qwen2_moe": qwen2_moe.SPEC,
     "qwen3_moe": qwen3_moe.SPEC,
     "olmoe": olmoe.SPEC,
+    "deepseek_v2": deepseek.SPEC,
+    "deepseek_v3": deepseek.SPEC,
 }
 
 
@@ -31,7 +34,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, spec: FamilySpec) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = MLAttention(cfg, layer) if cfg.mla else Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.moe_attr = spec.moe_attr
         if layer in cfg.dense_layers:
@@ -74,7 +77,7 @@ class MoECausalLM(nn.Module):
         self.cfg = cfg
         self.spec = FAMILIES[cfg.family]
         self.model = Decoder(cfg, self.spec)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.rotary = Rotary(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -15,6 +15,8 @@ import time
 import torch
 
 import kernels
+from engine.model_config import RouterConfig
+from engine.models.router import route_weights
 from engine.offload.cache import ExpertCache
 
 
@@ -23,11 +25,11 @@ class OffloadedExperts:
         self,
         cache: ExpertCache,
         num_experts: int,
-        normalize_topk: bool,
+        router: RouterConfig,
         resident_first: bool = False,
         routing_margin: float = 0.0,
     ) -> None:
-        self.cache, self.num_experts, self.normalize_topk = cache, num_experts, normalize_topk
+        self.cache, self.num_experts, self.router = cache, num_experts, router
         self.resident_first, self.routing_margin = resident_first, routing_margin
         self.activated_per_step: list[int] = []  # distinct experts summed over layers, per step
         self.rerouted = 0  # (token, k) pairs moved to a resident expert by cache-aware routing
@@ -208,8 +210,4 @@ class OffloadedExperts:
             old, new = weak.indices[rows, j], strong.indices[rows, j]
             ids[rows] = torch.where(ids[rows] == old[:, None], new[:, None], ids[rows])
             self.rerouted += rows.numel()
-        probs = torch.softmax(logits, dim=-1)
-        weights = probs.gather(1, ids)  # [T, k]
-        if self.normalize_topk:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return ids, weights.to(dtype)
+        return ids, route_weights(logits, ids, self.router).to(dtype)

@@ -44,7 +44,7 @@ class OffloadRuntime:
         self.experts = OffloadedExperts(
             self.cache,
             self.store.num_experts,
-            model.cfg.norm_topk_prob,
+            model.cfg.router,
             config.resident_first,
             config.cache_aware_routing_margin,
         )

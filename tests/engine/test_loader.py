@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import LLM, ConfigError
+from engine.model_config import ModelConfig
+from tests.conftest import tiny_config
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
@@ -40,7 +42,8 @@ def edit_weights(path: Path, edit) -> None:  # noqa: ANN001
         ({"model_type": "llama"}, "model_type='llama' is not supported"),
         ({"num_local_experts": None}, "num_local_experts"),
         ({"num_experts_per_tok": 99}, "num_experts_per_tok=99"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "rope_scaling type 'dyn"),
+        ({"rope_scaling": {"type": "yarn"}}, "rope_scaling of type 'yarn' is malformed"),
     ],
 )
 def test_bad_config_names_the_field(
@@ -50,6 +53,20 @@ def test_bad_config_names_the_field(
     edit_config(path, **changes)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         LLM(model=str(path))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"scoring_func": "softmax", "topk_method": "noaux_tc"}, "scoring_func='softmax'"),
+        ({"n_group": 3}, "n_group=3"),
+        ({"kv_lora_rank": None}, "kv_lora_rank"),
+    ],
+)
+def test_bad_deepseek_config_names_the_field(changes: dict, message: str) -> None:
+    raw = {**tiny_config("deepseek_v3").to_dict(), **changes}
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict(raw)
 
 
 def test_missing_weight_is_named(mixtral_checkpoint: Path, tmp_path: Path) -> None:

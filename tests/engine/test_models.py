@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.attention import AttentionBatch
-from tests.conftest import Preemptions, build_tokenizer, tiny_config
+from tests.conftest import Preemptions, build_tokenizer, save_tiny_checkpoint, tiny_config
 
 PROMPTS = [
     [1, 17, 99, 240, 5],
@@ -53,6 +53,71 @@ def test_olmoe_clip_qkv_matches_transformers(tmp_path: Path) -> None:
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
     build_tokenizer().save_pretrained(tmp_path)
     assert_prefill_logits_match(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("family", "changes"),
+    [
+        ("deepseek_v2", {"attention_bias": True}),  # biases on the interleaved rotary rows too
+        ("deepseek_v3", {"rope_interleave": False}),  # rotary over halves, as the others
+        ("deepseek_v3", {"first_k_dense_replace": 0, "topk_group": 4}),  # no dense, no limit
+    ],
+    ids=["v2-attention-bias", "v3-halves-rope", "v3-all-moe-all-groups"],
+)
+def test_deepseek_variants_match_transformers(
+    family: str, changes: dict[str, object], tmp_path: Path
+) -> None:
+    config = tiny_config(family)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    assert_prefill_logits_match(tmp_path)
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+
+
+@pytest.mark.parametrize(
+    ("family", "rope"),
+    [
+        ("mixtral", YARN),
+        ("qwen3_moe", {"rope_type": "linear", "factor": 2.0}),
+        (
+            "olmoe",
+            {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 128,
+            },
+        ),
+        ("deepseek_v2", {**YARN, "mscale": 1.0, "mscale_all_dim": 0.8}),  # V2-Lite's kind
+    ],
+    ids=["yarn", "linear", "llama3", "deepseek-yarn"],
+)
+def test_scaled_rotary_matches_transformers(
+    family: str, rope: dict[str, object], tmp_path: Path
+) -> None:
+    config = tiny_config(family)
+    config.rope_parameters = {**rope, "rope_theta": 10000.0}
+    if getattr(config, "head_dim", 0) is None:  # transformers' own YaRN cannot read Mixtral's null
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    assert_prefill_logits_match(tmp_path)
+
+
+def test_latent_attention_caches_one_latent_per_token(tmp_path: Path) -> None:
+    """MLA caches [kv_lora_rank + qk_rope_head_dim] per token and layer, and no value tensor."""
+    llm = LLM(model=str(save_tiny_checkpoint("deepseek_v2", tmp_path)), max_model_len=64)
+    mla = llm.engine.model_config.mla
+    assert mla is not None
+    assert llm.engine.kv.v == []
+    assert llm.engine.kv.k[0].shape[1:] == (1, mla.kv_lora_rank + mla.qk_rope_head_dim)
 
 
 @pytest.mark.parametrize("kv_cache_blocks", [None, 4], ids=["roomy-kv", "preempting-kv"])

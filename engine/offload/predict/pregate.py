@@ -38,7 +38,7 @@ class PreGatePredictor:
     ) -> torch.Tensor:
         targets = range(moe_index + 1, min(moe_index + 1 + horizon, self.num_layers))
         probs = [
-            torch.softmax(self.routers[j](self.norms[j](residual))[0], dim=-1, dtype=torch.float32)
+            self.routers[j].probabilities(self.routers[j](self.norms[j](residual))[0])
             for j in targets
         ]  # each [T, E]
         if not probs:

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.config import ModelConfig
+from engine.model_config import ModelConfig
 
 PREDICTOR_FORMAT = 1
 METADATA_KEY = "expertflow_predictor"

@@ -180,7 +180,7 @@ class _RouteRecorder:
     ) -> None:
         i = self.moe_index[layer]
         self.topk[i] = topk_ids.to("cpu", torch.int16)  # [T, k]
-        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+        probs = self.pregate.routers[i].probabilities(router_logits)  # [T, E]
         self.probs[i] = probs.to("cpu", torch.float16)  # [T, E]
         ahead = self.pregate.ahead(i, residual, self.token_ids, topk_ids, len(self.probs))
         self.ahead[i] = ahead.to("cpu", torch.float16)  # [L-1-i, T, E]

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.config import ModelConfig, flag
+from engine.config import flag
+from engine.model_config import ModelConfig
 from engine.offload.predict.evaluate import horizon_recall
 from engine.offload.predict.hybrid import HybridConfig, HybridNet
 from engine.offload.predict.rpp import UNSEEN_ROW, RPPConfig, RPPNet, check_dims, model_dims

@@ -1,0 +1,287 @@
+"""What a checkpoint's config.json says, normalised across families: ModelConfig and its parts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
+
+from engine.config import ConfigError
+
+SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+STATIC_ROPE_SCALINGS = ("linear", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How a MoE layer picks and weighs its experts (see engine/models/router.py)."""
+
+    top_k: int
+    normalize: bool  # renormalise the top-k weights to sum to 1
+    scoring: str = "softmax"  # "softmax" | "sigmoid" (DeepSeek-V3)
+    topk_method: str = "greedy"  # | "group_limited_greedy" (DeepSeek-V2) | "noaux_tc" (V3)
+    num_groups: int = 1
+    topk_groups: int = 1
+    scaling: float = 1.0  # routed_scaling_factor
+
+    @property
+    def correction_bias(self) -> bool:
+        """V3's learned bias, added to the scores only to pick experts."""
+        return self.topk_method == "noaux_tc"
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """DeepSeek's multi-head latent attention: keys and values are up-projected from one shared
+    `kv_lora_rank` latent, plus a `qk_rope_head_dim` rotary key shared by all heads."""
+
+    q_lora_rank: int | None  # None: one q_proj; else q_a_proj -> norm -> q_b_proj
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool  # rotary pairs are adjacent dims (x0, x1), not halves
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of one checkpoint, normalised across families."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    router: RouterConfig
+    moe_intermediate_size: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    qk_norm: str = "none"  # "none" | "head" (Qwen3: per head) | "full" (OLMoE: over all heads)
+    clip_qkv: float | None = None
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gated: bool = False  # Qwen2-MoE's sigmoid gate on its shared expert
+    dense_intermediate_size: int = 0
+    dense_layers: tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    rope_inv_freq: tuple[float, ...] = ()  # a scaled rotary's frequencies; (): rope_theta's
+    rope_attention_factor: float = 1.0  # scales cos and sin (YaRN)
+    mla: MLAConfig | None = None  # DeepSeek's attention; None: grouped-query attention
+    attention_scale: float | None = None  # softmax scale; None: 1/sqrt(query head dim)
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    @property
+    def kv_cache_geometry(self) -> tuple[int, int, int]:
+        """(heads, key dim, value dim) of one token's cache entry per layer. MLA caches its latent
+        and rotary key as one head and reads values from the latent: value dim 0 (no V tensor)."""
+        if self.mla is not None:
+            return 1, self.mla.kv_lora_rank + self.mla.qk_rope_head_dim, 0
+        return self.num_kv_heads, self.head_dim, self.head_dim
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if i not in self.dense_layers)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
+        return cls.from_dict(json.loads(config_file.read_text()))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        family = raw.get("model_type")
+        if family not in SUPPORTED_FAMILIES:
+            raise ConfigError(
+                f"config.json: model_type={family!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_FAMILIES)})"
+            )
+
+        def need(*keys: str) -> Any:
+            for key in keys:
+                if raw.get(key) is not None:
+                    return raw[key]
+            raise ConfigError(f"config.json: missing field {keys[0]!r} required for {family}")
+
+        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+        num_layers = int(need("num_hidden_layers"))
+        rope = raw.get("rope_parameters") or {}
+        if family == "mixtral":
+            moe_inter, num_experts = need("intermediate_size"), need("num_local_experts")
+        elif family.startswith("deepseek"):
+            moe_inter, num_experts = need("moe_intermediate_size"), need("n_routed_experts")
+        elif family == "olmoe":
+            moe_inter, num_experts = need("intermediate_size"), need("num_experts")
+        else:
+            moe_inter, num_experts = (
+                need("moe_intermediate_size"),
+                need("num_experts", "num_local_experts"),
+            )
+        dense_layers: tuple[int, ...] = ()
+        if family in ("qwen2_moe", "qwen3_moe"):
+            step = int(raw.get("decoder_sparse_step") or 1)
+            only_mlp = set(raw.get("mlp_only_layers") or [])
+            dense_layers = tuple(
+                i for i in range(num_layers) if i in only_mlp or (i + 1) % step != 0
+            )
+        family_fields: dict[str, Any] = _rope_scaling_fields(
+            raw, int(raw.get("head_dim") or hidden // heads)
+        )
+        if family.startswith("deepseek"):
+            family_fields |= _deepseek_fields(raw, need, num_layers, int(moe_inter))
+            dense_layers = family_fields.pop("dense_layers")
+        router = RouterConfig(
+            top_k=int(need("num_experts_per_tok")),
+            normalize=True if family == "mixtral" else bool(raw.get("norm_topk_prob", False)),
+        )
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        fields_ = dict(
+            family=family,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            num_layers=num_layers,
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            num_experts=int(num_experts),
+            router=router,
+            moe_intermediate_size=int(moe_inter),
+            rope_theta=float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            rms_norm_eps=float(raw.get("rms_norm_eps") or 1e-6),
+            max_position_embeddings=int(raw.get("max_position_embeddings") or 4096),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=bool(raw.get("qkv_bias", True))
+            if family == "qwen2_moe"
+            else bool(raw.get("attention_bias", False)),
+            qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(family, "none"),
+            clip_qkv=raw.get("clip_qkv"),
+            shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
+            if family == "qwen2_moe"
+            else 0,
+            shared_expert_gated=family == "qwen2_moe",
+            dense_intermediate_size=int(raw.get("intermediate_size") or 0) if dense_layers else 0,
+            dense_layers=dense_layers,
+            eos_token_ids=eos_ids,
+            bos_token_id=raw.get("bos_token_id"),
+        )
+        cfg = cls(**{**fields_, **family_fields})
+        if cfg.top_k > cfg.num_experts:
+            raise ConfigError(
+                f"config.json: num_experts_per_tok={cfg.top_k} exceeds the number of experts {cfg.num_experts}"
+            )
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise ConfigError(
+                "config.json: num_attention_heads must be a multiple of num_key_value_heads"
+            )
+        return cfg
+
+
+def _rope_params(raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(the field that holds them, the rotary parameters with `rope_type` named): transformers 5
+    writes `rope_parameters`, older checkpoints `rope_scaling` with a `type`, which wins (as in
+    transformers)."""
+    source = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
+    params = raw.get(source) or {}
+    return source, {
+        **params,
+        "rope_type": params.get("rope_type") or params.get("type") or "default",
+    }
+
+
+def _rope_scaling_fields(raw: dict[str, Any], head_dim: int) -> dict[str, Any]:
+    """Frequencies of a scaled rotary embedding (linear, YaRN, Llama 3), computed by transformers
+    once. Scalings that change with the sequence length (dynamic NTK, LongRoPE) are refused."""
+    source, params = _rope_params(raw)
+    rope_type = params["rope_type"]
+    if rope_type == "default":
+        return {}
+    if rope_type not in STATIC_ROPE_SCALINGS:
+        raise ConfigError(
+            f"config.json: {source} type {rope_type!r} is not supported "
+            f"(supported: default, {', '.join(STATIC_ROPE_SCALINGS)})"
+        )
+    try:
+        hf_config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+        if getattr(hf_config, "head_dim", None) is None:  # Mixtral writes null
+            hf_config.head_dim = head_dim
+        inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"config.json: {source} of type {rope_type!r} is malformed: {e}") from e
+    return dict(
+        rope_inv_freq=tuple(inv_freq.tolist()), rope_attention_factor=float(attention_factor)
+    )
+
+
+def _deepseek_fields(
+    raw: dict[str, Any], need: Callable[..., Any], num_layers: int, moe_inter: int
+) -> dict[str, Any]:
+    """DeepSeek-V2/V3: latent attention, grouped routing, ungated shared experts, and dense MLPs in
+    the first `first_k_dense_replace` layers (then every `moe_layer_freq`-th layer is MoE)."""
+    v3 = raw["model_type"] == "deepseek_v3"
+    scoring = raw.get("scoring_func") or ("sigmoid" if v3 else "softmax")
+    method = raw.get("topk_method") or ("noaux_tc" if v3 else "greedy")
+    if (scoring, method) not in (
+        ("softmax", "greedy"),
+        ("softmax", "group_limited_greedy"),
+        ("sigmoid", "noaux_tc"),
+    ):
+        raise ConfigError(
+            f"config.json: scoring_func={scoring!r} with topk_method={method!r} is not supported"
+        )
+    num_experts = int(need("n_routed_experts"))
+    groups = int(raw.get("n_group") or 1) if method != "greedy" else 1
+    topk_groups = int(raw.get("topk_group") or 1) if method != "greedy" else 1
+    if num_experts % groups or not 1 <= topk_groups <= groups:
+        raise ConfigError(
+            f"config.json: n_group={groups} must divide n_routed_experts={num_experts} and "
+            f"topk_group={topk_groups} must be in 1..n_group"
+        )
+    router = RouterConfig(
+        top_k=int(need("num_experts_per_tok")),
+        normalize=bool(raw.get("norm_topk_prob", False)),
+        scoring=scoring,
+        topk_method=method,
+        num_groups=groups,
+        topk_groups=topk_groups,
+        scaling=float(raw.get("routed_scaling_factor") or 1.0),
+    )
+    mla = MLAConfig(
+        q_lora_rank=None if raw.get("q_lora_rank") is None else int(raw["q_lora_rank"]),
+        kv_lora_rank=int(need("kv_lora_rank")),
+        qk_nope_head_dim=int(need("qk_nope_head_dim")),
+        qk_rope_head_dim=int(need("qk_rope_head_dim")),
+        v_head_dim=int(need("v_head_dim")),
+        rope_interleave=bool(raw.get("rope_interleave", True)) if v3 else True,
+    )
+    first_dense = int(raw.get("first_k_dense_replace") or 0)
+    freq = int(raw.get("moe_layer_freq") or 1)
+    return dict(
+        router=router,
+        mla=mla,
+        head_dim=mla.qk_rope_head_dim,  # what the rotary embedding turns
+        # YaRN's mscale sharpens the softmax as well as scaling cos/sin
+        attention_scale=yarn_apply_mscale(_rope_params(raw)[1], mla.qk_head_dim**-0.5),
+        shared_expert_intermediate_size=moe_inter * int(raw.get("n_shared_experts") or 0),
+        dense_layers=tuple(i for i in range(num_layers) if i < first_dense or i % freq),
+    )

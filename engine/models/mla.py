@@ -1,0 +1,88 @@
+"""DeepSeek's multi-head latent attention (MLA), run "absorbed" over a cache of latents.
+
+Each token caches one vector per layer: its normalised KV latent [kv_lora_rank] and its rotary key
+[qk_rope_head_dim], shared by all heads (DeepSeek-V2-Lite: 576 numbers instead of 16 heads x 320).
+kv_b_proj's key half is folded into the query and its value half applied after attention, so
+attention runs as multi-query attention straight over the cached latents, never expanding them:
+
+    score = q_nope . (W_uk c) + q_rope . k_rope = (W_uk^T q_nope) . c + q_rope . k_rope
+    out   = sum_t p_t W_uv c_t = W_uv (sum_t p_t c_t)
+
+Rotary pairs are interleaved on the hub (x0, x1), (x2, x3), ...; `deinterleave_rope` permutes the
+projection rows once at load so the shared half-split rotary applies (q and k get the same
+permutation, so every score is unchanged).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionBatch, paged_attention
+from engine.model_config import ModelConfig
+from engine.models.layers import RMSNorm, apply_rotary
+
+LATENT_NORM_EPS = 1e-6  # DeepSeek's q_a/kv_a norms keep their default eps, not rms_norm_eps
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        mla = cfg.mla
+        assert mla is not None
+        self.layer, self.mla, self.num_heads = layer, mla, cfg.num_heads
+        self.scale = cfg.attention_scale
+        q_out = cfg.num_heads * mla.qk_head_dim
+        if mla.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, mla.q_lora_rank, bias=cfg.qkv_bias)
+            self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(mla.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            cfg.hidden_size, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=cfg.qkv_bias
+        )
+        self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(
+            mla.kv_lora_rank, cfg.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(cfg.num_heads * mla.v_head_dim, cfg.hidden_size, bias=cfg.qkv_bias)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
+    ) -> torch.Tensor:
+        mla, h, tokens = self.mla, self.num_heads, x.shape[0]
+        nope, lora = mla.qk_nope_head_dim, mla.kv_lora_rank
+        if mla.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(tokens, h, mla.qk_head_dim).split([nope, mla.qk_rope_head_dim], -1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([lora, mla.qk_rope_head_dim], -1)
+        latent = self.kv_a_layernorm(latent)  # [T, lora]
+        q_rope = apply_rotary(q_rope, *rope)  # [T, h, r]
+        k_rope = apply_rotary(k_rope[:, None, :], *rope)  # [T, 1, r]
+        w_kv = self.kv_b_proj.weight.view(h, nope + mla.v_head_dim, lora)
+        w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]  # [h, nope, lora], [h, v, lora]
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, h, lora]
+        query = torch.cat([q_latent, q_rope], dim=-1)  # [T, h, lora + r]
+        key = torch.cat([latent[:, None, :], k_rope], dim=-1)  # [T, 1, lora + r]
+        out = paged_attention(query, key, key[..., :lora], self.layer, batch, self.scale)
+        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))  # [h, T, v]
+        return self.o_proj(out.transpose(0, 1).reshape(tokens, h * mla.v_head_dim))
+
+    @torch.no_grad()
+    def deinterleave_rope(self) -> None:
+        """Reorder the rotary rows of the q and kv_a projections from (x0, x1), (x2, x3), ... to
+        (x0, x2, ..., x1, x3, ...)."""
+        mla = self.mla
+        r = mla.qk_rope_head_dim
+        order = torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2)])  # [r]
+        q = self.q_proj if mla.q_lora_rank is None else self.q_b_proj
+        rows = q.weight.view(self.num_heads, mla.qk_head_dim, -1)[:, mla.qk_nope_head_dim :]
+        rows.copy_(rows[:, order.to(rows.device)].clone())
+        kv_a = self.kv_a_proj_with_mqa
+        for param in (kv_a.weight, kv_a.bias):
+            if param is not None:
+                tail = param[mla.kv_lora_rank :]
+                tail.copy_(tail[order.to(tail.device)].clone())

@@ -1,0 +1,64 @@
+"""engine/models/router.py against transformers' DeepSeek routers on the same weights: the same experts
+with the same weights, including tokens whose group limit overrules the plain top-k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DeepseekV2Config, DeepseekV3Config
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+from engine.model_config import ModelConfig
+from engine.models.router import Router, route_weights
+
+HIDDEN, EXPERTS, TOKENS = 32, 16, 256
+SHAPE = dict(
+    hidden_size=HIDDEN,
+    n_routed_experts=EXPERTS,
+    num_experts_per_tok=3,
+    n_group=4,
+    topk_group=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    num_hidden_layers=2,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+)
+
+
+def ours_and_theirs(family: str) -> tuple[Router, torch.nn.Module]:
+    if family == "deepseek_v2":
+        hf_cfg = DeepseekV2Config(**SHAPE, topk_method="group_limited_greedy", q_lora_rank=None)
+        theirs: torch.nn.Module = DeepseekV2TopkRouter(hf_cfg)
+    else:
+        hf_cfg = DeepseekV3Config(**SHAPE, routed_scaling_factor=2.5, q_lora_rank=None)
+        theirs = DeepseekV3TopkRouter(hf_cfg)
+        theirs.e_score_correction_bias.normal_(0.0, 0.3)
+    theirs.weight.data.normal_(0.0, 0.5)
+    cfg = ModelConfig.from_dict(hf_cfg.to_dict())
+    ours = Router(cfg.router, HIDDEN, EXPERTS)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_router_matches_transformers(family: str) -> None:
+    torch.manual_seed(0)
+    ours, theirs = ours_and_theirs(family)
+    x = torch.randn(TOKENS, HIDDEN)
+    logits, weights, ids = ours(x)
+    _, their_weights, their_ids = theirs(x)
+    order, their_order = ids.sort(dim=1), their_ids.sort(dim=1)  # topk order is not specified
+    assert torch.equal(order.values, their_order.values)
+    torch.testing.assert_close(
+        weights.gather(1, order.indices), their_weights.gather(1, their_order.indices)
+    )
+    torch.testing.assert_close(weights, route_weights(logits, ids, ours.cfg))
+    # The group limit decided something: plain top-k by score would pick other experts for some tokens.
+    choice = ours.probabilities(logits)
+    plain = choice.topk(ours.cfg.top_k, dim=1).indices.sort(dim=1).values
+    assert (plain != order.values).any(dim=1).sum() > 0
+    torch.testing.assert_close(choice.sum(dim=1), torch.ones(TOKENS))

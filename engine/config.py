@@ -45,6 +45,9 @@ class EngineConfig:
         None, "KV cache blocks (default: enough for max_num_seqs full contexts, capped)"
     )
     block_size: int = flag(16, "tokens per KV cache block")
+    enable_prefix_caching: bool = flag(
+        True, "reuse the KV blocks of prompt prefixes computed before (chat turns, system prompts)"
+    )
     seed: int = flag(0, "seed of the engine's sampling generator")
     expert_cache_ratio: float = flag(1.0, "fraction of all routed experts kept in device slots")
     expert_cache_size: int | None = flag(

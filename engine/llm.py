@@ -22,6 +22,7 @@ class GenerationResult:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def text(self) -> str:
@@ -76,6 +77,7 @@ class LLM:
                     if out.finished:
                         results[out.request_id].outputs = out.outputs
                         results[out.request_id].prompt_logprobs = out.prompt_logprobs
+                        results[out.request_id].num_cached_tokens = out.num_cached_tokens
                         bar.update(1)
         return [results[r] for r in order]
 

@@ -62,7 +62,7 @@ class LLMEngine:
             self.device,
         )
         num_blocks = self.kv.k[0].shape[0] // config.block_size
-        self.blocks = BlockAllocator(num_blocks, config.block_size)
+        self.blocks = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.routes = RouteTracker(mc.moe_layers, mc.num_experts, mc.top_k)
         selector = None
         if config.step_group_size is not None:
@@ -220,6 +220,10 @@ class LLMEngine:
             if timing.first_scheduled_s is None:
                 timing.first_scheduled_s = now
                 new_prompt_tokens += seq.num_prompt_tokens
+        for seq, cached in batch.admitted:
+            self.metrics.record_prefix_cache(seq.num_tokens, cached)
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = min(cached, seq.num_prompt_tokens)
         tables = [self.blocks.table(s.seq_id) for s in batch.seqs]
         try:
             result = self.runner.execute(batch.seqs, batch.num_new_tokens, tables)
@@ -231,6 +235,7 @@ class LLMEngine:
             raise EngineStepError(ids, exc) from exc
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
+            self.blocks.computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
         for seq, first, scores in result.prompt_logprobs:
             entries = self.requests[seq.request_id].prompt_logprobs
             assert entries is not None

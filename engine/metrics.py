@@ -44,6 +44,12 @@ class EngineMetrics:
         self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of KV cache blocks in use")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started")
         self.generation_tokens = counter("generation_tokens", "Generated tokens")
+        self.prefix_queries = counter(
+            "prefix_cache_queries", "Tokens of admitted sequences looked up in the prefix cache"
+        )
+        self.prefix_hits = counter(
+            "prefix_cache_hits", "Tokens whose KV blocks the prefix cache already held"
+        )
         self.success = Counter(
             PREFIX + "request_success",
             "Finished requests by finish reason",
@@ -111,6 +117,10 @@ class EngineMetrics:
         self.kv_usage.set(kv_usage)
         self.prompt_tokens.inc(new_prompt_tokens)
         self.generation_tokens.inc(new_generation_tokens)
+
+    def record_prefix_cache(self, num_queried: int, num_hits: int) -> None:
+        self.prefix_queries.inc(num_queried)
+        self.prefix_hits.inc(num_hits)
 
     def record_first_token(self, timing: RequestTiming) -> None:
         assert timing.first_token_s is not None

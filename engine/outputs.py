@@ -46,6 +46,7 @@ class RequestOutput:
     # One per prompt token when asked for (SamplingParams.prompt_logprobs); the first is None,
     # nothing precedes it. Filled as the prompt's prefill chunks run.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def num_generated_tokens(self) -> int:

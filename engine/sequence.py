@@ -37,10 +37,18 @@ class Sequence:
     decode_stream: DecodeStream | None = None  # the detokenizer's incremental state
     guide: Guide | None = None  # its place in the grammar, for structured outputs
     stop_token_ids: tuple[int, ...] = ()  # EOS (unless ignored) and the request's stop tokens
+    num_cached_tokens: int | None = (
+        None  # prompt tokens found in the prefix cache when first admitted
+    )
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        """Prompt logprobs need every prompt position computed, so such sequences start from zero."""
+        return self.params.prompt_logprobs is None
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -86,4 +94,5 @@ class Request:
             finished=self.finished,
             timing=self.timing,
             prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
+            num_cached_tokens=self.seqs[0].num_cached_tokens or 0,
         )

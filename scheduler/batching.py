@@ -1,8 +1,9 @@
 """Iteration-level continuous batching: each step, every sequence's computed tokens catch up with its
 known tokens (prompt + generated) within a token budget, so prefill chunks and decodes mix freely.
 
-Admission needs free KV blocks; when a running sequence cannot grow, the newest running sequence is
-preempted (its blocks freed, recomputed later). Pure policy over plain data: sequences only need the
+Admission needs free KV blocks, and first takes the cached blocks of the sequence's known prefix (see
+blocks.py); when a running sequence cannot grow, the newest running sequence is preempted (its blocks
+freed, recomputed later, from the prefix cache where its blocks survive). Pure policy over plain data: sequences only need the
 attributes of `SchedulableSeq`.
 """
 
@@ -19,9 +20,15 @@ from scheduler.step_selector import StepSelector
 class SchedulableSeq(Protocol):
     seq_id: int
     num_computed_tokens: int
+    token_ids: list[int]
 
     @property
     def num_tokens(self) -> int: ...
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        """May start from cached blocks (not when every prompt position must be computed)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,8 @@ class ScheduledBatch:
     seqs: list[SchedulableSeq] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[SchedulableSeq] = field(default_factory=list)
+    # (admitted sequence, tokens it found in the prefix cache) for each sequence admitted
+    admitted: list[tuple[SchedulableSeq, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -81,13 +90,18 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
+            cached = self.blocks.match(seq.seq_id, seq.token_ids) if seq.prefix_cacheable else 0
+            seq.num_computed_tokens = cached
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.blocks.grow(seq.seq_id, seq.num_computed_tokens + n):
+                self.blocks.free(seq.seq_id)  # give back the matched blocks too
+                seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
+            batch.admitted.append((seq, cached))
             budget -= n
         return batch
 

@@ -1,15 +1,33 @@
-"""KV block accounting: which blocks each sequence owns. Pure bookkeeping; the tensors live in the engine."""
+"""KV block accounting: which blocks each sequence owns, and which full blocks hold a known prefix.
+
+Pure bookkeeping; the tensors live in the engine. With prefix caching, every full block a sequence
+has computed is named by a chained SHA-256 of all tokens up to its end, so a later sequence that
+starts with the same tokens (a chat's next turn, a shared system prompt, a preempted sequence coming
+back) takes those blocks instead of computing them again. Blocks are reference-counted; a block no
+sequence holds is free but keeps its contents, and is reused (its name forgotten) in least recently
+freed order, a sequence's tail before its head.
+"""
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict
 
 
 class BlockAllocator:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self._free: deque[int] = deque(range(num_blocks))
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False) -> None:
+        self.num_blocks, self.block_size, self.prefix_caching = (
+            num_blocks,
+            block_size,
+            prefix_caching,
+        )
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._refs = [0] * num_blocks
         self._tables: dict[int, list[int]] = {}
+        self._chains: dict[int, list[bytes]] = {}  # seq -> names of its computed full blocks
+        self._named: dict[bytes, int] = {}  # name -> block holding that prefix
+        self._name_of: dict[int, bytes] = {}
 
     @property
     def num_free(self) -> int:
@@ -37,8 +55,57 @@ class BlockAllocator:
             if not table:
                 del self._tables[seq_id]
             return False
-        table.extend(self._free.popleft() for _ in range(max(extra, 0)))
+        for _ in range(max(extra, 0)):
+            block, _ = self._free.popitem(last=False)
+            name = self._name_of.pop(block, None)
+            if name is not None:
+                del self._named[name]
+            self._refs[block] = 1
+            table.append(block)
         return True
 
     def free(self, seq_id: int) -> None:
-        self._free.extend(self._tables.pop(seq_id, []))
+        self._chains.pop(seq_id, None)
+        for block in reversed(self._tables.pop(seq_id, [])):  # the tail is reused first
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free[block] = None
+
+    def match(self, seq_id: int, token_ids: list[int]) -> int:
+        """Give a sequence without blocks the cached blocks of its longest known prefix; returns the
+        tokens they hold. The last token is always left to compute: its logits are needed."""
+        if not self.prefix_caching or seq_id in self._tables:
+            return 0
+        chain: list[bytes] = []
+        table: list[int] = []
+        for end in range(self.block_size, len(token_ids), self.block_size):
+            name = self._name(chain, token_ids[end - self.block_size : end])
+            block = self._named.get(name)
+            if block is None:
+                break
+            chain.append(name)
+            table.append(block)
+            self._refs[block] += 1
+            self._free.pop(block, None)
+        if table:
+            self._tables[seq_id], self._chains[seq_id] = table, chain
+        return len(table) * self.block_size
+
+    def computed(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
+        """Name the sequence's full blocks among its first `num_computed` tokens, so that later
+        sequences can match them. A prefix already named keeps its first block."""
+        if not self.prefix_caching:
+            return
+        chain = self._chains.setdefault(seq_id, [])
+        table = self._tables[seq_id]
+        for i in range(len(chain), num_computed // self.block_size):
+            name = self._name(chain, token_ids[i * self.block_size : (i + 1) * self.block_size])
+            chain.append(name)
+            if name not in self._named and table[i] not in self._name_of:
+                self._named[name], self._name_of[table[i]] = table[i], name
+
+    @staticmethod
+    def _name(chain: list[bytes], tokens: list[int]) -> bytes:
+        """SHA-256 of the previous block's name and this block's tokens: equal names, equal prefixes."""
+        parent = chain[-1] if chain else b""
+        return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()

@@ -24,7 +24,7 @@ from starlette.background import BackgroundTask
 from engine import AsyncLLM, RequestOutput, SamplingParams
 from engine.outputs import TokenLogprob
 from server.api_requests import SamplingRequest
-from server.api_responses import Usage
+from server.api_responses import PromptTokensDetails, Usage
 from server.errors import APIError, error_body
 
 logger = logging.getLogger(__name__)
@@ -156,7 +156,10 @@ class Generation:
         prompt = len(self.last.prompt_token_ids)
         completion = self.last.num_generated_tokens
         return Usage(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.last.num_cached_tokens),
         )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -21,6 +21,8 @@ class FakeSeq:
     num_tokens: int
     target: int = 1 << 30
     num_computed_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)  # only read with prefix caching
+    prefix_cacheable: bool = False
 
 
 def make(num_blocks: int, max_num_seqs: int = 64, max_num_batched_tokens: int = 1024) -> Scheduler:

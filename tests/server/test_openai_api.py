@@ -52,6 +52,27 @@ def test_models_and_flag_precedence(server: RunningServer) -> None:
     assert models[0].model_extra["max_model_len"] == 256  # CLI flag over --config value
 
 
+def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(server: RunningServer) -> None:
+    system = {"role": "system", "content": "You answer in Python. " * 12}
+    hits = 'expertflow_prefix_cache_hits_total{model_name="tiny"} '
+
+    def hits_so_far() -> float:
+        metrics = httpx.get(f"{server.url}/metrics").text
+        return float(metrics.split(hits, 1)[1].split("\n", 1)[0])
+
+    before = hits_so_far()
+    usages = [
+        server.client.chat.completions.create(
+            model="tiny", messages=[system, {"role": "user", "content": question}], max_tokens=2
+        ).usage
+        for question in ("What is a list?", "What is a dict?")
+    ]
+    cached = [u.prompt_tokens_details.cached_tokens for u in usages]
+    assert cached[0] == 0 and cached[1] > 0 and cached[1] % 16 == 0  # whole KV blocks
+    assert cached[1] < usages[1].prompt_tokens
+    assert hits_so_far() - before == cached[1]
+
+
 def test_open_routes_need_no_key(server: RunningServer) -> None:
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/version").json()["version"]

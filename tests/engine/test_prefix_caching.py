@@ -1,0 +1,42 @@
+"""Prefix caching end to end: reused KV blocks change no output, and are counted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine import LLM, SamplingParams
+
+PREFIX = [1, *range(40, 80)]  # 41 tokens: two full blocks of 16 to share
+PROMPTS = [PREFIX + [7, 8, 9], PREFIX + [200], PREFIX + [5] * 20]
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+def run(llm: LLM, params: SamplingParams = GREEDY) -> list:
+    """The first prompt alone, then the rest: the rest can find its prefix cached."""
+    return llm.generate(PROMPTS[:1], params) + llm.generate(PROMPTS[1:], params)
+
+
+def test_cached_prefixes_change_no_output(mixtral_checkpoint: Path) -> None:
+    cold = LLM(model=str(mixtral_checkpoint), max_model_len=128, enable_prefix_caching=False)
+    warm = LLM(model=str(mixtral_checkpoint), max_model_len=128)
+    expected, outs = run(cold), run(warm)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
+    assert [o.num_cached_tokens for o in expected] == [0, 0, 0]
+    assert [o.num_cached_tokens for o in outs] == [0, 32, 32]
+    metrics = warm.engine.metrics
+    assert metrics.prefix_hits._value.get() == 64
+    assert metrics.prefix_queries._value.get() == sum(len(p) for p in PROMPTS)
+    assert warm.engine.blocks.num_used == 0  # finished sequences hold nothing
+
+
+def test_prompt_logprobs_compute_every_position(mixtral_checkpoint: Path) -> None:
+    llm = LLM(model=str(mixtral_checkpoint), max_model_len=128)
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    first, *rest = run(llm, params)
+    assert all(o.num_cached_tokens == 0 for o in rest)
+    scores = [[e.logprob for e in o.prompt_logprobs[1:]] for o in (first, *rest)]
+    assert all(len(s) == len(p) - 1 for s, p in zip(scores, PROMPTS, strict=True))
+    shared = len(PREFIX) - 1  # the same positions, computed in other batches: equal up to rounding
+    torch.testing.assert_close(scores[1][:shared], scores[0][:shared], rtol=0, atol=1e-5)

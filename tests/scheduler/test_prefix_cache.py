@@ -1,0 +1,110 @@
+"""scheduler/blocks.py's prefix cache: named full blocks, shared by reference, reused least recently
+freed first; and the scheduler admitting sequences from it under random load."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from scheduler.batching import BatchingConfig, Scheduler
+from scheduler.blocks import BlockAllocator
+
+BLOCK = 4
+
+
+def computed(blocks: BlockAllocator, seq_id: int, tokens: list[int]) -> None:
+    """A sequence that computed all of `tokens`, as the engine leaves it after its steps."""
+    assert blocks.grow(seq_id, len(tokens))
+    blocks.computed(seq_id, tokens, len(tokens))
+
+
+def test_a_later_sequence_takes_the_blocks_of_its_known_prefix() -> None:
+    blocks = BlockAllocator(8, BLOCK, prefix_caching=True)
+    first = list(range(10))  # two full blocks and a partial one
+    computed(blocks, 0, first)
+    assert blocks.match(1, first[:9] + [99, 98]) == 8  # both full blocks, shared
+    assert blocks.table(1) == blocks.table(0)[:2]
+    assert blocks.num_used == 3  # nothing new was taken
+    assert blocks.match(2, [0, 1, 2, 7, 4, 5, 6, 7, 8]) == 0  # differs inside the first block
+    assert blocks.match(3, first[:8]) == 4  # the last token is always left to compute
+    blocks.free(0)
+    assert blocks.num_used == 2  # still held by sequences 1 and 3
+    assert blocks.match(4, first) == 8  # the freed blocks keep their contents
+
+
+def test_same_tokens_after_a_different_prefix_do_not_match() -> None:
+    blocks = BlockAllocator(8, BLOCK, prefix_caching=True)
+    computed(blocks, 0, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert blocks.match(1, [9, 9, 9, 9, 5, 6, 7, 8, 9]) == 0  # block 2 equal, its prefix not
+
+
+def test_reuse_forgets_the_name_and_takes_the_tail_before_the_head() -> None:
+    blocks = BlockAllocator(4, BLOCK, prefix_caching=True)
+    tokens = list(range(16))
+    computed(blocks, 0, tokens)
+    head, *_, tail = blocks.table(0)
+    blocks.free(0)
+    assert blocks.grow(1, 1) and blocks.table(1) == [tail]  # the tail is reused first
+    assert blocks.match(2, tokens) == 12  # the first three blocks are still known
+    assert blocks.table(2)[0] == head
+    blocks.free(2)
+    blocks.free(1)
+    assert blocks.grow(3, 16)  # every block reused: every name forgotten
+    assert blocks.match(4, tokens) == 0
+
+
+def test_off_by_default() -> None:
+    blocks = BlockAllocator(8, BLOCK)
+    computed(blocks, 0, list(range(9)))
+    assert blocks.match(1, list(range(9))) == 0
+
+
+@dataclass(eq=False)
+class PromptSeq:
+    seq_id: int
+    token_ids: list[int]
+    target: int
+    num_computed_tokens: int = 0
+    prefix_cacheable: bool = True
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def test_random_load_with_shared_prefixes_keeps_the_books_straight() -> None:
+    """Prompts drawn from a few shared prefixes under KV pressure (preemption included): a block is
+    shared only by sequences whose computed tokens agree on all of it, and every block is counted
+    once as free or used."""
+    rng = random.Random(0)
+    prefixes = [[rng.randrange(50) for _ in range(rng.randrange(4, 14))] for _ in range(3)]
+    sched = Scheduler(BatchingConfig(6, 24), BlockAllocator(24, BLOCK, prefix_caching=True))
+    live: list[PromptSeq] = []
+    hits = 0
+    for step in range(400):
+        if step < 300 and rng.random() < 0.3:
+            prompt = rng.choice(prefixes) + [rng.randrange(50) for _ in range(rng.randrange(1, 5))]
+            seq = PromptSeq(step, prompt, len(prompt) + rng.randrange(1, 8))
+            sched.add(seq)
+            live.append(seq)
+        batch = sched.schedule()
+        hits += sum(cached for _, cached in batch.admitted)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            sched.blocks.computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.token_ids.append(rng.randrange(50))
+                if seq.num_tokens >= seq.target:
+                    sched.finish(seq)
+                    live.remove(seq)
+        owners: dict[int, list[PromptSeq]] = {}
+        for seq in sched.running:
+            for i, block in enumerate(sched.blocks.table(seq.seq_id)):
+                owners.setdefault(block, []).append(seq)
+                if len(owners[block]) > 1:  # shared: full, computed and equal in every owner
+                    end = (i + 1) * BLOCK
+                    assert all(s.num_computed_tokens >= end for s in owners[block])
+                    assert len({tuple(s.token_ids[:end]) for s in owners[block]}) == 1
+        assert sched.blocks.num_used == len(owners)
+    assert not live and sched.blocks.num_used == 0
+    assert hits > 0

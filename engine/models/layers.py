@@ -92,7 +92,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (h + 2 kvh) * D]
         h, kvh, clip = self.num_heads, self.num_kv_heads, self.clip_qkv
-        if self.qk_norm is None:  # rotate q and k in one go: they are adjacent heads of qkv
+        if self.qk_norm == "none":  # rotate q and k in one go: they are adjacent heads of qkv
             if clip is not None:
                 qkv = qkv.clamp(-clip, clip)
             heads = qkv.view(-1, h + 2 * kvh, self.head_dim)

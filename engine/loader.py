@@ -20,6 +20,7 @@ from engine.models.model import MoECausalLM
 
 logger = logging.getLogger(__name__)
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+FLOAT32_SUFFIXES = ("e_score_correction_bias",)
 
 
 @dataclass
@@ -84,7 +85,7 @@ def load_model(
             for key in tqdm(
                 list(f.keys()), desc=f"loading {file.name}", unit="tensor", leave=False
             ):
-                if key.endswith(IGNORED_SUFFIXES):
+                if key.endswith(IGNORED_SUFFIXES) or _extra_layer(key, cfg):
                     continue
                 tensor = f.get_tensor(key)
                 if key in expert_keys:
@@ -99,8 +100,9 @@ def load_model(
                     _check_shape(key, tensor, resident[target][rows].shape)
                     resident[target][rows].copy_(tensor)
                     seen_parts.add(key)
-                elif key in expected:
-                    resident[key] = tensor.to(dtype)
+                elif key in expected:  # V3's correction bias stays float32, as in transformers
+                    keep = key.endswith(FLOAT32_SUFFIXES)
+                    resident[key] = tensor.to(torch.float32 if keep else dtype)
                 elif not (cfg.tie_word_embeddings and key == "lm_head.weight"):
                     raise ConfigError(
                         f"{file.name}: unexpected weight {key!r} for a {cfg.family} model"
@@ -148,6 +150,18 @@ def stacked_keys(model: MoECausalLM) -> dict[str, tuple[str, slice]]:
                         slice(begin, end),
                     )
     return stacked
+
+
+def _extra_layer(key: str, cfg: ModelConfig) -> bool:
+    """DeepSeek-V3 checkpoints append multi-token-prediction layers after the last decoder layer;
+    serving predicts one token at a time, so they are skipped (as transformers does)."""
+    parts = key.split(".")
+    return (
+        cfg.family.startswith("deepseek")
+        and key.startswith("model.layers.")
+        and parts[2].isdigit()
+        and int(parts[2]) >= cfg.num_layers
+    )
 
 
 def _check_shape(key: str, tensor: torch.Tensor, shape: torch.Size) -> None:

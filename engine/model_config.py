@@ -29,6 +29,7 @@ class RouterConfig:
     num_groups: int = 1
     topk_groups: int = 1
     scaling: float = 1.0  # routed_scaling_factor
+    float32_logits: bool = False  # DeepSeek routes in float32 whatever the model's dtype
 
     @property
     def correction_bias(self) -> bool:
@@ -265,7 +266,13 @@ def _deepseek_fields(
         num_groups=groups,
         topk_groups=topk_groups,
         scaling=float(raw.get("routed_scaling_factor") or 1.0),
+        float32_logits=True,
     )
+    if router.top_k > topk_groups * (num_experts // groups):
+        raise ConfigError(
+            f"config.json: num_experts_per_tok={router.top_k} exceeds the experts of topk_group="
+            f"{topk_groups} groups"
+        )
     mla = MLAConfig(
         q_lora_rank=None if raw.get("q_lora_rank") is None else int(raw["q_lora_rank"]),
         kv_lora_rank=int(need("kv_lora_rank")),

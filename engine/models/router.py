@@ -41,8 +41,11 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> router logits [T, E], weights [T, k] in x's dtype, expert ids [T, k]."""
-        logits = nn.functional.linear(x, self.weight)  # [T, E]
         cfg = self.cfg
+        if cfg.float32_logits:
+            logits = nn.functional.linear(x.float(), self.weight.float())  # [T, E]
+        else:
+            logits = nn.functional.linear(x, self.weight)  # [T, E]
         if cfg.topk_method == "greedy" and cfg.scoring == "softmax":  # the common case, fused
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
             weights, ids = torch.topk(probs, cfg.top_k, dim=-1)  # [T, k]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from engine import LLM, ConfigError
 from engine.model_config import ModelConfig
-from tests.conftest import tiny_config
+from tests.conftest import save_tiny_checkpoint, tiny_config
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
@@ -61,12 +61,22 @@ def test_bad_config_names_the_field(
         ({"scoring_func": "softmax", "topk_method": "noaux_tc"}, "scoring_func='softmax'"),
         ({"n_group": 3}, "n_group=3"),
         ({"kv_lora_rank": None}, "kv_lora_rank"),
+        ({"num_experts_per_tok": 5}, "exceeds the experts of topk_group=2"),
     ],
 )
 def test_bad_deepseek_config_names_the_field(changes: dict, message: str) -> None:
     raw = {**tiny_config("deepseek_v3").to_dict(), **changes}
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_dict(raw)
+
+
+def test_deepseek_multi_token_prediction_layers_are_skipped(tmp_path: Path) -> None:
+    path = save_tiny_checkpoint("deepseek_v3", tmp_path / "ckpt")
+    num_layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    edit_weights(
+        path, lambda w: w.update({f"model.layers.{num_layers}.eh_proj.weight": torch.ones(2)})
+    )
+    LLM(model=str(path), max_model_len=32)
 
 
 def test_missing_weight_is_named(mixtral_checkpoint: Path, tmp_path: Path) -> None:

@@ -165,6 +165,8 @@ def test_half_precision_logits_close_to_transformers(tiny_checkpoint: Path, dtyp
         theirs = hf(torch.tensor([ids])).logits[0].float()
     assert hidden.dtype == torch_dtype
     # Half-precision rounding may flip a near-tied route at a token (Qwen2-MoE, bf16: one token of
-    # 19 off by 0.19, the rest within 0.06); a systematic error would miss far more than 1%.
+    # 19 off by 0.19; DeepSeek-V2, bf16: one token off by 0.34, the rest within 0.04, as close to
+    # float32 as transformers' own bf16); a systematic error would move every token.
     close = torch.isclose(ours, theirs, atol=0.1, rtol=0.05)  # [T, V]
-    assert close.float().mean() > 0.99, f"{(~close).sum()} of {close.numel()} logits differ"
+    off = (~close).any(dim=1)  # [T] tokens with any logit out of tolerance
+    assert off.sum() <= 1, f"{off.sum()} of {len(off)} tokens differ"

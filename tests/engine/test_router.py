@@ -3,14 +3,18 @@ with the same weights, including tokens whose group limit overrules the plain to
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import DeepseekV2Config, DeepseekV3Config
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
+from engine import LLM
 from engine.model_config import ModelConfig
 from engine.models.router import Router, route_weights
+from tests.conftest import save_tiny_checkpoint
 
 HIDDEN, EXPERTS, TOKENS = 32, 16, 256
 SHAPE = dict(
@@ -42,6 +46,17 @@ def ours_and_theirs(family: str) -> tuple[Router, torch.nn.Module]:
     ours = Router(cfg.router, HIDDEN, EXPERTS)
     ours.load_state_dict(theirs.state_dict())
     return ours, theirs
+
+
+def test_deepseek_routes_in_float32_at_half_precision(tmp_path: Path) -> None:
+    """As transformers does: the correction bias stays float32 and the router's logits are float32,
+    so a bfloat16 model picks the experts a float32 router would."""
+    llm = LLM(model=str(save_tiny_checkpoint("deepseek_v3", tmp_path)), dtype="bfloat16")
+    router = llm.engine.model.model.layers[1].mlp.gate
+    assert router.e_score_correction_bias.dtype == torch.float32
+    assert router.e_score_correction_bias.abs().sum() > 0  # loaded, not the zero init
+    logits, weights, _ = router(torch.randn(4, router.weight.shape[1], dtype=torch.bfloat16))
+    assert logits.dtype == torch.float32 and weights.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])

@@ -40,6 +40,7 @@ format: install
 bench: install
 	$(BIN)/python benchmarks/offline.py
 	$(BIN)/python benchmarks/offload.py
+	$(BIN)/python benchmarks/prefix_cache.py
 
 demo-model: install
 	$(BIN)/python scripts/train_demo_model.py --out models/expertflow-demo

@@ -147,6 +147,7 @@ def main() -> None:
             device=args.device,
             max_model_len=max_len,
             max_num_seqs=args.num_seqs,
+            enable_prefix_caching=False,  # the repeats resend the same prompts; transformers recomputes
         )
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype])
         hf = hf.to(args.device).eval()

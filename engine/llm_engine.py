@@ -221,7 +221,8 @@ class LLMEngine:
                 timing.first_scheduled_s = now
                 new_prompt_tokens += seq.num_prompt_tokens
         for seq, cached in batch.admitted:
-            self.metrics.record_prefix_cache(seq.num_tokens, cached)
+            if self.blocks.prefix_caching and seq.prefix_cacheable:  # it looked
+                self.metrics.record_prefix_cache(seq.num_tokens, cached)
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = min(cached, seq.num_prompt_tokens)
         tables = [self.blocks.table(s.seq_id) for s in batch.seqs]

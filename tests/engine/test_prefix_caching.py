@@ -28,6 +28,7 @@ def test_cached_prefixes_change_no_output(mixtral_checkpoint: Path) -> None:
     metrics = warm.engine.metrics
     assert metrics.prefix_hits._value.get() == 64
     assert metrics.prefix_queries._value.get() == sum(len(p) for p in PROMPTS)
+    assert cold.engine.metrics.prefix_queries._value.get() == 0  # it never looked
     assert warm.engine.blocks.num_used == 0  # finished sequences hold nothing
 
 
@@ -36,6 +37,7 @@ def test_prompt_logprobs_compute_every_position(mixtral_checkpoint: Path) -> Non
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     first, *rest = run(llm, params)
     assert all(o.num_cached_tokens == 0 for o in rest)
+    assert llm.engine.metrics.prefix_queries._value.get() == 0  # these requests never look
     scores = [[e.logprob for e in o.prompt_logprobs[1:]] for o in (first, *rest)]
     assert all(len(s) == len(p) - 1 for s, p in zip(scores, PROMPTS, strict=True))
     shared = len(PREFIX) - 1  # the same positions, computed in other batches: equal up to rounding

@@ -3,14 +3,24 @@ belongs is a 400, as on OpenAI) and every OpenAI feature we do not implement is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from engine import GuidedDecoding, SamplingParams
 from engine.sampling import MAX_LOGPROBS
+from server.request_model import RequestModel
+from server.tool_calls import (
+    MAX_TOOLS,
+    NamedToolChoice,
+    Tool,
+    ToolCallIn,
+    ToolChoice,
+    forced_schema,
+)
 
 logger = logging.getLogger(__name__)
 INT64 = 2**63
@@ -21,23 +31,6 @@ def refuse_if_set(value: Any, info: ValidationInfo) -> Any:
     if value not in (None, False, "", [], {}):
         raise ValueError("not supported by this server")
     return value
-
-
-class RequestModel(BaseModel):
-    """Unknown fields are ignored with a warning in the server log, as vLLM does: OpenAI clients
-    send new optional fields long before servers learn them, and refusing would break them."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _warn_unknown_fields(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            known = {f.alias or name for name, f in cls.model_fields.items()}
-            unknown = sorted(set(data) - known)
-            if unknown:
-                logger.warning("%s: ignoring unknown fields: %s", cls.__name__, ", ".join(unknown))
-        return data
 
 
 class StreamOptions(RequestModel):
@@ -152,21 +145,28 @@ class SamplingRequest(RequestModel):
 
 
 class ChatMessage(RequestModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | None = None  # only an assistant message with tool calls may omit it
     name: str | None = None
-    tool_calls: list[Any] | None = None
-
-    _unsupported = field_validator("tool_calls")(refuse_if_set)
+    tool_calls: list[ToolCallIn] | None = None  # the assistant's earlier calls
+    tool_call_id: str | None = None  # which call a tool message answers
 
     @field_validator("role", mode="before")
     @classmethod
-    def _no_tool_roles(cls, value: Any) -> Any:
-        if value in ("tool", "function"):
-            raise ValueError(
-                f"{value!r} messages are not supported (no tool calling on this server)"
-            )
+    def _no_function_role(cls, value: Any) -> Any:
+        if value == "function":
+            raise ValueError("'function' messages are deprecated by OpenAI: use 'tool' messages")
         return value
+
+    @model_validator(mode="after")
+    def _tool_fields_in_place(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry `tool_calls`")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("`tool_call_id` is required on tool messages, and only there")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("`content` is required (unless an assistant message has tool_calls)")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -182,14 +182,18 @@ class ChatMessage(RequestModel):
             texts.append(part["text"])
         return "\n".join(texts)
 
-    def template_dict(self) -> dict[str, str]:
+    def template_dict(self) -> dict[str, Any]:
         """`developer` is OpenAI's new name for `system`; chat templates know only the old one."""
-        message = {
+        message: dict[str, Any] = {
             "role": "system" if self.role == "developer" else self.role,
-            "content": self.content,
+            "content": self.content or "",
         }
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [call.template_dict() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
 
 
@@ -199,24 +203,40 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools, else "none"
+    parallel_tool_calls: bool | None = None  # false: at most one call per choice
+    functions: list[Any] | None = None  # deprecated by OpenAI in favour of tools
     function_call: Any = None
     audio: Any = None
     prediction: Any = None
     web_search_options: Any = None
 
     _unsupported_chat = field_validator(
-        "tools", "functions", "function_call", "audio", "prediction", "web_search_options"
+        "functions", "function_call", "audio", "prediction", "web_search_options"
     )(refuse_if_set)
 
     @field_validator("tool_choice")
     @classmethod
-    def _no_tool_choice(cls, value: Any) -> Any:
-        if value not in (None, "none"):
-            raise ValueError("not supported by this server")
-        return value
+    def _tool_choice_fits_tools(
+        cls, choice: ToolChoice | None, info: ValidationInfo
+    ) -> ToolChoice | None:
+        names = {t.function.name for t in info.data.get("tools") or ()}
+        if choice not in (None, "none") and not names:
+            raise ValueError("other than 'none', it needs `tools`")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"names {choice.function.name!r}, which is not one of `tools`")
+        if choice not in (None, "none", "auto") and info.data.get("response_format"):
+            raise ValueError("a forced tool call cannot also follow `response_format`")
+        return choice
+
+    @property
+    def effective_tool_choice(self) -> ToolChoice:
+        return self.tool_choice or ("auto" if self.tools else "none")
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.effective_tool_choice not in ("none", "auto")
 
     @field_validator("top_logprobs")
     @classmethod
@@ -226,9 +246,17 @@ class ChatCompletionRequest(SamplingRequest):
         return value
 
     def to_sampling_params(self) -> SamplingParams:
-        """No max_tokens means up to the context length, as on OpenAI's chat endpoint."""
+        """No max_tokens means up to the context length, as on OpenAI's chat endpoint. A forced
+        tool call is generated under its JSON schema."""
         max_tokens = self.max_completion_tokens or self.max_tokens
-        return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        params = self.sampling_params(
+            max_tokens, (self.top_logprobs or 0) if self.logprobs else None
+        )
+        parallel = self.parallel_tool_calls is not False  # OpenAI's default: allowed
+        schema = forced_schema(self.tools or [], self.effective_tool_choice, parallel)
+        if schema is None:
+            return params
+        return dataclasses.replace(params, guided=GuidedDecoding(schema))  # checks it again
 
 
 class CompletionRequest(SamplingRequest):
@@ -277,6 +305,7 @@ class TokenizeRequest(RequestModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)  # rendered with the messages
     add_special_tokens: bool = True  # for a prompt; the chat template places its own
 
     @model_validator(mode="after")

@@ -47,9 +47,27 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ToolCallDelta(ToolCall):
+    """A streamed call: each is sent whole, in one chunk, at the end of its choice."""
+
+    index: int
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=_absent_if_none)
 
 
 class ChatChoice(BaseModel):
@@ -69,10 +87,11 @@ class ChatCompletion(BaseModel):
 
 
 class Delta(BaseModel):
-    """Only what changed: the role once at the start, then content."""
+    """Only what changed: the role once at the start, then content (or tool calls)."""
 
     role: Literal["assistant"] | None = Field(None, exclude_if=_absent_if_none)
     content: str | None = Field(None, exclude_if=_absent_if_none)
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=_absent_if_none)
 
 
 class ChatChunkChoice(BaseModel):

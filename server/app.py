@@ -45,6 +45,7 @@ class ServerSettings:
     served_model_name: str
     api_key: str | None = None
     chat_template: str | None = None  # the template text, overriding the checkpoint's
+    tool_call_parser: str | None = None  # set: tool_choice "auto" is allowed, parsed this way
     limits: Limits = Limits()
 
 
@@ -57,7 +58,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         renderer.check()
         app.state.engine = engine
         policy = app.state.policy = RequestPolicy(timeout_s=settings.limits.request_timeout_s)
-        app.state.chat = ChatServing(engine, settings.served_model_name, policy, renderer)
+        app.state.chat = ChatServing(
+            engine, settings.served_model_name, policy, renderer, settings.tool_call_parser
+        )
         app.state.completion = CompletionServing(engine, settings.served_model_name, policy)
         app.state.renderer = renderer
         logger.info(
@@ -110,7 +113,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     request.app.state.completion.check_model(body.model)
     engine: AsyncLLM = request.app.state.engine
     if body.messages is not None:
-        ids = request.app.state.renderer.render([m.template_dict() for m in body.messages])
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or ()] or None
+        ids = request.app.state.renderer.render([m.template_dict() for m in body.messages], tools)
     else:
         ids = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids)

@@ -24,7 +24,11 @@ def load_chat_template(value: str | None) -> str | None:
     if value is None:
         return None
     path = Path(value).expanduser()
-    if path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError:  # inline text longer than a file name may be
+        is_file = False
+    if is_file:
         return path.read_text()
     if "{{" in value or "{%" in value:
         return value
@@ -50,7 +54,11 @@ class ChatRenderer:
                 f"the chat template fails on a one-message chat: {exc}"
             ) from exc
 
-    def render(self, messages: list[dict[str, str]]) -> list[int]:
+    def render(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Prompt token ids; `tools` (OpenAI's format) are given to the template, which decides
+        how the model sees them."""
         if not self.available:
             raise APIError(
                 400,
@@ -59,7 +67,7 @@ class ChatRenderer:
                 param="messages",
             )
         try:
-            text = self._render(messages)
+            text = self._render(messages, tools)
         except TemplateError as exc:
             raise APIError(
                 400, f"The chat template rejected the messages: {exc}", param="messages"
@@ -67,7 +75,13 @@ class ChatRenderer:
         # The template writes the special tokens (BOS included) itself.
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _render(self, messages: list[dict[str, str]]) -> str:
+    def _render(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.override, tokenize=False, add_generation_prompt=True
+            messages,
+            tools=tools,
+            chat_template=self.override,
+            tokenize=False,
+            add_generation_prompt=True,
         )

@@ -1,5 +1,6 @@
-"""/v1/chat/completions: messages through the chat template into the engine, answered whole or as
-an SSE stream of `chat.completion.chunk` objects."""
+"""/v1/chat/completions: messages (and tools) through the chat template into the engine, answered
+whole or as an SSE stream of `chat.completion.chunk` objects, with tool calls parsed out of the
+text (server/tool_calls.py)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,16 @@ from server.api_responses import (
     ChatCompletion,
     ChatCompletionChunk,
     Delta,
+    FunctionCall,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from server.chat_template import ChatRenderer
+from server.errors import APIError
 from server.logprobs import chat_logprobs
 from server.serving import Generation, OpenAIServing, RequestPolicy
+from server.tool_calls import NamedToolChoice, ToolCallStream, forced_calls, hermes_calls
 
 
 class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
@@ -28,15 +34,28 @@ class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
     chunk_type = ChatCompletionChunk
 
     def __init__(
-        self, engine: AsyncLLM, model_name: str, policy: RequestPolicy, renderer: ChatRenderer
+        self,
+        engine: AsyncLLM,
+        model_name: str,
+        policy: RequestPolicy,
+        renderer: ChatRenderer,
+        tool_parser: str | None = None,
     ) -> None:
         super().__init__(engine, model_name, policy)
-        self.renderer = renderer
+        self.renderer, self.tool_parser = renderer, tool_parser
 
     async def create(self, request: ChatCompletionRequest) -> Response | ChatCompletion:
         self.check_model(request.model)
+        if request.effective_tool_choice == "auto" and self.tool_parser is None:
+            raise APIError(
+                400,
+                '"auto" tool choice requires the server to run with --enable-auto-tool-choice and '
+                "--tool-call-parser; or name a function, or use 'required' or 'none'",
+                param="tool_choice",
+            )
         params = request.to_sampling_params()
-        prompt_ids = self.renderer.render([m.template_dict() for m in request.messages])
+        tools = [t.model_dump(exclude_none=True) for t in request.tools or ()] or None
+        prompt_ids = self.renderer.render([m.template_dict() for m in request.messages], tools)
         return await self.respond(request, prompt_ids, params)
 
     def whole(
@@ -47,20 +66,20 @@ class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
         request_id: str,
         created: int,
     ) -> ChatCompletion:
-        return ChatCompletion(
-            id=request_id,
-            created=created,
-            model=self.model_name,
-            choices=[
+        choices = []
+        for o in final.outputs:
+            content, calls, finish_reason = answer(request, o.text, o.finish_reason)
+            message = AssistantMessage(content=content, tool_calls=calls)
+            choices.append(
                 ChatChoice(
                     index=o.index,
-                    message=AssistantMessage(content=o.text),
+                    message=message,
                     logprobs=None if o.logprobs is None else chat_logprobs(o.logprobs),
-                    finish_reason=o.finish_reason,
+                    finish_reason=finish_reason,
                 )
-                for o in final.outputs
-            ],
-            usage=usage,
+            )
+        return ChatCompletion(
+            id=request_id, created=created, model=self.model_name, choices=choices, usage=usage
         )
 
     async def chunks(
@@ -69,17 +88,64 @@ class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
         generation: Generation,
         chunk: Callable[[list[ChatChunkChoice]], str],
     ) -> AsyncIterator[str]:
-        for index in range(len(generation.last.outputs)):  # each choice opens with its role
+        n = len(generation.last.outputs)
+        for index in range(n):  # each choice opens with its role
             yield chunk([ChatChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
+        with_tools = request.effective_tool_choice != "none"
+        texts = [""] * n
+        streams = [ToolCallStream(request.forces_tool_call) for _ in range(n)]
         async for deltas in generation.deltas():
             for d in deltas:
+                texts[d.index] += d.text
+                stream = streams[d.index]
+                text = stream.feed(texts[d.index]) if with_tools else d.text
+                delta = None
+                finish_reason = d.finish_reason
+                if with_tools and finish_reason is not None:
+                    held = texts[d.index][stream.sent :]
+                    content, calls, finish_reason = answer(request, texts[d.index], finish_reason)
+                    if calls:
+                        delta = Delta(
+                            content=text or None,
+                            tool_calls=[
+                                ToolCallDelta(index=i, **call.model_dump())
+                                for i, call in enumerate(calls)
+                            ],
+                        )
+                    else:
+                        text += held
                 yield chunk(
                     [
                         ChatChunkChoice(
                             index=d.index,
-                            delta=Delta(content=d.text or None),
+                            delta=delta or Delta(content=text or None),
                             logprobs=None if d.logprobs is None else chat_logprobs(d.logprobs),
-                            finish_reason=d.finish_reason,
+                            finish_reason=finish_reason,
                         )
                     ]
                 )
+
+
+def answer(
+    request: ChatCompletionRequest, text: str, finish_reason: str | None
+) -> tuple[str | None, list[ToolCall] | None, str | None]:
+    """(content, tool calls, finish reason) of a finished choice's text. Calls end a choice with
+    "tool_calls", except a named forced call, which ends as generated ("stop"), as on OpenAI."""
+    choice = request.effective_tool_choice
+    if choice == "none":
+        return text, None, finish_reason
+    if request.forces_tool_call:
+        content, calls = None, forced_calls(text, choice)
+        if calls is None:  # cut short (max_tokens): what there is stays text
+            return text, None, finish_reason
+    else:
+        content, calls = hermes_calls(text)
+        if not calls:
+            return text, None, finish_reason
+        if request.parallel_tool_calls is False:
+            calls = calls[:1]
+    named = isinstance(choice, NamedToolChoice)
+    tool_calls = [
+        ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls
+    ]
+    return content, tool_calls, finish_reason if named else "tool_calls"

@@ -16,6 +16,7 @@ from server.commands import Command
 from server.config_args import add_config_args, config_from_args
 from server.limits import add_limit_arguments, limits_from_args
 from server.shutdown import DrainingServer
+from server.tool_calls import TOOL_CALL_PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chat-template",
         help="Jinja chat template, as a file or inline text (default: the checkpoint's)",
     )
+    group.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser',
+    )
+    group.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        help="how the model writes tool calls in its text (hermes: <tool_call>{...}</tool_call>)",
+    )
     add_limit_arguments(parser)
     add_config_args(parser, EngineConfig, "engine")
 
@@ -49,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
             engine_config.model
         )  # a bad --model fails before binding a port
         chat_template = load_chat_template(args.chat_template)
+        if args.enable_auto_tool_choice and args.tool_call_parser is None:
+            raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser")
     except (ConfigError, ChatTemplateError) as exc:
         logger.error("%s", exc)
         return 2
@@ -56,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or Path(engine_config.model).name,
         api_key=args.api_key,
         chat_template=chat_template,
+        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
         limits=limits_from_args(args),
     )
     app = build_app(engine_config, settings)

@@ -38,6 +38,17 @@ def completion(**fields: Any) -> dict[str, Any]:
     return {"prompt": "hi", "max_tokens": 2, **fields}
 
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+def named(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name}}
+
+
+def call(name: str, arguments: str) -> dict[str, Any]:
+    return {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
 # (path, body, status, param, words the message must contain)
 BAD_REQUESTS = [
     (CHAT, chat(messages=[]), 400, "messages", "at least 1"),
@@ -57,14 +68,17 @@ BAD_REQUESTS = [
     (CHAT, chat(top_logprobs=2), 400, "top_logprobs", "logprobs"),
     (CHAT, chat(stop=7), 400, "stop", "string"),
     (CHAT, chat(stream_options={"include_usage": True}), 400, "stream_options", "stream"),
+    (CHAT, chat(tools=[TOOL]), 400, "tool_choice", "--enable-auto-tool-choice"),
+    (CHAT, chat(tool_choice="required"), 400, "tool_choice", "needs `tools`"),
+    (CHAT, chat(tools=[TOOL], tool_choice=named("g")), 400, "tool_choice", "not one of `tools`"),
     (
         CHAT,
-        chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+        chat(tools=[TOOL], tool_choice="required", response_format={"type": "json_object"}),
         400,
-        "tools",
-        "not supported",
+        "tool_choice",
+        "response_format",
     ),
-    (CHAT, chat(tool_choice="auto"), 400, "tool_choice", "not supported"),
+    (CHAT, chat(tools=[{"type": "function", "function": {}}]), 400, "tools[0].function.name", ""),
     (CHAT, chat(functions=[{"name": "f"}]), 400, "functions", "not supported"),
     (CHAT, chat(response_format={"type": "yaml"}), 400, "response_format.type", "json_schema"),
     (CHAT, chat(response_format={"type": "json_schema"}), 400, "response_format", "required"),
@@ -102,13 +116,16 @@ BAD_REQUESTS = [
     (CHAT, chat(logit_bias={"5": 101}), 400, "logit_bias", "between -100 and 100"),
     (COMPLETIONS, completion(logit_bias={"5": "x"}), 400, "logit_bias.5", "number"),
     (COMPLETIONS, completion(logit_bias={"99999": 1}), 400, "logit_bias", "must be in [0,"),
+    (CHAT, chat(messages=[{"role": "tool", "content": "4"}]), 400, "messages[0]", "tool_call_id"),
+    (CHAT, chat(messages=[{"role": "function", "content": "4"}]), 400, "messages[0].role", "tool"),
     (
         CHAT,
-        chat(messages=[{"role": "tool", "content": "4"}]),
+        chat(messages=[{"role": "assistant", "tool_calls": [call("f", "{oops")]}]),
         400,
-        "messages[0].role",
-        "not supported",
+        "messages[0].tool_calls[0].function.arguments",
+        "JSON",
     ),
+    (CHAT, chat(messages=[{"role": "user"}]), 400, "messages[0]", "`content` is required"),
     (
         CHAT,
         chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),

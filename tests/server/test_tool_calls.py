@@ -1,0 +1,145 @@
+"""Tool calling: the hermes parser and stream splitter on their own, then through the server with a
+template that renders tools (a random model calls tools only when a call is forced, so "auto" is
+checked for what it renders and returns as text)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+
+from server.tool_calls import ToolCallStream, hermes_calls
+
+if TYPE_CHECKING:
+    from tests.server.conftest import RunningServer
+
+TEMPLATE = (
+    "{% if tools %}<|system|>{{ tools | tojson }}<|end|>{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'tool' %}<|user|>{{ m.tool_call_id }}: {{ m.content }}<|end|>"
+    "{% elif m.tool_calls %}<|assistant|>{% for c in m.tool_calls %}"
+    "<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}<|end|>"
+    "{% else %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Oslo"]}, "celsius": {"type": "boolean"}},
+            "required": ["city", "celsius"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time"}}  # no parameters
+MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_hermes_calls_are_parsed_out_of_text() -> None:
+    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n<tool_call>{"name": "get_time"}</tool_call>'
+    content, calls = hermes_calls(text)
+    assert content == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Oslo"}),
+        ("get_time", {}),
+    ]
+    assert calls[0].id.startswith("call_") and calls[0].id != calls[1].id
+    assert hermes_calls("no calls here") == ("no calls here", [])
+    broken = "<tool_call>{not json}</tool_call>"
+    assert hermes_calls(broken) == (broken, [])  # a malformed call stays text
+
+
+def test_stream_holds_back_what_may_start_a_call() -> None:
+    stream, text, sent = ToolCallStream(forced=False), "", []
+    for piece in ["Let me", " check <", "tool_", 'call>{"name": "f"}', "</tool_call>"]:
+        text += piece
+        sent.append(stream.feed(text))
+    assert sent == ["Let me", " check ", "", "", ""]
+    assert stream.in_call and text[stream.sent :].startswith("<tool_call>")
+    plain = ToolCallStream(forced=False)
+    assert plain.feed("a < b") == "a < b" and plain.feed("a < b <t") == " "  # "<t" waits
+    assert ToolCallStream(forced=True).feed('{"city": "Oslo"}') == ""  # sent whole at the end
+
+
+@pytest.fixture(scope="module")
+def server(
+    mixtral_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, server_launcher: Callable
+) -> Iterator[RunningServer]:
+    folder = tmp_path_factory.mktemp("tools-server")
+    flags = ["--chat-template", TEMPLATE, "--enable-auto-tool-choice", "--tool-call-parser"]
+    with server_launcher(mixtral_checkpoint, folder, *flags, "hermes") as running:
+        yield running
+
+
+def chat(server: RunningServer, **body: Any) -> Any:
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 60, "temperature": 0, **body}
+    return server.client.chat.completions.create(**body)
+
+
+def test_a_named_tool_choice_always_gives_a_valid_call(server: RunningServer) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    out = chat(server, tools=[WEATHER, TIME], tool_choice=named)
+    [choice] = out.choices
+    assert choice.message.content is None and choice.finish_reason == "stop"
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city", "celsius"} and arguments["city"] in ("Paris", "Oslo")
+    chunks = list(chat(server, tools=[WEATHER, TIME], tool_choice=named, stream=True))
+    streamed = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+    assert [(d.index, d.function.name, d.function.arguments) for d in streamed] == [
+        (0, "get_weather", call.function.arguments)
+    ]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+
+
+def test_required_picks_among_the_tools(server: RunningServer) -> None:
+    out = chat(server, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
+    [choice] = out.choices
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls
+    assert call.function.name in ("get_weather", "get_time")
+    assert isinstance(json.loads(call.function.arguments), dict)
+
+
+def test_auto_renders_the_tools_and_answers_in_text(server: RunningServer) -> None:
+    plain = chat(server, max_tokens=4)
+    auto = chat(server, tools=[WEATHER], max_tokens=4)  # "auto" is the default with tools
+    assert auto.usage.prompt_tokens > plain.usage.prompt_tokens + 20  # the schema is in the prompt
+    assert auto.choices[0].message.tool_calls is None and auto.choices[0].finish_reason == "length"
+    none = chat(server, tools=[WEATHER], tool_choice="none", max_tokens=4)
+    assert none.choices[0].message.content == auto.choices[0].message.content
+    longer = chat(server, tools=[WEATHER], max_tokens=24)
+    chunks = list(chat(server, tools=[WEATHER], max_tokens=24, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == longer.choices[0].message.content  # nothing held back is lost
+
+
+def test_a_conversation_with_a_tool_result(server: RunningServer) -> None:
+    call = {
+        "id": "call_7",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "celsius": true}'},
+    }
+    messages = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_7", "content": "-3"},
+    ]
+    with server.http() as http:
+        rendered = http.post("/tokenize", json={"messages": messages, "tools": [WEATHER]}).json()
+    text = httpx.post(f"{server.url}/detokenize", json={"tokens": rendered["tokens"]}).json()
+    # The template got the arguments as an object, and the tool's answer with its call id.
+    assert '"arguments": {"city": "Oslo", "celsius": true}' in text["prompt"]
+    assert "call_7: -3" in text["prompt"]
+    out = chat(server, messages=messages, tools=[WEATHER], max_tokens=3)
+    assert out.usage.prompt_tokens == rendered["count"]

@@ -27,30 +27,31 @@ MAX_SCHEMA_CHARS = 65536
 MAX_SCHEMA_DEPTH = 32  # compile time grows steeply with nesting (2 s at 300 levels of arrays)
 
 
-def _depth(value: Any) -> int:
+def schema_depth(value: Any) -> int:
+    """Levels of JSON nesting; RecursionError past Python's limit."""
     if isinstance(value, dict):
-        return 1 + max(map(_depth, value.values()), default=0)
+        return 1 + max(map(schema_depth, value.values()), default=0)
     if isinstance(value, list):
-        return 1 + max(map(_depth, value), default=0)
+        return 1 + max(map(schema_depth, value), default=0)
     return 0
 
 
-def check_schema(text: str) -> None:
+def check_schema(text: str, param: str = "response_format") -> None:
     """Refuse what would stall a compile: over MAX_SCHEMA_CHARS characters or nested deeper than
     MAX_SCHEMA_DEPTH; and what is not JSON."""
     if len(text) > MAX_SCHEMA_CHARS:
         raise RequestError(
             f"the JSON schema is {len(text)} characters; at most {MAX_SCHEMA_CHARS}",
-            param="response_format",
+            param=param,
         )
     try:
-        depth = _depth(json.loads(text))
+        depth = schema_depth(json.loads(text))
     except (ValueError, RecursionError) as exc:
-        raise RequestError(f"invalid JSON schema: {exc}", param="response_format") from exc
+        raise RequestError(f"invalid JSON schema: {exc}", param=param) from exc
     if depth > MAX_SCHEMA_DEPTH:
         raise RequestError(
             f"the JSON schema nests {depth} levels deep; at most {MAX_SCHEMA_DEPTH}",
-            param="response_format",
+            param=param,
         )
 
 
@@ -81,12 +82,12 @@ class GrammarCompiler:
     def compile(self, guided: GuidedDecoding) -> Any:
         """The compiled grammar; a schema xgrammar cannot take is a RequestError. Thread-safe:
         the server compiles in a worker thread before the request reaches the engine."""
-        check_schema(guided.schema)
+        check_schema(guided.schema, guided.param)
         try:
             return self._compiler.compile_json_schema(guided.schema, any_whitespace=False)
         except (ValueError, RuntimeError) as exc:
             why = re.sub(r"^\[[\d:]+\] \S+: ", "", str(exc).strip().splitlines()[0])  # xgrammar's
-            raise RequestError(f"invalid JSON schema: {why}", param="response_format") from exc
+            raise RequestError(f"invalid JSON schema: {why}", param=guided.param) from exc
 
     def guide(self, guided: GuidedDecoding) -> Guide:
         return Guide(_xgrammar().GrammarMatcher(self.compile(guided)), self.vocab_size)

@@ -21,6 +21,7 @@ class GuidedDecoding:
     None, any JSON object (OpenAI's json_object mode)."""
 
     json_schema: str | None = None
+    param: str = "response_format"  # the request field that asked for it, for errors
 
     @property
     def schema(self) -> str:

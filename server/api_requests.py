@@ -203,7 +203,7 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = None  # default: "auto" with tools, else "none"
     parallel_tool_calls: bool | None = None  # false: at most one call per choice
     functions: list[Any] | None = None  # deprecated by OpenAI in favour of tools
@@ -256,7 +256,8 @@ class ChatCompletionRequest(SamplingRequest):
         schema = forced_schema(self.tools or [], self.effective_tool_choice, parallel)
         if schema is None:
             return params
-        return dataclasses.replace(params, guided=GuidedDecoding(schema))  # checks it again
+        guided = GuidedDecoding(schema, param="tools")
+        return dataclasses.replace(params, guided=guided)  # checks it again
 
 
 class CompletionRequest(SamplingRequest):
@@ -312,6 +313,8 @@ class TokenizeRequest(RequestModel):
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give either `prompt` or `messages`")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("`tools` are rendered with `messages` only")
         return self
 
 

@@ -68,7 +68,7 @@ class ChatRenderer:
             )
         try:
             text = self._render(messages, tools)
-        except TemplateError as exc:
+        except (TemplateError, RecursionError) as exc:
             raise APIError(
                 400, f"The chat template rejected the messages: {exc}", param="messages"
             ) from exc

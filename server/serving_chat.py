@@ -114,6 +114,8 @@ class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
                         )
                     else:
                         text += held
+                if not (text or delta or d.logprobs or finish_reason):
+                    continue  # all of it held back: nothing to say yet
                 yield chunk(
                     [
                         ChatChunkChoice(

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from engine import RequestError
+from engine.guided import MAX_SCHEMA_DEPTH, schema_depth
 from server.request_model import RequestModel
 
 TOOL_CALL_PARSERS = ("hermes",)
@@ -25,11 +27,31 @@ HERMES_START, HERMES_END = "<tool_call>", "</tool_call>"
 HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
+def _too_deep(value: Any) -> bool:
+    try:
+        return schema_depth(value) > MAX_SCHEMA_DEPTH
+    except RecursionError:
+        return True
+
+
 class FunctionDefinition(RequestModel):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule
     description: str | None = None
-    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object; None: no arguments
     strict: bool | None = None  # a forced call always follows the schema
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Arguments are a JSON object (OpenAI's rule); nesting is bounded as for response_format,
+        since chat templates and grammar compiles recurse through it."""
+        if value is None:
+            return value
+        if value.get("type", "object") != "object":
+            raise ValueError("must be a JSON schema of type 'object'")
+        if _too_deep(value):
+            raise ValueError(f"nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        return value
 
 
 class Tool(RequestModel):
@@ -55,10 +77,12 @@ class FunctionCallIn(RequestModel):
     def _json_object(cls, value: str) -> str:
         try:
             parsed = json.loads(value)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise ValueError(f"must be JSON text: {exc}") from exc
         if not isinstance(parsed, dict):
             raise ValueError("must be a JSON object")
+        if _too_deep(parsed):  # chat templates recurse through it
+            raise ValueError(f"nests deeper than {MAX_SCHEMA_DEPTH} levels")
         return value
 
 
@@ -90,7 +114,9 @@ class Call:
 
     @classmethod
     def new(cls, name: str, arguments: Any) -> Call:
-        text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        text = (
+            arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        )
         return cls(name, text, f"call_{uuid.uuid4().hex[:24]}")
 
 
@@ -101,22 +127,32 @@ def _parameters(tool: Tool) -> dict[str, Any]:
 def forced_schema(tools: list[Tool], choice: ToolChoice | None, parallel: bool) -> str | None:
     """The JSON schema a forced call is generated under; None when the model may answer freely.
     "required" is a non-empty array of {name, parameters} objects, one shape per tool, of one
-    item unless parallel calls are allowed."""
+    item unless parallel calls are allowed. Each tool's `$defs` move to the top, where its
+    `#/$defs/...` references resolve; two tools defining one name differently are refused."""
     if isinstance(choice, NamedToolChoice):
         tool = next(t for t in tools if t.function.name == choice.function.name)
         return json.dumps(_parameters(tool))
     if choice != "required":
         return None
-    shapes = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)},
-            "required": ["name", "parameters"],
-        }
-        for t in tools
-    ]
-    array = {"type": "array", "minItems": 1, "items": {"anyOf": shapes}}
-    return json.dumps(array if parallel else {**array, "maxItems": 1})
+    shapes, defs = [], {}
+    for t in tools:
+        parameters = dict(_parameters(t))
+        for name, definition in parameters.pop("$defs", {}).items():
+            if defs.setdefault(name, definition) != definition:
+                raise RequestError(f"tools define $defs/{name} differently", param="tools")
+        shapes.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": t.function.name}, "parameters": parameters},
+                "required": ["name", "parameters"],
+            }
+        )
+    array: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": shapes}}
+    if not parallel:
+        array["maxItems"] = 1
+    if defs:
+        array["$defs"] = defs
+    return json.dumps(array)
 
 
 def forced_calls(text: str, choice: ToolChoice) -> list[Call] | None:
@@ -141,11 +177,13 @@ def hermes_calls(text: str) -> tuple[str | None, list[Call]]:
             return text, []
         if not isinstance(value, dict) or not isinstance(value.get("name"), str):
             return text, []
+        if not isinstance(value.get("arguments", {}), dict):
+            return text, []
         calls.append(Call.new(value["name"], value.get("arguments", {})))
     if not calls:
         return text, []
-    content = text[: text.index(HERMES_START)].strip()
-    return content or None, calls
+    content = text[: text.index(HERMES_START)]
+    return content if content.strip() else None, calls
 
 
 class ToolCallStream:

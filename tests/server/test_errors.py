@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,29 @@ def named(name: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": name}}
 
 
+TOOL_PARAMS = "tools[0].function.parameters"
+
+
+def tool(parameters: dict[str, Any], name: str = "f") -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+
+def deep(levels: int) -> dict[str, Any]:
+    """An object schema with `levels` levels of nesting."""
+    value: dict[str, Any] = {"type": "object"}
+    for _ in range(levels // 2):
+        value = {"type": "object", "properties": {"a": value}}
+    return value
+
+
+def defs(kind: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "$defs": {"x": {"type": kind}},
+        "properties": {"a": {"$ref": "#/$defs/x"}},
+    }
+
+
 def call(name: str, arguments: str) -> dict[str, Any]:
     return {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}
 
@@ -79,6 +103,16 @@ BAD_REQUESTS = [
         "response_format",
     ),
     (CHAT, chat(tools=[{"type": "function", "function": {}}]), 400, "tools[0].function.name", ""),
+    (CHAT, chat(tools=[], tool_choice="none"), 400, "tools", "at least 1"),
+    (CHAT, chat(tools=[tool(deep(40))], tool_choice="none"), 400, TOOL_PARAMS, "deeper than"),
+    (CHAT, chat(tools=[tool({"type": "string"})], tool_choice="none"), 400, TOOL_PARAMS, "object"),
+    (
+        CHAT,
+        chat(tools=[tool(defs("int")), tool(defs("str"), "g")], tool_choice="required"),
+        400,
+        "tools",
+        "$defs/x differently",
+    ),
     (CHAT, chat(functions=[{"name": "f"}]), 400, "functions", "not supported"),
     (CHAT, chat(response_format={"type": "yaml"}), 400, "response_format.type", "json_schema"),
     (CHAT, chat(response_format={"type": "json_schema"}), 400, "response_format", "required"),
@@ -126,6 +160,13 @@ BAD_REQUESTS = [
         "JSON",
     ),
     (CHAT, chat(messages=[{"role": "user"}]), 400, "messages[0]", "`content` is required"),
+    (
+        CHAT,
+        chat(messages=[{"role": "assistant", "tool_calls": [call("f", json.dumps(deep(300)))]}]),
+        400,
+        "messages[0].tool_calls[0].function.arguments",
+        "deeper than",
+    ),
     (
         CHAT,
         chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),

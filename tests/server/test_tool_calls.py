@@ -46,15 +46,18 @@ MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
 def test_hermes_calls_are_parsed_out_of_text() -> None:
     text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n<tool_call>{"name": "get_time"}</tool_call>'
     content, calls = hermes_calls(text)
-    assert content == "Let me check."
+    assert content == "Let me check.\n"  # as streamed: the text before the first call
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [
         ("get_weather", {"city": "Oslo"}),
         ("get_time", {}),
     ]
     assert calls[0].id.startswith("call_") and calls[0].id != calls[1].id
     assert hermes_calls("no calls here") == ("no calls here", [])
-    broken = "<tool_call>{not json}</tool_call>"
-    assert hermes_calls(broken) == (broken, [])  # a malformed call stays text
+    for broken in (
+        "<tool_call>{not json}</tool_call>",
+        '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',
+    ):
+        assert hermes_calls(broken) == (broken, [])  # a malformed call stays text
 
 
 def test_stream_holds_back_what_may_start_a_call() -> None:
@@ -109,6 +112,30 @@ def test_required_picks_among_the_tools(server: RunningServer) -> None:
     [call] = choice.message.tool_calls
     assert call.function.name in ("get_weather", "get_time")
     assert isinstance(json.loads(call.function.arguments), dict)
+
+
+def test_required_resolves_each_tools_definitions(server: RunningServer) -> None:
+    """Pydantic-made schemas keep nested models in `$defs`; "required" nests each tool's schema, so
+    its definitions must be lifted to where `#/$defs/...` resolves."""
+    city = {"type": "object", "properties": {"name": {"enum": ["Paris"]}}, "required": ["name"]}
+    nested = {
+        "type": "function",
+        "function": {
+            "name": "visit",
+            "parameters": {
+                "type": "object",
+                "$defs": {"City": {**city, "additionalProperties": False}},
+                "properties": {"city": {"$ref": "#/$defs/City"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    out = chat(
+        server, tools=[nested], tool_choice="required", parallel_tool_calls=False, max_tokens=120
+    )
+    [call] = out.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {"city": {"name": "Paris"}}
 
 
 def test_auto_renders_the_tools_and_answers_in_text(server: RunningServer) -> None:

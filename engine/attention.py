@@ -45,6 +45,12 @@ class KVCache:
         return cls(k=make(key_dim), v=make(value_dim) if value_dim else [], block_size=block_size)
 
 
+# A folded mask repeats each query's row for every head of its KV group: for MLA (one KV head) and
+# a long chunk after a cached prefix that is heads x Q x L (DeepSeek-V3: 2 GB at Q = 2048, L = 4096),
+# so a bigger one is built, and attended, a slice of queries at a time.
+MAX_FOLDED_MASK = 1 << 24  # elements
+
+
 @dataclass
 class AttentionGroup:
     """Sequences that share one SDPA call: B sequences with Q new tokens each, L context (padded).
@@ -57,16 +63,21 @@ class AttentionGroup:
     mask: torch.Tensor | None  # [B, 1, Q, nb * block_size] additive: 0 where a query may attend
     _folded: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def folded_mask(self, groups_per_kv: int) -> torch.Tensor:
-        """The mask for queries folded to [B, kvh, g*Q, D]: each query row repeated per head of its
-        KV group (decode masks, Q = 1, broadcast as they are). Built once per step, not per layer."""
+    def folded_mask(self, groups_per_kv: int, lo: int, hi: int) -> torch.Tensor:
+        """The mask of queries lo..hi-1 folded to [B, kvh, g*n, D]: each query row repeated per head
+        of its KV group (decode masks, Q = 1, broadcast as they are). A whole mask is built once per
+        step, not per layer; a slice (of a mask too big to fold whole) each time."""
         assert self.mask is not None
         b, _, q_len, width = self.mask.shape
         if q_len == 1:
             return self.mask
-        if groups_per_kv not in self._folded:
-            folded = self.mask.expand(b, groups_per_kv, q_len, width)
-            self._folded[groups_per_kv] = folded.reshape(b, 1, groups_per_kv * q_len, width)
+        whole = (lo, hi) == (0, q_len)
+        if not whole or groups_per_kv not in self._folded:
+            folded = self.mask[:, :, lo:hi].expand(b, groups_per_kv, hi - lo, width)
+            folded = folded.reshape(b, 1, groups_per_kv * (hi - lo), width)
+            if not whole:
+                return folded
+            self._folded[groups_per_kv] = folded
         return self._folded[groups_per_kv]
 
 
@@ -171,18 +182,25 @@ def paged_attention(
             continue
         assert g.mask is not None
         b, _, q_len, width = g.mask.shape
-        # Fold the query heads sharing a KV head into the query axis: no KV repeat needed.
-        qg = q[g.rows].view(b, q_len, kv_heads, groups_per_kv, key_dim).permute(0, 2, 3, 1, 4)
-        qg = qg.reshape(b, kv_heads, groups_per_kv * q_len, key_dim)  # [B, kvh, g*Q, D]
         kg = k_blocks.index_select(0, g.blocks).view(b, width, kv_heads, key_dim).transpose(1, 2)
         if v_blocks is None:
             vg = kg[..., :value_dim]  # [B, kvh, L, Dv]
         else:
             vg = v_blocks.index_select(0, g.blocks).view(b, width, kv_heads, value_dim)
             vg = vg.transpose(1, 2)
-        mask = g.folded_mask(groups_per_kv)
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
-        og = og.view(b, kv_heads, groups_per_kv, q_len, value_dim).permute(0, 3, 1, 2, 4)
+        queries = q[g.rows].view(b, q_len, kv_heads, groups_per_kv, key_dim)
+        span = max(1, MAX_FOLDED_MASK // (b * groups_per_kv * width))  # queries per SDPA call
+        parts = []
+        for lo in range(0, q_len, span):
+            hi = min(lo + span, q_len)
+            # Fold the query heads sharing a KV head into the query axis: no KV repeat needed.
+            qg = queries[:, lo:hi].permute(0, 2, 3, 1, 4)  # [B, kvh, g, n, D]
+            qg = qg.reshape(b, kv_heads, groups_per_kv * (hi - lo), key_dim)  # [B, kvh, g*n, D]
+            mask = g.folded_mask(groups_per_kv, lo, hi)
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+            og = og.view(b, kv_heads, groups_per_kv, hi - lo, value_dim)
+            parts.append(og.permute(0, 3, 1, 2, 4))  # [B, n, kvh, g, Dv]
+        og = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [B, Q, kvh, g, Dv]
         outs.append(og.reshape(b * q_len, heads, value_dim))  # [B*Q, h, Dv]
     if len(outs) == 1 and batch.groups[0].rows == slice(0, q.shape[0]):  # all rows, in order
         return outs[0]

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine import attention
 from engine.attention import AttentionBatch, KVCache, paged_attention
 
 HEADS, BLOCK = 6, 4
@@ -27,14 +28,23 @@ def reference(
     return torch.einsum("hqk,khd->qhd", F.softmax(scores, -1), v.double())  # [n, h, D]
 
 
+@pytest.mark.parametrize("mask_budget", [None, 40], ids=["whole-masks", "sliced-masks"])
 @pytest.mark.parametrize(
     ("kv_heads", "dim", "value_dim", "scale"),
     [(2, 8, 8, None), (1, 12, 8, 0.2)],  # grouped-query; MLA: values are the keys' first 8
     ids=["gqa", "latent"],
 )
 def test_mixed_step_matches_full_attention(
-    kv_heads: int, dim: int, value_dim: int, scale: float | None
+    kv_heads: int,
+    dim: int,
+    value_dim: int,
+    scale: float | None,
+    mask_budget: int | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """With a tiny mask budget the later chunk's queries attend a slice (of one query) at a time."""
+    if mask_budget is not None:
+        monkeypatch.setattr(attention, "MAX_FOLDED_MASK", mask_budget)
     torch.manual_seed(0)
     latent = value_dim < dim
     geometry = (kv_heads, dim, 0 if latent else value_dim)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,7 +31,9 @@ from engine import LLM, SamplingParams  # noqa: E402
 from engine.config import DEFAULT_MODEL  # noqa: E402
 
 
-def conversations(tokenizer, count: int, system_len: int, turns: int, user_len: int) -> list:  # noqa: ANN001
+def conversations(
+    tokenizer: PreTrainedTokenizerBase, count: int, system_len: int, turns: int, user_len: int
+) -> tuple[list[int], list[list[list[int]]]]:
     """(system prompt, [user messages per turn] per conversation) from held-out documents."""
     docs = [tokenizer.encode(d) for d in demo_corpus().heldout]
     long_docs = [d for d in docs if len(d) >= turns * user_len]

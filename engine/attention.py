@@ -46,8 +46,9 @@ class KVCache:
 
 
 # A folded mask repeats each query's row for every head of its KV group: for MLA (one KV head) and
-# a long chunk after a cached prefix that is heads x Q x L (DeepSeek-V3: 2 GB at Q = 2048, L = 4096),
-# so a bigger one is built, and attended, a slice of queries at a time.
+# a long chunk after a cached prefix that is heads x Q x L (DeepSeek-V3: 2 GB at Q = 2048, L = 4096).
+# A bigger one is built, and attended, a slice of queries at a time, and a step keeps at most this
+# many elements of folded masks for its later layers.
 MAX_FOLDED_MASK = 1 << 24  # elements
 
 
@@ -61,24 +62,6 @@ class AttentionGroup:
     rows: slice | torch.Tensor  # [B * Q] rows of the flattened step, sequence-major
     blocks: torch.Tensor | None  # [B * nb] KV blocks of each sequence's context, padded with 0
     mask: torch.Tensor | None  # [B, 1, Q, nb * block_size] additive: 0 where a query may attend
-    _folded: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def folded_mask(self, groups_per_kv: int, lo: int, hi: int) -> torch.Tensor:
-        """The mask of queries lo..hi-1 folded to [B, kvh, g*n, D]: each query row repeated per head
-        of its KV group (decode masks, Q = 1, broadcast as they are). A whole mask is built once per
-        step, not per layer; a slice (of a mask too big to fold whole) each time."""
-        assert self.mask is not None
-        b, _, q_len, width = self.mask.shape
-        if q_len == 1:
-            return self.mask
-        whole = (lo, hi) == (0, q_len)
-        if not whole or groups_per_kv not in self._folded:
-            folded = self.mask[:, :, lo:hi].expand(b, groups_per_kv, hi - lo, width)
-            folded = folded.reshape(b, 1, groups_per_kv * (hi - lo), width)
-            if not whole:
-                return folded
-            self._folded[groups_per_kv] = folded
-        return self._folded[groups_per_kv]
 
 
 def _rows(offsets: list[int], index: list[int], lengths: list[int]) -> slice | torch.Tensor:
@@ -94,6 +77,28 @@ class AttentionBatch:
     kv: KVCache
     slot_mapping: torch.Tensor  # [T] KV slot each new token is written to
     groups: list[AttentionGroup]
+    _folded: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _folded_elements: int = 0  # of the masks kept in _folded, within MAX_FOLDED_MASK
+
+    def folded_mask(self, index: int, groups_per_kv: int, lo: int, hi: int) -> torch.Tensor:
+        """Group `index`'s mask for its queries lo..hi-1 folded to [B, 1, g*n, L]: each query row
+        repeated per head of its KV group, broadcast over the KV heads (decode masks, Q = 1, are
+        used as they are). Folded masks are kept for the step's later layers while the step's
+        total stays within MAX_FOLDED_MASK; past it they are built again on each call."""
+        mask = self.groups[index].mask
+        assert mask is not None
+        b, _, q_len, width = mask.shape
+        if q_len == 1:
+            return mask
+        key = (index, groups_per_kv)
+        if (lo, hi) == (0, q_len) and key in self._folded:
+            return self._folded[key]
+        folded = mask[:, :, lo:hi].expand(b, groups_per_kv, hi - lo, width)
+        folded = folded.reshape(b, 1, groups_per_kv * (hi - lo), width)
+        if (lo, hi) == (0, q_len) and self._folded_elements + folded.numel() <= MAX_FOLDED_MASK:
+            self._folded[key] = folded
+            self._folded_elements += folded.numel()
+        return folded
 
     @classmethod
     def build(
@@ -172,7 +177,7 @@ def paged_attention(
     k_blocks = k_cache.view(-1, bs * kv_heads * key_dim)  # a block gathers as one contiguous row
     v_blocks = batch.kv.v[layer].view(-1, bs * kv_heads * value_dim) if batch.kv.v else None
     outs = []
-    for g in batch.groups:
+    for index, g in enumerate(batch.groups):
         if g.blocks is None:  # causal over the chunk's own keys, GQA handled by SDPA
             qg, kg, vg = (t[g.rows].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, n, D]
             og = F.scaled_dot_product_attention(
@@ -196,7 +201,7 @@ def paged_attention(
             # Fold the query heads sharing a KV head into the query axis: no KV repeat needed.
             qg = queries[:, lo:hi].permute(0, 2, 3, 1, 4)  # [B, kvh, g, n, D]
             qg = qg.reshape(b, kv_heads, groups_per_kv * (hi - lo), key_dim)  # [B, kvh, g*n, D]
-            mask = g.folded_mask(groups_per_kv, lo, hi)
+            mask = batch.folded_mask(index, groups_per_kv, lo, hi)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
             og = og.view(b, kv_heads, groups_per_kv, hi - lo, value_dim)
             parts.append(og.permute(0, 3, 1, 2, 4))  # [B, n, kvh, g, Dv]

@@ -47,8 +47,9 @@ class Sequence:
 
     @property
     def prefix_cacheable(self) -> bool:
-        """Prompt logprobs need every prompt position computed, so such sequences start from zero."""
-        return self.params.prompt_logprobs is None
+        """Prompt logprobs need every prompt position computed, so the choice that scores the
+        prompt (the first) starts from zero."""
+        return self.params.prompt_logprobs is None or self.index != 0
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -1,9 +1,9 @@
 """Iteration-level continuous batching: each step, every sequence's computed tokens catch up with its
 known tokens (prompt + generated) within a token budget, so prefill chunks and decodes mix freely.
 
-Admission needs free KV blocks, and first takes the cached blocks of the sequence's known prefix (see
-blocks.py); when a running sequence cannot grow, the newest running sequence is preempted (its blocks
-freed, recomputed later, from the prefix cache where its blocks survive). Pure policy over plain data: sequences only need the
+Admission needs free KV blocks, and first takes the cached blocks of the sequence's known prefix
+(see blocks.py); when a running sequence cannot grow, the newest running sequence is preempted (its
+blocks freed, recomputed later, from the prefix cache where its blocks survive). Pure policy over plain data: sequences only need the
 attributes of `SchedulableSeq`.
 """
 

@@ -28,7 +28,9 @@ def reference(
     return torch.einsum("hqk,khd->qhd", F.softmax(scores, -1), v.double())  # [n, h, D]
 
 
-@pytest.mark.parametrize("mask_budget", [None, 40], ids=["whole-masks", "sliced-masks"])
+@pytest.mark.parametrize(
+    "mask_budget", [None, 40, 80], ids=["whole-masks", "one-query-slices", "uneven-slices"]
+)
 @pytest.mark.parametrize(
     ("kv_heads", "dim", "value_dim", "scale"),
     [(2, 8, 8, None), (1, 12, 8, 0.2)],  # grouped-query; MLA: values are the keys' first 8
@@ -73,6 +75,7 @@ def test_mixed_step_matches_full_attention(
     assert any(g.blocks is None for g in batch.groups)  # the first chunk reads no cache
     assert any(isinstance(g.rows, torch.Tensor) for g in batch.groups)  # decodes are split up
     out = paged_attention(q, new_k, new_v, 0, batch, scale)
+    assert batch._folded_elements <= attention.MAX_FOLDED_MASK  # what the step keeps
     assert out.shape == (q.shape[0], HEADS, value_dim)
     row = 0
     for (a, n), (k, v) in zip(plan, contexts, strict=True):

@@ -38,6 +38,11 @@ def test_prompt_logprobs_compute_every_position(mixtral_checkpoint: Path) -> Non
     first, *rest = run(llm, params)
     assert all(o.num_cached_tokens == 0 for o in rest)
     assert llm.engine.metrics.prefix_queries._value.get() == 0  # these requests never look
+    # With n = 2 only the first choice scores the prompt: the second may start from the cache.
+    [pair] = llm.generate(PROMPTS[:1], SamplingParams(n=2, max_tokens=1, prompt_logprobs=0))
+    assert len(pair.outputs) == 2 and len(pair.prompt_logprobs) == len(PROMPTS[0])
+    assert llm.engine.metrics.prefix_queries._value.get() == len(PROMPTS[0])
+    assert llm.engine.metrics.prefix_hits._value.get() == 32
     scores = [[e.logprob for e in o.prompt_logprobs[1:]] for o in (first, *rest)]
     assert all(len(s) == len(p) - 1 for s, p in zip(scores, PROMPTS, strict=True))
     shared = len(PREFIX) - 1  # the same positions, computed in other batches: equal up to rounding

@@ -25,9 +25,9 @@ class Detokenizer:
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = max_model_len
 
-    def decode(self, token_ids: list[int]) -> str:
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(
-            token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            token_ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )
 
     @functools.cache  # noqa: B019 (one detokenizer per engine, as long-lived as its tokenizer)
@@ -63,10 +63,10 @@ class Detokenizer:
             shown = shown[:-1]  # as vLLM: the EOS / stop token that ended the text is not rendered
         before = len(seq.text)  # where the newest token's text starts
         if seq.finished or self.backend is None:
-            seq.text = self.decode(shown)
+            seq.text = self.decode(shown, p.skip_special_tokens)
         else:
             if seq.decode_stream is None:  # new, or resumed after a restart: catch up first
-                seq.decode_stream = DecodeStream(skip_special_tokens=True)
+                seq.decode_stream = DecodeStream(skip_special_tokens=p.skip_special_tokens)
                 seq.text = "".join(self._pieces(seq.decode_stream, shown[:-1]))
                 before = len(seq.text)
             seq.text += "".join(self._pieces(seq.decode_stream, [token]))

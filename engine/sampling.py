@@ -46,6 +46,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k: the sampled token's logprob plus the top k
     prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob plus the top k
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # False: special tokens are part of the text (tool markers)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     guided: GuidedDecoding | None = None  # None: free text
 

@@ -77,6 +77,7 @@ class SamplingRequest(RequestModel):
     stop_token_ids: list[int] | None = None  # extension (vLLM)
     ignore_eos: bool = False  # extension (vLLM)
     include_stop_str_in_output: bool = False  # extension (vLLM)
+    skip_special_tokens: bool = True  # extension (vLLM)
     min_tokens: int | None = None  # extension (vLLM)
     repetition_penalty: float | None = None  # extension (vLLM)
     presence_penalty: float | None = None
@@ -139,6 +140,7 @@ class SamplingRequest(RequestModel):
             logprobs=logprobs,
             prompt_logprobs=logprobs if score_prompt else None,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
             logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
             guided=self.response_format.guided() if self.response_format else None,
         )
@@ -305,7 +307,7 @@ class TokenizeRequest(RequestModel):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)  # rendered with the messages
     add_special_tokens: bool = True  # for a prompt; the chat template places its own
 

@@ -1,14 +1,15 @@
 """/v1/chat/completions: messages (and tools) through the chat template into the engine, answered
 whole or as an SSE stream of `chat.completion.chunk` objects, with tool calls parsed out of the
-text (server/tool_calls.py)."""
+text (server/tool_parsers.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Response
 
-from engine import AsyncLLM, RequestOutput
+from engine import AsyncLLM, RequestOutput, SamplingParams
 from server.api_requests import ChatCompletionRequest
 from server.api_responses import (
     AssistantMessage,
@@ -26,7 +27,8 @@ from server.chat_template import ChatRenderer
 from server.errors import APIError
 from server.logprobs import chat_logprobs
 from server.serving import Generation, OpenAIServing, RequestPolicy
-from server.tool_calls import NamedToolChoice, ToolCallStream, forced_calls, hermes_calls
+from server.tool_calls import NamedToolChoice, forced_calls
+from server.tool_parsers import TOOL_CALL_PARSERS, ToolCallFormat, ToolCallStream
 
 
 class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
@@ -42,18 +44,20 @@ class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
         tool_parser: str | None = None,
     ) -> None:
         super().__init__(engine, model_name, policy)
-        self.renderer, self.tool_parser = renderer, tool_parser
+        self.renderer = renderer
+        self.tool_format = None if tool_parser is None else TOOL_CALL_PARSERS[tool_parser]
 
     async def create(self, request: ChatCompletionRequest) -> Response | ChatCompletion:
         self.check_model(request.model)
-        if request.effective_tool_choice == "auto" and self.tool_parser is None:
+        auto = request.effective_tool_choice == "auto"
+        if auto and self.tool_format is None:
             raise APIError(
                 400,
                 '"auto" tool choice requires the server to run with --enable-auto-tool-choice and '
                 "--tool-call-parser; or name a function, or use 'required' or 'none'",
                 param="tool_choice",
             )
-        params = request.to_sampling_params()
+        params = sampling_params(request, self.tool_format)
         tools = [t.model_dump(exclude_none=True) for t in request.tools or ()] or None
         prompt_ids = self.renderer.render([m.template_dict() for m in request.messages], tools)
         return await self.respond(request, prompt_ids, params)
@@ -68,7 +72,9 @@ class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
     ) -> ChatCompletion:
         choices = []
         for o in final.outputs:
-            content, calls, finish_reason = answer(request, o.text, o.finish_reason)
+            content, calls, finish_reason = answer(
+                request, self.tool_format, o.text, o.finish_reason
+            )
             message = AssistantMessage(content=content, tool_calls=calls)
             choices.append(
                 ChatChoice(
@@ -93,7 +99,10 @@ class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
             yield chunk([ChatChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
         with_tools = request.effective_tool_choice != "none"
         texts = [""] * n
-        streams = [ToolCallStream(request.forces_tool_call) for _ in range(n)]
+        start = (
+            None if request.forces_tool_call or self.tool_format is None else self.tool_format.start
+        )
+        streams = [ToolCallStream(start) for _ in range(n)]
         async for deltas in generation.deltas():
             for d in deltas:
                 texts[d.index] += d.text
@@ -103,7 +112,9 @@ class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
                 finish_reason = d.finish_reason
                 if with_tools and finish_reason is not None:
                     held = texts[d.index][stream.sent :]
-                    content, calls, finish_reason = answer(request, texts[d.index], finish_reason)
+                    content, calls, finish_reason = answer(
+                        request, self.tool_format, texts[d.index], finish_reason
+                    )
                     if calls:
                         delta = Delta(
                             content=text or None,
@@ -128,8 +139,22 @@ class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
                 )
 
 
+def sampling_params(
+    request: ChatCompletionRequest, tool_format: ToolCallFormat | None
+) -> SamplingParams:
+    """The request's own, except that a call marker that is a special token must reach the text."""
+    params = request.to_sampling_params()
+    auto = request.effective_tool_choice == "auto"
+    if auto and tool_format is not None and tool_format.keep_special_tokens:
+        params = dataclasses.replace(params, skip_special_tokens=False)
+    return params
+
+
 def answer(
-    request: ChatCompletionRequest, text: str, finish_reason: str | None
+    request: ChatCompletionRequest,
+    tool_format: ToolCallFormat | None,
+    text: str,
+    finish_reason: str | None,
 ) -> tuple[str | None, list[ToolCall] | None, str | None]:
     """(content, tool calls, finish reason) of a finished choice's text. Calls end a choice with
     "tool_calls", except a named forced call, which ends as generated ("stop"), as on OpenAI."""
@@ -141,7 +166,8 @@ def answer(
         if calls is None:  # cut short (max_tokens): what there is stays text
             return text, None, finish_reason
     else:
-        content, calls = hermes_calls(text)
+        assert tool_format is not None  # "auto" is refused without a parser
+        content, calls = tool_format.parse(text)
         if not calls:
             return text, None, finish_reason
         if request.parallel_tool_calls is False:

@@ -1,18 +1,14 @@
-"""Tool calling, as OpenAI's `tools` / `tool_choice` and vLLM's flags for them.
+"""Tool calling, as OpenAI's `tools` / `tool_choice`: the request's tools and choice, and forced calls.
 
 The tools go to the chat template, which tells the model how to call them. A forced call (a named
-function, or "required") is generated under a JSON schema by structured decoding, so it always
-parses. With `tool_choice` "auto" the model decides; its text is parsed for calls in the format
-of `--tool-call-parser` (`hermes`: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, as
-Qwen2.5/Qwen3 and many fine-tunes write them). A call cut short by max_tokens stays text.
+function, or "required") is generated under a JSON schema by structured decoding, so it parses
+unless max_tokens or a stop string cuts it short (then it stays text). With `tool_choice` "auto"
+the model decides, and its text is parsed for calls (server/tool_parsers.py).
 """
 
 from __future__ import annotations
 
 import json
-import re
-import uuid
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -20,11 +16,9 @@ from pydantic import Field, field_validator
 from engine import RequestError
 from engine.guided import MAX_SCHEMA_DEPTH, schema_depth
 from server.request_model import RequestModel
+from server.tool_parsers import Call
 
-TOOL_CALL_PARSERS = ("hermes",)
 MAX_TOOLS = 128  # OpenAI's limit
-HERMES_START, HERMES_END = "<tool_call>", "</tool_call>"
-HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
 def _too_deep(value: Any) -> bool:
@@ -106,20 +100,6 @@ class ToolCallIn(RequestModel):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
-@dataclass(frozen=True)
-class Call:
-    name: str
-    arguments: str  # JSON text
-    id: str
-
-    @classmethod
-    def new(cls, name: str, arguments: Any) -> Call:
-        text = (
-            arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        )
-        return cls(name, text, f"call_{uuid.uuid4().hex[:24]}")
-
-
 def _parameters(tool: Tool) -> dict[str, Any]:
     return tool.function.parameters or {"type": "object", "properties": {}}
 
@@ -164,49 +144,3 @@ def forced_calls(text: str, choice: ToolChoice) -> list[Call] | None:
     if isinstance(choice, NamedToolChoice):
         return [Call.new(choice.function.name, text)]
     return [Call.new(item["name"], item["parameters"]) for item in value]
-
-
-def hermes_calls(text: str) -> tuple[str | None, list[Call]]:
-    """(the text before the first call, or None if there is none; the calls) of a free generation.
-    A block that is not a JSON object with a name stays text (no calls are returned)."""
-    calls = []
-    for block in HERMES_CALL.findall(text):
-        try:
-            value = json.loads(block)
-        except json.JSONDecodeError:
-            return text, []
-        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-            return text, []
-        if not isinstance(value.get("arguments", {}), dict):
-            return text, []
-        calls.append(Call.new(value["name"], value.get("arguments", {})))
-    if not calls:
-        return text, []
-    content = text[: text.index(HERMES_START)]
-    return content if content.strip() else None, calls
-
-
-class ToolCallStream:
-    """One streamed choice of a request with tools: which text may go out now. A forced call is
-    held back whole; in "auto" mode text streams until a call may be starting (a partial
-    `<tool_call>` is held until it is certain), and everything from the call on is held."""
-
-    def __init__(self, forced: bool) -> None:
-        self.forced, self.sent, self.in_call = forced, 0, False
-
-    def feed(self, text: str) -> str:
-        """`text`: the choice's whole text so far -> the new part that may be streamed."""
-        if self.forced or self.in_call:
-            return ""
-        start = text.find(HERMES_START, self.sent)
-        if start >= 0:
-            self.in_call = True
-            out, self.sent = text[self.sent : start], start
-            return out
-        safe = len(text)
-        for k in range(len(HERMES_START) - 1, 0, -1):  # hold a suffix that may begin the tag
-            if text.endswith(HERMES_START[:k]):
-                safe = len(text) - k
-                break
-        out, self.sent = text[self.sent : max(safe, self.sent)], max(safe, self.sent)
-        return out

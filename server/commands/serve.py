@@ -16,7 +16,7 @@ from server.commands import Command
 from server.config_args import add_config_args, config_from_args
 from server.limits import add_limit_arguments, limits_from_args
 from server.shutdown import DrainingServer
-from server.tool_calls import TOOL_CALL_PARSERS
+from server.tool_parsers import TOOL_CALL_PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--tool-call-parser",
-        choices=TOOL_CALL_PARSERS,
-        help="how the model writes tool calls in its text (hermes: <tool_call>{...}</tool_call>)",
+        choices=tuple(TOOL_CALL_PARSERS),
+        help="how the model writes tool calls in its text (hermes: <tool_call>{...}</tool_call>; "
+        "mistral: [TOOL_CALLS] [...])",
     )
     add_limit_arguments(parser)
     add_config_args(parser, EngineConfig, "engine")

@@ -59,3 +59,16 @@ def test_a_stop_token_ends_the_text_without_its_own_piece(
     texts = feed(tokenizer, [], output, params)
     assert len(texts) == stop_at + 1
     assert texts[-1] == full(tokenizer, output[:stop_at])
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_special_tokens_are_text_when_not_skipped(
+    tokenizer: PreTrainedTokenizerBase, skip: bool
+) -> None:
+    """vLLM's skip_special_tokens=False: markers such as Mistral's [TOOL_CALLS] reach the text."""
+    pad = tokenizer.convert_tokens_to_ids("<|pad|>")
+    output = [*tokenizer.encode("a b"), pad, *tokenizer.encode(" c")]
+    params = SamplingParams(max_tokens=len(output), ignore_eos=True, skip_special_tokens=skip)
+    texts = feed(tokenizer, [], output, params)
+    assert ("<|pad|>" in texts[-2]) is not skip  # streamed (incremental) text
+    assert texts[-1] == tokenizer.decode(output, skip_special_tokens=skip)  # final text

@@ -160,6 +160,8 @@ BAD_REQUESTS = [
         "JSON",
     ),
     (CHAT, chat(messages=[{"role": "user"}]), 400, "messages[0]", "`content` is required"),
+    ("/tokenize", {"messages": []}, 400, "messages", "at least 1"),  # found by the fuzzer
+    ("/tokenize", {"prompt": "x", "tools": [TOOL]}, 400, None, "with `messages` only"),
     (
         CHAT,
         chat(messages=[{"role": "assistant", "tool_calls": [call("f", json.dumps(deep(300)))]}]),

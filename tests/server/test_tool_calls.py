@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from server.tool_calls import ToolCallStream, hermes_calls
+from server.api_requests import ChatCompletionRequest
+from server.serving_chat import sampling_params
+from server.tool_parsers import TOOL_CALL_PARSERS, ToolCallStream, hermes_calls, mistral_calls
 
 if TYPE_CHECKING:
     from tests.server.conftest import RunningServer
@@ -60,16 +62,42 @@ def test_hermes_calls_are_parsed_out_of_text() -> None:
         assert hermes_calls(broken) == (broken, [])  # a malformed call stays text
 
 
+def test_mistral_calls_are_parsed_out_of_text() -> None:
+    text = 'Sure. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_time", "arguments": {}}]'
+    content, calls = mistral_calls(text)
+    assert content == "Sure. "
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Oslo"}),
+        ("get_time", {}),
+    ]
+    assert all(len(c.id) == 9 and c.id.isalnum() for c in calls)  # Mistral's templates check
+    one = mistral_calls('[TOOL_CALLS] {"name": "get_time", "arguments": {}}')
+    assert one[0] is None and [c.name for c in one[1]] == ["get_time"]
+    for broken in ("[TOOL_CALLS] [{", '[TOOL_CALLS] [{"name": 3}]', "no calls"):
+        assert mistral_calls(broken) == (broken, [])
+
+
+def test_auto_mistral_requests_keep_special_tokens() -> None:
+    """[TOOL_CALLS] is a special token: skipped, the parser would never see it."""
+    body = {"messages": MESSAGES, "tools": [WEATHER]}
+    auto = ChatCompletionRequest.model_validate(body)
+    none = ChatCompletionRequest.model_validate({**body, "tool_choice": "none"})
+    mistral, hermes = TOOL_CALL_PARSERS["mistral"], TOOL_CALL_PARSERS["hermes"]
+    assert not sampling_params(auto, mistral).skip_special_tokens
+    assert sampling_params(auto, hermes).skip_special_tokens
+    assert sampling_params(none, mistral).skip_special_tokens
+
+
 def test_stream_holds_back_what_may_start_a_call() -> None:
-    stream, text, sent = ToolCallStream(forced=False), "", []
+    stream, text, sent = ToolCallStream("<tool_call>"), "", []
     for piece in ["Let me", " check <", "tool_", 'call>{"name": "f"}', "</tool_call>"]:
         text += piece
         sent.append(stream.feed(text))
     assert sent == ["Let me", " check ", "", "", ""]
     assert stream.in_call and text[stream.sent :].startswith("<tool_call>")
-    plain = ToolCallStream(forced=False)
+    plain = ToolCallStream("<tool_call>")
     assert plain.feed("a < b") == "a < b" and plain.feed("a < b <t") == " "  # "<t" waits
-    assert ToolCallStream(forced=True).feed('{"city": "Oslo"}') == ""  # sent whole at the end
+    assert ToolCallStream(None).feed('{"city": "Oslo"}') == ""  # sent whole at the end
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,125 @@
+"""Tool calls written in a model's text (`tool_choice` "auto"), one format per `--tool-call-parser`.
+
+- `hermes`: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, as Qwen2.5/Qwen3 and many
+  fine-tunes write them.
+- `mistral`: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`, as Mixtral-8x22B-Instruct and
+  Mistral's v3 tokenizers write them. `[TOOL_CALLS]` is a special token, so requests with tools
+  keep special tokens in their text; Mistral's templates take 9-character call ids.
+
+A format that does not parse leaves the whole text as content, with no calls, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import string
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Call:
+    name: str
+    arguments: str  # JSON text
+    id: str
+
+    @classmethod
+    def new(cls, name: str, arguments: Any, call_id: str | None = None) -> Call:
+        text = (
+            arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        )
+        return cls(name, text, call_id or f"call_{uuid.uuid4().hex[:24]}")
+
+
+def _call(value: Any, new_id: Callable[[], str | None]) -> Call | None:
+    """A {"name": str, "arguments": object} call, or None if `value` is not one."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get("arguments", {})
+    return Call.new(value["name"], arguments, new_id()) if isinstance(arguments, dict) else None
+
+
+def _content(text: str, start: int) -> str | None:
+    return text[:start] if text[:start].strip() else None
+
+
+HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def hermes_calls(text: str) -> tuple[str | None, list[Call]]:
+    """(the text before the first call, or None if there is none; the calls)."""
+    calls = []
+    for block in HERMES_CALL.findall(text):
+        try:
+            call = _call(json.loads(block), lambda: None)
+        except (json.JSONDecodeError, RecursionError):
+            return text, []
+        if call is None:
+            return text, []
+        calls.append(call)
+    if not calls:
+        return text, []
+    return _content(text, text.index("<tool_call>")), calls
+
+
+def _mistral_id() -> str:
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+
+
+def mistral_calls(text: str) -> tuple[str | None, list[Call]]:
+    """(the text before `[TOOL_CALLS]`, or None if there is none; the calls in the JSON after)."""
+    start = text.find("[TOOL_CALLS]")
+    if start < 0:
+        return text, []
+    try:
+        values = json.loads(text[start + len("[TOOL_CALLS]") :])
+    except (json.JSONDecodeError, RecursionError):
+        return text, []
+    values = values if isinstance(values, list) else [values]
+    calls = [_call(v, _mistral_id) for v in values]
+    if not calls or None in calls:
+        return text, []
+    return _content(text, start), [c for c in calls if c is not None]
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    start: str  # what a call begins with in the text
+    parse: Callable[[str], tuple[str | None, list[Call]]]  # text -> (content, calls)
+    keep_special_tokens: bool  # the start is a special token
+
+
+TOOL_CALL_PARSERS = {
+    "hermes": ToolCallFormat("<tool_call>", hermes_calls, keep_special_tokens=False),
+    "mistral": ToolCallFormat("[TOOL_CALLS]", mistral_calls, keep_special_tokens=True),
+}
+
+
+class ToolCallStream:
+    """One streamed choice of a request with tools: which text may go out now. A forced call
+    (`start` None) is held back whole; otherwise text streams until a call may be starting (a
+    partial start marker is held until it is certain), and everything from the call on is held."""
+
+    def __init__(self, start: str | None) -> None:
+        self.start, self.sent, self.in_call = start, 0, False
+
+    def feed(self, text: str) -> str:
+        """`text`: the choice's whole text so far -> the new part that may be streamed."""
+        if self.start is None or self.in_call:
+            return ""
+        found = text.find(self.start, self.sent)
+        if found >= 0:
+            self.in_call = True
+            out, self.sent = text[self.sent : found], found
+            return out
+        safe = len(text)
+        for k in range(len(self.start) - 1, 0, -1):  # hold a suffix that may begin the marker
+            if text.endswith(self.start[:k]):
+                safe = len(text) - k
+                break
+        out, self.sent = text[self.sent : max(safe, self.sent)], max(safe, self.sent)
+        return out

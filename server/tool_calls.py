@@ -139,7 +139,7 @@ def forced_calls(text: str, choice: ToolChoice) -> list[Call] | None:
     """The calls of a forced generation; None when it did not finish as valid JSON."""
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # cut short, or a number past Python's digit limit
         return None
     if isinstance(choice, NamedToolChoice):
         return [Call.new(choice.function.name, text)]

@@ -29,15 +29,29 @@ class Call:
 
     @classmethod
     def new(cls, name: str, arguments: Any, call_id: str | None = None) -> Call:
-        text = (
-            arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        )
+        """Arguments keep their characters, except that a lone surrogate (the model wrote
+        "\\udc00") stays escaped: raw, it cannot be sent as UTF-8."""
+        text = arguments
+        if not isinstance(arguments, str):
+            text = json.dumps(arguments, ensure_ascii=False)
+            if not _utf8(text):
+                text = json.dumps(arguments)
         return cls(name, text, call_id or f"call_{uuid.uuid4().hex[:24]}")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _call(value: Any, new_id: Callable[[], str | None]) -> Call | None:
     """A {"name": str, "arguments": object} call, or None if `value` is not one."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    if not _utf8(value["name"]):
         return None
     arguments = value.get("arguments", {})
     return Call.new(value["name"], arguments, new_id()) if isinstance(arguments, dict) else None
@@ -56,7 +70,7 @@ def hermes_calls(text: str) -> tuple[str | None, list[Call]]:
     for block in HERMES_CALL.findall(text):
         try:
             call = _call(json.loads(block), lambda: None)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # ValueError: bad JSON, or a 5000-digit number
             return text, []
         if call is None:
             return text, []
@@ -75,9 +89,9 @@ def mistral_calls(text: str) -> tuple[str | None, list[Call]]:
     start = text.find("[TOOL_CALLS]")
     if start < 0:
         return text, []
-    try:
-        values = json.loads(text[start + len("[TOOL_CALLS]") :])
-    except (json.JSONDecodeError, RecursionError):
+    try:  # the first JSON value; what follows (an EOS kept as text, say) is not a call
+        values, _ = json.JSONDecoder().raw_decode(text[start + len("[TOOL_CALLS]") :].lstrip())
+    except (ValueError, RecursionError):
         return text, []
     values = values if isinstance(values, list) else [values]
     calls = [_call(v, _mistral_id) for v in values]

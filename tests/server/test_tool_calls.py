@@ -75,6 +75,23 @@ def test_mistral_calls_are_parsed_out_of_text() -> None:
     assert one[0] is None and [c.name for c in one[1]] == ["get_time"]
     for broken in ("[TOOL_CALLS] [{", '[TOOL_CALLS] [{"name": 3}]', "no calls"):
         assert mistral_calls(broken) == (broken, [])
+    kept_eos = '[TOOL_CALLS] [{"name": "get_time", "arguments": {}}]</s>'  # include_stop_str
+    assert [c.name for c in mistral_calls(kept_eos)[1]] == ["get_time"]
+
+
+@pytest.mark.parametrize("parse", [hermes_calls, mistral_calls])
+def test_odd_model_json_is_text_or_safe_to_send(parse: Callable) -> None:
+    """A 5000-digit number (json refuses it with a ValueError) stays text; a lone surrogate the
+    model escaped stays escaped, so the answer can be sent as UTF-8."""
+    wrap = (
+        (lambda call: f"<tool_call>{call}</tool_call>")
+        if parse is hermes_calls
+        else (lambda call: f"[TOOL_CALLS] [{call}]")
+    )
+    huge = wrap('{"name": "f", "arguments": {"a": ' + "9" * 5000 + "}}")
+    assert parse(huge) == (huge, [])
+    [call] = parse(wrap('{"name": "f", "arguments": {"a": "\\udc00 é"}}'))[1]
+    assert call.arguments.encode() and json.loads(call.arguments) == {"a": "\udc00 é"}
 
 
 def test_auto_mistral_requests_keep_special_tokens() -> None:

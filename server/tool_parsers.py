@@ -5,6 +5,9 @@
 - `mistral`: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`, as Mixtral-8x22B-Instruct and
   Mistral's v3 tokenizers write them. `[TOOL_CALLS]` is a special token, so requests with tools
   keep special tokens in their text; Mistral's templates take 9-character call ids.
+- `deepseek_v3`: `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME` then the
+  arguments in a ```json block and `<｜tool▁call▁end｜>`, per call, as DeepSeek-V2.5/V3 write them
+  (special tokens too).
 
 A format that does not parse leaves the whole text as content, with no calls, as vLLM does.
 """
@@ -100,6 +103,33 @@ def mistral_calls(text: str) -> tuple[str | None, list[Call]]:
     return _content(text, start), [c for c in calls if c is not None]
 
 
+DEEPSEEK_START = "<｜tool▁calls▁begin｜>"
+DEEPSEEK_CALL = re.compile(
+    r"<｜tool▁call▁begin｜>function<｜tool▁sep｜>(?P<name>[^\n]*)\n```json\n(?P<arguments>.*?)\n```"
+    r"<｜tool▁call▁end｜>",
+    re.DOTALL,
+)
+
+
+def deepseek_calls(text: str) -> tuple[str | None, list[Call]]:
+    """(the text before the calls, or None if there is none; each call's name and the JSON
+    object in its ```json block)."""
+    start = text.find(DEEPSEEK_START)
+    if start < 0:
+        return text, []
+    calls = []
+    for match in DEEPSEEK_CALL.finditer(text, start):
+        try:
+            arguments = json.loads(match["arguments"])
+        except (ValueError, RecursionError):
+            return text, []
+        call = _call({"name": match["name"], "arguments": arguments}, lambda: None)
+        if call is None:
+            return text, []
+        calls.append(call)
+    return (_content(text, start), calls) if calls else (text, [])
+
+
 @dataclass(frozen=True)
 class ToolCallFormat:
     start: str  # what a call begins with in the text
@@ -110,6 +140,7 @@ class ToolCallFormat:
 TOOL_CALL_PARSERS = {
     "hermes": ToolCallFormat("<tool_call>", hermes_calls, keep_special_tokens=False),
     "mistral": ToolCallFormat("[TOOL_CALLS]", mistral_calls, keep_special_tokens=True),
+    "deepseek_v3": ToolCallFormat(DEEPSEEK_START, deepseek_calls, keep_special_tokens=True),
 }
 
 

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tool-call-parser",
         choices=tuple(TOOL_CALL_PARSERS),
         help="how the model writes tool calls in its text (hermes: <tool_call>{...}</tool_call>; "
-        "mistral: [TOOL_CALLS] [...])",
+        "mistral: [TOOL_CALLS] [...]; deepseek_v3: DeepSeek-V2.5/V3's tool-call tokens)",
     )
     add_limit_arguments(parser)
     add_config_args(parser, EngineConfig, "engine")

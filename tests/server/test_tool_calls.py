@@ -14,7 +14,13 @@ import pytest
 
 from server.api_requests import ChatCompletionRequest
 from server.serving_chat import sampling_params
-from server.tool_parsers import TOOL_CALL_PARSERS, ToolCallStream, hermes_calls, mistral_calls
+from server.tool_parsers import (
+    TOOL_CALL_PARSERS,
+    ToolCallStream,
+    deepseek_calls,
+    hermes_calls,
+    mistral_calls,
+)
 
 if TYPE_CHECKING:
     from tests.server.conftest import RunningServer
@@ -79,15 +85,51 @@ def test_mistral_calls_are_parsed_out_of_text() -> None:
     assert [c.name for c in mistral_calls(kept_eos)[1]] == ["get_time"]
 
 
-@pytest.mark.parametrize("parse", [hermes_calls, mistral_calls])
+def test_deepseek_calls_are_parsed_out_of_text() -> None:
+    def call(name: str, arguments: str) -> str:
+        return (
+            f"<｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n{arguments}\n```"
+            "<｜tool▁call▁end｜>"
+        )
+
+    text = (
+        "Checking.<｜tool▁calls▁begin｜>"
+        + call("get_weather", '{"city": "Oslo"}')
+        + call("get_time", "{}")
+        + "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>"
+    )
+    content, calls = deepseek_calls(text)
+    assert content == "Checking."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Oslo"}),
+        ("get_time", {}),
+    ]
+    for broken in (
+        "<｜tool▁calls▁begin｜>" + call("f", "{oops"),
+        "<｜tool▁calls▁begin｜>" + call("f", "[1]"),
+        "<｜tool▁calls▁begin｜>cut",
+        "plain",
+    ):
+        assert deepseek_calls(broken) == (broken, [])
+
+
+@pytest.mark.parametrize("parse", [hermes_calls, mistral_calls, deepseek_calls])
 def test_odd_model_json_is_text_or_safe_to_send(parse: Callable) -> None:
     """A 5000-digit number (json refuses it with a ValueError) stays text; a lone surrogate the
     model escaped stays escaped, so the answer can be sent as UTF-8."""
-    wrap = (
-        (lambda call: f"<tool_call>{call}</tool_call>")
-        if parse is hermes_calls
-        else (lambda call: f"[TOOL_CALLS] [{call}]")
-    )
+
+    def wrap(call: str) -> str:
+        if parse is hermes_calls:
+            return f"<tool_call>{call}</tool_call>"
+        if parse is mistral_calls:
+            return f"[TOOL_CALLS] [{call}]"
+        value = json.loads(call.replace("9" * 5000, "9"))  # only to split name and arguments
+        arguments = call[call.index('"arguments": ') + len('"arguments": ') : -1]
+        return (
+            f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{value['name']}"
+            f"\n```json\n{arguments}\n```<｜tool▁call▁end｜>"
+        )
+
     huge = wrap('{"name": "f", "arguments": {"a": ' + "9" * 5000 + "}}")
     assert parse(huge) == (huge, [])
     [call] = parse(wrap('{"name": "f", "arguments": {"a": "\\udc00 é"}}'))[1]

@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python benchmarks/offline.py
 	$(BIN)/python benchmarks/offload.py
 	$(BIN)/python benchmarks/prefix_cache.py
+	$(BIN)/python benchmarks/mla_prefill.py
 
 demo-model: install
 	$(BIN)/python scripts/train_demo_model.py --out models/expertflow-demo

@@ -163,10 +163,12 @@ def paged_attention(
     layer: int,
     batch: AttentionBatch,
     scale: float | None = None,
+    skip_first_chunks: bool = False,
 ) -> torch.Tensor:
     """q [T, h, D], k [T, kvh, D], v [T, kvh, Dv] for the new tokens -> [T, h, Dv]; writes k and v
     into the cache (a cache without value tensors reads v as k[..., :Dv]). `scale` is the softmax
-    scale, 1/sqrt(D) by default."""
+    scale, 1/sqrt(D) by default. With `skip_first_chunks` the rows of prompts' first chunks are
+    left unset: the caller attends them its own way (MLA, expanded)."""
     bs = batch.kv.block_size
     k_cache = batch.kv.k[layer]
     k_cache.index_copy_(0, batch.slot_mapping, k)
@@ -176,8 +178,11 @@ def paged_attention(
     groups_per_kv = heads // kv_heads
     k_blocks = k_cache.view(-1, bs * kv_heads * key_dim)  # a block gathers as one contiguous row
     v_blocks = batch.kv.v[layer].view(-1, bs * kv_heads * value_dim) if batch.kv.v else None
-    outs = []
+    outs: list[torch.Tensor | None] = []
     for index, g in enumerate(batch.groups):
+        if g.blocks is None and skip_first_chunks:
+            outs.append(None)
+            continue
         if g.blocks is None:  # causal over the chunk's own keys, GQA handled by SDPA
             qg, kg, vg = (t[g.rows].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, n, D]
             og = F.scaled_dot_product_attention(
@@ -207,9 +212,11 @@ def paged_attention(
             parts.append(og.permute(0, 3, 1, 2, 4))  # [B, n, kvh, g, Dv]
         og = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [B, Q, kvh, g, Dv]
         outs.append(og.reshape(b * q_len, heads, value_dim))  # [B*Q, h, Dv]
-    if len(outs) == 1 and batch.groups[0].rows == slice(0, q.shape[0]):  # all rows, in order
-        return outs[0]
+    only = outs[0] if len(outs) == 1 else None
+    if only is not None and batch.groups[0].rows == slice(0, q.shape[0]):  # all rows, in order
+        return only
     out = q.new_empty(q.shape[0], heads, value_dim)  # [T, h, Dv]
     for g, og in zip(batch.groups, outs, strict=True):
-        out[g.rows] = og
+        if og is not None:
+            out[g.rows] = og
     return out

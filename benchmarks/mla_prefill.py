@@ -2,8 +2,9 @@
 
 "absorbed" is how every cached read runs (engine/models/mla.py): the query folded into the latent
 space, multi-query attention over [latent, rotary key] (576 numbers a token at V2-Lite's shape),
-values up-projected after. "expanded" is what a first chunk now runs: keys and values up-projected
-per head first (192 + 128 numbers). Both give the same output (the maximum difference is printed).
+values up-projected after. "expanded" is what a first chunk now runs, timed as the engine's own
+`MLAttention._expanded`: keys and values up-projected per head first (192 + 128 numbers). Both
+give the same output (the maximum difference is printed). Inference mode, as the engine runs.
 
     .venv/bin/python benchmarks/mla_prefill.py [--tokens 128 512 1024] [--heads 16]
 """
@@ -16,9 +17,15 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.model_config import ModelConfig  # noqa: E402
+from engine.models.mla import MLAttention  # noqa: E402
 
 
 def best_ms(fn: Callable[[], torch.Tensor], repeat: int) -> float:
@@ -52,25 +59,30 @@ def absorbed(
     return torch.bmm(out[0], w_uv.transpose(1, 2)).transpose(0, 1)
 
 
-def expanded(
-    q_nope: torch.Tensor,
-    q_rope: torch.Tensor,
-    latent: torch.Tensor,
-    k_rope: torch.Tensor,
-    w_kv: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """The same attention with keys and values up-projected per head first."""
-    h, n, nope = w_kv.shape[0], latent.shape[0], q_nope.shape[2]
-    kv = torch.matmul(latent, w_kv.transpose(1, 2))  # [h, n, nope + v]
-    keys = torch.cat([kv[..., :nope], k_rope.transpose(0, 1).expand(h, n, -1)], dim=-1)
-    queries = torch.cat([q_nope, q_rope], dim=-1).transpose(0, 1)  # [h, n, D]
-    out = F.scaled_dot_product_attention(
-        queries[None], keys[None], kv[None, ..., nope:], is_causal=True, scale=scale
-    )
-    return out[0].transpose(0, 1)  # [n, h, v]
+def latent_attention(args: argparse.Namespace) -> MLAttention:
+    """The engine's MLA layer at the requested shape, random weights (hidden size is irrelevant:
+    only kv_b_proj takes part)."""
+    raw = {
+        "model_type": "deepseek_v2",
+        "vocab_size": 64,
+        "hidden_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": args.heads,
+        "n_routed_experts": 2,
+        "num_experts_per_tok": 1,
+        "moe_intermediate_size": 8,
+        "q_lora_rank": None,
+        "kv_lora_rank": args.kv_lora_rank,
+        "qk_nope_head_dim": args.nope,
+        "qk_rope_head_dim": args.rope,
+        "v_head_dim": args.v,
+    }
+    layer = MLAttention(ModelConfig.from_dict(raw), 0)
+    torch.nn.init.normal_(layer.kv_b_proj.weight, std=args.kv_lora_rank**-0.5)
+    return layer
 
 
+@torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 1024])
@@ -84,8 +96,10 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     h, nope, r, v, lora = args.heads, args.nope, args.rope, args.v, args.kv_lora_rank
-    scale = (nope + r) ** -0.5
-    w_kv = torch.randn(h, nope + v, lora) * lora**-0.5  # kv_b_proj.weight as [h, nope + v, lora]
+    layer = latent_attention(args)
+    scale = layer.scale
+    assert scale is not None
+    w_kv = layer.kv_b_proj.weight.detach().view(h, nope + v, lora)
     print(f"command: {shlex.join(sys.orig_argv)}")
     print(f"heads {h}, kv_lora_rank {lora}, nope {nope}, rope {r}, v {v}; float32, 1 thread")
     print("| tokens | absorbed ms | expanded ms | speedup | max difference |")
@@ -94,10 +108,10 @@ def main() -> None:
         q_nope, q_rope = torch.randn(n, h, nope), torch.randn(n, h, r)
         latent, k_rope = torch.randn(n, lora), torch.randn(n, 1, r)
 
-        inputs = (q_nope, q_rope, latent, k_rope, w_kv, scale)
-        slow = best_ms(functools.partial(absorbed, *inputs), args.repeat)
-        fast = best_ms(functools.partial(expanded, *inputs), args.repeat)
-        diff = (absorbed(*inputs) - expanded(*inputs)).abs().max().item()
+        inputs = (q_nope, q_rope, latent, k_rope)
+        slow = best_ms(functools.partial(absorbed, *inputs, w_kv, scale), args.repeat)
+        fast = best_ms(functools.partial(layer._expanded, *inputs), args.repeat)
+        diff = (absorbed(*inputs, w_kv, scale) - layer._expanded(*inputs)).abs().max().item()
         print(f"| {n} | {slow:.1f} | {fast:.1f} | {slow / fast:.2f}x | {diff:.1e} |")
 
 

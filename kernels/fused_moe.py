@@ -11,6 +11,7 @@ from types import ModuleType
 
 import torch
 
+from kernels.gating import SILU, Gating
 from kernels.moe_config import get_config
 from kernels.moe_torch import fused_moe_torch
 
@@ -35,11 +36,14 @@ def fused_moe(
     topk_ids: torch.Tensor,
     backend: str = "auto",
     out: torch.Tensor | None = None,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    gating: Gating = SILU,
 ) -> torch.Tensor:
     """Routed-expert output for each token, reading expert weights by slot.
 
-    out[t] = sum_j topk_weights[t, j] * w2[s] @ (silu(w13[s, :I] @ x) * (w13[s, I:] @ x)),
-    with s = topk_ids[t, j] and x = hidden[t].
+    out[t] = sum_j topk_weights[t, j] * (w2[s] @ gating(w13[s, :I] @ x, w13[s, I:] @ x) + b2[s]),
+    with s = topk_ids[t, j], x = hidden[t] and b13[s] added to w13[s] @ x (biases: gpt-oss).
 
     hidden [T, H]; w13 [S, 2I, H] (rows 0..I-1 gate, I..2I-1 up); w2 [S, H, I];
     topk_weights [T, k] float; topk_ids [T, k] int slot ids in [0, S) (any subset, any order,
@@ -48,6 +52,8 @@ def fused_moe(
     out: optional [T, H] tensor on hidden's device that receives the result (every row is
     written; it may be hidden itself), of hidden's dtype or float32 (unrounded: a layer computed
     in several calls adds them up and rounds once); a new one of hidden's dtype when None.
+    b13 [S, 2I], b2 [S, H]: optional biases, both or neither, of the weights' dtype.
+    gating: the activation (SiLU unless the family says otherwise).
     Returns the output.
     """
     num_tokens, hidden_size = hidden.shape
@@ -67,6 +73,12 @@ def fused_moe(
         )
     if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
         raise ValueError(f"weights must be {hidden.dtype}, got {w13.dtype} and {w2.dtype}")
+    if (b13 is None) != (b2 is None) or (
+        b13 is not None
+        and b2 is not None
+        and (b13.shape != (num_slots, two_inter) or b2.shape != (num_slots, hidden_size))
+    ):
+        raise ValueError(f"b13 and b2 must both be given, [S, {two_inter}] and [S, {hidden_size}]")
     if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
         raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
     if out is None:
@@ -90,6 +102,8 @@ def fused_moe(
     if backend == "triton" and impl is None:
         raise RuntimeError("backend='triton' needs the triton package: pip install 'triton>=3.0'")
     if impl is None:
-        return fused_moe_torch(hidden, w13, w2, topk_weights, topk_ids, out)
+        return fused_moe_torch(hidden, w13, w2, topk_weights, topk_ids, out, b13, b2, gating)
     config = get_config(num_tokens, hidden_size, two_inter // 2, top_k, hidden.dtype, hidden.device)
-    return impl.fused_moe_triton(hidden, w13, w2, topk_weights, topk_ids, out, config)
+    return impl.fused_moe_triton(
+        hidden, w13, w2, topk_weights, topk_ids, out, config, b13, b2, gating
+    )

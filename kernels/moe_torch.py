@@ -10,7 +10,8 @@ float32 and round once at the end.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from kernels.gating import SILU, Gating
 
 
 def fused_moe_torch(
@@ -20,6 +21,9 @@ def fused_moe_torch(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     out: torch.Tensor,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    gating: Gating = SILU,
 ) -> torch.Tensor:
     """Write sum_k topk_weights * expert_slot(hidden) into out [T, H] and return it."""
     top_k, inter = topk_ids.shape[1], w2.shape[2]
@@ -35,9 +39,13 @@ def fused_moe_torch(
     w13_t, w2_t = w13.transpose(1, 2), w2.transpose(1, 2)  # [S, H, 2I], [S, I, H]: x @ W.T
     for slot, rows, dest in zip(slot_ids, x.split(runs), gate_up.split(runs), strict=True):
         torch.mm(rows, w13_t[slot], out=dest)
-    act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])  # [P, I]
+    if b13 is not None:
+        gate_up += b13.index_select(0, sorted_slots)  # [P, 2I]
+    act = gating(gate_up[:, :inter], gate_up[:, inter:])  # [P, I]
     for slot, rows, dest in zip(slot_ids, act.split(runs), down.split(runs), strict=True):
         torch.mm(rows, w2_t[slot], out=dest)
+    if b2 is not None:
+        down += b2.index_select(0, sorted_slots)  # [P, H]
     route_w = topk_weights.reshape(-1)[order].to(acc_dtype)  # [P]
     # Accumulate straight into a float32 out unless it is hidden itself (an in-place call).
     direct = out.dtype == acc_dtype and out.data_ptr() != hidden.data_ptr()

@@ -1,4 +1,4 @@
-"""Triton fused MoE over cache slots: align by slot, gate/up GEMM + SiLU-and-mul, down GEMM.
+"""Triton fused MoE over cache slots: align by slot, gate/up GEMM + gated activation, down GEMM.
 
 Each GEMM is one launch over all slots: the (token, k) pairs are sorted by slot and each slot's
 run is padded to BLOCK_M, so every M tile belongs to exactly one slot and reads that slot's
@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernels.gating import SILU, Gating
 
 
 def align_by_slot(
@@ -45,17 +47,22 @@ def align_by_slot(
 
 
 @triton.jit
-def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, block_slots_ptr,
-                     num_padded_ptr, max_padded, num_pairs, N, K,
+def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, weights_ptr, sorted_ids_ptr,
+                     block_slots_ptr, num_padded_ptr, max_padded, num_pairs, N, K,
                      stride_am, stride_ak, stride_bs, stride_bn, stride_bk, stride_cm, stride_cn,
-                     PAIRS_PER_A_ROW: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+                     stride_bias_s, PAIRS_PER_A_ROW: tl.constexpr, GATED: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
+                     UP_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] tile of c[pair, n] over the pairs of one slot s.
 
-    GATED (gate/up):  c[pair, n] = silu(a[row] . b[s, n]) * (a[row] . b[s, N + n])
-    else (down):      c[pair, n] = weights[pair] * (a[row] . b[s, n])
-    with row = pair // PAIRS_PER_A_ROW (the token for gate/up, the pair itself for down).
+    GATED (gate/up):  c[pair, n] = act(g) * (u + UP_OFFSET), g = a[row] . b[s, n] + bias[s, n],
+                      u = a[row] . b[s, N + n] + bias[s, N + n], act(g) = g * sigmoid(ALPHA * g),
+                      g clamped to <= LIMIT and u to +-LIMIT when LIMIT > 0 (`Gating`)
+    else (down):      c[pair, n] = weights[pair] * (a[row] . b[s, n] + bias[s, n])
+    with row = pair // PAIRS_PER_A_ROW (the token for gate/up, the pair itself for down); the
+    biases only when HAS_BIAS.
     """
     # int64 index math: slot pools pass 2**31 elements, and the interpreter skips overflow checks
     pid = tl.program_id(0).to(tl.int64)
@@ -97,8 +104,17 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, block_slo
                 acc_up = tl.dot(a, up, acc_up, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
+        if HAS_BIAS:
+            bias_ptrs = bias_ptr + slot * stride_bias_s + offs_n
+            acc += tl.load(bias_ptrs, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                up_bias = tl.load(bias_ptrs + N, mask=cols_ok, other=0.0).to(tl.float32)
+                acc_up += up_bias[None, :]
         if GATED:
-            acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # silu(gate) * up
+            if LIMIT > 0:
+                acc = tl.where(acc > LIMIT, LIMIT, acc)
+                acc_up = tl.where(acc_up > LIMIT, LIMIT, tl.where(acc_up < -LIMIT, -LIMIT, acc_up))
+            acc = acc / (1.0 + tl.exp(-ALPHA * acc)) * (acc_up + UP_OFFSET)
         else:
             acc *= tl.load(weights_ptr + pairs, mask=rows_ok, other=0.0).to(tl.float32)[:, None]
         c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -117,6 +133,9 @@ def fused_moe_triton(
     topk_ids: torch.Tensor,
     out: torch.Tensor,
     config: dict[str, int],
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    gating: Gating = SILU,
 ) -> torch.Tensor:
     """Write sum_k topk_weights * expert_slot(hidden) into out [T, H] with the given tile config."""
     if hidden.device.type == "cpu" and not INTERPRET:
@@ -141,15 +160,20 @@ def fused_moe_triton(
     direct = top_k == 1 and out.dtype == torch.float32
     y = out if direct else out.new_empty(num_pairs, hidden_size, dtype=torch.float32)  # [P, H]
     tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, **flags, **launch)
+    has_bias = b13 is not None and b2 is not None
+    bias13, bias2 = (b13, b2) if has_bias else (route_w, route_w)  # unread without biases
+    act_flags = dict(
+        HAS_BIAS=has_bias, ALPHA=gating.alpha, LIMIT=gating.limit or 0.0, UP_OFFSET=gating.up_offset
+    )
     _moe_gemm_kernel[(triton.cdiv(max_padded, bm) * triton.cdiv(inter, bn),)](
-        hidden, w13, act, route_w, sorted_ids, block_slots, num_padded, max_padded, num_pairs,
-        inter, hidden_size, *hidden.stride(), *w13.stride(), *act.stride(),
-        PAIRS_PER_A_ROW=top_k, GATED=True, **tiles,
+        hidden, w13, act, bias13, route_w, sorted_ids, block_slots, num_padded, max_padded,
+        num_pairs, inter, hidden_size, *hidden.stride(), *w13.stride(), *act.stride(),
+        bias13.stride(0), PAIRS_PER_A_ROW=top_k, GATED=True, **act_flags, **tiles,
     )  # fmt: skip
     _moe_gemm_kernel[(triton.cdiv(max_padded, bm) * triton.cdiv(hidden_size, bn),)](
-        act, w2, y, route_w, sorted_ids, block_slots, num_padded, max_padded, num_pairs,
-        hidden_size, inter, *act.stride(), *w2.stride(), *y.stride(),
-        PAIRS_PER_A_ROW=1, GATED=False, **tiles,
+        act, w2, y, bias2, route_w, sorted_ids, block_slots, num_padded, max_padded, num_pairs,
+        hidden_size, inter, *act.stride(), *w2.stride(), *y.stride(), bias2.stride(0),
+        PAIRS_PER_A_ROW=1, GATED=False, **act_flags, **tiles,
     )  # fmt: skip
     if not direct:
         out.copy_(y.view(num_tokens, top_k, hidden_size).sum(dim=1))

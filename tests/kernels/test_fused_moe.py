@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import fused_moe
+from kernels.gating import SILU, Gating
 
 dispatch = importlib.import_module(
     "kernels.fused_moe"
@@ -238,3 +239,52 @@ def test_rejects_bad_arguments(change, message):
     )
     with pytest.raises(ValueError, match=message):
         fused_moe(**{**args, **change})
+
+
+GPT_OSS = Gating(alpha=1.702, limit=7.0, up_offset=1.0)
+
+
+def reference_biased(hidden, w13, w2, topk_weights, topk_ids, b13, b2, gating) -> torch.Tensor:
+    """gpt-oss's expert formula in float64, written as transformers writes it."""
+    x, inter = hidden.double(), w2.shape[2]
+    out = torch.zeros_like(x)
+    for j in range(topk_ids.shape[1]):
+        ids = topk_ids[:, j].long()
+        gate_up = torch.einsum("tnh,th->tn", w13[ids].double(), x) + b13[ids].double()
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        if gating.limit is not None:
+            gate, up = gate.clamp(max=gating.limit), up.clamp(-gating.limit, gating.limit)
+        act = gate * torch.sigmoid(gate * gating.alpha) * (up + gating.up_offset)
+        down = torch.einsum("thi,ti->th", w2[ids].double(), act) + b2[ids].double()
+        out += topk_weights[:, j, None].double() * down
+    return out
+
+
+@pytest.mark.parametrize(("device", "backend"), TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gating", [SILU, GPT_OSS], ids=["silu", "gpt-oss"])
+@pytest.mark.parametrize(("num_tokens", "top_k"), [(3, 2), (64, 4)])
+def test_biases_and_gating(device, backend, dtype, gating, num_tokens, top_k):
+    """Biases and gpt-oss's clamped gating; activations scaled up so that the clamp binds."""
+    hidden, w13, w2, weights, ids = make_inputs(num_tokens, top_k, dtype, device, seed=top_k)
+    gen = torch.Generator().manual_seed(1)
+    w13 = w13 * 6  # pre-activations well past the limit of 7
+    inputs = (hidden, w13, w2, weights, ids)
+    b13 = (torch.randn(SLOTS, 2 * INTER, generator=gen) * 3).to(dtype).to(device)
+    b2 = torch.randn(SLOTS, HIDDEN, generator=gen).to(dtype).to(device)
+    out = torch.full_like(hidden, float("nan"))
+    fused_moe(
+        hidden, w13, w2, weights, ids, backend=backend, out=out, b13=b13, b2=b2, gating=gating
+    )
+    ref = reference_biased(hidden, w13, w2, weights, ids, b13, b2, gating)
+    if gating.limit is not None:  # the clamp binds
+        unclamped = Gating(gating.alpha, None, gating.up_offset)
+        assert not torch.allclose(ref, reference_biased(*inputs, b13, b2, unclamped))
+    err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err <= TOL[dtype], f"relative error {err:.2e}"
+
+
+def test_biases_come_in_pairs():
+    hidden, w13, w2, weights, ids = make_inputs(3, 2, torch.float32, "cpu", seed=0)
+    with pytest.raises(ValueError, match="b13 and b2"):
+        fused_moe(hidden, w13, w2, weights, ids, b13=torch.zeros(SLOTS, 2 * INTER))

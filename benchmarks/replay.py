@@ -181,8 +181,10 @@ def replay(
     meta = traces.meta
     layers, experts = meta.moe_layers, meta.num_experts
     host = HostExperts(
-        w13={layer: torch.zeros(experts, 1, 1) for layer in layers},
-        w2={layer: torch.zeros(experts, 1, 1) for layer in layers},
+        {
+            layer: {"w13": torch.zeros(experts, 2, 1), "w2": torch.zeros(experts, 1, 1)}
+            for layer in layers
+        }
     )
     link = SimLink(cost.expert_bytes, cost.link_bps)
     cache = ExpertCache(

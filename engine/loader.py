@@ -31,33 +31,39 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 FLOAT32_SUFFIXES = ("e_score_correction_bias",)
 
 
+SLOT_PARTS = ("w13", "w2", "b13", "b2")  # what a device slot holds, in the compute dtype
+
+
 @dataclass
 class HostExperts:
-    """Every routed expert of every MoE layer, gate and up fused: the host tier of the expert cache.
-    An FP8 checkpoint's experts stay FP8, with their block scales, and are dequantized as each
-    copy lands in its device slot: half the bytes of bfloat16 to hold and to copy."""
+    """Every routed expert of every MoE layer, by part, expert-major: the host tier of the cache.
+    w13 [E, 2I, H] (rows 0..I-1 gate, I..2I-1 up), w2 [E, H, I] and gpt-oss's biases b13 [E, 2I],
+    b2 [E, H]. An FP8 checkpoint's w13 and w2 stay FP8, with their block scales w13_scale
+    [E, 2I/b0, ceil(H/b1)] and w2_scale [E, ceil(H/b0), ceil(I/b1)] float32, and are dequantized
+    as each copy lands in its device slot: half the bytes of bfloat16 to hold and to copy."""
 
-    w13: dict[int, torch.Tensor]  # layer -> [E, 2I, H], rows 0..I-1 gate, I..2I-1 up
-    w2: dict[int, torch.Tensor]  # layer -> [E, H, I]
-    w13_scale: dict[int, torch.Tensor] | None = None  # layer -> [E, 2I/b0, ceil(H/b1)] float32
-    w2_scale: dict[int, torch.Tensor] | None = None  # layer -> [E, ceil(H/b0), ceil(I/b1)]
+    layers: dict[int, dict[str, torch.Tensor]]  # layer -> part name -> [E, ...]
     fp8_block: tuple[int, int] | None = None  # (b0, b1) when the experts are FP8
     compute_dtype: torch.dtype = torch.float32  # what they compute in (the serving dtype)
 
-    def parts(self, layer: int) -> list[torch.Tensor]:
-        """One layer's tensors, expert-major: w13, w2 and, for FP8, their scales."""
-        if self.w13_scale is None or self.w2_scale is None:
-            return [self.w13[layer], self.w2[layer]]
-        return [self.w13[layer], self.w2[layer], self.w13_scale[layer], self.w2_scale[layer]]
+    def parts(self, layer: int) -> dict[str, torch.Tensor]:
+        return self.layers[layer]
+
+    @property
+    def slot_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of one expert's part in a device slot, for each part a slot holds."""
+        first = self.layers[next(iter(self.layers))]
+        return {name: tuple(first[name].shape[1:]) for name in SLOT_PARTS if name in first}
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes of one expert (w1 + w3 + w2, and their scales)."""
-        return sum(t[0].numel() * t.element_size() for t in self.parts(next(iter(self.w13))))
+        """Bytes of one expert (all its parts, as stored): what one copy moves."""
+        first = self.layers[next(iter(self.layers))]
+        return sum(t[0].numel() * t.element_size() for t in first.values())
 
     @property
     def total_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.w13 for t in self.parts(layer))
+        return sum(t.numel() * t.element_size() for p in self.layers.values() for t in p.values())
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -106,8 +112,13 @@ def load_model(
     )
     expert_dtype = torch.float8_e4m3fn if fp8 else dtype
     experts = HostExperts(
-        w13={layer: torch.empty(E, 2 * I, H, dtype=expert_dtype) for layer in moe_layers},
-        w2={layer: torch.empty(E, H, I, dtype=expert_dtype) for layer in moe_layers},
+        layers={
+            layer: {
+                "w13": torch.empty(E, 2 * I, H, dtype=expert_dtype),
+                "w2": torch.empty(E, H, I, dtype=expert_dtype),
+            }
+            for layer in moe_layers
+        },
         compute_dtype=dtype,
     )
     if fp8:
@@ -115,14 +126,15 @@ def load_model(
         experts.fp8_block = block
         rows13, cols13 = 2 * I // block[0], -(-H // block[1])
         rows2, cols2 = -(-H // block[0]), -(-I // block[1])
-        experts.w13_scale = {layer: torch.empty(E, rows13, cols13) for layer in moe_layers}
-        experts.w2_scale = {layer: torch.empty(E, rows2, cols2) for layer in moe_layers}
+        for parts in experts.layers.values():
+            parts["w13_scale"] = torch.empty(E, rows13, cols13)
+            parts["w2_scale"] = torch.empty(E, rows2, cols2)
     # hub key -> (its rows of w13 / w2, and of their scales when FP8)
     expert_keys: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for layer in moe_layers:
-        w13, w2 = experts.w13[layer], experts.w2[layer]
-        s13 = experts.w13_scale[layer] if experts.w13_scale else None
-        s2 = experts.w2_scale[layer] if experts.w2_scale else None
+        parts = experts.layers[layer]
+        w13, w2, s13, s2 = (parts.get(n) for n in ("w13", "w2", "w13_scale", "w2_scale"))
+        assert w13 is not None and w2 is not None
         half = I // block[0] if fp8 and block else 0  # scale rows of gate (and of up)
         for e in range(E):
             expert_keys[spec.expert_key(layer, e, spec.gate_proj)] = (

@@ -17,7 +17,6 @@ from engine.offload.host_compute import HostCompute
 from engine.offload.policy import EvictionPolicy, Key
 from engine.offload.store import ExpertStore
 from engine.offload.transfer import HIGH, LOW, Transfer, TransferEngine
-from kernels.fp8 import dequantize_blocks
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,12 +52,11 @@ class ExpertCache:
         self.store, self.policy, self.transfers, self.host = store, policy, transfers, host
         self.num_slots = min(num_slots, store.num_total_experts)
         self.device = device
-        self.w13 = torch.empty(
-            (self.num_slots, *store.w13_shape), dtype=store.dtype, device=device
-        )  # [S, 2I, H]
-        self.w2 = torch.empty(
-            (self.num_slots, *store.w2_shape), dtype=store.dtype, device=device
-        )  # [S, H, I]
+        # part name -> [S, ...]: w13 [S, 2I, H], w2 [S, H, I] (and gpt-oss's b13 [S, 2I], b2 [S, H])
+        self.slots = {
+            name: torch.empty((self.num_slots, *shape), dtype=store.dtype, device=device)
+            for name, shape in store.slot_shapes.items()
+        }
         self.slot_of: dict[Key, int] = {}
         self.key_of: list[Key | None] = [None] * self.num_slots
         self.in_flight: dict[int, Transfer] = {}  # slot -> copy not yet waited on
@@ -74,8 +72,21 @@ class ExpertCache:
         self._warm_start()
 
     @property
+    def w13(self) -> torch.Tensor:
+        return self.slots["w13"]
+
+    @property
+    def w2(self) -> torch.Tensor:
+        return self.slots["w2"]
+
+    @property
+    def biases(self) -> dict[str, torch.Tensor]:
+        """b13 and b2 for the kernel, when the experts have biases (else empty)."""
+        return {name: t for name, t in self.slots.items() if name in ("b13", "b2")}
+
+    @property
     def resident_bytes(self) -> int:
-        return self.num_slots * (self.w13[0].nbytes + self.w2[0].nbytes)
+        return sum(t.nbytes for t in self.slots.values())
 
     @property
     def warm_keys(self) -> list[Key]:
@@ -89,11 +100,7 @@ class ExpertCache:
         for slot, key in enumerate(self.warm_keys):
             self._place(key, slot)
             host = self.store.expert(*key)
-            if self.store.fp8_block is None:
-                self.w13[slot].copy_(host[0])
-                self.w2[slot].copy_(host[1])
-            else:
-                self._dequantize_into(slot, [t.to(self.device) for t in host])
+            self._dequantize_into(slot, {name: t.to(self.device) for name, t in host.items()})
 
     def _place(self, key: Key, slot: int) -> None:
         old = self.key_of[slot]
@@ -295,21 +302,17 @@ class ExpertCache:
         of bfloat16's bytes) into a staging buffer and are dequantized into the slot as they land,
         on the copy's own stream or worker: the kernel always reads the compute dtype."""
         host = self.store.expert(*key)
-        if self.store.fp8_block is None:
-            slots = [self.w13[slot], self.w2[slot]]
-            return self.transfers.submit(list(zip(slots, host, strict=True)), priority)
-        staging = [torch.empty_like(t, device=self.device) for t in host]  # w13, w2, scales
-        pairs = list(zip(staging, host, strict=True))
+        if not self.store.quantized:
+            pairs = [(self.slots[name][slot], t) for name, t in host.items()]
+            return self.transfers.submit(pairs, priority)
+        staging = {name: torch.empty_like(t, device=self.device) for name, t in host.items()}
+        pairs = [(staging[name], t) for name, t in host.items()]
         return self.transfers.submit(pairs, priority, lambda: self._dequantize_into(slot, staging))
 
-    def _dequantize_into(self, slot: int, parts: list[torch.Tensor]) -> None:
-        """FP8 w13, w2 and their scales, on the device -> the slot, in the compute dtype."""
-        block = self.store.fp8_block
-        assert block is not None
-        for dst, weight, scale in zip(
-            (self.w13[slot], self.w2[slot]), parts[:2], parts[2:], strict=True
-        ):
-            dst.copy_(dequantize_blocks(weight, scale, block, dst.dtype))
+    def _dequantize_into(self, slot: int, parts: dict[str, torch.Tensor]) -> None:
+        """One expert's stored parts, on the device -> the slot, in the compute dtype."""
+        for name, part in self.store.dequantize(parts).items():
+            self.slots[name][slot].copy_(part)
 
     def _drain_one_prefetch(self) -> int | None:
         """A miss found every unpinned slot still being written by prefetches: wait for one and

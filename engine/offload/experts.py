@@ -17,6 +17,7 @@ import torch
 import kernels
 from engine.models.router import Router, route_weights
 from engine.offload.cache import ExpertCache
+from kernels.gating import SILU, Gating
 
 
 class OffloadedExperts:
@@ -27,9 +28,12 @@ class OffloadedExperts:
         routers: dict[int, Router],
         resident_first: bool = False,
         routing_margin: float = 0.0,
+        gating: Gating = SILU,
     ) -> None:
-        """`routers`: each MoE layer's router, which cache-aware routing ranks experts by."""
+        """`routers`: each MoE layer's router, which cache-aware routing ranks experts by;
+        `gating`: the experts' activation."""
         self.cache, self.num_experts, self.routers = cache, num_experts, routers
+        self.gating = gating
         self.resident_first, self.routing_margin = resident_first, routing_margin
         self.activated_per_step: list[int] = []  # distinct experts summed over layers, per step
         self.rerouted = 0  # (token, k) pairs moved to a resident expert by cache-aware routing
@@ -66,7 +70,13 @@ class OffloadedExperts:
                 for i in pending:
                     self.cache.wait_ready(slots[i])
                 out = kernels.fused_moe(  # the common path: one kernel call, rounded once
-                    hidden, self.cache.w13, self.cache.w2, topk_weights, slot_of[topk_ids]
+                    hidden,
+                    self.cache.w13,
+                    self.cache.w2,
+                    topk_weights,
+                    slot_of[topk_ids],
+                    gating=self.gating,
+                    **self.cache.biases,
                 )
                 self.cache.release(slots)
                 return out
@@ -87,7 +97,16 @@ class OffloadedExperts:
     ) -> torch.Tensor:
         """One kernel call over the slots, in float32: hidden [n, H] -> [n, H]."""
         out = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
-        return kernels.fused_moe(hidden, self.cache.w13, self.cache.w2, weights, slot_ids, out=out)
+        return kernels.fused_moe(
+            hidden,
+            self.cache.w13,
+            self.cache.w2,
+            weights,
+            slot_ids,
+            out=out,
+            gating=self.gating,
+            **self.cache.biases,
+        )
 
     def _with_host(
         self,
@@ -102,7 +121,7 @@ class OffloadedExperts:
         """The host runs `on_host` (none when a layer only outgrows the slots) from its own copy
         of their weights, the device the rest, streamed through the slots; all added into `acc`. The host's inputs leave the device first, so on
         CUDA the device part, queued next, runs while the host computes."""
-        host = self.cache.store.parts[layer][0].device
+        host = self.cache.store.parts[layer]["w13"].device
         inputs = []
         for expert in on_host:
             rows, cols = (topk_ids == expert).nonzero(as_tuple=True)  # [n] each
@@ -122,10 +141,13 @@ class OffloadedExperts:
         weighted output [n, H] in float32; its time (the GEMMs alone) feeds the choice."""
         assert self.cache.host is not None
         start = time.perf_counter()
-        w13, w2 = self.cache.store.dequantized(layer, expert)  # [2I, H], [H, I]
-        ids = torch.zeros(hidden.shape[0], 1, dtype=torch.long)  # [n, 1]: slot 0 of a 1-slot view
+        parts = {name: t[None] for name, t in self.cache.store.dequantized(layer, expert).items()}
+        w13, w2 = parts.pop("w13"), parts.pop("w2")  # [1, 2I, H], [1, H, I]: a 1-slot view
+        ids = torch.zeros(hidden.shape[0], 1, dtype=torch.long)  # [n, 1]: that slot
         out = torch.empty(hidden.shape, dtype=torch.float32)
-        part = kernels.fused_moe(hidden, w13[None], w2[None], weights[:, None], ids, out=out)
+        part = kernels.fused_moe(
+            hidden, w13, w2, weights[:, None], ids, out=out, gating=self.gating, **parts
+        )
         self.cache.host.record_host(time.perf_counter() - start, hidden.shape[0])
         return part
 

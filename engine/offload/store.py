@@ -11,15 +11,14 @@ from kernels.fp8 import dequantize_blocks
 
 class ExpertStore:
     def __init__(self, host: HostExperts, pin: bool) -> None:
-        self.layers = tuple(sorted(host.w13))
-        # layer -> w13 [E, 2I, H], w2 [E, H, I] and, for FP8 experts, their block scales
+        self.layers = tuple(sorted(host.layers))
+        # layer -> part name -> [E, ...] (see HostExperts)
         self.parts = {
-            layer: [t.pin_memory() if pin else t for t in host.parts(layer)]
+            layer: {name: t.pin_memory() if pin else t for name, t in host.parts(layer).items()}
             for layer in self.layers
         }
-        first = self.parts[self.layers[0]]
-        self.num_experts = first[0].shape[0]
-        self.w13_shape, self.w2_shape = tuple(first[0].shape[1:]), tuple(first[1].shape[1:])
+        self.num_experts = self.parts[self.layers[0]]["w13"].shape[0]
+        self.slot_shapes = host.slot_shapes  # part name -> one expert's shape in a slot
         self.fp8_block = host.fp8_block  # None: the experts are stored in the compute dtype
         self.dtype = host.compute_dtype  # what the slots hold and the kernel reads
         self.expert_bytes = host.expert_bytes  # what one copy moves
@@ -32,16 +31,26 @@ class ExpertStore:
     def total_bytes(self) -> int:
         return self.num_total_experts * self.expert_bytes
 
-    def expert(self, layer: int, expert: int) -> list[torch.Tensor]:
-        """Host views of one expert: w13 [2I, H], w2 [H, I] (and, FP8, their scales)."""
-        return [t[expert] for t in self.parts[layer]]
+    @property
+    def quantized(self) -> bool:
+        """Whether the stored parts differ from what a slot holds (then `dequantize` them)."""
+        return self.fp8_block is not None
 
-    def dequantized(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One expert's w13 [2I, H] and w2 [H, I] in the compute dtype (views when stored so)."""
-        w13, w2, *scales = self.expert(layer, expert)
-        if self.fp8_block is None:
-            return w13, w2
-        return (
-            dequantize_blocks(w13, scales[0], self.fp8_block, self.dtype),
-            dequantize_blocks(w2, scales[1], self.fp8_block, self.dtype),
-        )
+    def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Host views of one expert's parts, as stored."""
+        return {name: t[expert] for name, t in self.parts[layer].items()}
+
+    def dequantize(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One expert's stored parts (on any device) -> what its slot holds, in the compute dtype:
+        w13 [2I, H], w2 [H, I] and the biases, when there are."""
+        out = {name: parts[name] for name in self.slot_shapes}
+        if self.fp8_block is not None:
+            for name in ("w13", "w2"):
+                out[name] = dequantize_blocks(
+                    parts[name], parts[name + "_scale"], self.fp8_block, self.dtype
+                )
+        return out
+
+    def dequantized(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """One expert's slot parts in the compute dtype, on the host (views when stored so)."""
+        return self.dequantize(self.expert(layer, expert))

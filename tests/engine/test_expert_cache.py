@@ -20,8 +20,13 @@ CPU = torch.device("cpu")
 def make_store(layers: int = 2, experts: int = 4, hidden: int = 8, inter: int = 4) -> ExpertStore:
     g = torch.Generator().manual_seed(0)
     host = HostExperts(
-        w13={l: torch.randn(experts, 2 * inter, hidden, generator=g) for l in range(layers)},  # noqa: E741
-        w2={l: torch.randn(experts, hidden, inter, generator=g) for l in range(layers)},  # noqa: E741
+        {
+            layer: {
+                "w13": torch.randn(experts, 2 * inter, hidden, generator=g),
+                "w2": torch.randn(experts, hidden, inter, generator=g),
+            }
+            for layer in range(layers)
+        }
     )
     return ExpertStore(host, pin=False)
 
@@ -41,7 +46,7 @@ def test_slots_hold_the_right_weights() -> None:
     cache = make_cache(3)
     for layer, expert in [(0, 3), (1, 2), (0, 1)]:
         (slot,) = cache.ensure(layer, [expert])
-        w13, w2 = cache.store.expert(layer, expert)
+        w13, w2 = cache.store.expert(layer, expert).values()
         assert torch.equal(cache.w13[slot], w13) and torch.equal(cache.w2[slot], w2)
         cache.release([slot])
 
@@ -178,7 +183,9 @@ def test_a_failed_copy_empties_its_slot_and_fails_loudly(monkeypatch: pytest.Mon
     cache = make_cache(2)
     expert = cache.store.expert
     monkeypatch.setattr(
-        cache.store, "expert", lambda layer, e: [t.flatten()[:3] for t in expert(layer, e)]
+        cache.store,
+        "expert",
+        lambda layer, e: {n: t.flatten()[:3] for n, t in expert(layer, e).items()},
     )
     with pytest.raises(RuntimeError, match="expert copy failed"):
         slots = cache.ensure(0, [3])
@@ -189,6 +196,6 @@ def test_a_failed_copy_empties_its_slot_and_fails_loudly(monkeypatch: pytest.Mon
     monkeypatch.setattr(cache.store, "expert", expert)
     (slot,) = cache.ensure(0, [3])
     cache.wait_ready(slot)
-    assert torch.equal(cache.w13[slot], expert(0, 3)[0])
+    assert torch.equal(cache.w13[slot], expert(0, 3)["w13"])
     finished = cache.completed[-1]
     assert finished.pairs == [] and finished.then is None  # no buffers kept for its timing

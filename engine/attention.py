@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from engine.attention_eager import eager_attention
 from kernels.fp8 import widen
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class AttentionGroup:
     rows: slice | torch.Tensor  # [B * Q] rows of the flattened step, sequence-major
     blocks: torch.Tensor | None  # [B * nb] KV blocks of each sequence's context, padded with 0
     mask: torch.Tensor | None  # [B, 1, Q, nb * block_size] additive: 0 where a query may attend
+    positions: torch.Tensor | None = None  # [B, Q] of the queries, with blocks (eager attention)
 
 
 def _rows(offsets: list[int], index: list[int], lengths: list[int]) -> slice | torch.Tensor:
@@ -161,6 +163,7 @@ class AttentionBatch:
             g.rows = g.rows if isinstance(g.rows, slice) else g.rows.to(device)
             g.blocks = None if g.blocks is None else g.blocks.to(device)
             g.mask = None if g.mask is None else g.mask.to(device)
+            g.positions = None if g.positions is None else g.positions.to(device)
         return cls(kv=kv, slot_mapping=torch.tensor(slot_mapping, device=device), groups=groups)
 
     @staticmethod
@@ -184,7 +187,8 @@ class AttentionBatch:
         query_pos = ends[:, None] - q_len + torch.arange(q_len)  # [B, Q]
         allowed = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, Q, L] causal, no padding
         mask = torch.zeros(allowed.shape, dtype=kv.dtype).masked_fill_(~allowed, float("-inf"))
-        return AttentionGroup(_rows(offsets, index, lengths), blocks.view(-1), mask[:, None])
+        rows = _rows(offsets, index, lengths)
+        return AttentionGroup(rows, blocks.view(-1), mask[:, None], query_pos)
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
@@ -219,11 +223,14 @@ def paged_attention(
     batch: AttentionBatch,
     scale: float | None = None,
     skip: Collection[int] = (),
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """q [T, h, D], k [T, kvh, D], v [T, kvh, Dv] for the new tokens -> [T, h, Dv]; writes k and v
     into the cache (a cache without value tensors reads v as k[..., :Dv]). `scale` is the softmax
     scale, 1/sqrt(D) by default. The rows of the groups whose indices are in `skip` are left unset:
-    the caller attends them its own way (MLA, expanded)."""
+    the caller attends them its own way (MLA, expanded). gpt-oss's `sinks` [h] and sliding
+    `window` take the eager path (engine/attention_eager.py)."""
     bs, dtype = batch.kv.block_size, q.dtype
     k, v = batch.kv.rounded(k), batch.kv.rounded(v)
     store_kv(k, v, layer, batch)
@@ -234,6 +241,9 @@ def paged_attention(
     for index, g in enumerate(batch.groups):
         if index in skip:
             outs.append(None)
+            continue
+        if sinks is not None or window is not None:
+            outs.append(_eager_group(q, k, v, layer, batch, g, scale, sinks, window))
             continue
         if g.blocks is None:  # causal over the chunk's own keys, GQA handled by SDPA
             qg, kg, vg = (t[g.rows].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, n, D]
@@ -273,3 +283,35 @@ def paged_attention(
         if og is not None:
             out[g.rows] = og
     return out
+
+
+def _eager_group(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: int,
+    batch: AttentionBatch,
+    g: AttentionGroup,
+    scale: float | None,
+    sinks: torch.Tensor | None,
+    window: int | None,
+) -> torch.Tensor:
+    """One group through `eager_attention`: a first chunk over its own keys, the others over
+    their gathered context. -> [B*Q, h, Dv]."""
+    heads, dim, value_dim = q.shape[1], q.shape[2], v.shape[2]
+    scale = dim**-0.5 if scale is None else scale
+    if g.blocks is None:  # a prompt's first chunk: positions 0..n-1, keys from the step
+        qg, kg, vg = (t[g.rows][None] for t in (q, k, v))  # [1, n, heads, D]
+        pos = torch.arange(qg.shape[1], device=q.device)[None]  # [1, n]
+        return eager_attention(qg, kg, vg, pos, scale, sinks, window)[0]
+    assert g.positions is not None
+    (b, q_len), bs = g.positions.shape, batch.kv.block_size
+    kv_heads = k.shape[1]
+    kg = gather(batch.kv.k[layer], g.blocks, bs, q.dtype).view(b, -1, kv_heads, dim)
+    if batch.kv.v:
+        vg = gather(batch.kv.v[layer], g.blocks, bs, q.dtype).view(b, -1, kv_heads, value_dim)
+    else:
+        vg = kg[..., :value_dim]
+    qg = q[g.rows].view(b, q_len, heads, dim)
+    out = eager_attention(qg, kg, vg, g.positions, scale, sinks, window)  # [B, Q, h, Dv]
+    return out.reshape(b * q_len, heads, value_dim)

@@ -14,6 +14,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
 
 from engine.config import ConfigError
+from kernels.gating import Gating
 
 STATIC_ROPE_SCALINGS = ("linear", "yarn", "llama3")
 
@@ -30,6 +31,7 @@ class RouterConfig:
     topk_groups: int = 1
     scaling: float = 1.0  # routed_scaling_factor
     float32_logits: bool = False  # DeepSeek routes in float32 whatever the model's dtype
+    bias: bool = False  # gpt-oss adds a learned bias to the router logits
 
     @property
     def correction_bias(self) -> bool:
@@ -74,16 +76,30 @@ def routing_defaults(family: str) -> dict[str, Any]:
     }
 
 
+def quantization_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """How the checkpoint's weights are quantized: block-wise FP8 (`fp8_block`, see below) or
+    gpt-oss's MXFP4 routed experts (`mxfp4_experts`); other formats are refused."""
+    quant = raw.get("quantization_config")
+    if not quant or quant.get("quant_method") != "mxfp4":
+        return dict(fp8_block=fp8_block(quant))
+    if raw.get("model_type") != "gpt_oss":
+        raise ConfigError("config.json: quant_method 'mxfp4' is supported for gpt_oss only")
+    for key in ("hidden_size", "intermediate_size"):
+        if int(raw.get(key) or 0) % 32:
+            raise ConfigError(f"config.json: MXFP4 experts need {key} a multiple of 32")
+    return dict(mxfp4_experts=True)
+
+
 def fp8_block(quant: dict[str, Any] | None) -> tuple[int, int] | None:
     """The (rows, columns) of a weight block sharing one scale, for the block-wise FP8 checkpoints
-    DeepSeek-V3 and Qwen3's -FP8 releases ship; other quantization formats are refused."""
+    DeepSeek-V3 and Qwen3's -FP8 releases ship."""
     if not quant:
         return None
     method, block = quant.get("quant_method"), quant.get("weight_block_size")
     if method != "fp8":
         raise ConfigError(
             f"config.json: quantization_config.quant_method={method!r} is not supported "
-            "(only block-wise 'fp8')"
+            "(block-wise 'fp8', and 'mxfp4' for gpt_oss)"
         )
     if not (
         isinstance(block, list)
@@ -182,6 +198,45 @@ def glm4_moe_fields(
         partial_rotary_factor=float(factor),
         shared_expert_intermediate_size=moe_inter * int(raw.get("n_shared_experts") or 0),
         dense_layers=tuple(range(min(first_dense, num_layers))),
+    )
+
+
+def gpt_oss_fields(
+    raw: dict[str, Any], need: Callable[..., Any], num_layers: int
+) -> dict[str, Any]:
+    """gpt-oss: biases on every attention projection and on the router and experts, a learned
+    softmax sink per head, a sliding window on the layers `layer_types` names (every other one
+    unless said, as in transformers), and experts gated by a clamped SwiGLU (alpha 1.702, up + 1)
+    whose gate and up rows interleave on the hub (the loader separates them)."""
+    default_types = [
+        "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)
+    ]
+    layer_types = raw.get("layer_types") or default_types
+    if len(layer_types) != num_layers or set(layer_types) - {"sliding_attention", "full_attention"}:
+        raise ConfigError(
+            f"config.json: layer_types must name sliding_attention or full_attention for each of "
+            f"{num_layers} layers"
+        )
+    sliding = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
+    window = int(raw.get("sliding_window") or 0)
+    if sliding and window < 1:
+        raise ConfigError("config.json: sliding_attention layers need a positive sliding_window")
+    limit = raw.get("swiglu_limit", 7.0)
+    if limit is not None and float(limit) <= 0:
+        raise ConfigError(f"config.json: swiglu_limit={limit!r} must be positive")
+    return dict(
+        router=RouterConfig(top_k=int(need("num_experts_per_tok")), normalize=True, bias=True),
+        o_bias=bool(raw.get("attention_bias", True)),
+        qkv_bias=bool(raw.get("attention_bias", True)),
+        attention_sinks=True,
+        sliding_window=window if sliding else 0,
+        sliding_layers=sliding,
+        expert_bias=True,
+        gating=Gating(
+            alpha=float(raw.get("swiglu_alpha") or 1.702),
+            limit=None if limit is None else float(limit),
+            up_offset=1.0,
+        ),
     )
 
 

@@ -25,6 +25,7 @@ from engine.model_config import ModelConfig
 from engine.models.layers import Attention
 from engine.models.mla import MLAttention
 from engine.models.model import MoECausalLM
+from kernels.mxfp4 import BLOCK
 
 logger = logging.getLogger(__name__)
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -40,10 +41,12 @@ class HostExperts:
     w13 [E, 2I, H] (rows 0..I-1 gate, I..2I-1 up), w2 [E, H, I] and gpt-oss's biases b13 [E, 2I],
     b2 [E, H]. An FP8 checkpoint's w13 and w2 stay FP8, with their block scales w13_scale
     [E, 2I/b0, ceil(H/b1)] and w2_scale [E, ceil(H/b0), ceil(I/b1)] float32, and are dequantized
-    as each copy lands in its device slot: half the bytes of bfloat16 to hold and to copy."""
+    as each copy lands in its device slot: half the bytes of bfloat16 to hold and to copy. An
+    MXFP4 checkpoint's (gpt-oss) stay MXFP4 likewise, with their scales: a quarter of them."""
 
     layers: dict[int, dict[str, torch.Tensor]]  # layer -> part name -> [E, ...]
     fp8_block: tuple[int, int] | None = None  # (b0, b1) when the experts are FP8
+    mxfp4: bool = False  # w13 and w2 are MXFP4 blocks [E, R, C/32, 16] with scales [E, R, C/32]
     compute_dtype: torch.dtype = torch.float32  # what they compute in (the serving dtype)
 
     def parts(self, layer: int) -> dict[str, torch.Tensor]:
@@ -53,7 +56,12 @@ class HostExperts:
     def slot_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape of one expert's part in a device slot, for each part a slot holds."""
         first = self.layers[next(iter(self.layers))]
-        return {name: tuple(first[name].shape[1:]) for name in SLOT_PARTS if name in first}
+        shapes = {name: tuple(first[name].shape[1:]) for name in SLOT_PARTS if name in first}
+        if self.mxfp4:  # [R, C/32, 16] bytes hold [R, C] values
+            for name in ("w13", "w2"):
+                rows, groups, pairs = shapes[name]
+                shapes[name] = (rows, groups * pairs * 2)
+        return shapes
 
     @property
     def expert_bytes(self) -> int:
@@ -103,10 +111,12 @@ def load_model(
         for layer in moe_layers
         for e in range(E)
         for part in (spec.gate_proj, spec.up_proj, spec.down_proj)
+        if not spec.fused_experts
     }
     fp8 = (
         fp8_experts
         and block is not None
+        and not spec.fused_experts
         and I % block[0] == 0  # else a block of rows would mix gate and up
         and all_e4m3_with_scales(files, expert_names, scales)
     )
@@ -129,9 +139,30 @@ def load_model(
         for parts in experts.layers.values():
             parts["w13_scale"] = torch.empty(E, rows13, cols13)
             parts["w2_scale"] = torch.empty(E, rows2, cols2)
+    if cfg.mxfp4_experts:  # packed on the host as on the hub; `dequantize_mxfp4` as they land
+        experts.mxfp4 = True
+        for parts in experts.layers.values():
+            parts["w13"] = torch.empty(E, 2 * I, H // BLOCK, BLOCK // 2, dtype=torch.uint8)
+            parts["w13_scale"] = torch.empty(E, 2 * I, H // BLOCK, dtype=torch.uint8)
+            parts["w2"] = torch.empty(E, H, I // BLOCK, BLOCK // 2, dtype=torch.uint8)
+            parts["w2_scale"] = torch.empty(E, H, I // BLOCK, dtype=torch.uint8)
+    if cfg.expert_bias:
+        for parts in experts.layers.values():
+            parts["b13"], parts["b2"] = (
+                torch.empty(E, 2 * I, dtype=dtype),
+                torch.empty(E, H, dtype=dtype),
+            )
+    # fused hub key -> (our part of the layer's experts, its conversion)
+    fused_keys = {
+        spec.fused_expert_key(layer, hub): (experts.layers[layer][part], convert)
+        for layer in moe_layers
+        for hub, (part, convert) in (
+            spec.fused_mxfp4_experts if cfg.mxfp4_experts else spec.fused_experts
+        ).items()
+    }
     # hub key -> (its rows of w13 / w2, and of their scales when FP8)
     expert_keys: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for layer in moe_layers:
+    for layer in moe_layers if not spec.fused_experts else ():
         parts = experts.layers[layer]
         w13, w2, s13, s2 = (parts.get(n) for n in ("w13", "w2", "w13_scale", "w2_scale"))
         assert w13 is not None and w2 is not None
@@ -157,12 +188,13 @@ def load_model(
     ignored = IGNORED_SUFFIXES + ((FP8_SCALE_SUFFIX, *FP8_IGNORED_SUFFIXES) if scales else ())
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for key in tqdm(
+            for hub_key in tqdm(
                 list(f.keys()), desc=f"loading {file.name}", unit="tensor", leave=False
             ):
+                key = spec.our_key(hub_key)
                 if key.endswith(ignored) or _extra_layer(key, cfg):
                     continue
-                tensor = f.get_tensor(key)
+                tensor = f.get_tensor(hub_key)
                 if key in expert_keys and expert_keys[key][1] is not None:
                     dest, dest_scale = expert_keys[key]
                     assert dest_scale is not None
@@ -171,7 +203,13 @@ def load_model(
                     continue
                 if tensor.dtype in FLOAT8_DTYPES:
                     tensor = dequantize_fp8(key, tensor, scales, cfg.fp8_block)
-                if key in expert_keys:
+                if key in fused_keys:
+                    dest, convert = fused_keys[key]
+                    tensor = convert(tensor)
+                    _check_shape(key, tensor, dest.shape)
+                    dest.copy_(tensor)
+                    seen_parts.add(key)
+                elif key in expert_keys:
                     dest, _ = expert_keys[key]
                     _check_shape(key, tensor, dest.shape)
                     dest.copy_(tensor)
@@ -191,7 +229,8 @@ def load_model(
                         f"{file.name}: unexpected weight {key!r} for a {cfg.family} model"
                     )
     missing = sorted(
-        (expected - resident.keys()) | ((expert_keys.keys() | stacked.keys()) - seen_parts)
+        (expected - resident.keys())
+        | ((expert_keys.keys() | fused_keys.keys() | stacked.keys()) - seen_parts)
     )
     if missing:
         raise ConfigError(f"{path}: checkpoint lacks {len(missing)} weights, first {missing[0]!r}")

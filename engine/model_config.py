@@ -13,11 +13,13 @@ from engine.family_config import (
     MLAConfig,
     RouterConfig,
     deepseek_fields,
-    fp8_block,
     glm4_moe_fields,
+    gpt_oss_fields,
+    quantization_fields,
     rope_scaling_fields,
     routing_defaults,
 )
+from kernels.gating import SILU, Gating
 
 SUPPORTED_FAMILIES = (
     "mixtral",
@@ -27,6 +29,7 @@ SUPPORTED_FAMILIES = (
     "deepseek_v2",
     "deepseek_v3",
     "glm4_moe",
+    "gpt_oss",
 )
 
 
@@ -63,6 +66,13 @@ class ModelConfig:
     attention_scale: float | None = None  # softmax scale; None: 1/sqrt(query head dim)
     partial_rotary_factor: float = 1.0  # GLM-4.5 turns the first half of each head, not all
     fp8_block: tuple[int, int] | None = None  # block-wise FP8 weights, dequantized at load
+    o_bias: bool = False  # a bias on the attention's output projection (gpt-oss)
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax
+    sliding_window: int = 0  # keys a sliding layer's query sees, itself included; 0: none
+    sliding_layers: tuple[int, ...] = ()  # the layers that attend through the window
+    expert_bias: bool = False  # routed experts add a bias after each GEMM (gpt-oss)
+    gating: Gating = SILU  # the routed experts' activation
+    mxfp4_experts: bool = False  # routed experts in MXFP4 (gpt-oss's release), kept so on the host
 
     @property
     def top_k(self) -> int:
@@ -111,7 +121,7 @@ class ModelConfig:
         hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
         num_layers = int(need("num_hidden_layers"))
         rope = raw.get("rope_parameters") or {}
-        if family == "mixtral":
+        if family in ("mixtral", "gpt_oss"):
             moe_inter, num_experts = need("intermediate_size"), need("num_local_experts")
         elif family.startswith("deepseek") or family == "glm4_moe":
             moe_inter, num_experts = need("moe_intermediate_size"), need("n_routed_experts")
@@ -138,6 +148,8 @@ class ModelConfig:
         elif family == "glm4_moe":
             family_fields |= glm4_moe_fields(raw, need, num_layers, int(moe_inter))
             dense_layers = family_fields.pop("dense_layers")
+        elif family == "gpt_oss":
+            family_fields |= gpt_oss_fields(raw, need, num_layers)
         router = RouterConfig(
             top_k=int(need("num_experts_per_tok")),
             normalize=True if family == "mixtral" else bool(raw.get("norm_topk_prob", False)),
@@ -172,7 +184,7 @@ class ModelConfig:
             dense_layers=dense_layers,
             eos_token_ids=eos_ids,
             bos_token_id=raw.get("bos_token_id"),
-            fp8_block=fp8_block(raw.get("quantization_config")),
+            **quantization_fields(raw),
         )
         cfg = cls(**{**fields_, **family_fields})
         if cfg.top_k > cfg.num_experts:

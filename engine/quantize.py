@@ -39,6 +39,8 @@ def quantize_checkpoint(source: Path, out: Path, block: tuple[int, int] = (128, 
     if out.exists():
         raise ConfigError(f"{out}: already exists")
     spec = FAMILIES[cfg.family]
+    if spec.fused_experts:
+        raise ConfigError(f"{source}: {cfg.family} checkpoints are not converted to FP8")
     parts = (spec.gate_proj, spec.up_proj, spec.down_proj)
     experts = {
         spec.expert_key(layer, e, part)

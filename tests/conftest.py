@@ -13,6 +13,7 @@ from transformers import (
     DeepseekV2Config,
     DeepseekV3Config,
     Glm4MoeConfig,
+    GptOssConfig,
     MixtralConfig,
     OlmoeConfig,
     PretrainedConfig,
@@ -99,6 +100,24 @@ def tiny_config(family: str) -> PretrainedConfig:
             use_qk_norm=True,
             routed_scaling_factor=2.5,
         )
+    if family == "gpt_oss":  # a window of 4 keys and strong sinks, so that both show
+        return GptOssConfig(
+            **{**common, "num_hidden_layers": 3},
+            head_dim=16,
+            intermediate_size=32,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=4,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 4.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 128,
+            },
+        )
     latent = dict(
         num_key_value_heads=4,
         num_hidden_layers=3,
@@ -150,6 +169,9 @@ def save_tiny_checkpoint(family: str, path: Path, seed: int = 0) -> Path:
     for name, buffer in model.named_buffers():
         if name.endswith("e_score_correction_bias"):  # zero at init: make it pick experts
             buffer.normal_(0.0, 0.3)
+    for name, param in model.named_parameters():
+        if name.endswith(("sinks", "_proj_bias")):  # gpt-oss's: make them matter
+            param.data.normal_(0.0, 1.0)
     model.save_pretrained(path)
     build_tokenizer().save_pretrained(path)
     return path

@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+# A fused hub tensor (one per layer and part) -> our part of every expert of that layer.
+Convert = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class FamilySpec:
     moe_attr: str  # module name of the MoE block inside a decoder layer
-    gate_proj: str  # per-expert weight names on the hub: gate (w1), up (w3), down (w2)
-    up_proj: str
-    down_proj: str
+    gate_proj: str = ""  # per-expert weight names on the hub: gate (w1), up (w3), down (w2)
+    up_proj: str = ""
+    down_proj: str = ""
+    # Families that store each layer's experts as one tensor per part (gpt-oss): hub name under
+    # `experts.` -> (our part name, its conversion); then the per-expert names are unused.
+    fused_experts: Mapping[str, tuple[str, Convert]] = field(default_factory=dict)
+    fused_mxfp4_experts: Mapping[str, tuple[str, Convert]] = field(default_factory=dict)  # same
+    hub_renames: tuple[tuple[str, str], ...] = ()  # hub key fragment -> ours
 
     def expert_key(self, layer: int, expert: int, proj: str) -> str:
         return f"model.layers.{layer}.{self.moe_attr}.experts.{expert}.{proj}.weight"
+
+    def fused_expert_key(self, layer: int, hub_part: str) -> str:
+        return f"model.layers.{layer}.{self.moe_attr}.experts.{hub_part}"
+
+    def our_key(self, hub_key: str) -> str:
+        for hub, ours in self.hub_renames:
+            hub_key = hub_key.replace(hub, ours)
+        return hub_key

@@ -86,7 +86,9 @@ class Attention(nn.Module):
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.qkv_dims = [q_dim, kv_dim, kv_dim]
-        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.sinks = nn.Parameter(torch.zeros(cfg.num_heads)) if cfg.attention_sinks else None
+        self.window = cfg.sliding_window if layer in cfg.sliding_layers else None
         self.qk_norm, self.clip_qkv = cfg.qk_norm, cfg.clip_qkv
         if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -118,7 +120,7 @@ class Attention(nn.Module):
             if self.qk_norm == "head":
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = paged_attention(q, k, v, self.layer, batch)  # [T, h, D]
+        out = paged_attention(q, k, v, self.layer, batch, sinks=self.sinks, window=self.window)
         return self.o_proj(out.reshape(x.shape[0], -1))
 
 

@@ -30,7 +30,8 @@ def route_weights(logits: torch.Tensor, ids: torch.Tensor, cfg: RouterConfig) ->
 
 
 class Router(nn.Module):
-    """`weight` is [E, H] as on the hub; `e_score_correction_bias` [E] exists for `noaux_tc` only."""
+    """`weight` is [E, H] as on the hub; `e_score_correction_bias` [E] exists for `noaux_tc` only,
+    `bias` [E] (added to the logits) for gpt-oss only."""
 
     def __init__(self, cfg: RouterConfig, hidden_size: int, num_experts: int) -> None:
         super().__init__()
@@ -38,14 +39,16 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
         if cfg.correction_bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if cfg.bias else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> router logits [T, E], weights [T, k] in x's dtype, expert ids [T, k]."""
         cfg = self.cfg
         if cfg.float32_logits:
-            logits = nn.functional.linear(x.float(), self.weight.float())  # [T, E]
+            bias = None if self.bias is None else self.bias.float()
+            logits = nn.functional.linear(x.float(), self.weight.float(), bias)  # [T, E]
         else:
-            logits = nn.functional.linear(x, self.weight)  # [T, E]
+            logits = nn.functional.linear(x, self.weight, self.bias)  # [T, E]
         if cfg.topk_method == "greedy" and cfg.scoring == "softmax":  # the common case, fused
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
             weights, ids = torch.topk(probs, cfg.top_k, dim=-1)  # [T, k]

@@ -47,6 +47,7 @@ class OffloadRuntime:
             {i: model.model.layers[i].ffn.gate for i in self.store.layers},
             config.resident_first,
             config.cache_aware_routing_margin,
+            model.cfg.gating,
         )
         self.prefetcher: Prefetcher | None = None
         predictor = make_predictor(config.predictor, model, config.predictor_path)

@@ -1,5 +1,5 @@
 """ExpertStore: the host tier. Every routed expert's weights, loaded once, pinned when CUDA is used.
-An FP8 checkpoint's experts stay FP8 here (with their block scales) and cross the link so."""
+An FP8 (or MXFP4) checkpoint's experts stay so here, with their scales, and cross the link so."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 from engine.loader import HostExperts
 from kernels.fp8 import dequantize_blocks
+from kernels.mxfp4 import dequantize_mxfp4
 
 
 class ExpertStore:
@@ -19,6 +20,7 @@ class ExpertStore:
         }
         self.num_experts = self.parts[self.layers[0]]["w13"].shape[0]
         self.slot_shapes = host.slot_shapes  # part name -> one expert's shape in a slot
+        self.mxfp4 = host.mxfp4  # MXFP4 blocks and scales (gpt-oss)
         self.fp8_block = host.fp8_block  # None: the experts are stored in the compute dtype
         self.dtype = host.compute_dtype  # what the slots hold and the kernel reads
         self.expert_bytes = host.expert_bytes  # what one copy moves
@@ -34,7 +36,7 @@ class ExpertStore:
     @property
     def quantized(self) -> bool:
         """Whether the stored parts differ from what a slot holds (then `dequantize` them)."""
-        return self.fp8_block is not None
+        return self.fp8_block is not None or self.mxfp4
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """Host views of one expert's parts, as stored."""
@@ -44,6 +46,9 @@ class ExpertStore:
         """One expert's stored parts (on any device) -> what its slot holds, in the compute dtype:
         w13 [2I, H], w2 [H, I] and the biases, when there are."""
         out = {name: parts[name] for name in self.slot_shapes}
+        if self.mxfp4:
+            for name in ("w13", "w2"):
+                out[name] = dequantize_mxfp4(parts[name], parts[name + "_scale"], self.dtype)
         if self.fp8_block is not None:
             for name in ("w13", "w2"):
                 out[name] = dequantize_blocks(

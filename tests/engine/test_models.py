@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import engine.attention_eager as attention_eager
 from engine import LLM, SamplingParams
 from engine.attention import AttentionBatch
 from engine.models import mla
@@ -240,3 +241,34 @@ def test_half_precision_logits_close_to_transformers(tiny_checkpoint: Path, dtyp
     close = torch.isclose(ours, theirs, atol=0.1, rtol=0.05)  # [T, V]
     off = (~close).any(dim=1)  # [T] tokens with any logit out of tolerance
     assert off.sum() <= 2, f"{off.sum()} of {len(off)} tokens differ"
+
+
+@pytest.mark.parametrize("slices", ["whole", "sliced"])
+def test_sinks_and_windows_in_chunks_match_transformers(
+    slices: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gpt-oss's sinks and 4-key windows over a 100-token prompt in chunks of 40, each chunk
+    attending over the cached ones (and, "sliced", a few queries at a time): every position's
+    log-probability matches transformers' forward of the whole prompt. Then greedy tokens, twice:
+    the second time the prompt's leading blocks come from the prefix cache."""
+    if slices == "sliced":
+        monkeypatch.setattr(attention_eager, "MAX_SCORES", 500)
+    checkpoint = save_tiny_checkpoint("gpt_oss", tmp_path)
+    llm = LLM(model=str(checkpoint), max_model_len=128, max_num_batched_tokens=40)
+    prompt = [1, *range(20, 119)]
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    [out] = llm.generate([prompt], params)
+    assert out.prompt_logprobs is not None
+    ours = torch.tensor([entry.logprob for entry in out.prompt_logprobs[1:]])
+    hf = hf_model(checkpoint)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0]  # [T, V]
+    theirs = logits.log_softmax(-1)[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    hf.generation_config.eos_token_id = None
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for _ in range(2):
+        [out] = llm.generate([prompt], greedy)
+        assert out.token_ids == ref[0, len(prompt) :].tolist()
+    assert llm.engine.metrics.prefix_hits._value.get() > 0

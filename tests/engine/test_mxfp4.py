@@ -1,0 +1,118 @@
+"""gpt-oss's MXFP4 experts: decoded as the format says, kept packed on the host, and served with
+the outputs of the same checkpoint with its experts dequantized at rest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine import LLM, SamplingParams
+from kernels.mxfp4 import dequantize_mxfp4
+from tests.conftest import save_tiny_checkpoint
+from tests.engine.test_models import assert_prefill_logits_match
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # magnitudes of codes 0..7
+
+
+def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., R, C] -> blocks [..., R, C/32, 16] uint8, scales [..., R, C/32] uint8, from the spec:
+    a block's scale is the power of two that brings its largest magnitude within 6, each value
+    the nearest e2m1 (bit 3 the sign), two a byte, the lower nibble first."""
+    groups = w.float().unflatten(-1, (-1, 32))  # [..., R, G, 32]
+    amax = groups.abs().amax(dim=-1, keepdim=True)
+    exponent = torch.ceil(torch.log2(amax / 6)).clamp(-127, 127).nan_to_num(-127)
+    scaled = groups / torch.exp2(exponent)
+    codes = (scaled.abs()[..., None] - E2M1).abs().argmin(dim=-1) | ((scaled < 0).long() << 3)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # [..., R, G, 16]
+    return packed.to(torch.uint8), (exponent[..., 0] + 127).to(torch.uint8)
+
+
+def decode(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The values the spec gives blocks [..., R, G, 16] and scales [..., R, G]: [..., R, 32 G]."""
+    codes = torch.stack((blocks & 15, blocks >> 4), dim=-1).flatten(-2).long()  # [..., R, G, 32]
+    values = E2M1[codes & 7] * (1 - 2 * (codes >> 3)).float()
+    return (values * torch.exp2(scales.float() - 127)[..., None]).flatten(-2)
+
+
+def test_dequantize_follows_the_spec() -> None:
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (6, 3, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(110, 140, (6, 3), dtype=torch.uint8, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = dequantize_mxfp4(blocks, scales, dtype)
+        assert out.shape == (6, 96) and out.dtype == dtype
+        assert torch.equal(out.float(), decode(blocks, scales))
+    w = torch.randn(5, 64, generator=gen)
+    assert (decode(*quantize(w)) - w).abs().max() <= w.abs().max() / 6  # the quantizer is sane
+
+
+def mxfp4_and_reference(source: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """`source`'s experts in MXFP4 as OpenAI's release stores them ([E, out, in/32, 16], gate and
+    up rows interleaved), and a float copy whose experts are those values dequantized."""
+    packed, reference = tmp_path / "mxfp4", tmp_path / "reference"
+    weights = load_file(source / "model.safetensors")
+    quantized, dequantized = dict(weights), dict(weights)
+    for key in [k for k in weights if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = quantize(weights.pop(key).transpose(1, 2))  # [E, out, in] rows
+        del quantized[key]
+        quantized[key + "_blocks"], quantized[key + "_scales"] = blocks, scales
+        dequantized[key] = decode(blocks, scales).transpose(1, 2).contiguous()
+    for folder, tensors in ((packed, quantized), (reference, dequantized)):
+        folder.mkdir()
+        for f in source.iterdir():
+            if f.suffix != ".safetensors":
+                (folder / f.name).write_bytes(f.read_bytes())
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((packed / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
+    (packed / "config.json").write_text(json.dumps(config))
+    return packed, reference
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("gpt-oss-mxfp4")
+    return mxfp4_and_reference(save_tiny_checkpoint("gpt_oss", tmp / "src"), tmp)
+
+
+def test_mxfp4_experts_serve_as_their_dequantized_values(checkpoints: tuple[Path, Path]) -> None:
+    """Same greedy tokens and log-probabilities as the dequantized copy, whose forward in turn
+    matches transformers'; the host keeps the packed bytes: under a third of float32's."""
+    packed, reference = checkpoints
+    assert_prefill_logits_match(reference)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1)
+    prompts = [[1, 5, 9, 200, 31], [1, *range(40, 60)]]
+    llms = [LLM(model=str(p), max_model_len=64) for p in (packed, reference)]
+    outs = [llm.generate(prompts, params) for llm in llms]
+    for ours, theirs in zip(*outs, strict=True):
+        assert ours.token_ids == theirs.token_ids
+        ours_lp, theirs_lp = ours.outputs[0].logprobs, theirs.outputs[0].logprobs
+        assert ours_lp is not None and theirs_lp is not None
+        assert [e.logprob for e in ours_lp] == pytest.approx(
+            [e.logprob for e in theirs_lp], abs=1e-5
+        )
+    stores = [llm.engine.offload.store for llm in llms]
+    assert stores[0].mxfp4 and stores[0].parts[0]["w13"].dtype == torch.uint8
+    assert stores[0].expert_bytes < stores[1].expert_bytes / 3
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [{"expert_cache_size": 1}, {"expert_cache_ratio": 0.25, "link_gbps": 2.0}],
+    ids=["one-slot", "ratio-0.25-link"],
+)
+def test_offloaded_mxfp4_experts_keep_outputs(
+    checkpoints: tuple[Path, Path], flags: dict[str, object]
+) -> None:
+    """Experts dequantized as each copy lands: the outputs of the all-resident cache."""
+    packed, _ = checkpoints
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [[1, 5, 9, 200, 31], [1, 300, 12]]
+    full = LLM(model=str(packed), max_model_len=64).generate(prompts, params)
+    llm = LLM(model=str(packed), max_model_len=64, **flags)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in full]
+    assert llm.offload_stats()["misses"] > 0

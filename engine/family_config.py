@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
@@ -142,7 +143,7 @@ def rope_scaling_fields(raw: dict[str, Any], head_dim: int) -> dict[str, Any]:
         if getattr(hf_config, "head_dim", None) is None:  # Mixtral writes null
             hf_config.head_dim = head_dim
         inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, StrictDataclassError) as e:
         raise ConfigError(f"config.json: {source} of type {rope_type!r} is malformed: {e}") from e
     return dict(
         rope_inv_freq=tuple(inv_freq.tolist()), rope_attention_factor=float(attention_factor)

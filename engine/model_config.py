@@ -139,9 +139,7 @@ class ModelConfig:
             dense_layers = tuple(
                 i for i in range(num_layers) if i in only_mlp or (i + 1) % step != 0
             )
-        family_fields: dict[str, Any] = rope_scaling_fields(
-            raw, int(raw.get("head_dim") or hidden // heads)
-        )
+        family_fields: dict[str, Any] = {}
         if family.startswith("deepseek"):
             family_fields |= deepseek_fields(raw, need, num_layers, int(moe_inter))
             dense_layers = family_fields.pop("dense_layers")
@@ -150,6 +148,8 @@ class ModelConfig:
             dense_layers = family_fields.pop("dense_layers")
         elif family == "gpt_oss":
             family_fields |= gpt_oss_fields(raw, need, num_layers)
+        # after the family's own checks: transformers' config class validates fields too
+        family_fields |= rope_scaling_fields(raw, int(raw.get("head_dim") or hidden // heads))
         router = RouterConfig(
             top_k=int(need("num_experts_per_tok")),
             normalize=True if family == "mixtral" else bool(raw.get("norm_topk_prob", False)),

@@ -70,6 +70,21 @@ def test_bad_config_names_the_field(
         ("glm4_moe", {"n_group": 3}, "n_group=3"),
         ("glm4_moe", {"n_routed_experts": None}, "n_routed_experts"),
         ("glm4_moe", {"first_k_dense_replace": 3}, "no MoE layer among 3"),
+        ("gpt_oss", {"layer_types": ["sliding_attention"]}, "layer_types must name"),
+        ("gpt_oss", {"layer_types": ["local"] * 3}, "layer_types must name"),
+        ("gpt_oss", {"sliding_window": None}, "positive sliding_window"),
+        ("gpt_oss", {"swiglu_limit": 0}, "swiglu_limit=0"),
+        (
+            "gpt_oss",
+            {"quantization_config": {"quant_method": "mxfp4"}, "hidden_size": 48},
+            "hidden_size a multiple of 32",
+        ),
+        (
+            "mixtral",
+            {"quantization_config": {"quant_method": "mxfp4"}},
+            "'mxfp4' is supported for gpt_oss only",
+        ),
+        ("mixtral", {"quantization_config": {"quant_method": "awq"}}, "'awq' is not supported"),
     ],
 )
 def test_bad_grouped_routing_config_names_the_field(

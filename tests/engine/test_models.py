@@ -272,3 +272,18 @@ def test_sinks_and_windows_in_chunks_match_transformers(
         [out] = llm.generate([prompt], greedy)
         assert out.token_ids == ref[0, len(prompt) :].tolist()
     assert llm.engine.metrics.prefix_hits._value.get() > 0
+
+
+def test_gpt_oss_hub_config_matches_transformers(tmp_path: Path) -> None:
+    """OpenAI's released config.json: YaRN under `rope_scaling` with `rope_theta` beside it, no
+    `swiglu_alpha` (1.702 by default), `experts_per_token` beside `num_experts_per_tok`."""
+    checkpoint = save_tiny_checkpoint("gpt_oss", tmp_path)
+    raw = json.loads((checkpoint / "config.json").read_text())
+    rope = raw.pop("rope_parameters")
+    raw["rope_theta"] = rope.pop("rope_theta")
+    raw |= {"rope_scaling": rope, "experts_per_token": 2, "initial_context_length": 128}
+    del raw["swiglu_alpha"]
+    (checkpoint / "config.json").write_text(json.dumps(raw))
+    cfg = LLM(model=str(checkpoint), max_model_len=32).engine.model_config
+    assert cfg.gating.alpha == 1.702 and cfg.sliding_layers == (0, 2) and cfg.sliding_window == 4
+    assert_prefill_logits_match(checkpoint)

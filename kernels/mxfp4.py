@@ -2,22 +2,55 @@
 
 A weight [R, C] is stored as blocks [R, C/32, 16] uint8, two e2m1 values a byte (the lower nibble
 first), and scales [R, C/32] uint8 (e8m0: the block's values times 2**(scale - 127)): 4.25 bits a
-value, a quarter of bfloat16's bytes to hold and to copy. Decoding is transformers' own
-(`convert_moe_packed_tensors`, which gpt-oss's loader there uses), on whatever device the blocks
-are on.
+value, about a quarter of bfloat16's bytes to hold and to copy.
+
+Decoding looks each byte up in a 256-entry table of value pairs and multiplies by the block's
+power of two, exactly (an e2m1 value times a power of two is a bfloat16). It gives transformers'
+values (`convert_moe_packed_tensors`, which the tests compare against) ten times quicker on the
+CPU, where a copy landing in a slot would otherwise spend 20 ns a value decoding it, and without
+its transposed layout.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 BLOCK = 32  # values per scale
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # the magnitudes of codes 0..7; bit 3 the sign
+
+
+@functools.cache
+def _byte_pairs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The two values each byte holds, lower nibble first: [256, 2] in `dtype`."""
+    values = torch.tensor(E2M1 + tuple(-v for v in E2M1))  # [16] by code
+    byte = torch.arange(256)
+    return torch.stack((values[byte & 15], values[byte >> 4]), dim=1).to(dtype).to(device)
 
 
 def dequantize_mxfp4(
     blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """blocks [R, C/32, 16] uint8, scales [R, C/32] uint8 -> [R, C] in `dtype` (a transposed view:
-    transformers returns the [C, R] layout its experts use)."""
-    return convert_moe_packed_tensors(blocks[None], scales[None], dtype=dtype)[0].T
+    """blocks [R, C/32, 16] uint8, scales [R, C/32] uint8 -> [R, C] in `dtype`, on their device."""
+    rows, groups, _ = blocks.shape
+    pairs = _byte_pairs(dtype, blocks.device)
+    values = pairs.index_select(0, blocks.reshape(-1).int()).view(rows, groups, BLOCK)
+    scale = torch.exp2(scales.float() - 127).to(dtype)  # [R, G]
+    return (values * scale[..., None]).view(rows, groups * BLOCK)
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., R, C] (C a multiple of 32) -> blocks [..., R, C/32, 16] uint8, scales [..., R, C/32]
+    uint8: each block's scale is the power of two that brings its largest magnitude within 6
+    (e2m1's largest), each value rounds to the nearest e2m1 (ties to the smaller magnitude). For
+    tests and benchmarks that need MXFP4 checkpoints; serving only decodes."""
+    groups = w.float().unflatten(-1, (-1, BLOCK))  # [..., R, G, 32]
+    amax = groups.abs().amax(dim=-1, keepdim=True)
+    exponent = torch.ceil(torch.log2(amax / 6)).nan_to_num(-127).clamp(-127, 127)  # 0 -> -127
+    scaled = groups / torch.exp2(exponent)
+    magnitudes = torch.tensor(E2M1, device=w.device)
+    codes = (scaled.abs()[..., None] - magnitudes).abs().argmin(dim=-1)  # [..., R, G, 32]
+    codes |= (scaled < 0).long() << 3
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # [..., R, G, 16]
+    return packed.to(torch.uint8), (exponent[..., 0] + 127).to(torch.uint8)

@@ -9,26 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from engine import LLM, SamplingParams
-from kernels.mxfp4 import dequantize_mxfp4
+from kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from tests.conftest import save_tiny_checkpoint
 from tests.engine.test_models import assert_prefill_logits_match
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # magnitudes of codes 0..7
-
-
-def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., R, C] -> blocks [..., R, C/32, 16] uint8, scales [..., R, C/32] uint8, from the spec:
-    a block's scale is the power of two that brings its largest magnitude within 6, each value
-    the nearest e2m1 (bit 3 the sign), two a byte, the lower nibble first."""
-    groups = w.float().unflatten(-1, (-1, 32))  # [..., R, G, 32]
-    amax = groups.abs().amax(dim=-1, keepdim=True)
-    exponent = torch.ceil(torch.log2(amax / 6)).clamp(-127, 127).nan_to_num(-127)
-    scaled = groups / torch.exp2(exponent)
-    codes = (scaled.abs()[..., None] - E2M1).abs().argmin(dim=-1) | ((scaled < 0).long() << 3)
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # [..., R, G, 16]
-    return packed.to(torch.uint8), (exponent[..., 0] + 127).to(torch.uint8)
 
 
 def decode(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -42,12 +30,25 @@ def test_dequantize_follows_the_spec() -> None:
     gen = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (6, 3, 16), dtype=torch.uint8, generator=gen)
     scales = torch.randint(110, 140, (6, 3), dtype=torch.uint8, generator=gen)
+    scales[0, 0], scales[1, 1] = 0, 254  # the extremes: 2**-127 (subnormal) and 2**127
     for dtype in (torch.float32, torch.bfloat16):
         out = dequantize_mxfp4(blocks, scales, dtype)
         assert out.shape == (6, 96) and out.dtype == dtype
         assert torch.equal(out.float(), decode(blocks, scales))
-    w = torch.randn(5, 64, generator=gen)
-    assert (decode(*quantize(w)) - w).abs().max() <= w.abs().max() / 6  # the quantizer is sane
+        theirs = convert_moe_packed_tensors(blocks[None], scales[None], dtype=dtype)[0].T
+        assert torch.equal(out, theirs)  # transformers' decoder, which ours replaces for speed
+
+
+def test_quantize_rounds_to_the_nearest_value_under_the_block_scale() -> None:
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 64, generator=gen) * torch.tensor([1e-3, 1.0, 30.0, 0.0, 1.0])[:, None]
+    blocks, scales = quantize_mxfp4(w)
+    assert blocks.shape == (5, 2, 16) and scales.shape == (5, 2)
+    back = decode(blocks, scales)
+    step = torch.exp2(scales.float() - 127).repeat_interleave(32, dim=1)  # [5, 64]
+    assert ((back - w).abs() <= step).all()  # within e2m1's widest gap (2) times the scale / 2
+    assert torch.equal(back[3], torch.zeros(64))
+    assert torch.equal(decode(*quantize_mxfp4(back)), back)  # decoded values are fixed points
 
 
 def mxfp4_and_reference(source: Path, tmp_path: Path) -> tuple[Path, Path]:
@@ -57,7 +58,7 @@ def mxfp4_and_reference(source: Path, tmp_path: Path) -> tuple[Path, Path]:
     weights = load_file(source / "model.safetensors")
     quantized, dequantized = dict(weights), dict(weights)
     for key in [k for k in weights if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-        blocks, scales = quantize(weights.pop(key).transpose(1, 2))  # [E, out, in] rows
+        blocks, scales = quantize_mxfp4(weights.pop(key).transpose(1, 2))  # [E, out, in] rows
         del quantized[key]
         quantized[key + "_blocks"], quantized[key + "_scales"] = blocks, scales
         dequantized[key] = decode(blocks, scales).transpose(1, 2).contiguous()

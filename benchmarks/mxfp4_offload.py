@@ -3,7 +3,8 @@ held in bfloat16.
 
 A random gpt-oss checkpoint (transformers' GptOssConfig at a small size; its routing is as random
 as its weights, so most lookups miss) has its experts quantized to MXFP4 as OpenAI's release
-stores them. A second copy holds exactly those values in bfloat16 (every MXFP4 value is one).
+stores them; a second copy holds exactly the values those decode to (both written by
+tests/engine/test_mxfp4.py; every MXFP4 value is a bfloat16).
 Both decode the same prompts in bfloat16 with a quarter of the experts resident, over the same
 emulated link, on demand (LRU): their outputs must be identical, their host memory and link bytes
 are not.
@@ -14,26 +15,23 @@ are not.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import random
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GptOssConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from engine import LLM, SamplingParams  # noqa: E402
-from kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4  # noqa: E402
+from fp8_offload import decode  # noqa: E402
 
-EXPERT_WEIGHTS = ("experts.gate_up_proj", "experts.down_proj")
+from tests.conftest import build_tokenizer  # noqa: E402
+from tests.engine.test_mxfp4 import mxfp4_and_reference  # noqa: E402
 
 
 def random_gpt_oss(folder: Path, hidden: int, layers: int, experts: int) -> None:
@@ -55,50 +53,7 @@ def random_gpt_oss(folder: Path, hidden: int, layers: int, experts: int) -> None
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
-    spec = importlib.util.spec_from_file_location("ef_conftest", ROOT / "tests" / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conftest)
-    conftest.build_tokenizer().save_pretrained(folder)
-
-
-def packed_and_unpacked(source: Path, packed: Path, unpacked: Path) -> None:
-    """`source`'s experts as MXFP4 blocks and scales ([E, out, in/32, 16], as OpenAI stores them)
-    in `packed`; the values those decode to, in bfloat16, in `unpacked`."""
-    weights = load_file(source / "model.safetensors")
-    quantized, decoded = dict(weights), dict(weights)
-    for key in [k for k in weights if k.endswith(EXPERT_WEIGHTS)]:
-        blocks, scales = quantize_mxfp4(weights[key].transpose(1, 2))  # [E, out, in]
-        del quantized[key]
-        quantized[key + "_blocks"], quantized[key + "_scales"] = blocks, scales
-        values = torch.stack(
-            [dequantize_mxfp4(b, s, torch.bfloat16) for b, s in zip(blocks, scales, strict=True)]
-        )
-        decoded[key] = values.transpose(1, 2).contiguous()  # [E, in, out] as on the hub
-    for folder, tensors in ((packed, quantized), (unpacked, decoded)):
-        folder.mkdir()
-        for f in source.iterdir():
-            if f.suffix != ".safetensors":
-                (folder / f.name).write_bytes(f.read_bytes())
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((packed / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
-    (packed / "config.json").write_text(json.dumps(config))
-
-
-def decode(model: Path, prompts: list[list[int]], tokens: int, **flags: object) -> dict:
-    llm = LLM(model=str(model), dtype="bfloat16", max_num_seqs=1, **flags)
-    start = time.perf_counter()
-    outs = llm.generate(
-        prompts, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    )
-    elapsed = time.perf_counter() - start
-    stats = llm.offload_stats()
-    stats["tokens_per_s"] = sum(len(o.token_ids) for o in outs) / elapsed
-    stats["outputs"] = [o.token_ids for o in outs]
-    stats["expert_bytes"] = llm.engine.offload.store.expert_bytes
-    llm.engine.offload.close()
-    return stats
+    build_tokenizer().save_pretrained(folder)
 
 
 @torch.inference_mode()
@@ -115,8 +70,7 @@ def main() -> None:
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="mxfp4-offload-"))
     random_gpt_oss(work / "source", args.hidden, args.layers, args.experts)
-    packed, unpacked = work / "mxfp4", work / "bf16"
-    packed_and_unpacked(work / "source", packed, unpacked)
+    packed, unpacked = mxfp4_and_reference(work / "source", work)
     rng = random.Random(0)
     prompts = [[rng.randrange(10, 2048) for _ in range(32)] for _ in range(args.prompts)]
     print(f"command: {shlex.join(sys.orig_argv)}")
@@ -132,7 +86,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     flags = {"expert_cache_ratio": args.ratio, "link_gbps": args.link_gbps, "cache_policy": "lru"}
     runs = {
-        label: decode(path, prompts, args.new_tokens, **flags)
+        label: decode(path, prompts, args.new_tokens, dtype="bfloat16", **flags)
         for label, path in (("bfloat16", unpacked), ("MXFP4", packed))
     }
     same = runs["MXFP4"]["outputs"] == runs["bfloat16"]["outputs"]

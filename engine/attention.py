@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from engine.attention_eager import eager_attention
+from engine.attention_sinks import sink_attention
 from kernels.fp8 import widen
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class AttentionGroup:
     rows: slice | torch.Tensor  # [B * Q] rows of the flattened step, sequence-major
     blocks: torch.Tensor | None  # [B * nb] KV blocks of each sequence's context, padded with 0
     mask: torch.Tensor | None  # [B, 1, Q, nb * block_size] additive: 0 where a query may attend
-    positions: torch.Tensor | None = None  # [B, Q] of the queries, with blocks (eager attention)
+    positions: torch.Tensor | None = None  # [B, Q] of the queries, with blocks (sink_attention)
 
 
 def _rows(offsets: list[int], index: list[int], lengths: list[int]) -> slice | torch.Tensor:
@@ -230,7 +230,7 @@ def paged_attention(
     into the cache (a cache without value tensors reads v as k[..., :Dv]). `scale` is the softmax
     scale, 1/sqrt(D) by default. The rows of the groups whose indices are in `skip` are left unset:
     the caller attends them its own way (MLA, expanded). gpt-oss's `sinks` [h] and sliding
-    `window` take the eager path (engine/attention_eager.py)."""
+    `window` go through engine/attention_sinks.py."""
     bs, dtype = batch.kv.block_size, q.dtype
     k, v = batch.kv.rounded(k), batch.kv.rounded(v)
     store_kv(k, v, layer, batch)
@@ -243,7 +243,7 @@ def paged_attention(
             outs.append(None)
             continue
         if sinks is not None or window is not None:
-            outs.append(_eager_group(q, k, v, layer, batch, g, scale, sinks, window))
+            outs.append(_sink_group(q, k, v, layer, batch, g, scale, sinks, window))
             continue
         if g.blocks is None:  # causal over the chunk's own keys, GQA handled by SDPA
             qg, kg, vg = (t[g.rows].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, n, D]
@@ -285,7 +285,7 @@ def paged_attention(
     return out
 
 
-def _eager_group(
+def _sink_group(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -296,14 +296,14 @@ def _eager_group(
     sinks: torch.Tensor | None,
     window: int | None,
 ) -> torch.Tensor:
-    """One group through `eager_attention`: a first chunk over its own keys, the others over
+    """One group through `sink_attention`: a first chunk over its own keys, the others over
     their gathered context. -> [B*Q, h, Dv]."""
     heads, dim, value_dim = q.shape[1], q.shape[2], v.shape[2]
     scale = dim**-0.5 if scale is None else scale
     if g.blocks is None:  # a prompt's first chunk: positions 0..n-1, keys from the step
         qg, kg, vg = (t[g.rows][None] for t in (q, k, v))  # [1, n, heads, D]
         pos = torch.arange(qg.shape[1], device=q.device)[None]  # [1, n]
-        return eager_attention(qg, kg, vg, pos, scale, sinks, window)[0]
+        return sink_attention(qg, kg, vg, pos, scale, sinks, window)[0]
     assert g.positions is not None
     (b, q_len), bs = g.positions.shape, batch.kv.block_size
     kv_heads = k.shape[1]
@@ -313,5 +313,5 @@ def _eager_group(
     else:
         vg = kg[..., :value_dim]
     qg = q[g.rows].view(b, q_len, heads, dim)
-    out = eager_attention(qg, kg, vg, g.positions, scale, sinks, window)  # [B, Q, h, Dv]
+    out = sink_attention(qg, kg, vg, g.positions, scale, sinks, window)  # [B, Q, h, Dv]
     return out.reshape(b * q_len, heads, value_dim)

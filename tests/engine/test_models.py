@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import engine.attention_eager as attention_eager
+import engine.attention_sinks as attention_sinks
 from engine import LLM, SamplingParams
 from engine.attention import AttentionBatch
 from engine.models import mla
@@ -252,7 +252,7 @@ def test_sinks_and_windows_in_chunks_match_transformers(
     log-probability matches transformers' forward of the whole prompt. Then greedy tokens, twice:
     the second time the prompt's leading blocks come from the prefix cache."""
     if slices == "sliced":
-        monkeypatch.setattr(attention_eager, "MAX_SCORES", 500)
+        monkeypatch.setattr(attention_sinks, "MAX_MASK", 500)
     checkpoint = save_tiny_checkpoint("gpt_oss", tmp_path)
     llm = LLM(model=str(checkpoint), max_model_len=128, max_num_batched_tokens=40)
     prompt = [1, *range(20, 119)]

@@ -39,6 +39,8 @@ def fused_moe(
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
     gating: Gating = SILU,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed-expert output for each token, reading expert weights by slot.
 
@@ -54,25 +56,21 @@ def fused_moe(
     in several calls adds them up and rounds once); a new one of hidden's dtype when None.
     b13 [S, 2I], b2 [S, H]: optional biases, both or neither, of the weights' dtype.
     gating: the activation (SiLU unless the family says otherwise).
+    w13_scale [S, 2I, H/32], w2_scale [S, H, I/32]: given, w13 [S, 2I, H/32, 16] and
+    w2 [S, H, I/32, 16] are MXFP4 blocks (kernels/mxfp4.py), decoded as they are read.
     Returns the output.
     """
     num_tokens, hidden_size = hidden.shape
-    num_slots, two_inter, _ = w13.shape
+    num_slots, two_inter = w13.shape[:2]
     top_k = topk_ids.shape[1]
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if w13.shape[2] != hidden_size or w2.shape != (num_slots, hidden_size, two_inter // 2):
-        raise ValueError(
-            f"expected w13 [S, 2I, {hidden_size}] and w2 [S, {hidden_size}, I], "
-            f"got {tuple(w13.shape)} and {tuple(w2.shape)}"
-        )
+    _check_weights(w13, w2, w13_scale, w2_scale, hidden)
     if topk_ids.shape != (num_tokens, top_k) or topk_weights.shape != topk_ids.shape:
         raise ValueError(
             f"topk_ids and topk_weights must be [{num_tokens}, k], "
             f"got {tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}"
         )
-    if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
-        raise ValueError(f"weights must be {hidden.dtype}, got {w13.dtype} and {w2.dtype}")
     if (b13 is None) != (b2 is None) or (
         b13 is not None
         and b2 is not None
@@ -101,9 +99,42 @@ def fused_moe(
     impl = triton_backend() if wants_triton else None
     if backend == "triton" and impl is None:
         raise RuntimeError("backend='triton' needs the triton package: pip install 'triton>=3.0'")
+    scales = None if w13_scale is None or w2_scale is None else (w13_scale, w2_scale)
     if impl is None:
-        return fused_moe_torch(hidden, w13, w2, topk_weights, topk_ids, out, b13, b2, gating)
+        return fused_moe_torch(
+            hidden, w13, w2, topk_weights, topk_ids, out, b13, b2, gating, scales
+        )
     config = get_config(num_tokens, hidden_size, two_inter // 2, top_k, hidden.dtype, hidden.device)
     return impl.fused_moe_triton(
-        hidden, w13, w2, topk_weights, topk_ids, out, config, b13, b2, gating
+        hidden, w13, w2, topk_weights, topk_ids, out, config, b13, b2, gating, scales
     )
+
+
+def _check_weights(
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor | None,
+    w2_scale: torch.Tensor | None,
+    hidden: torch.Tensor,
+) -> None:
+    """Weights of hidden's dtype, w13 [S, 2I, H] and w2 [S, H, I]; or MXFP4 blocks and scales."""
+    num_slots, two_inter, hidden_size = w13.shape[0], w13.shape[1], hidden.shape[1]
+    inter = two_inter // 2
+    if (w13_scale is None) != (w2_scale is None):
+        raise ValueError("w13_scale and w2_scale come together (MXFP4 weights)")
+    if w13_scale is None:
+        shapes = ((num_slots, two_inter, hidden_size), (num_slots, hidden_size, inter))
+        dtype, layout = hidden.dtype, f"w13 [S, 2I, {hidden_size}] and w2 [S, {hidden_size}, I]"
+    else:
+        shapes = (
+            (num_slots, two_inter, hidden_size // 32, 16),
+            (num_slots, hidden_size, inter // 32, 16),
+        )
+        dtype, layout = torch.uint8, "MXFP4 blocks w13 [S, 2I, H/32, 16] and w2 [S, H, I/32, 16]"
+        assert w2_scale is not None
+        if w13_scale.shape != shapes[0][:3] or w2_scale.shape != shapes[1][:3]:
+            raise ValueError(f"expected scales {shapes[0][:3]} and {shapes[1][:3]}")
+    if (tuple(w13.shape), tuple(w2.shape)) != shapes:
+        raise ValueError(f"expected {layout}, got {tuple(w13.shape)} and {tuple(w2.shape)}")
+    if w13.dtype != dtype or w2.dtype != dtype:
+        raise ValueError(f"weights must be {dtype}, got {w13.dtype} and {w2.dtype}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernels.gating import SILU, Gating
+from kernels.mxfp4 import dequantize_mxfp4
 
 
 def fused_moe_torch(
@@ -24,9 +25,11 @@ def fused_moe_torch(
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
     gating: Gating = SILU,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Write sum_k topk_weights * expert_slot(hidden) into out [T, H] and return it."""
-    top_k, inter = topk_ids.shape[1], w2.shape[2]
+    """Write sum_k topk_weights * expert_slot(hidden) into out [T, H] and return it. With
+    `scales` (w13's and w2's), the weights are MXFP4 blocks: each used slot's are decoded once."""
+    top_k, inter = topk_ids.shape[1], w13.shape[1] // 2
     sorted_slots, order = topk_ids.reshape(-1).sort(stable=True)  # [P] pairs grouped by slot
     slots, counts = torch.unique_consecutive(sorted_slots, return_counts=True)  # [U]
     tokens = order // top_k  # [P] token of each sorted pair
@@ -36,14 +39,20 @@ def fused_moe_torch(
     down = x.new_empty(x.shape)  # [P, H]
     # Only the two GEMMs run per slot; gather, activation, weighting and scatter run once.
     runs, slot_ids = counts.tolist(), slots.tolist()
-    w13_t, w2_t = w13.transpose(1, 2), w2.transpose(1, 2)  # [S, H, 2I], [S, I, H]: x @ W.T
+
+    def weight(w: torch.Tensor, part: int, slot: int) -> torch.Tensor:
+        """Slot `slot` of w13 (part 0) or w2 (part 1), transposed: x @ W.T."""
+        if scales is None:
+            return w[slot].T
+        return dequantize_mxfp4(w[slot], scales[part][slot], x.dtype).T
+
     for slot, rows, dest in zip(slot_ids, x.split(runs), gate_up.split(runs), strict=True):
-        torch.mm(rows, w13_t[slot], out=dest)
+        torch.mm(rows, weight(w13, 0, slot), out=dest)
     if b13 is not None:
         gate_up += b13.index_select(0, sorted_slots)  # [P, 2I]
     act = gating(gate_up[:, :inter], gate_up[:, inter:])  # [P, I]
     for slot, rows, dest in zip(slot_ids, act.split(runs), down.split(runs), strict=True):
-        torch.mm(rows, w2_t[slot], out=dest)
+        torch.mm(rows, weight(w2, 1, slot), out=dest)
     if b2 is not None:
         down += b2.index_select(0, sorted_slots)  # [P, H]
     route_w = topk_weights.reshape(-1)[order].to(acc_dtype)  # [P]

@@ -7,8 +7,9 @@ weights straight from the pool (a cache hit costs no copy).
 Importing this module imports triton. Under TRITON_INTERPRET=1 (read by triton when the kernel
 below is decorated, i.e. when this module is first imported) the kernel runs on CPU tensors; the
 interpreter does no bfloat16 arithmetic, so an interpreted kernel upcasts tiles to float32 first.
-The kernel calls no jitted helpers (tl.zeros, tl.cdiv, tl.sigmoid, own functions): the
-interpreter spends milliseconds re-patching triton.language on each such call, per program.
+The kernel calls no jitted helpers (tl.zeros, tl.cdiv, tl.sigmoid, own functions) but `_mxfp4`,
+on MXFP4 weights only: the interpreter spends milliseconds re-patching triton.language on each
+such call, per program.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def align_by_slot(
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, weights_ptr, sorted_ids_ptr,
                      block_slots_ptr, num_padded_ptr, max_padded, num_pairs, N, K,
                      stride_am, stride_ak, stride_bs, stride_bn, stride_bk, stride_cm, stride_cn,
-                     stride_bias_s, PAIRS_PER_A_ROW: tl.constexpr, GATED: tl.constexpr,
+                     stride_bias_s, scale_ptr, stride_ss, stride_sn, stride_sk,
+                     MXFP4: tl.constexpr, PAIRS_PER_A_ROW: tl.constexpr, GATED: tl.constexpr,
                      HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
                      UP_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
@@ -62,7 +64,8 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, weights_ptr, sorted_ids_ptr,
                       g clamped to <= LIMIT and u to +-LIMIT when LIMIT > 0 (`Gating`)
     else (down):      c[pair, n] = weights[pair] * (a[row] . b[s, n] + bias[s, n])
     with row = pair // PAIRS_PER_A_ROW (the token for gate/up, the pair itself for down); the
-    biases only when HAS_BIAS.
+    biases only when HAS_BIAS. MXFP4: b holds bytes [S, rows, K/2] with scales [S, rows, K/32],
+    decoded tile by tile as they are read (`_mxfp4`).
     """
     # int64 index math: slot pools pass 2**31 elements, and the interpreter skips overflow checks
     pid = tl.program_id(0).to(tl.int64)
@@ -90,20 +93,37 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, weights_ptr, sorted_ids_ptr,
         acc_up = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
             k_ok = offs_k < K - k * BLOCK_K
+            tile_ok = k_ok[:, None] & cols_ok[None, :]
             a = tl.load(a_ptrs, mask=rows_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & cols_ok[None, :], other=0.0)  # [BK, BN]
             if UPCAST:
-                a, b = a.to(tl.float32), b.to(tl.float32)
+                a = a.to(tl.float32)
+            if MXFP4:  # this tile's bytes (two values each) and scales, by absolute k
+                kk = k * BLOCK_K + offs_k
+                q_ptrs = b_ptr + slot * stride_bs + (kk // 2)[:, None] * stride_bk
+                q_ptrs += offs_n[None, :] * stride_bn
+                s_ptrs = scale_ptr + slot * stride_ss + (kk // 32)[:, None] * stride_sk
+                s_ptrs += offs_n[None, :] * stride_sn
+                shift = ((kk % 2) * 4)[:, None]  # the lower nibble holds the even k
+                b = _mxfp4(
+                    tl.load(q_ptrs, mask=tile_ok, other=0),
+                    tl.load(s_ptrs, mask=tile_ok, other=127),
+                    shift,
+                ).to(a.dtype)  # [BK, BN]
+                if GATED:
+                    up = _mxfp4(
+                        tl.load(q_ptrs + N * stride_bn, mask=tile_ok, other=0),
+                        tl.load(s_ptrs + N * stride_sn, mask=tile_ok, other=127),
+                        shift,
+                    ).to(a.dtype)
+            else:
+                b = tl.load(b_ptrs, mask=tile_ok, other=0.0).to(a.dtype)  # [BK, BN]
+                if GATED:
+                    up = tl.load(b_ptrs + N * stride_bn, mask=tile_ok, other=0.0).to(a.dtype)
+                b_ptrs += BLOCK_K * stride_bk
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             if GATED:
-                up = tl.load(
-                    b_ptrs + N * stride_bn, mask=k_ok[:, None] & cols_ok[None, :], other=0.0
-                )
-                if UPCAST:
-                    up = up.to(tl.float32)
                 acc_up = tl.dot(a, up, acc_up, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
         if HAS_BIAS:
             bias_ptrs = bias_ptr + slot * stride_bias_s + offs_n
             acc += tl.load(bias_ptrs, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
@@ -121,6 +141,20 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, weights_ptr, sorted_ids_ptr,
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=rows_ok[:, None] & cols_ok[None, :])
 
 
+@triton.jit
+def _mxfp4(byte, scale, shift):
+    """MXFP4 bytes, their blocks' scales (uint8, same shape) and each value's nibble shift -> the
+    float32 values: e2m1 (sign, two exponent bits, one mantissa bit) times 2**(scale - 127)."""
+    nibble = (byte.to(tl.int32) >> shift) & 15
+    exponent = (nibble >> 1) & 3
+    mantissa = (nibble & 1).to(tl.float32)
+    magnitude = tl.where(
+        exponent == 0, 0.5 * mantissa, (2.0 + mantissa) * (1 << exponent).to(tl.float32) * 0.25
+    )
+    value = tl.where(nibble >= 8, -magnitude, magnitude)
+    return value * tl.exp2(scale.to(tl.float32) - 127.0)
+
+
 # triton.jit returned an interpreted function iff TRITON_INTERPRET was set at import.
 INTERPRET = not isinstance(_moe_gemm_kernel, triton.runtime.JITFunction)
 
@@ -136,15 +170,17 @@ def fused_moe_triton(
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
     gating: Gating = SILU,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Write sum_k topk_weights * expert_slot(hidden) into out [T, H] with the given tile config."""
+    """Write sum_k topk_weights * expert_slot(hidden) into out [T, H] with the given tile config;
+    with `scales` (w13's, w2's) the weights are MXFP4 blocks."""
     if hidden.device.type == "cpu" and not INTERPRET:
         raise RuntimeError(
             "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment before "
             "kernels.moe_triton is first imported"
         )
     (num_tokens, hidden_size), top_k = hidden.shape, topk_ids.shape[1]
-    num_slots, inter = w13.shape[0], w2.shape[2]
+    num_slots, inter = w13.shape[0], w13.shape[1] // 2
     num_pairs = num_tokens * top_k
     bm, bn, bk, group_m = (config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
     launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
@@ -165,15 +201,21 @@ def fused_moe_triton(
     act_flags = dict(
         HAS_BIAS=has_bias, ALPHA=gating.alpha, LIMIT=gating.limit or 0.0, UP_OFFSET=gating.up_offset
     )
+    if scales is None:  # unread scales
+        s13, s2, mxfp4 = route_w[None, None], route_w[None, None], False
+    else:  # bytes [S, rows, K/2]: two values each
+        (s13, s2), mxfp4 = scales, True
+        w13, w2 = w13.flatten(2), w2.flatten(2)
     _moe_gemm_kernel[(triton.cdiv(max_padded, bm) * triton.cdiv(inter, bn),)](
         hidden, w13, act, bias13, route_w, sorted_ids, block_slots, num_padded, max_padded,
         num_pairs, inter, hidden_size, *hidden.stride(), *w13.stride(), *act.stride(),
-        bias13.stride(0), PAIRS_PER_A_ROW=top_k, GATED=True, **act_flags, **tiles,
+        bias13.stride(0), s13, *s13.stride(), MXFP4=mxfp4, PAIRS_PER_A_ROW=top_k, GATED=True,
+        **act_flags, **tiles,
     )  # fmt: skip
     _moe_gemm_kernel[(triton.cdiv(max_padded, bm) * triton.cdiv(hidden_size, bn),)](
         act, w2, y, bias2, route_w, sorted_ids, block_slots, num_padded, max_padded, num_pairs,
         hidden_size, inter, *act.stride(), *w2.stride(), *y.stride(), bias2.stride(0),
-        PAIRS_PER_A_ROW=1, GATED=False, **act_flags, **tiles,
+        s2, *s2.stride(), MXFP4=mxfp4, PAIRS_PER_A_ROW=1, GATED=False, **act_flags, **tiles,
     )  # fmt: skip
     if not direct:
         out.copy_(y.view(num_tokens, top_k, hidden_size).sum(dim=1))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from kernels import fused_moe
 from kernels.gating import SILU, Gating
+from kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
 dispatch = importlib.import_module(
     "kernels.fused_moe"
@@ -288,3 +289,45 @@ def test_biases_come_in_pairs():
     hidden, w13, w2, weights, ids = make_inputs(3, 2, torch.float32, "cpu", seed=0)
     with pytest.raises(ValueError, match="b13 and b2"):
         fused_moe(hidden, w13, w2, weights, ids, b13=torch.zeros(SLOTS, 2 * INTER))
+
+
+@pytest.mark.parametrize(("device", "backend"), TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("num_tokens", "top_k"), [(3, 2), (40, 4)])
+def test_mxfp4_weights_decoded_as_read(device, backend, dtype, num_tokens, top_k):
+    """MXFP4 slots (gpt-oss's, kept packed): the output of the same weights decoded first. The
+    hidden size (64) spans two scale blocks, the intermediate size (96) three, neither a tile."""
+    hidden_size, inter, slots = 64, 96, 12
+    gen = torch.Generator().manual_seed(num_tokens)
+    hidden = torch.randn(num_tokens, hidden_size, generator=gen).to(dtype)
+    w13, s13 = quantize_mxfp4(torch.randn(slots, 2 * inter, hidden_size, generator=gen) / 8)
+    w2, s2 = quantize_mxfp4(torch.randn(slots, hidden_size, inter, generator=gen) / 10)
+    decoded = [
+        torch.stack([dequantize_mxfp4(b, s, dtype) for b, s in zip(w, sc, strict=True)])
+        for w, sc in ((w13, s13), (w2, s2))
+    ]  # [S, 2I, H], [S, H, I]
+    ids = torch.stack([torch.randperm(slots, generator=gen)[:top_k] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, top_k, generator=gen) + 0.1
+    b13 = torch.randn(slots, 2 * inter, generator=gen).to(dtype)
+    b2 = torch.randn(slots, hidden_size, generator=gen).to(dtype)
+    on = [t.to(device) for t in (hidden, w13, w2, weights, ids, b13, b2, s13, s2)]
+    out = torch.full_like(on[0], float("nan"))
+    fused_moe(
+        *on[:5], backend=backend, out=out, b13=on[5], b2=on[6], gating=GPT_OSS,
+        w13_scale=on[7], w2_scale=on[8],
+    )  # fmt: skip
+    ref = reference_biased(hidden, *decoded, weights, ids, b13, b2, GPT_OSS)
+    err = ((out.cpu().double() - ref).abs().max() / ref.abs().max()).item()
+    assert err <= TOL[dtype], f"relative error {err:.2e}"
+
+
+def test_mxfp4_needs_both_scales_and_packed_shapes():
+    hidden = torch.zeros(2, 64)
+    w13, s13 = quantize_mxfp4(torch.zeros(3, 64, 64))
+    w2, s2 = quantize_mxfp4(torch.zeros(3, 64, 32))
+    ids, weights = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1)
+    with pytest.raises(ValueError, match="come together"):
+        fused_moe(hidden, w13, w2, weights, ids, w13_scale=s13)
+    with pytest.raises(ValueError, match="expected scales"):
+        fused_moe(hidden, w13[:, :32], w2, weights, ids, w13_scale=s13[:, :32], w2_scale=s2)
+    assert fused_moe(hidden, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2).abs().sum() == 0

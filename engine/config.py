@@ -16,6 +16,7 @@ DEFAULT_MODEL = os.environ.get(
 )
 CACHE_POLICIES = ("lru", "lfu", "expertflow")
 PREDICTORS = ("none", "pregate", "rpp", "hybrid")
+MXFP4_SLOTS = ("auto", "packed", "decoded")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_CACHE_DTYPES = {  # vLLM's names; "fp8" is e4m3 (more mantissa: what keys and values need)
     "auto": None,
@@ -95,6 +96,15 @@ class EngineConfig:
         "dequantized as it lands in its slot (half of bfloat16's bytes to hold and copy)",
     )
 
+    mxfp4_slots: str = flag(
+        "auto",
+        "how device slots hold MXFP4 experts (gpt-oss): packed (decoded by the kernel as it reads "
+        "them; 3.8x the experts in the same memory), decoded (in the serving dtype as each copy "
+        "lands), or auto: packed on CUDA, decoded on the CPU (whose torch path would decode on "
+        "every use)",
+        choices=MXFP4_SLOTS,
+    )
+
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -102,6 +112,8 @@ class EngineConfig:
             raise ConfigError(f"device={self.device!r}: choose cpu or cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' but CUDA is not available; use device='cpu'")
+        if self.mxfp4_slots not in MXFP4_SLOTS:
+            raise ConfigError(f"mxfp4_slots={self.mxfp4_slots!r}: choose {', '.join(MXFP4_SLOTS)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r}: choose one of {', '.join(KV_CACHE_DTYPES)}"
@@ -149,6 +161,12 @@ class EngineConfig:
         if self.token_group_size is not None:
             return self.token_group_size
         return max(1, self.max_num_seqs // 2) if self.token_scheduler == "expertflow" else None
+
+    @property
+    def packed_mxfp4_slots(self) -> bool:
+        return self.mxfp4_slots == "packed" or (
+            self.mxfp4_slots == "auto" and self.device == "cuda"
+        )
 
     @property
     def torch_dtype(self) -> torch.dtype:

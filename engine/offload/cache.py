@@ -52,10 +52,11 @@ class ExpertCache:
         self.store, self.policy, self.transfers, self.host = store, policy, transfers, host
         self.num_slots = min(num_slots, store.num_total_experts)
         self.device = device
-        # part name -> [S, ...]: w13 [S, 2I, H], w2 [S, H, I] (and gpt-oss's b13 [S, 2I], b2 [S, H])
+        # part name -> [S, ...]: w13 [S, 2I, H], w2 [S, H, I] (and gpt-oss's b13 [S, 2I], b2 [S, H];
+        # packed MXFP4: w13 and w2 as blocks, with their scales)
         self.slots = {
-            name: torch.empty((self.num_slots, *shape), dtype=store.dtype, device=device)
-            for name, shape in store.slot_shapes.items()
+            name: torch.empty((self.num_slots, *shape), dtype=dtype, device=device)
+            for name, (shape, dtype) in store.slot_layout.items()
         }
         self.slot_of: dict[Key, int] = {}
         self.key_of: list[Key | None] = [None] * self.num_slots
@@ -80,9 +81,10 @@ class ExpertCache:
         return self.slots["w2"]
 
     @property
-    def biases(self) -> dict[str, torch.Tensor]:
-        """b13 and b2 for the kernel, when the experts have biases (else empty)."""
-        return {name: t for name, t in self.slots.items() if name in ("b13", "b2")}
+    def kernel_extras(self) -> dict[str, torch.Tensor]:
+        """The slot parts besides w13 and w2, by the names `fused_moe` takes them: biases (b13,
+        b2) and packed MXFP4's scales (w13_scale, w2_scale), where the experts have them."""
+        return {name: t for name, t in self.slots.items() if name not in ("w13", "w2")}
 
     @property
     def resident_bytes(self) -> int:
@@ -96,11 +98,11 @@ class ExpertCache:
         return [(layer, e) for e in range(per_layer) for layer in layers][: self.num_slots]
 
     def _warm_start(self) -> None:
-        """Fill the pool before serving (FP8 experts dequantized on the device, as copies are)."""
+        """Fill the pool before serving (quantized experts decoded on the device, as copies are)."""
         for slot, key in enumerate(self.warm_keys):
             self._place(key, slot)
             host = self.store.expert(*key)
-            self._dequantize_into(slot, {name: t.to(self.device) for name, t in host.items()})
+            self._fill(slot, {name: t.to(self.device) for name, t in host.items()})
 
     def _place(self, key: Key, slot: int) -> None:
         old = self.key_of[slot]
@@ -307,11 +309,11 @@ class ExpertCache:
             return self.transfers.submit(pairs, priority)
         staging = {name: torch.empty_like(t, device=self.device) for name, t in host.items()}
         pairs = [(staging[name], t) for name, t in host.items()]
-        return self.transfers.submit(pairs, priority, lambda: self._dequantize_into(slot, staging))
+        return self.transfers.submit(pairs, priority, lambda: self._fill(slot, staging))
 
-    def _dequantize_into(self, slot: int, parts: dict[str, torch.Tensor]) -> None:
-        """One expert's stored parts, on the device -> the slot, in the compute dtype."""
-        for name, part in self.store.dequantize(parts).items():
+    def _fill(self, slot: int, parts: dict[str, torch.Tensor]) -> None:
+        """One expert's stored parts, on the device -> the slot, as it holds them."""
+        for name, part in self.store.to_slot(parts).items():
             self.slots[name][slot].copy_(part)
 
     def _drain_one_prefetch(self) -> int | None:

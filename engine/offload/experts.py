@@ -76,7 +76,7 @@ class OffloadedExperts:
                     topk_weights,
                     slot_of[topk_ids],
                     gating=self.gating,
-                    **self.cache.biases,
+                    **self.cache.kernel_extras,
                 )
                 self.cache.release(slots)
                 return out
@@ -105,7 +105,7 @@ class OffloadedExperts:
             slot_ids,
             out=out,
             gating=self.gating,
-            **self.cache.biases,
+            **self.cache.kernel_extras,
         )
 
     def _with_host(

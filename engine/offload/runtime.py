@@ -27,7 +27,9 @@ class OffloadRuntime:
     def __init__(
         self, config: EngineConfig, host: HostExperts, model: MoECausalLM, device: torch.device
     ) -> None:
-        self.store = ExpertStore(host, pin=device.type == "cuda")
+        self.store = ExpertStore(
+            host, pin=device.type == "cuda", packed_slots=config.packed_mxfp4_slots
+        )
         total = self.store.num_total_experts
         num_slots = config.expert_cache_size or max(
             1, math.floor(config.expert_cache_ratio * total)
@@ -65,11 +67,16 @@ class OffloadRuntime:
             self.cache.resident_bytes / 2**20,
             100 * (1 - self.cache.num_slots / total),
             self.store.total_bytes / 2**20,
-            ", FP8" if self.store.fp8_block else "",
+            ", FP8" if self.store.fp8_block else self._mxfp4_label(),
             config.cache_policy,
             config.predictor,
             f"{config.link_gbps} GB/s emulated" if config.link_gbps else "native",
         )
+
+    def _mxfp4_label(self) -> str:
+        if not self.store.mxfp4:
+            return ""
+        return ", MXFP4" + (" in the slots too" if self.store.packed else "; slots decoded")
 
     def stats(self) -> dict[str, float]:
         s = self.cache.stats

@@ -11,15 +11,24 @@ from kernels.mxfp4 import dequantize_mxfp4
 
 
 class ExpertStore:
-    def __init__(self, host: HostExperts, pin: bool) -> None:
+    def __init__(self, host: HostExperts, pin: bool, packed_slots: bool = False) -> None:
+        """`packed_slots`: MXFP4 experts stay packed in their slots too (the kernel decodes)."""
         self.layers = tuple(sorted(host.layers))
         # layer -> part name -> [E, ...] (see HostExperts)
         self.parts = {
             layer: {name: t.pin_memory() if pin else t for name, t in host.parts(layer).items()}
             for layer in self.layers
         }
-        self.num_experts = self.parts[self.layers[0]]["w13"].shape[0]
-        self.slot_shapes = host.slot_shapes  # part name -> one expert's shape in a slot
+        first = self.parts[self.layers[0]]
+        self.num_experts = first["w13"].shape[0]
+        self.packed = packed_slots and host.mxfp4
+        self.slot_shapes = host.slot_shapes  # part name -> one expert's decoded shape
+        # part name -> (shape, dtype) of one expert in a slot: decoded, or as stored when packed
+        self.slot_layout = {
+            name: (self.slot_shapes[name], host.compute_dtype) for name in self.slot_shapes
+        }
+        if self.packed:
+            self.slot_layout = {name: (t.shape[1:], t.dtype) for name, t in first.items()}
         self.mxfp4 = host.mxfp4  # MXFP4 blocks and scales (gpt-oss)
         self.fp8_block = host.fp8_block  # None: the experts are stored in the compute dtype
         self.dtype = host.compute_dtype  # what the slots hold and the kernel reads
@@ -35,8 +44,12 @@ class ExpertStore:
 
     @property
     def quantized(self) -> bool:
-        """Whether the stored parts differ from what a slot holds (then `dequantize` them)."""
-        return self.fp8_block is not None or self.mxfp4
+        """Whether the stored parts differ from what a slot holds (then `to_slot` them)."""
+        return self.fp8_block is not None or (self.mxfp4 and not self.packed)
+
+    def to_slot(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One expert's stored parts (on any device) -> what its slot holds."""
+        return self.dequantize(parts) if self.quantized else parts
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """Host views of one expert's parts, as stored."""

@@ -103,17 +103,48 @@ def test_mxfp4_experts_serve_as_their_dequantized_values(checkpoints: tuple[Path
 
 @pytest.mark.parametrize(
     "flags",
-    [{"expert_cache_size": 1}, {"expert_cache_ratio": 0.25, "link_gbps": 2.0}],
-    ids=["one-slot", "ratio-0.25-link"],
+    [
+        {"expert_cache_size": 1},
+        {"expert_cache_ratio": 0.25, "link_gbps": 2.0},
+        {"expert_cache_ratio": 1.0, "mxfp4_slots": "packed"},
+        {"expert_cache_ratio": 0.25, "mxfp4_slots": "packed", "resident_first": True},
+        {"expert_cache_size": 1, "mxfp4_slots": "packed"},
+        {
+            "expert_cache_ratio": 0.25,
+            "mxfp4_slots": "packed",
+            "cpu_expert_compute": True,
+            "link_gbps": 0.02,
+        },
+    ],
+    ids=[
+        "one-slot",
+        "ratio-0.25-link",
+        "packed-all",
+        "packed-0.25-resident-first",
+        "packed-one-slot",
+        "packed-0.25-host",
+    ],
 )
 def test_offloaded_mxfp4_experts_keep_outputs(
     checkpoints: tuple[Path, Path], flags: dict[str, object]
 ) -> None:
-    """Experts dequantized as each copy lands: the outputs of the all-resident cache."""
+    """Experts decoded as each copy lands, or kept packed in their slots and decoded by the
+    kernel: the outputs of the all-resident, decoded cache."""
     packed, _ = checkpoints
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     prompts = [[1, 5, 9, 200, 31], [1, 300, 12]]
-    full = LLM(model=str(packed), max_model_len=64).generate(prompts, params)
+    full = LLM(model=str(packed), max_model_len=64)
+    expected = [o.token_ids for o in full.generate(prompts, params)]
     llm = LLM(model=str(packed), max_model_len=64, **flags)
-    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in full]
-    assert llm.offload_stats()["misses"] > 0
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+    cache, decoded = llm.engine.offload.cache, full.engine.offload.cache
+    if flags.get("mxfp4_slots") == "packed":
+        assert cache.w13.dtype == torch.uint8 and "w13_scale" in cache.slots
+        per_slot = cache.resident_bytes / cache.num_slots
+        assert per_slot < decoded.resident_bytes / decoded.num_slots / 3
+    else:
+        assert cache.w13.dtype == torch.float32  # auto on the CPU: decoded
+    if flags.get("expert_cache_ratio") != 1.0:
+        assert llm.offload_stats()["misses"] > 0
+    if flags.get("cpu_expert_compute"):
+        assert llm.offload_stats()["host_computes"] > 0

@@ -148,3 +148,22 @@ def test_offloaded_mxfp4_experts_keep_outputs(
         assert llm.offload_stats()["misses"] > 0
     if flags.get("cpu_expert_compute"):
         assert llm.offload_stats()["host_computes"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_packed_slots_keep_outputs(checkpoints: tuple[Path, Path], dtype: str) -> None:
+    """On CUDA the slots stay packed by default and the compiled Triton kernel decodes them:
+    the tokens of decoded slots, all resident or a quarter of them."""
+    packed, _ = checkpoints
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [[1, 5, 9, 200, 31], [1, 300, 12]]
+    flags = dict(model=str(packed), max_model_len=64, device="cuda", dtype=dtype)
+    decoded = LLM(**flags, mxfp4_slots="decoded").generate(prompts, params)
+    for ratio in (1.0, 0.25):
+        llm = LLM(**flags, expert_cache_ratio=ratio)
+        assert llm.engine.offload.cache.w13.dtype == torch.uint8
+        outs = llm.generate(prompts, params)
+        if dtype == "float32":  # bfloat16 GEMMs may round a near tie another way
+            assert [o.token_ids for o in outs] == [o.token_ids for o in decoded]

@@ -164,6 +164,5 @@ def test_cuda_packed_slots_keep_outputs(checkpoints: tuple[Path, Path], dtype: s
     for ratio in (1.0, 0.25):
         llm = LLM(**flags, expert_cache_ratio=ratio)
         assert llm.engine.offload.cache.w13.dtype == torch.uint8
-        outs = llm.generate(prompts, params)
-        if dtype == "float32":  # bfloat16 GEMMs may round a near tie another way
-            assert [o.token_ids for o in outs] == [o.token_ids for o in decoded]
+        outs = llm.generate(prompts, params)  # the same operands, decoded in the tile
+        assert [o.token_ids for o in outs] == [o.token_ids for o in decoded]

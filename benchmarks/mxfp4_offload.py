@@ -6,8 +6,9 @@ as its weights, so most lookups miss) has its experts quantized to MXFP4 as Open
 stores them; a second copy holds exactly the values those decode to (both written by
 tests/engine/test_mxfp4.py; every MXFP4 value is a bfloat16).
 Both decode the same prompts in bfloat16 with a quarter of the experts resident, over the same
-emulated link, on demand (LRU): their outputs must be identical, their host memory and link bytes
-are not.
+emulated link, on demand (LRU); then the MXFP4 one again with its slots packed
+(`--mxfp4-slots packed`), as many as fit the bfloat16 run's slot memory. Outputs must be
+identical; host memory, slots, link bytes and stall are not.
 
     .venv/bin/python benchmarks/mxfp4_offload.py [--link-gbps 1] [--hidden 512] [--layers 6]
 """
@@ -81,27 +82,45 @@ def main() -> None:
         "compute, 1 thread"
     )
     print(
-        "| experts at rest | KiB an expert | MiB on the host | transfers | MiB moved | stall s | tok/s | outputs |"
+        "| experts at rest | in slots | slots | slot MiB | transfers | MiB moved | stall s | tok/s "
+        "| outputs |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    flags = {"expert_cache_ratio": args.ratio, "link_gbps": args.link_gbps, "cache_policy": "lru"}
+    print("|---|---|---|---|---|---|---|---|---|")
+    flags = {"link_gbps": args.link_gbps, "cache_policy": "lru", "dtype": "bfloat16"}
     runs = {
-        label: decode(path, prompts, args.new_tokens, dtype="bfloat16", **flags)
-        for label, path in (("bfloat16", unpacked), ("MXFP4", packed))
+        "bfloat16": decode(
+            unpacked, prompts, args.new_tokens, expert_cache_ratio=args.ratio, **flags
+        ),
+        "MXFP4": decode(packed, prompts, args.new_tokens, expert_cache_ratio=args.ratio, **flags),
     }
-    same = runs["MXFP4"]["outputs"] == runs["bfloat16"]["outputs"]
-    for label, s in runs.items():
-        print(
-            f"| {label} | {s['expert_bytes'] / 1024:.0f} | {s['total_expert_bytes'] / 2**20:.1f} | "
-            f"{s['transfers']} | {s['transfer_bytes'] / 2**20:.1f} | {s['stall_seconds']:.3f} | "
-            f"{s['tokens_per_s']:.1f} | {'identical' if same else 'DIFFERENT'} |"
-        )
-    base, packed_run = runs["bfloat16"], runs["MXFP4"]
-    print(
-        f"MXFP4 / bfloat16: bytes an expert x{packed_run['expert_bytes'] / base['expert_bytes']:.3f}, "
-        f"stall x{packed_run['stall_seconds'] / max(base['stall_seconds'], 1e-9):.3f}, "
-        f"tok/s x{packed_run['tokens_per_s'] / base['tokens_per_s']:.2f}"
+    slot_bytes = runs["bfloat16"]["resident_expert_bytes"]  # the same memory, packed
+    one_packed = runs["MXFP4"]["expert_bytes"]
+    runs["MXFP4 packed"] = decode(
+        packed,
+        prompts,
+        args.new_tokens,
+        expert_cache_size=int(slot_bytes // one_packed),
+        mxfp4_slots="packed",
+        **flags,
     )
+    reference = runs["bfloat16"]["outputs"]
+    for label, s in runs.items():
+        held = "MXFP4" if label == "MXFP4 packed" else "bfloat16"
+        print(
+            f"| {label.split()[0]} | {held} | {s['expert_cache_slots']} | "
+            f"{s['resident_expert_bytes'] / 2**20:.1f} | {s['transfers']} | "
+            f"{s['transfer_bytes'] / 2**20:.1f} | {s['stall_seconds']:.3f} | "
+            f"{s['tokens_per_s']:.1f} | {'identical' if s['outputs'] == reference else 'DIFFERENT'} |"
+        )
+    base = runs["bfloat16"]
+    for label in ("MXFP4", "MXFP4 packed"):
+        run = runs[label]
+        print(
+            f"{label} / bfloat16: bytes an expert x{run['expert_bytes'] / base['expert_bytes']:.3f}, "
+            f"transfers x{run['transfers'] / base['transfers']:.3f}, "
+            f"stall x{run['stall_seconds'] / max(base['stall_seconds'], 1e-9):.3f}, "
+            f"tok/s x{run['tokens_per_s'] / base['tokens_per_s']:.2f}"
+        )
 
 
 if __name__ == "__main__":

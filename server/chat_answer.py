@@ -2,9 +2,10 @@
 tool calls; for a finished choice (`answer`) and, piece by piece, for a stream (`ChoiceStream`).
 
 Reasoning comes first in the text and tool calls are parsed out of the content after it. Output
-bound by a grammar (`response_format`, a forced tool call) follows it from `</think>` on when the
-prompt opened a think block, or when the model opens one with its first token where the prompt
-leaves that to it (Qwen3, GLM-4.5); otherwise from its first token, and is all content.
+bound by a grammar (`response_format`, a forced tool call) follows it from the end of the
+reasoning on (`</think>`; gpt-oss's final message) when the prompt opened it, or when the model
+opens a think block with its first token where the prompt leaves that to it (Qwen3, GLM-4.5);
+otherwise from its first token, and is all content.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from server.api_responses import ChatChunkChoice, Delta, FunctionCall, ToolCall,
 from server.chat_requests import ChatCompletionRequest
 from server.generations import ChoiceDelta
 from server.logprobs import chat_logprobs
-from server.reasoning import END_THINK, THINK, ReasoningFormat
+from server.reasoning import ReasoningFormat
 from server.tool_calls import NamedToolChoice, forced_calls
 from server.tool_parsers import ToolCallFormat, ToolCallStream
 
@@ -50,18 +51,19 @@ def split_reasoning(
 
 
 def grammar_after_reasoning(
-    params: SamplingParams, request: ChatCompletionRequest
+    params: SamplingParams, request: ChatCompletionRequest, reasoning: ReasoningFormat
 ) -> SamplingParams:
-    """A grammar-bound answer that starts inside a think block (the prompt opened it) thinks
-    freely and follows its grammar from `</think>` on, as vLLM does. Where the model decides, it
-    may open the block with its first token (`GuidedDecoding.opener`), else the grammar holds
-    from there: vLLM would leave such an answer free until a `</think>` that may never come."""
+    """A grammar-bound answer that starts inside its reasoning (the prompt opened it) thinks
+    freely and follows its grammar from the reasoning's end on (`</think>`; gpt-oss's
+    `<|channel|>final<|message|>`), as vLLM does. Where
+    the model decides, it may open a think block with its first token (`GuidedDecoding.opener`),
+    else the grammar holds from there: vLLM would leave such an answer free until a `</think>`
+    that may never come."""
     if params.guided is None or request.reasoning_open is False:
         return params
-    opener = THINK if request.reasoning_open is None else None
-    return dataclasses.replace(
-        params, guided=dataclasses.replace(params.guided, start_after=END_THINK, opener=opener)
-    )
+    opener = reasoning.opener if request.reasoning_open is None else None
+    guided = dataclasses.replace(params.guided, start_after=reasoning.grammar_start, opener=opener)
+    return dataclasses.replace(params, guided=guided)
 
 
 def answer(

@@ -79,8 +79,8 @@ class ChatMessage(RequestModel):
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         reasoning = self.reasoning or self.reasoning_content
-        if reasoning is not None:  # the name templates that show it (Qwen3's) read
-            message["reasoning_content"] = reasoning
+        if reasoning is not None:  # the names templates that show it read: Qwen3's, gpt-oss's
+            message["reasoning_content"] = message["thinking"] = reasoning
         return message
 
 
@@ -118,8 +118,10 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateFields):
     tool_choice: ToolChoice | None = None  # default: "auto" with tools, else "none"
     parallel_tool_calls: bool | None = None  # false: at most one call per choice
     include_reasoning: bool = True  # extension (vLLM): false drops the parsed reasoning
-    # Set from the rendered prompt (server/reasoning.py): the answer starts inside a think block;
-    # None: the model decides, by writing "<think>" first or not.
+    reasoning_effort: Literal["low", "medium", "high"] | None = None  # for the chat template
+    # Set from the rendered prompt (server/reasoning.py): the answer starts inside its reasoning
+    # (a think block; gpt-oss's analysis message); None: the model decides, by writing "<think>"
+    # first or not.
     _reasoning_open: bool | None = PrivateAttr(default=False)
 
     @property
@@ -156,6 +158,15 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateFields):
                 "a forced tool call cannot also follow `response_format` or `structured_outputs`"
             )
         return choice
+
+    def template_options(self) -> TemplateOptions:
+        """`reasoning_effort` reaches the template as a variable of that name (gpt-oss's reads
+        it, as in vLLM), unless `chat_template_kwargs` sets one."""
+        options = super().template_options()
+        if self.reasoning_effort is None:
+            return options
+        kwargs = {"reasoning_effort": self.reasoning_effort, **options.kwargs}
+        return dataclasses.replace(options, kwargs=kwargs)
 
     @property
     def effective_tool_choice(self) -> ToolChoice:

@@ -12,20 +12,44 @@ prompt, the parser's default holds:
 An open block runs to `</think>`; a choice cut short inside it is all reasoning. Text after
 `</think>` is content as written, whitespace included; whitespace before a `<think>` the model
 opens itself is dropped.
+
+`openai_gptoss` reads gpt-oss's harmony messages instead (server/harmony.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
-from server.tool_parsers import held_suffix
+from server.harmony import HarmonyFormat
+from server.tool_call_text import held_suffix
 
 THINK, END_THINK = "<think>", "</think>"
 
 
+class ReasoningFormat(Protocol):
+    """How a `--reasoning-parser` reads a choice's text."""
+
+    @property
+    def keep_special_tokens(self) -> bool: ...  # its markers are special tokens
+
+    @property
+    def grammar_start(self) -> str: ...  # where a grammar applies from, after free reasoning
+
+    @property
+    def opener(self) -> str | None: ...  # what opens reasoning where the model decides to think
+
+    def starts_open(self, prompt: str) -> bool | None: ...
+
+    def split(self, text: str, finished: bool, opened: bool) -> tuple[str, str | None]: ...
+
+
 @dataclass(frozen=True)
-class ReasoningFormat:
+class ThinkFormat:
     open_by_default: bool  # when the prompt has no marker, the text starts inside a think block
+    keep_special_tokens: ClassVar[bool] = False
+    grammar_start: ClassVar[str] = END_THINK
+    opener: ClassVar[str | None] = THINK
 
     def starts_open(self, prompt: str) -> bool | None:
         """Whether a choice's text starts inside a think block, after this rendered prompt; None
@@ -54,8 +78,9 @@ class ReasoningFormat:
         return text[: len(text) - held_suffix(text, END_THINK)], None
 
 
-REASONING_PARSERS = {
-    "deepseek_r1": ReasoningFormat(open_by_default=True),
-    "qwen3": ReasoningFormat(open_by_default=False),
-    "glm45": ReasoningFormat(open_by_default=False),
+REASONING_PARSERS: dict[str, ReasoningFormat] = {
+    "deepseek_r1": ThinkFormat(open_by_default=True),
+    "qwen3": ThinkFormat(open_by_default=False),
+    "glm45": ThinkFormat(open_by_default=False),
+    "openai_gptoss": HarmonyFormat(),
 }

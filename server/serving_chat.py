@@ -26,7 +26,6 @@ from server.errors import APIError
 from server.generations import Generations, RequestPolicy
 from server.logprobs import chat_logprobs, prompt_logprobs
 from server.serving import OpenAIServing
-from server.tool_parsers import ToolCallFormat
 
 
 class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
@@ -54,7 +53,7 @@ class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
                 "--tool-call-parser; or name a function, or use 'required' or 'none'",
                 param="tool_choice",
             )
-        params = sampling_params(request, self.formats.tools)
+        params = sampling_params(request, self.formats)
         tools = [t.model_dump(exclude_none=True) for t in request.tools or ()] or None
         messages = [m.template_dict() for m in request.messages]
         options = request.template_options()
@@ -62,7 +61,7 @@ class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
         if self.formats.reasoning is not None:
             start = self.renderer.answer_start(messages, tools, options, prompt.text)
             request.reasoning_open = self.formats.reasoning.starts_open(start)
-            params = grammar_after_reasoning(params, request)
+            params = grammar_after_reasoning(params, request, self.formats.reasoning)
         return await self.respond(request, [prompt.token_ids], params)
 
     def whole(
@@ -117,12 +116,12 @@ class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
                     yield chunk([choice])
 
 
-def sampling_params(
-    request: ChatCompletionRequest, tool_format: ToolCallFormat | None
-) -> SamplingParams:
-    """The request's own, except that a call marker that is a special token must reach the text."""
+def sampling_params(request: ChatCompletionRequest, formats: ChatFormats) -> SamplingParams:
+    """The request's own, except that markers the parsers read that are special tokens must
+    reach the text: a call's start with tool_choice "auto", and gpt-oss's harmony always."""
     params = request.to_sampling_params()
     auto = request.effective_tool_choice == "auto"
-    if auto and tool_format is not None and tool_format.keep_special_tokens:
+    calls = auto and formats.tools is not None and formats.tools.keep_special_tokens
+    if calls or (formats.reasoning is not None and formats.reasoning.keep_special_tokens):
         params = dataclasses.replace(params, skip_special_tokens=False)
     return params

@@ -68,3 +68,11 @@ def tagged_blocks(text: str, start: int, open_tag: str, close_tag: str) -> Itera
 def content_before(text: str, start: int) -> str | None:
     """The text before a format's first call, None when it is only whitespace."""
     return text[:start] if text[:start].strip() else None
+
+
+def held_suffix(text: str, marker: str) -> int:
+    """How many trailing characters of `text` may be the start of `marker`."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return k
+    return 0

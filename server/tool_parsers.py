@@ -12,6 +12,8 @@
   per call with bare JSON arguments, as DeepSeek-V3.1 and later write them.
 - `glm45` and `qwen3_coder` write arguments in tags, typed by the request's tool schemas
   (server/tool_parsers_xml.py).
+- `openai`: gpt-oss's harmony messages to `functions.NAME`, as `--reasoning-parser openai_gptoss`
+  hands them on in the content (server/harmony.py).
 
 A format that does not parse leaves the whole text as content, with no calls, as vLLM does.
 """
@@ -26,7 +28,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from server.tool_call_text import Call, ToolSchemas, content_before, parse_call, tagged_blocks
+from server.harmony import START, harmony_calls
+from server.tool_call_text import (
+    Call,
+    ToolSchemas,
+    content_before,
+    held_suffix,
+    parse_call,
+    tagged_blocks,
+)
 from server.tool_parsers_xml import TOOL_CALL, glm45_calls, qwen3_coder_calls
 
 
@@ -99,14 +109,6 @@ def deepseek_calls(
     return (content_before(text, start), calls) if calls else (text, [])
 
 
-def held_suffix(text: str, marker: str) -> int:
-    """How many trailing characters of `text` may be the start of `marker`."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return k
-    return 0
-
-
 Parse = Callable[[str, ToolSchemas], tuple[str | None, list[Call]]]  # -> (content, calls)
 
 
@@ -135,6 +137,7 @@ TOOL_CALL_PARSERS = {
     ),
     "glm45": ToolCallFormat(TOOL_CALL, glm45_calls, keep_special_tokens=True),
     "qwen3_coder": ToolCallFormat(TOOL_CALL, qwen3_coder_calls, keep_special_tokens=False),
+    "openai": ToolCallFormat(START, _untyped(harmony_calls), keep_special_tokens=True),
 }
 
 

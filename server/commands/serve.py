@@ -50,14 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=tuple(TOOL_CALL_PARSERS),
         help="how the model writes tool calls in its text (hermes: <tool_call>{...}</tool_call>; "
         "mistral: [TOOL_CALLS] [...]; deepseek_v3: DeepSeek-V2.5/V3's tool-call tokens; "
-        "deepseek_v31: DeepSeek-V3.1's)",
+        "deepseek_v31: DeepSeek-V3.1's; openai: gpt-oss's harmony messages to functions.NAME, "
+        "with --reasoning-parser openai_gptoss)",
     )
     group.add_argument(
         "--reasoning-parser",
         choices=tuple(REASONING_PARSERS),
         help="split a thinking model's reasoning (up to </think>) out of chat answers, returned as "
         "`reasoning`; the rendered prompt's last think marker says whether an answer starts "
-        "thinking, and with none deepseek_r1 assumes it does, qwen3 only after <think>",
+        "thinking, and with none deepseek_r1 assumes it does, qwen3 only after <think>; "
+        "openai_gptoss: gpt-oss's harmony analysis messages are reasoning, its final one content",
     )
     add_limit_arguments(parser)
     add_config_args(parser, EngineConfig, "engine")
@@ -72,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
         chat_template = load_chat_template(args.chat_template)
         if args.enable_auto_tool_choice and args.tool_call_parser is None:
             raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser")
+        if args.tool_call_parser == "openai" and args.reasoning_parser != "openai_gptoss":
+            raise ConfigError(
+                "--tool-call-parser openai reads the calls that --reasoning-parser openai_gptoss "
+                "leaves in the content: give both"
+            )
     except (ConfigError, ChatTemplateError) as exc:
         logger.error("%s", exc)
         return 2

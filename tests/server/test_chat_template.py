@@ -84,6 +84,7 @@ def test_an_assistants_reasoning_reaches_the_template(renderer: ChatRenderer) ->
         )
         messages = [m.template_dict() for m in request.messages]
         assert "<|assistant|>[2 and 2 make 4]4<|end|>" in text(renderer, messages)
+        assert messages[1]["thinking"] == "2 and 2 make 4"  # gpt-oss's template's name
     with pytest.raises(ValidationError, match="only assistant messages carry reasoning"):
         ChatCompletionRequest.model_validate({"messages": [{**USER, "reasoning": "hm"}]})
 

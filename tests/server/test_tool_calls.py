@@ -96,6 +96,12 @@ def deepseek_v31_call(name: str, arguments: str) -> str:
     return f"<｜tool▁call▁begin｜>{name}<｜tool▁sep｜>{arguments}<｜tool▁call▁end｜>"
 
 
+def harmony_call(name: str, arguments: str) -> str:
+    """A gpt-oss call as `--reasoning-parser openai_gptoss` leaves it in the content."""
+    header = f"assistant<|channel|>commentary to=functions.{name} <|constrain|>json"
+    return f"<|start|>{header}<|message|>{arguments}<|call|>"
+
+
 @pytest.mark.parametrize(
     ("parser", "call"),
     [("deepseek_v3", deepseek_v3_call), ("deepseek_v31", deepseek_v31_call)],
@@ -275,7 +281,7 @@ def test_glm45_answers_type_arguments_by_the_request_tools() -> None:
     assert result.reasoning == "Find it." and result.finish_reason == "tool_calls"
     [call] = result.tool_calls or []
     assert json.loads(call.function.arguments) == {"query": "42", "limit": 42}
-    assert not sampling_params(request, TOOL_CALL_PARSERS["glm45"]).skip_special_tokens
+    assert not sampling_params(request, formats).skip_special_tokens
 
 
 @pytest.mark.parametrize("parser", sorted(TOOL_CALL_PARSERS))
@@ -294,6 +300,8 @@ def test_odd_model_json_is_text_or_safe_to_send(parser: str) -> None:
             return f"[TOOL_CALLS] [{call}]"
         value = json.loads(call.replace("9" * 5000, "9"))  # only to split name and arguments
         arguments = call[call.index('"arguments": ') + len('"arguments": ') : -1]
+        if parser == "openai":
+            return harmony_call(value["name"], arguments)
         wrap_call = deepseek_v3_call if parser == "deepseek_v3" else deepseek_v31_call
         return "<｜tool▁calls▁begin｜>" + wrap_call(value["name"], arguments)
 
@@ -311,7 +319,10 @@ def test_auto_mistral_requests_keep_special_tokens() -> None:
     body = {"messages": MESSAGES, "tools": [WEATHER]}
     auto = ChatCompletionRequest.model_validate(body)
     none = ChatCompletionRequest.model_validate({**body, "tool_choice": "none"})
-    mistral, hermes = TOOL_CALL_PARSERS["mistral"], TOOL_CALL_PARSERS["hermes"]
+    mistral, hermes = (
+        ChatFormats(TOOL_CALL_PARSERS["mistral"]),
+        ChatFormats(TOOL_CALL_PARSERS["hermes"]),
+    )
     assert not sampling_params(auto, mistral).skip_special_tokens
     assert sampling_params(auto, hermes).skip_special_tokens
     assert sampling_params(none, mistral).skip_special_tokens
@@ -433,6 +444,7 @@ PIECES = [  # every format's markers, and what models write around and inside th
     "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
     "<function=", "</function>", "<parameter=", "</parameter>", "[TOOL_CALLS]",
     "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>",
+    "<|start|>", "<|channel|>", "<|message|>", "<|call|>", "<|end|>", " to=functions.f",
     "```json\n", "\n```", "{", "}", '"', ">", "\n", " ", "é", "\udc00", "9" * 30,
 ]  # fmt: skip
 CHARS = st.sampled_from(["a", "é", "\udc00", '"', "\\", "\n", "<", "/", ">", " "])
@@ -461,6 +473,8 @@ def written_call(parser: str, name: str, arguments: dict) -> str:
     if parser in ("deepseek_v3", "deepseek_v31"):
         call = deepseek_v3_call if parser == "deepseek_v3" else deepseek_v31_call
         return "<｜tool▁calls▁begin｜>" + call(name, as_json) + "<｜tool▁calls▁end｜>"
+    if parser == "openai":
+        return harmony_call(name, as_json)
     values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in arguments.items()}
     return (glm45_call if parser == "glm45" else qwen3_coder_call)(name, values)
 

@@ -41,12 +41,15 @@ def config_file_tokens(parser: argparse.ArgumentParser, path: str) -> list[str]:
 
 def _tokens(action: argparse.Action, value: Any, path: str) -> list[str]:
     flag = action.option_strings[0]
-    if isinstance(action, argparse.BooleanOptionalAction):
-        if not isinstance(value, bool):
-            raise ConfigFileError(
-                f"--config {path}: {action.dest} must be true or false, got {value!r}"
-            )
+    switch = isinstance(action, argparse.BooleanOptionalAction)
+    if (switch or action.nargs == 0) and not isinstance(value, bool):  # store_true / _false too
+        raise ConfigFileError(
+            f"--config {path}: {action.dest} must be true or false, got {value!r}"
+        )
+    if switch:
         return [flag] if value else [f"--no-{flag.removeprefix('--')}"]
+    if action.nargs == 0:  # a flag without --no- form: given when the file asks for its value
+        return [flag] if value == action.const else []
     if value is None:  # an explicit null keeps the flag's default
         return []
     if isinstance(value, dict | list):

@@ -91,6 +91,14 @@ def test_config_file_booleans(tmp_path: Path) -> None:
     config.write_text("fast: yes please\n")
     with pytest.raises(ConfigFileError, match="true or false"):
         config_file_tokens(parser, str(config))
+    parser.add_argument("--verbose", action="store_true")  # no --no- form
+    config.write_text("verbose: true\n")
+    assert config_file_tokens(parser, str(config)) == ["--verbose"]
+    config.write_text("verbose: false\n")
+    assert config_file_tokens(parser, str(config)) == []
+    config.write_text("verbose: 1\n")
+    with pytest.raises(ConfigFileError, match="true or false"):
+        config_file_tokens(parser, str(config))
 
 
 @pytest.mark.parametrize(

@@ -202,6 +202,32 @@ def glm4_moe_fields(
     )
 
 
+def minimax_m2_fields(
+    raw: dict[str, Any], need: Callable[..., Any], head_dim: int
+) -> dict[str, Any]:
+    """MiniMax-M2: q and k RMS-normed over all heads at once (as OLMoE's), rotary over the leading
+    `rotary_dim` of each head, and Mixtral's experts behind a sigmoid router that picks by score
+    plus a learned correction bias (DeepSeek-V3's rule, one group) and renormalises the top-k."""
+    factor = _rope_params(raw)[1].get("partial_rotary_factor") or raw.get("partial_rotary_factor")
+    if factor is None:
+        factor = (raw.get("rotary_dim") or head_dim) / head_dim
+    if not 0.0 < float(factor) <= 1.0:
+        raise ConfigError(f"config.json: rotary_dim / head_dim = {factor!r} must be in (0, 1]")
+    if (raw.get("scoring_func") or "sigmoid") != "sigmoid":
+        raise ConfigError(f"config.json: scoring_func={raw['scoring_func']!r} is not supported")
+    method = "noaux_tc" if raw.get("use_routing_bias", True) else "greedy"
+    return dict(
+        router=RouterConfig(
+            top_k=int(need("num_experts_per_tok")),
+            normalize=True,
+            scoring="sigmoid",
+            topk_method=method,
+        ),
+        qk_norm="full" if raw.get("use_qk_norm", True) else "none",
+        partial_rotary_factor=float(factor),
+    )
+
+
 def gpt_oss_fields(
     raw: dict[str, Any], need: Callable[..., Any], num_layers: int
 ) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from engine.family_config import (
     deepseek_fields,
     glm4_moe_fields,
     gpt_oss_fields,
+    minimax_m2_fields,
     quantization_fields,
     rope_scaling_fields,
     routing_defaults,
@@ -30,6 +31,7 @@ SUPPORTED_FAMILIES = (
     "deepseek_v3",
     "glm4_moe",
     "gpt_oss",
+    "minimax_m2",
 )
 
 
@@ -121,7 +123,7 @@ class ModelConfig:
         hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
         num_layers = int(need("num_hidden_layers"))
         rope = raw.get("rope_parameters") or {}
-        if family in ("mixtral", "gpt_oss"):
+        if family in ("mixtral", "gpt_oss", "minimax_m2"):
             moe_inter, num_experts = need("intermediate_size"), need("num_local_experts")
         elif family.startswith("deepseek") or family == "glm4_moe":
             moe_inter, num_experts = need("moe_intermediate_size"), need("n_routed_experts")
@@ -148,6 +150,10 @@ class ModelConfig:
             dense_layers = family_fields.pop("dense_layers")
         elif family == "gpt_oss":
             family_fields |= gpt_oss_fields(raw, need, num_layers)
+        elif family == "minimax_m2":
+            family_fields |= minimax_m2_fields(
+                raw, need, int(raw.get("head_dim") or hidden // heads)
+            )
         # after the family's own checks: transformers' config class validates fields too
         family_fields |= rope_scaling_fields(raw, int(raw.get("head_dim") or hidden // heads))
         router = RouterConfig(

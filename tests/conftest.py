@@ -14,6 +14,7 @@ from transformers import (
     DeepseekV3Config,
     Glm4MoeConfig,
     GptOssConfig,
+    MiniMaxM2Config,
     MixtralConfig,
     OlmoeConfig,
     PretrainedConfig,
@@ -116,6 +117,19 @@ def tiny_config(family: str) -> PretrainedConfig:
                 "beta_slow": 1.0,
                 "truncate": False,
                 "original_max_position_embeddings": 128,
+            },
+        )
+    if family == "minimax_m2":  # half-head rotary, q/k norms over all heads, biased sigmoid routing
+        return MiniMaxM2Config(
+            **common,
+            head_dim=16,
+            intermediate_size=32,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5e6,
+                "partial_rotary_factor": 0.5,
             },
         )
     latent = dict(

@@ -7,7 +7,16 @@ from torch import nn
 
 from engine.attention import AttentionBatch
 from engine.model_config import ModelConfig
-from engine.models import deepseek, glm4_moe, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+from engine.models import (
+    deepseek,
+    glm4_moe,
+    gpt_oss,
+    minimax_m2,
+    mixtral,
+    olmoe,
+    qwen2_moe,
+    qwen3_moe,
+)
 from engine.models.family import FamilySpec
 from engine.models.mla import MLAttention
 from engine.models.layers import (
@@ -29,6 +38,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "deepseek_v3": deepseek.SPEC,
     "glm4_moe": glm4_moe.SPEC,
     "gpt_oss": gpt_oss.SPEC,
+    "minimax_m2": minimax_m2.SPEC,
 }
 
 

@@ -85,6 +85,8 @@ def test_bad_config_names_the_field(
             "'mxfp4' is supported for gpt_oss only",
         ),
         ("mixtral", {"quantization_config": {"quant_method": "awq"}}, "'awq' is not supported"),
+        ("minimax_m2", {"scoring_func": "softmax"}, "scoring_func='softmax'"),
+        ("minimax_m2", {"rope_parameters": {"rope_theta": 1e4}, "rotary_dim": 32}, "must be in"),
     ],
 )
 def test_bad_grouped_routing_config_names_the_field(

@@ -287,3 +287,18 @@ def test_gpt_oss_hub_config_matches_transformers(tmp_path: Path) -> None:
     cfg = LLM(model=str(checkpoint), max_model_len=32).engine.model_config
     assert cfg.gating.alpha == 1.702 and cfg.sliding_layers == (0, 2) and cfg.sliding_window == 4
     assert_prefill_logits_match(checkpoint)
+
+
+def test_minimax_m2_hub_config_matches_transformers(tmp_path: Path) -> None:
+    """MiniMax-M2's released config.json: `rotary_dim` and `rope_theta` at the top level (no
+    `rope_parameters`), and the routing fields its code reads (`scoring_func`,
+    `use_routing_bias`)."""
+    checkpoint = save_tiny_checkpoint("minimax_m2", tmp_path)
+    raw = json.loads((checkpoint / "config.json").read_text())
+    del raw["rope_parameters"]
+    raw |= {"rotary_dim": 4, "rope_theta": 5e6, "scoring_func": "sigmoid", "use_routing_bias": True}
+    raw |= {"use_qk_norm": True, "qk_norm_type": "per_layer"}
+    (checkpoint / "config.json").write_text(json.dumps(raw))
+    cfg = LLM(model=str(checkpoint), max_model_len=32).engine.model_config
+    assert cfg.rotary_dim == 4 and cfg.router.correction_bias and cfg.qk_norm == "full"
+    assert_prefill_logits_match(checkpoint)

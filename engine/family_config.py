@@ -223,9 +223,19 @@ def minimax_m2_fields(
             scoring="sigmoid",
             topk_method=method,
         ),
-        qk_norm="full" if raw.get("use_qk_norm", True) else "none",
+        qk_norm=_minimax_qk_norm(raw),
         partial_rotary_factor=float(factor),
     )
+
+
+def _minimax_qk_norm(raw: dict[str, Any]) -> str:
+    """MiniMax-M2's q/k norms: over all heads at once (`per_layer`), as transformers has them."""
+    if not raw.get("use_qk_norm", True):
+        return "none"
+    kind = raw.get("qk_norm_type") or "per_layer"
+    if kind != "per_layer":
+        raise ConfigError(f"config.json: qk_norm_type={kind!r} is not supported (per_layer)")
+    return "full"
 
 
 def gpt_oss_fields(

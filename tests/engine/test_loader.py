@@ -86,6 +86,7 @@ def test_bad_config_names_the_field(
         ),
         ("mixtral", {"quantization_config": {"quant_method": "awq"}}, "'awq' is not supported"),
         ("minimax_m2", {"scoring_func": "softmax"}, "scoring_func='softmax'"),
+        ("minimax_m2", {"qk_norm_type": "per_group"}, "qk_norm_type='per_group'"),
         ("minimax_m2", {"rope_parameters": {"rope_theta": 1e4}, "rotary_dim": 32}, "must be in"),
     ],
 )
@@ -97,7 +98,7 @@ def test_bad_grouped_routing_config_names_the_field(
         ModelConfig.from_dict(raw)
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "minimax_m2"])
 def test_multi_token_prediction_layers_are_skipped(family: str, tmp_path: Path) -> None:
     path = save_tiny_checkpoint(family, tmp_path / "ckpt")
     num_layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]

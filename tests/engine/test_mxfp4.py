@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, Mxfp4Config
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from engine import LLM, SamplingParams
@@ -99,6 +100,27 @@ def test_mxfp4_experts_serve_as_their_dequantized_values(checkpoints: tuple[Path
     stores = [llm.engine.offload.store for llm in llms]
     assert stores[0].mxfp4 and stores[0].parts[0]["w13"].dtype == torch.uint8
     assert stores[0].expert_bytes < stores[1].expert_bytes / 3
+
+
+def test_mxfp4_checkpoint_matches_transformers_own_mxfp4_loader(
+    checkpoints: tuple[Path, Path],
+) -> None:
+    """transformers reads the packed checkpoint itself (its MXFP4 loader, dequantizing): every
+    prompt position's log-probability matches ours, so the layout is the release's as
+    transformers knows it, not only as our own reference copy has it."""
+    packed, _ = checkpoints
+    hf = AutoModelForCausalLM.from_pretrained(
+        packed, quantization_config=Mxfp4Config(dequantize=True), dtype=torch.float32
+    ).eval()
+    prompt = [1, *range(20, 60)]
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0]  # [T, V]
+    theirs = logits.log_softmax(-1)[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    [out] = LLM(model=str(packed), max_model_len=64).generate([prompt], params)
+    assert out.prompt_logprobs is not None
+    ours = torch.tensor([entry.logprob for entry in out.prompt_logprobs[1:]])
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(

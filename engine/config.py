@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from kernels.fused_moe import triton_backend
+
 # The bundled demo model next to the source tree; $EXPERTFLOW_MODEL points elsewhere (e.g. an install).
 DEFAULT_MODEL = os.environ.get(
     "EXPERTFLOW_MODEL", str(Path(__file__).resolve().parent.parent / "models" / "expertflow-demo")
@@ -164,9 +166,11 @@ class EngineConfig:
 
     @property
     def packed_mxfp4_slots(self) -> bool:
-        return self.mxfp4_slots == "packed" or (
-            self.mxfp4_slots == "auto" and self.device == "cuda"
-        )
+        """Packed unless decoded is asked for, or where no Triton kernel would read them (the
+        CPU, or CUDA without triton): the torch path decodes a packed slot on every use."""
+        if self.mxfp4_slots != "auto":
+            return self.mxfp4_slots == "packed"
+        return self.device == "cuda" and triton_backend() is not None
 
     @property
     def torch_dtype(self) -> torch.dtype:

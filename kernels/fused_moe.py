@@ -54,7 +54,8 @@ def fused_moe(
     out: optional [T, H] tensor on hidden's device that receives the result (every row is
     written; it may be hidden itself), of hidden's dtype or float32 (unrounded: a layer computed
     in several calls adds them up and rounds once); a new one of hidden's dtype when None.
-    b13 [S, 2I], b2 [S, H]: optional biases, both or neither, of the weights' dtype.
+    b13 [S, 2I], b2 [S, H]: optional biases, both or neither, of hidden's dtype, each row
+    contiguous.
     gating: the activation (SiLU unless the family says otherwise).
     w13_scale [S, 2I, H/32], w2_scale [S, H, I/32]: given, w13 [S, 2I, H/32, 16] and
     w2 [S, H, I/32, 16] are MXFP4 blocks (kernels/mxfp4.py), decoded as they are read.
@@ -77,6 +78,8 @@ def fused_moe(
         and (b13.shape != (num_slots, two_inter) or b2.shape != (num_slots, hidden_size))
     ):
         raise ValueError(f"b13 and b2 must both be given, [S, {two_inter}] and [S, {hidden_size}]")
+    if b13 is not None and b2 is not None and (b13.stride(-1) != 1 or b2.stride(-1) != 1):
+        raise ValueError("b13 and b2 rows must be contiguous")
     if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
         raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
     if out is None:
@@ -134,6 +137,8 @@ def _check_weights(
         assert w2_scale is not None
         if w13_scale.shape != shapes[0][:3] or w2_scale.shape != shapes[1][:3]:
             raise ValueError(f"expected scales {shapes[0][:3]} and {shapes[1][:3]}")
+        if w13_scale.dtype != torch.uint8 or w2_scale.dtype != torch.uint8:
+            raise ValueError("MXFP4 scales must be uint8 (e8m0)")
     if (tuple(w13.shape), tuple(w2.shape)) != shapes:
         raise ValueError(f"expected {layout}, got {tuple(w13.shape)} and {tuple(w2.shape)}")
     if w13.dtype != dtype or w2.dtype != dtype:

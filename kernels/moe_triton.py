@@ -152,7 +152,8 @@ def _mxfp4(byte, scale, shift):
         exponent == 0, 0.5 * mantissa, (2.0 + mantissa) * (1 << exponent).to(tl.float32) * 0.25
     )
     value = tl.where(nibble >= 8, -magnitude, magnitude)
-    return value * tl.exp2(scale.to(tl.float32) - 127.0)
+    power = (scale.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2**(scale - 127), exactly
+    return value * power
 
 
 # triton.jit returned an interpreted function iff TRITON_INTERPRET was set at import.

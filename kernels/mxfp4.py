@@ -34,10 +34,11 @@ def dequantize_mxfp4(
 ) -> torch.Tensor:
     """blocks [R, C/32, 16] uint8, scales [R, C/32] uint8 -> [R, C] in `dtype`, on their device."""
     rows, groups, _ = blocks.shape
-    pairs = _byte_pairs(dtype, blocks.device)
+    wide = torch.float32 if dtype == torch.float16 else dtype  # float16's exponent is too narrow
+    pairs = _byte_pairs(wide, blocks.device)
     values = pairs.index_select(0, blocks.reshape(-1).int()).view(rows, groups, BLOCK)
-    scale = torch.exp2(scales.float() - 127).to(dtype)  # [R, G]
-    return (values * scale[..., None]).view(rows, groups * BLOCK)
+    scale = torch.exp2(scales.float() - 127).to(wide)  # [R, G]
+    return (values * scale[..., None]).view(rows, groups * BLOCK).to(dtype)
 
 
 def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

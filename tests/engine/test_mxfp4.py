@@ -38,6 +38,10 @@ def test_dequantize_follows_the_spec() -> None:
         assert torch.equal(out.float(), decode(blocks, scales))
         theirs = convert_moe_packed_tensors(blocks[None], scales[None], dtype=dtype)[0].T
         assert torch.equal(out, theirs)  # transformers' decoder, which ours replaces for speed
+    tiny = torch.full_like(scales, 102)  # 2**-25: under float16's range, not so 6 * 2**-25
+    assert torch.equal(
+        dequantize_mxfp4(blocks, tiny, torch.float16), decode(blocks, tiny).to(torch.float16)
+    )
 
 
 def test_quantize_rounds_to_the_nearest_value_under_the_block_scale() -> None:

@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.attention import AttentionBatch, KVCache  # noqa: E402
+from engine.attention import AttentionBatch  # noqa: E402
+from engine.kv_cache import KVCache  # noqa: E402
 from engine.model_config import ModelConfig  # noqa: E402
 from engine.models.layers import Rotary  # noqa: E402
 from engine.models.mla import MLAttention  # noqa: E402

@@ -17,64 +17,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from engine.attention_sinks import sink_attention
-from kernels.fp8 import widen
+from engine.attention_sinks import sink_group
+from engine.kv_cache import KVCache, gather, raw
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class KVCache:
-    """Paged KV storage: one [num_blocks * block_size, kv_heads, dim] key and value tensor per layer.
-    With no value tensors (`v` empty) values are the leading channels of the keys: MLA's latent.
-    The tensors may hold FP8 (`--kv-cache-dtype`, half of bfloat16's bytes, so twice the tokens):
-    keys and values are rounded to it once, saturating at its largest value (no scale: as vLLM
-    without calibrated scales), and attention reads them back in `dtype`. New tokens attend over
-    their rounded keys too, so chunking and prefix caching change no more than they do with a
-    cache of the model's dtype (nothing in float32)."""
-
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-    block_size: int
-    dtype: torch.dtype  # what attention computes in
-
-    @classmethod
-    def allocate(
-        cls,
-        num_layers: int,
-        num_blocks: int,
-        block_size: int,
-        geometry: tuple[int, int, int],
-        dtype: torch.dtype,
-        device: torch.device | str,
-        cache_dtype: torch.dtype | None = None,
-    ) -> KVCache:
-        """geometry: (kv heads, key dim, value dim), value dim 0 when values live in the keys.
-        cache_dtype: what the cache holds, `dtype` when None."""
-        kv_heads, key_dim, value_dim = geometry
-        stored = cache_dtype or dtype
-
-        def make(dim: int) -> list[torch.Tensor]:
-            shape = (num_blocks * block_size, kv_heads, dim)
-            return [torch.zeros(shape, dtype=stored, device=device) for _ in range(num_layers)]
-
-        if stored.itemsize == 1:
-            limit = torch.finfo(stored).max
-            logger.warning("KV cache in %s, no scale: values past +-%g saturate", stored, limit)
-        k, v = make(key_dim), make(value_dim) if value_dim else []
-        return cls(k=k, v=v, block_size=block_size, dtype=dtype)
-
-    @property
-    def cache_dtype(self) -> torch.dtype:
-        return self.k[0].dtype
-
-    def rounded(self, x: torch.Tensor) -> torch.Tensor:
-        """x as the cache will hold it, read back: itself unless the cache is narrower (FP8),
-        where values past its range saturate rather than turn into NaN."""
-        if self.cache_dtype == x.dtype:
-            return x
-        limit = torch.finfo(self.cache_dtype).max
-        return x.clamp(-limit, limit).to(self.cache_dtype).to(x.dtype)
 
 
 # A folded mask repeats each query's row for every head of its KV group: for MLA (one KV head) and
@@ -95,6 +41,10 @@ class AttentionGroup:
     blocks: torch.Tensor | None  # [B * nb] KV blocks of each sequence's context, padded with 0
     mask: torch.Tensor | None  # [B, 1, Q, nb * block_size] additive: 0 where a query may attend
     positions: torch.Tensor | None = None  # [B, Q] of the queries, with blocks (sink_attention)
+    # A sliding window's part of the context: [B * nw] blocks from each sequence's first block
+    # the window reaches, and [B] the position of its first key (the batch's window, if any).
+    window_blocks: torch.Tensor | None = None
+    window_start: torch.Tensor | None = None
 
 
 def _rows(offsets: list[int], index: list[int], lengths: list[int]) -> slice | torch.Tensor:
@@ -141,8 +91,10 @@ class AttentionBatch:
         starts: list[int],
         lengths: list[int],
         device: torch.device | str,
+        window: int | None = None,
     ) -> AttentionBatch:
-        """Sequence i holds `starts[i]` cached tokens and appends `lengths[i]` new ones."""
+        """Sequence i holds `starts[i]` cached tokens and appends `lengths[i]` new ones.
+        `window`: the model's sliding window, whose layers then gather only the blocks it spans."""
         bs = kv.block_size
         offsets = [0, *itertools.accumulate(lengths)]
         slot_mapping = [
@@ -155,15 +107,19 @@ class AttentionBatch:
             if n > 1 and starts[i] == 0:  # a prompt's first chunk: causal over itself
                 groups.append(AttentionGroup(_rows(offsets, [i], lengths), None, None))
             elif n > 1:  # a later chunk: its cached prefix, then causal over its own tokens
-                groups.append(cls._cached_group(kv, block_tables, starts, lengths, offsets, [i]))
+                groups.append(
+                    cls._cached_group(kv, block_tables, starts, lengths, offsets, [i], window)
+                )
         decode = [i for i, n in enumerate(lengths) if n == 1]
         if decode:
-            groups.append(cls._cached_group(kv, block_tables, starts, lengths, offsets, decode))
+            groups.append(
+                cls._cached_group(kv, block_tables, starts, lengths, offsets, decode, window)
+            )
         for g in groups:
             g.rows = g.rows if isinstance(g.rows, slice) else g.rows.to(device)
-            g.blocks = None if g.blocks is None else g.blocks.to(device)
-            g.mask = None if g.mask is None else g.mask.to(device)
-            g.positions = None if g.positions is None else g.positions.to(device)
+            for name in ("blocks", "mask", "positions", "window_blocks", "window_start"):
+                tensor = getattr(g, name)
+                setattr(g, name, None if tensor is None else tensor.to(device))
         return cls(kv=kv, slot_mapping=torch.tensor(slot_mapping, device=device), groups=groups)
 
     @staticmethod
@@ -174,9 +130,10 @@ class AttentionBatch:
         lengths: list[int],
         offsets: list[int],
         index: list[int],
+        window: int | None = None,
     ) -> AttentionGroup:
         """Sequences `index` (all with the same number of new tokens) reading their context from
-        the cache, whole blocks at a time."""
+        the cache, whole blocks at a time; with a `window`, also the blocks it reaches."""
         bs, q_len = kv.block_size, lengths[index[0]]
         ends = torch.tensor([starts[i] + lengths[i] for i in index])  # [B] context lengths
         nb = -(-int(ends.max()) // bs)
@@ -187,32 +144,28 @@ class AttentionBatch:
         query_pos = ends[:, None] - q_len + torch.arange(q_len)  # [B, Q]
         allowed = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, Q, L] causal, no padding
         mask = torch.zeros(allowed.shape, dtype=kv.dtype).masked_fill_(~allowed, float("-inf"))
-        rows = _rows(offsets, index, lengths)
-        return AttentionGroup(rows, blocks.view(-1), mask[:, None], query_pos)
-
-
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    """An FP8 tensor as its bytes: the CPU has no index_select / index_copy_ for float8."""
-    return t.view(torch.uint8) if t.element_size() == 1 else t
-
-
-def gather(
-    cache: torch.Tensor, blocks: torch.Tensor, block_size: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """The slots of `blocks` [N] of a cache [slots, kvh, D], in order, as `dtype`:
-    [N * block_size, kvh, D]. A block gathers as one contiguous row (an FP8 one as its bytes)."""
-    rows = _raw(cache).view(-1, block_size * cache.shape[1] * cache.shape[2])
-    rows = rows.index_select(0, blocks).view(cache.dtype).view(-1, *cache.shape[1:])
-    return rows if cache.dtype == dtype else widen(rows, dtype)
+        group = AttentionGroup(
+            _rows(offsets, index, lengths), blocks.view(-1), mask[:, None], query_pos
+        )
+        if window is not None:  # from the block of the first query's earliest key, per sequence
+            first = [max(0, starts[i] - window + 1) // bs for i in index]
+            last = [(starts[i] + lengths[i] - 1) // bs for i in index]
+            width = max(b - a + 1 for a, b in zip(first, last, strict=True))
+            tables = [block_tables[i][a : a + width] for i, a in zip(index, first, strict=True)]
+            group.window_blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables]).view(
+                -1
+            )
+            group.window_start = torch.tensor(first) * bs  # [B]
+        return group
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, layer: int, batch: AttentionBatch) -> None:
     """Write the step's new keys [T, kvh, D] and values [T, kvh, Dv] into their cache slots (the
     values only where the cache keeps them). An FP8 cache takes them already `rounded`."""
     kv = batch.kv
-    _raw(kv.k[layer]).index_copy_(0, batch.slot_mapping, _raw(k.to(kv.cache_dtype)))
+    raw(kv.k[layer]).index_copy_(0, batch.slot_mapping, raw(k.to(kv.cache_dtype)))
     if kv.v:
-        _raw(kv.v[layer]).index_copy_(0, batch.slot_mapping, _raw(v.to(kv.cache_dtype)))
+        raw(kv.v[layer]).index_copy_(0, batch.slot_mapping, raw(v.to(kv.cache_dtype)))
 
 
 def paged_attention(
@@ -243,7 +196,7 @@ def paged_attention(
             outs.append(None)
             continue
         if sinks is not None or window is not None:
-            outs.append(_sink_group(q, k, v, layer, batch, g, scale, sinks, window))
+            outs.append(sink_group(q, k, v, layer, batch, g, scale, sinks, window))
             continue
         if g.blocks is None:  # causal over the chunk's own keys, GQA handled by SDPA
             qg, kg, vg = (t[g.rows].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, n, D]
@@ -283,35 +236,3 @@ def paged_attention(
         if og is not None:
             out[g.rows] = og
     return out
-
-
-def _sink_group(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layer: int,
-    batch: AttentionBatch,
-    g: AttentionGroup,
-    scale: float | None,
-    sinks: torch.Tensor | None,
-    window: int | None,
-) -> torch.Tensor:
-    """One group through `sink_attention`: a first chunk over its own keys, the others over
-    their gathered context. -> [B*Q, h, Dv]."""
-    heads, dim, value_dim = q.shape[1], q.shape[2], v.shape[2]
-    scale = dim**-0.5 if scale is None else scale
-    if g.blocks is None:  # a prompt's first chunk: positions 0..n-1, keys from the step
-        qg, kg, vg = (t[g.rows][None] for t in (q, k, v))  # [1, n, heads, D]
-        pos = torch.arange(qg.shape[1], device=q.device)[None]  # [1, n]
-        return sink_attention(qg, kg, vg, pos, scale, sinks, window)[0]
-    assert g.positions is not None
-    (b, q_len), bs = g.positions.shape, batch.kv.block_size
-    kv_heads = k.shape[1]
-    kg = gather(batch.kv.k[layer], g.blocks, bs, q.dtype).view(b, -1, kv_heads, dim)
-    if batch.kv.v:
-        vg = gather(batch.kv.v[layer], g.blocks, bs, q.dtype).view(b, -1, kv_heads, value_dim)
-    else:
-        vg = kg[..., :value_dim]
-    qg = q[g.rows].view(b, q_len, heads, dim)
-    out = sink_attention(qg, kg, vg, g.positions, scale, sinks, window)  # [B, Q, h, Dv]
-    return out.reshape(b * q_len, heads, value_dim)

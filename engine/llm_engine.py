@@ -8,10 +8,10 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from engine.attention import KVCache
 from engine.config import ConfigError, EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.guided import GrammarCompiler, Guide
+from engine.kv_cache import KVCache
 from engine.loader import load_model
 from engine.metrics import EngineMetrics
 from engine.model_config import ModelConfig

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionBatch, KVCache
+from engine.attention import AttentionBatch
+from engine.kv_cache import KVCache
 from engine.models.layers import RoutingObserver
 from engine.models.model import MoECausalLM
 from engine.offload.experts import OffloadedExperts
@@ -58,7 +59,10 @@ class ModelRunner:
         positions = [
             p for a, n in zip(starts, num_new_tokens, strict=True) for p in range(a, a + n)
         ]
-        batch = AttentionBatch.build(self.kv, block_tables, starts, num_new_tokens, self.device)
+        window = self.model.cfg.sliding_window or None  # gpt-oss's sliding layers read only it
+        batch = AttentionBatch.build(
+            self.kv, block_tables, starts, num_new_tokens, self.device, window
+        )
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
         if self.prefetcher is not None:
             window = self.prefetcher.predictor.context_window

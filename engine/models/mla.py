@@ -31,10 +31,10 @@ from engine.attention import (
     MAX_FOLDED_MASK,
     AttentionBatch,
     AttentionGroup,
-    gather,
     paged_attention,
     store_kv,
 )
+from engine.kv_cache import gather
 from engine.model_config import ModelConfig
 from engine.models.layers import RMSNorm, apply_rotary
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import attention
-from engine.attention import AttentionBatch, KVCache, paged_attention
+from engine import attention, attention_sinks
+from engine.attention import AttentionBatch, paged_attention
+from engine.kv_cache import KVCache
 
 HEADS, BLOCK = 6, 4
 
@@ -100,3 +101,43 @@ def test_an_fp8_cache_saturates_instead_of_overflowing() -> None:
     same = KVCache.allocate(1, 4, BLOCK, (1, 2, 2), torch.float32, "cpu")
     x = torch.randn(3, 1, 2)
     assert same.rounded(x) is x
+
+
+def written_out(q, k, v, query_pos, scale, sinks, window, key_start):  # noqa: ANN001, ANN201
+    """The attention of `sink_attention` spelled out per sequence and head, in float64."""
+    b, q_len, heads, _ = q.shape
+    groups = heads // k.shape[2]
+    out = torch.zeros(b, q_len, heads, v.shape[3], dtype=torch.float64)
+    for s in range(b):
+        key_pos = torch.arange(k.shape[1]) + key_start[s]
+        for h in range(heads):
+            scores = q[s, :, h].double() @ k[s, :, h // groups].double().T * scale  # [Q, L]
+            seen = key_pos[None] <= query_pos[s, :, None]
+            if window is not None:
+                seen &= key_pos[None] > query_pos[s, :, None] - window
+            scores = scores.masked_fill(~seen, float("-inf"))
+            sink = torch.full((q_len, 1), float(sinks[h]), dtype=torch.float64)
+            probs = torch.cat((scores, sink), dim=1).softmax(dim=1)[:, :-1]
+            out[s, :, h] = probs @ v[s, :, h // groups].double()
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("max_mask", [1 << 24, 300], ids=["whole", "sliced"])
+def test_sink_attention_matches_the_written_out_softmax(
+    window: int | None, max_mask: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three sequences whose keys start at different positions (a window's blocks), two query
+    heads per KV head, each head's sink; "sliced" runs one sequence and one query at a time."""
+    monkeypatch.setattr(attention_sinks, "MAX_MASK", max_mask)
+    gen = torch.Generator().manual_seed(0)
+    b, q_len, heads, kv_heads, dim, width = 3, 4, 4, 2, 8, 12
+    q = torch.randn(b, q_len, heads, dim, generator=gen)
+    k = torch.randn(b, width, kv_heads, dim, generator=gen)
+    v = torch.randn(b, width, kv_heads, 6, generator=gen)
+    key_start = torch.tensor([0, 16, 32])
+    query_pos = key_start[:, None] + torch.tensor([[7, 8, 9, 10], [8, 9, 10, 11], [2, 3, 4, 5]])
+    sinks = torch.randn(heads, generator=gen) * 2
+    ours = attention_sinks.sink_attention(q, k, v, query_pos, 0.3, sinks, window, key_start)
+    ref = written_out(q, k, v, query_pos, 0.3, sinks, window, key_start)
+    torch.testing.assert_close(ours.double(), ref, atol=1e-5, rtol=0)

@@ -1,0 +1,82 @@
+"""The paged KV cache: one key and one value tensor per layer, addressed by slot, and how a
+step's attention reads a run of whole blocks back from it (`gather`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from kernels.fp8 import widen
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KVCache:
+    """Paged KV storage: one [num_blocks * block_size, kv_heads, dim] key and value tensor per layer.
+    With no value tensors (`v` empty) values are the leading channels of the keys: MLA's latent.
+    The tensors may hold FP8 (`--kv-cache-dtype`, half of bfloat16's bytes, so twice the tokens):
+    keys and values are rounded to it once, saturating at its largest value (no scale: as vLLM
+    without calibrated scales), and attention reads them back in `dtype`. New tokens attend over
+    their rounded keys too, so chunking and prefix caching change no more than they do with a
+    cache of the model's dtype (nothing in float32)."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    block_size: int
+    dtype: torch.dtype  # what attention computes in
+
+    @classmethod
+    def allocate(
+        cls,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        geometry: tuple[int, int, int],
+        dtype: torch.dtype,
+        device: torch.device | str,
+        cache_dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """geometry: (kv heads, key dim, value dim), value dim 0 when values live in the keys.
+        cache_dtype: what the cache holds, `dtype` when None."""
+        kv_heads, key_dim, value_dim = geometry
+        stored = cache_dtype or dtype
+
+        def make(dim: int) -> list[torch.Tensor]:
+            shape = (num_blocks * block_size, kv_heads, dim)
+            return [torch.zeros(shape, dtype=stored, device=device) for _ in range(num_layers)]
+
+        if stored.itemsize == 1:
+            limit = torch.finfo(stored).max
+            logger.warning("KV cache in %s, no scale: values past +-%g saturate", stored, limit)
+        k, v = make(key_dim), make(value_dim) if value_dim else []
+        return cls(k=k, v=v, block_size=block_size, dtype=dtype)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    def rounded(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the cache will hold it, read back: itself unless the cache is narrower (FP8),
+        where values past its range saturate rather than turn into NaN."""
+        if self.cache_dtype == x.dtype:
+            return x
+        limit = torch.finfo(self.cache_dtype).max
+        return x.clamp(-limit, limit).to(self.cache_dtype).to(x.dtype)
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    """An FP8 tensor as its bytes: the CPU has no index_select / index_copy_ for float8."""
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def gather(
+    cache: torch.Tensor, blocks: torch.Tensor, block_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The slots of `blocks` [N] of a cache [slots, kvh, D], in order, as `dtype`:
+    [N * block_size, kvh, D]. A block gathers as one contiguous row (an FP8 one as its bytes)."""
+    rows = raw(cache).view(-1, block_size * cache.shape[1] * cache.shape[2])
+    rows = rows.index_select(0, blocks).view(cache.dtype).view(-1, *cache.shape[1:])
+    return rows if cache.dtype == dtype else widen(rows, dtype)

@@ -26,7 +26,7 @@ CUDA = pytest.param(
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])  # grouped-query and latent caches
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])  # GQA, latent, sinks
 def test_fp8_outputs_do_not_depend_on_chunks_pressure_or_prefix_cache(
     family: str,
     device: str,

@@ -280,9 +280,10 @@ def gpt_oss_fields(
 def deepseek_fields(
     raw: dict[str, Any], need: Callable[..., Any], num_layers: int, moe_inter: int
 ) -> dict[str, Any]:
-    """DeepSeek-V2/V3: latent attention, grouped routing, ungated shared experts, and dense MLPs in
-    the first `first_k_dense_replace` layers (then every `moe_layer_freq`-th layer is MoE)."""
-    v3 = raw["model_type"] == "deepseek_v3"
+    """DeepSeek-V2/V3 (and GLM-4.7-Flash, `glm4_moe_lite`, V3's architecture): latent attention,
+    grouped routing, ungated shared experts, and dense MLPs in the first `first_k_dense_replace`
+    layers (then every `moe_layer_freq`-th layer is MoE), or where `mlp_layer_types` says."""
+    v3 = raw["model_type"] in ("deepseek_v3", "glm4_moe_lite")
     scoring = raw.get("scoring_func") or ("sigmoid" if v3 else "softmax")
     method = raw.get("topk_method") or ("noaux_tc" if v3 else "greedy")
     if (scoring, method) not in (
@@ -304,6 +305,15 @@ def deepseek_fields(
     )
     first_dense = int(raw.get("first_k_dense_replace") or 0)
     freq = int(raw.get("moe_layer_freq") or 1)
+    dense = tuple(i for i in range(num_layers) if i < first_dense or i % freq)
+    if raw["model_type"] == "glm4_moe_lite":  # transformers reads only this, dense first if unsaid
+        types = raw.get("mlp_layer_types") or ["dense"] + ["sparse"] * (num_layers - 1)
+        if len(types) != num_layers or set(types) - {"dense", "sparse"}:
+            raise ConfigError(
+                f"config.json: mlp_layer_types must name dense or sparse for each of "
+                f"{num_layers} layers"
+            )
+        dense = tuple(i for i, kind in enumerate(types) if kind == "dense")
     return dict(
         router=router,
         mla=mla,
@@ -311,5 +321,5 @@ def deepseek_fields(
         # YaRN's mscale sharpens the softmax as well as scaling cos/sin
         attention_scale=yarn_apply_mscale(_rope_params(raw)[1], mla.qk_head_dim**-0.5),
         shared_expert_intermediate_size=moe_inter * int(raw.get("n_shared_experts") or 0),
-        dense_layers=tuple(i for i in range(num_layers) if i < first_dense or i % freq),
+        dense_layers=dense,
     )

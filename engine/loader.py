@@ -295,12 +295,12 @@ def stacked_keys(model: MoECausalLM) -> dict[str, tuple[str, slice]]:
 
 
 def _extra_layer(key: str, cfg: ModelConfig) -> bool:
-    """DeepSeek-V3, GLM-4.5 and MiniMax-M2 checkpoints append multi-token-prediction layers
+    """DeepSeek-V3, GLM-4.5, GLM-4.7-Flash and MiniMax-M2 checkpoints append multi-token-prediction layers
     after the last decoder layer; serving predicts one token at a time, so they are skipped (as
     transformers does)."""
     parts = key.split(".")
     return (
-        (cfg.family.startswith("deepseek") or cfg.family in ("glm4_moe", "minimax_m2"))
+        cfg.family.startswith(("deepseek", "glm4_moe", "minimax_m2"))
         and key.startswith("model.layers.")
         and parts[2].isdigit()
         and int(parts[2]) >= cfg.num_layers

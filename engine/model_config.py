@@ -29,10 +29,15 @@ SUPPORTED_FAMILIES = (
     "olmoe",
     "deepseek_v2",
     "deepseek_v3",
+    "glm4_moe_lite",
     "glm4_moe",
     "gpt_oss",
     "minimax_m2",
 )
+
+# Checkpoints that name their own model_type for an architecture we serve (Kimi-K2's is
+# DeepSeek-V3's, with its own config class on the hub, not in transformers).
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        if raw.get("model_type") in MODEL_TYPE_ALIASES:  # read as the family it is built as
+            raw = {**raw, "model_type": MODEL_TYPE_ALIASES[raw["model_type"]]}
         family = raw.get("model_type")
         if family not in SUPPORTED_FAMILIES:
             raise ConfigError(
@@ -125,7 +132,7 @@ class ModelConfig:
         rope = raw.get("rope_parameters") or {}
         if family in ("mixtral", "gpt_oss", "minimax_m2"):
             moe_inter, num_experts = need("intermediate_size"), need("num_local_experts")
-        elif family.startswith("deepseek") or family == "glm4_moe":
+        elif family.startswith(("deepseek", "glm4_moe")):
             moe_inter, num_experts = need("moe_intermediate_size"), need("n_routed_experts")
         elif family == "olmoe":
             moe_inter, num_experts = need("intermediate_size"), need("num_experts")
@@ -142,7 +149,7 @@ class ModelConfig:
                 i for i in range(num_layers) if i in only_mlp or (i + 1) % step != 0
             )
         family_fields: dict[str, Any] = {}
-        if family.startswith("deepseek"):
+        if family.startswith("deepseek") or family == "glm4_moe_lite":
             family_fields |= deepseek_fields(raw, need, num_layers, int(moe_inter))
             dense_layers = family_fields.pop("dense_layers")
         elif family == "glm4_moe":

@@ -13,6 +13,7 @@ from transformers import (
     DeepseekV2Config,
     DeepseekV3Config,
     Glm4MoeConfig,
+    Glm4MoeLiteConfig,
     GptOssConfig,
     MiniMaxM2Config,
     MixtralConfig,
@@ -148,6 +149,13 @@ def tiny_config(family: str) -> PretrainedConfig:
         n_group=4,
         topk_group=2,
     )
+    if family == "glm4_moe_lite":  # GLM-4.7-Flash: V3's architecture, dense layers by type
+        return Glm4MoeLiteConfig(
+            **{**common, **latent},
+            q_lora_rank=24,
+            routed_scaling_factor=1.8,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+        )
     if family == "deepseek_v2":  # V2-Lite's shape: one q_proj; V2's grouped routing
         return DeepseekV2Config(
             **{**common, **latent}, q_lora_rank=None, topk_method="group_limited_greedy"

@@ -36,6 +36,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "olmoe": olmoe.SPEC,
     "deepseek_v2": deepseek.SPEC,
     "deepseek_v3": deepseek.SPEC,
+    "glm4_moe_lite": deepseek.SPEC,
     "glm4_moe": glm4_moe.SPEC,
     "gpt_oss": gpt_oss.SPEC,
     "minimax_m2": minimax_m2.SPEC,

@@ -86,6 +86,7 @@ def test_bad_config_names_the_field(
         ),
         ("mixtral", {"quantization_config": {"quant_method": "awq"}}, "'awq' is not supported"),
         ("minimax_m2", {"scoring_func": "softmax"}, "scoring_func='softmax'"),
+        ("glm4_moe_lite", {"mlp_layer_types": ["dense", "moe", "sparse"]}, "mlp_layer_types"),
         ("minimax_m2", {"qk_norm_type": "per_group"}, "qk_norm_type='per_group'"),
         ("minimax_m2", {"rope_parameters": {"rope_theta": 1e4}, "rotary_dim": 32}, "must be in"),
     ],

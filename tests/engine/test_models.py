@@ -302,3 +302,22 @@ def test_minimax_m2_hub_config_matches_transformers(tmp_path: Path) -> None:
     cfg = LLM(model=str(checkpoint), max_model_len=32).engine.model_config
     assert cfg.rotary_dim == 4 and cfg.router.correction_bias and cfg.qk_norm == "full"
     assert_prefill_logits_match(checkpoint)
+
+
+def test_kimi_k2_is_read_as_deepseek_v3(tmp_path: Path) -> None:
+    """Kimi-K2's config.json names model_type `kimi_k2` for DeepSeek-V3's architecture (its config
+    class lives on the hub, not in transformers): the same checkpoint gives the same logits."""
+    original = save_tiny_checkpoint("deepseek_v3", tmp_path / "v3")
+    kimi = tmp_path / "kimi"
+    kimi.mkdir()
+    for f in original.iterdir():
+        (kimi / f.name).write_bytes(f.read_bytes())
+    raw = json.loads((kimi / "config.json").read_text())
+    (kimi / "config.json").write_text(json.dumps({**raw, "model_type": "kimi_k2"}))
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    logprobs = []
+    for path in (original, kimi):
+        [out] = LLM(model=str(path), max_model_len=64).generate([PROMPTS[1]], params)
+        assert out.prompt_logprobs is not None
+        logprobs.append([entry.logprob for entry in out.prompt_logprobs[1:]])
+    assert logprobs[0] == logprobs[1]

@@ -6,6 +6,8 @@ decides (`<think>` opened by the template or a prefilled answer; `</think>` clos
 with `enable_thinking` off and DeepSeek-V3.1 in non-thinking mode write). With no marker in the
 prompt, the parser's default holds:
 - `deepseek_r1`: open. R1 may think without writing `<think>` first.
+- `minimax_m2`: open, as MiniMax-M2 always thinks first; its template ends the prompt with
+  `<think>\n`, so the prompt decides anyway.
 - `qwen3`, `glm45`: the model decides, by opening `<think>...</think>` itself or not (GLM-4.5's
   template closes an empty block, `<think></think>`, when thinking is off).
 
@@ -82,5 +84,6 @@ REASONING_PARSERS: dict[str, ReasoningFormat] = {
     "deepseek_r1": ThinkFormat(open_by_default=True),
     "qwen3": ThinkFormat(open_by_default=False),
     "glm45": ThinkFormat(open_by_default=False),
+    "minimax_m2": ThinkFormat(open_by_default=True),
     "openai_gptoss": HarmonyFormat(),
 }

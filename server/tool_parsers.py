@@ -10,8 +10,8 @@
   (special tokens too).
 - `deepseek_v31`: the same markers, `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS<｜tool▁call▁end｜>`
   per call with bare JSON arguments, as DeepSeek-V3.1 and later write them.
-- `glm45` and `qwen3_coder` write arguments in tags, typed by the request's tool schemas
-  (server/tool_parsers_xml.py).
+- `glm45`, `qwen3_coder` and `minimax_m2` write arguments in tags, typed by the request's tool
+  schemas (server/tool_parsers_xml.py).
 - `openai`: gpt-oss's harmony messages to `functions.NAME`, as `--reasoning-parser openai_gptoss`
   hands them on in the content (server/harmony.py).
 
@@ -37,7 +37,13 @@ from server.tool_call_text import (
     parse_call,
     tagged_blocks,
 )
-from server.tool_parsers_xml import TOOL_CALL, glm45_calls, qwen3_coder_calls
+from server.tool_parsers_xml import (
+    MINIMAX_TOOL_CALL,
+    TOOL_CALL,
+    glm45_calls,
+    minimax_m2_calls,
+    qwen3_coder_calls,
+)
 
 
 def hermes_calls(text: str) -> tuple[str | None, list[Call]]:
@@ -137,6 +143,7 @@ TOOL_CALL_PARSERS = {
     ),
     "glm45": ToolCallFormat(TOOL_CALL, glm45_calls, keep_special_tokens=True),
     "qwen3_coder": ToolCallFormat(TOOL_CALL, qwen3_coder_calls, keep_special_tokens=False),
+    "minimax_m2": ToolCallFormat(MINIMAX_TOOL_CALL[0], minimax_m2_calls, keep_special_tokens=False),
     "openai": ToolCallFormat(START, _untyped(harmony_calls), keep_special_tokens=True),
 }
 
@@ -144,7 +151,9 @@ TOOL_CALL_PARSERS = {
 class ToolCallStream:
     """One streamed choice of a request with tools: which text may go out now. A forced call
     (`start` None) is held back whole; otherwise text streams until a call may be starting (a
-    partial start marker is held until it is certain), and everything from the call on is held."""
+    partial start marker is held until it is certain), and everything from the call on is held.
+    Whitespace before any text is held too: before a call it is no content (`content_before`), as
+    with the `</think>\n\n` that MiniMax-M2 writes before its calls."""
 
     def __init__(self, start: str | None) -> None:
         self.start, self.sent, self.in_call = start, 0, False
@@ -154,10 +163,9 @@ class ToolCallStream:
         if self.start is None or self.in_call:
             return ""
         found = text.find(self.start, self.sent)
-        if found >= 0:
-            self.in_call = True
-            out, self.sent = text[self.sent : found], found
-            return out
-        safe = len(text) - held_suffix(text, self.start)
-        out, self.sent = text[self.sent : max(safe, self.sent)], max(safe, self.sent)
+        self.in_call = found >= 0
+        end = found if self.in_call else len(text) - held_suffix(text, self.start)
+        if end <= self.sent or not text[:end].strip():
+            return ""
+        out, self.sent = text[self.sent : end], end
         return out

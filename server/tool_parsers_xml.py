@@ -7,6 +7,11 @@ literal) it spells, else its text, as these models' chat templates render earlie
 - `qwen3_coder`: `<tool_call><function=NAME>` then `<parameter=KEY>\\nVALUE\\n</parameter>` per
   argument and `</function></tool_call>`, as Qwen3-Coder writes them (one newline each side of a
   value is the template's, not the value's).
+- `minimax_m2`: `<minimax:tool_call>` then, per call, `<invoke name="NAME">` with
+  `<parameter name="KEY">VALUE</parameter>` per argument and `</invoke>`, then
+  `</minimax:tool_call>`, as MiniMax-M2 writes them: one block may hold several calls, names may be
+  quoted with " or ', and one newline each side of a value is dropped (MiniMax's and vLLM's
+  parsers strip all whitespace there; other whitespace is kept as the value's own here).
 
 No part crosses its closing tag, so a call that does not parse is rejected in linear time (a
 backtracking pattern took seconds at 16 arguments).
@@ -39,6 +44,11 @@ GLM45_ARGUMENTS = re.compile(r"(?:\s*" + GLM45_ARGUMENT + r")*\s*", re.DOTALL)
 QWEN3_CODER_CALL = re.compile(r"\s*<function=([^>\n]*)>(.*)</function>\s*", re.DOTALL)
 QWEN3_CODER_ARGUMENT = r"<parameter=([^>\n]*)>" + _until("</parameter>") + "</parameter>"
 QWEN3_CODER_ARGUMENTS = re.compile(r"(?:\s*" + QWEN3_CODER_ARGUMENT + r")*\s*", re.DOTALL)
+MINIMAX_TOOL_CALL = ("<minimax:tool_call>", "</minimax:tool_call>")
+MINIMAX_INVOKE = r"<invoke name=([^>\n]*)>" + _until("</invoke>") + "</invoke>"
+MINIMAX_INVOKES = re.compile(r"(?:\s*" + MINIMAX_INVOKE + r")*\s*", re.DOTALL)
+MINIMAX_ARGUMENT = r"<parameter name=([^>\n]*)>" + _until("</parameter>") + "</parameter>"
+MINIMAX_ARGUMENTS = re.compile(r"(?:\s*" + MINIMAX_ARGUMENT + r")*\s*", re.DOTALL)
 
 
 def _admits(schema: Any, kind: str) -> bool:
@@ -97,41 +107,70 @@ Written = tuple[str, list[tuple[str, str]]]  # a call's name and its (key, value
 
 
 def _tagged_calls(
-    text: str, tools: ToolSchemas, read: Callable[[str], Written | None]
+    text: str,
+    tools: ToolSchemas,
+    read: Callable[[str], list[Written] | None],
+    tags: tuple[str, str] = (TOOL_CALL, TOOL_CALL_END),
 ) -> tuple[str | None, list[Call]]:
     """(the text before the first call, or None if there is none; the calls, each block
-    between <tool_call> and </tool_call> `read` into its name and arguments)."""
-    start = text.find(TOOL_CALL)
+    between the two `tags` `read` into its calls' names and arguments)."""
+    start = text.find(tags[0])
     if start < 0:
         return text, []
     calls = []
-    for block in tagged_blocks(text, start, TOOL_CALL, TOOL_CALL_END):
+    for block in tagged_blocks(text, start, *tags):
         written = read(block)
-        call = None if written is None else _typed_call(*written, tools)
-        if call is None:
+        if written is None:
             return text, []
-        calls.append(call)
+        for call in (_typed_call(*w, tools) for w in written):
+            if call is None:
+                return text, []
+            calls.append(call)
     return (content_before(text, start), calls) if calls else (text, [])
 
 
-def _read_glm45(body: str) -> Written | None:
+def _read_glm45(body: str) -> list[Written] | None:
     name_end = body.find("<arg_key>")
     name = (body if name_end < 0 else body[:name_end]).strip()
     written = "" if name_end < 0 else body[name_end:]
     if not GLM45_ARGUMENTS.fullmatch(written):
         return None
-    return name, re.findall(GLM45_ARGUMENT, written, re.DOTALL)
+    return [(name, re.findall(GLM45_ARGUMENT, written, re.DOTALL))]
 
 
-def _read_qwen3_coder(block: str) -> Written | None:
+def _without_newlines(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(key, value) pairs without one newline on each side of a value: the format's, not the value's."""
+    return [(key, value.removeprefix("\n").removesuffix("\n")) for key, value in pairs]
+
+
+def _read_qwen3_coder(block: str) -> list[Written] | None:
     function = QWEN3_CODER_CALL.fullmatch(block)
     if function is None:
         return None
     name, body = function[1].strip(), function[2]
     if not QWEN3_CODER_ARGUMENTS.fullmatch(body):
         return None
-    pairs = re.findall(QWEN3_CODER_ARGUMENT, body, re.DOTALL)
-    return name, [(key, value.removeprefix("\n").removesuffix("\n")) for key, value in pairs]
+    return [(name, _without_newlines(re.findall(QWEN3_CODER_ARGUMENT, body, re.DOTALL)))]
+
+
+def _unquoted(name: str) -> str:
+    """A MiniMax name attribute as written, bare or in matching quotes -> the name."""
+    name = name.strip()
+    quoted = len(name) >= 2 and name[0] == name[-1] and name[0] in "\"'"
+    return name[1:-1] if quoted else name
+
+
+def _read_minimax_m2(block: str) -> list[Written] | None:
+    if not MINIMAX_INVOKES.fullmatch(block):
+        return None
+    calls = []
+    for name, body in re.findall(MINIMAX_INVOKE, block, re.DOTALL):
+        if not MINIMAX_ARGUMENTS.fullmatch(body):
+            return None
+        pairs = re.findall(MINIMAX_ARGUMENT, body, re.DOTALL)
+        # Values lose all edge whitespace, as MiniMax's own parser (and vLLM's) strips them.
+        calls.append((_unquoted(name), [(_unquoted(k), v.strip()) for k, v in pairs]))
+    return calls
 
 
 def glm45_calls(text: str, tools: ToolSchemas) -> tuple[str | None, list[Call]]:
@@ -140,3 +179,7 @@ def glm45_calls(text: str, tools: ToolSchemas) -> tuple[str | None, list[Call]]:
 
 def qwen3_coder_calls(text: str, tools: ToolSchemas) -> tuple[str | None, list[Call]]:
     return _tagged_calls(text, tools, _read_qwen3_coder)
+
+
+def minimax_m2_calls(text: str, tools: ToolSchemas) -> tuple[str | None, list[Call]]:
+    return _tagged_calls(text, tools, _read_minimax_m2, MINIMAX_TOOL_CALL)

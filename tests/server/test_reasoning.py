@@ -57,6 +57,8 @@ TEXTS = [
         ("qwen3", "<thi", ("", "<thi")),  # finished: not a marker after all
         ("glm45", "\n<think>It is cold.</think>\nCoat.", ("It is cold.", "\nCoat.")),
         ("glm45", "\n plain", ("", "\n plain")),
+        ("minimax_m2", "It is cold.\n</think>\n\nCoat.", ("It is cold.\n", "\n\nCoat.")),
+        ("minimax_m2", "cut short", ("cut short", None)),
     ],
 )
 def test_finished_text_splits(parser: str, text: str, expected: tuple) -> None:
@@ -80,7 +82,8 @@ def test_the_prompt_says_whether_the_answer_starts_thinking(
     assert (R1.starts_open(prompt), QWEN3.starts_open(prompt)) == (r1, qwen3)
 
 
-@pytest.mark.parametrize("parser", ["deepseek_r1", "qwen3", "glm45"])  # harmony: test_harmony.py
+# harmony: test_harmony.py
+@pytest.mark.parametrize("parser", ["deepseek_r1", "qwen3", "glm45", "minimax_m2"])
 @pytest.mark.parametrize("text", TEXTS)
 def test_a_streamed_split_only_grows_into_the_finished_one(parser: str, text: str) -> None:
     fmt = REASONING_PARSERS[parser]

@@ -21,6 +21,7 @@ from server.reasoning import REASONING_PARSERS
 from server.serving_chat import sampling_params
 from server.tool_parsers import TOOL_CALL_PARSERS, ToolCallStream, hermes_calls, mistral_calls
 from server.tool_parsers_xml import glm45_calls, qwen3_coder_calls
+from tests.server.test_minimax_m2 import minimax_m2_call
 
 if TYPE_CHECKING:
     from tests.server.conftest import RunningServer
@@ -251,13 +252,18 @@ def test_calls_that_do_not_parse_fail_quickly() -> None:
     broken = f"<tool_call>f\n{arguments}x</tool_call>"
     parameters = "".join(f"<parameter=k{i}>v</parameter>" for i in range(2000))
     coder = f"<tool_call><function=f>{parameters}x</function></tool_call>"
+    invoke = "".join(f'<parameter name="k{i}">v</parameter>' for i in range(2000))
+    minimax = f'<minimax:tool_call><invoke name="f">{invoke}x</invoke></minimax:tool_call>'
     repeating = "<tool_call>" * 8000  # a model stuck repeating a one-token marker
     deepseek = "<｜tool▁calls▁begin｜>" + "<｜tool▁call▁begin｜>f<｜tool▁sep｜>{" * 8000
     start = time.perf_counter()
     assert glm45_calls(broken, {}) == (broken, [])
     assert qwen3_coder_calls(coder, {}) == (coder, [])
+    assert TOOL_CALL_PARSERS["minimax_m2"].parse(minimax, {}) == (minimax, [])
     for parser in ("hermes", "glm45", "qwen3_coder"):
         assert TOOL_CALL_PARSERS[parser].parse(repeating, {}) == (repeating, [])
+    blocks = "<minimax:tool_call>" * 8000 + '<invoke name="f">' * 8000
+    assert TOOL_CALL_PARSERS["minimax_m2"].parse(blocks, {}) == (blocks, [])
     assert TOOL_CALL_PARSERS["deepseek_v31"].parse(deepseek, {}) == (deepseek, [])
     assert time.perf_counter() - start < 1.0  # each took 10-30 s before: quadratic or worse
 
@@ -284,6 +290,9 @@ def test_glm45_answers_type_arguments_by_the_request_tools() -> None:
     assert not sampling_params(request, formats).skip_special_tokens
 
 
+UNTYPED = {"glm45": glm45_call, "qwen3_coder": qwen3_coder_call, "minimax_m2": minimax_m2_call}
+
+
 @pytest.mark.parametrize("parser", sorted(TOOL_CALL_PARSERS))
 def test_odd_model_json_is_text_or_safe_to_send(parser: str) -> None:
     """A 5000-digit number (json refuses it with a ValueError) stays text; a lone surrogate the
@@ -291,9 +300,8 @@ def test_odd_model_json_is_text_or_safe_to_send(parser: str) -> None:
     parse = TOOL_CALL_PARSERS[parser].parse
 
     def wrap(call: str) -> str:
-        if parser in ("glm45", "qwen3_coder"):  # untyped: a value that is no JSON is its text
-            tagged = glm45_call if parser == "glm45" else qwen3_coder_call
-            return tagged("f", {"a": call[call.index('"a": ') + 5 : -2]})
+        if parser in UNTYPED:  # a value that is no JSON is its text
+            return UNTYPED[parser]("f", {"a": call[call.index('"a": ') + 5 : -2]})
         if parser == "hermes":
             return f"<tool_call>{call}</tool_call>"
         if parser == "mistral":
@@ -306,7 +314,7 @@ def test_odd_model_json_is_text_or_safe_to_send(parser: str) -> None:
         return "<｜tool▁calls▁begin｜>" + wrap_call(value["name"], arguments)
 
     huge = wrap('{"name": "f", "arguments": {"a": ' + "9" * 5000 + "}}")
-    if parser in ("glm45", "qwen3_coder"):
+    if parser in UNTYPED:
         assert json.loads(parse(huge, {})[1][0].arguments) == {"a": "9" * 5000}
     else:
         assert parse(huge, {}) == (huge, [])
@@ -338,6 +346,10 @@ def test_stream_holds_back_what_may_start_a_call() -> None:
     plain = ToolCallStream("<tool_call>")
     assert plain.feed("a < b") == "a < b" and plain.feed("a < b <t") == " "  # "<t" waits
     assert ToolCallStream(None).feed('{"city": "Oslo"}') == ""  # sent whole at the end
+    spaced = ToolCallStream("<tool_call>")  # whitespace before a call is no content
+    assert [spaced.feed(t) for t in ["\n", "\n\n<tool_call>"]] == ["", ""] and spaced.sent == 0
+    texted = ToolCallStream("<tool_call>")
+    assert [texted.feed(t) for t in [" ", " \n", " \nHi <"]] == ["", "", " \nHi "]
 
 
 @pytest.fixture(scope="module")
@@ -443,6 +455,8 @@ def test_a_conversation_with_a_tool_result(server: RunningServer) -> None:
 PIECES = [  # every format's markers, and what models write around and inside them
     "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
     "<function=", "</function>", "<parameter=", "</parameter>", "[TOOL_CALLS]",
+    "<minimax:tool_call>", "</minimax:tool_call>", '<invoke name="', "</invoke>",
+    '<parameter name="', "'",
     "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>",
     "<|start|>", "<|channel|>", "<|message|>", "<|call|>", "<|end|>", " to=functions.f",
     "```json\n", "\n```", "{", "}", '"', ">", "\n", " ", "é", "\udc00", "9" * 30,
@@ -476,7 +490,7 @@ def written_call(parser: str, name: str, arguments: dict) -> str:
     if parser == "openai":
         return harmony_call(name, as_json)
     values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in arguments.items()}
-    return (glm45_call if parser == "glm45" else qwen3_coder_call)(name, values)
+    return UNTYPED[parser](name, values)
 
 
 def strict_json(constant: str) -> float:
@@ -488,6 +502,7 @@ def strict_json(constant: str) -> float:
 @example("mistral", "f", {"a": [float("inf")]}, [], [])
 @example("deepseek_v3", "f", {"a": {"b": float("-inf")}}, [], [])
 @example("glm45", "search", {"note": "\udc00", "limit": float("nan")}, [], [])
+@example("minimax_m2", "search", {"a": "\n1\n", "filters": {"b": [1.5, None]}}, [], [])
 @given(
     parser=st.sampled_from(sorted(TOOL_CALL_PARSERS)),
     name=st.sampled_from(["search", "f", "get_time"]),

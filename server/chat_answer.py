@@ -105,8 +105,8 @@ class ChoiceStream:
         self.request, self.formats = request, formats
         self.text, self.reasoning_sent, self.content_sent = "", 0, 0
         self.with_tools = request.effective_tool_choice != "none"
-        start = None if request.forces_tool_call or formats.tools is None else formats.tools.start
-        self.calls = ToolCallStream(start)
+        starts = None if request.forces_tool_call or formats.tools is None else formats.tools.starts
+        self.calls = ToolCallStream(starts)
 
     def advance(self, d: ChoiceDelta) -> ChatChunkChoice | None:
         """The chunk for this delta, or None when all of it is held back."""

@@ -10,6 +10,10 @@
   (special tokens too).
 - `deepseek_v31`: the same markers, `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS<｜tool▁call▁end｜>`
   per call with bare JSON arguments, as DeepSeek-V3.1 and later write them.
+- `kimi_k2`: `<|tool_calls_section_begin|>` (or `<|tool_call_section_begin|>`), then
+  `<|tool_call_begin|>functions.NAME:INDEX<|tool_call_argument_begin|>ARGUMENTS<|tool_call_end|>`
+  per call, as Kimi-K2 writes them (special tokens). `functions.NAME:INDEX` is also the call's id,
+  as Kimi's templates render earlier calls and vLLM returns them.
 - `glm45`, `qwen3_coder` and `minimax_m2` write arguments in tags, typed by the request's tool
   schemas (server/tool_parsers_xml.py).
 - `openai`: gpt-oss's harmony messages to `functions.NAME`, as `--reasoning-parser openai_gptoss`
@@ -89,18 +93,29 @@ DEEPSEEK_V3_CALL = re.compile(
     r"function<｜tool▁sep｜>(?P<name>[^\n]*)\n```json\n(?P<arguments>.*)\n```", re.DOTALL
 )
 DEEPSEEK_V31_CALL = re.compile(r"(?P<name>[^<\n]*)<｜tool▁sep｜>(?P<arguments>.*)", re.DOTALL)
+# the plural spelling is Kimi's token; vLLM also accepts the singular one
+KIMI_K2_STARTS = ("<|tool_calls_section_begin|>", "<|tool_call_section_begin|>")
+KIMI_K2_CALL_TAGS = ("<|tool_call_begin|>", "<|tool_call_end|>")
+# `functions.` once read is no name: "functions.:0" names nothing
+KIMI_K2_CALL = re.compile(
+    r"\s*(?P<id>(?:functions\.)?+(?P<name>[^\s<:]+):\d+)\s*<\|tool_call_argument_begin\|>"
+    r"(?P<arguments>.*)",
+    re.DOTALL,
+)
 
 
-def deepseek_calls(
-    text: str, pattern: re.Pattern[str] = DEEPSEEK_V3_CALL
+def marked_calls(
+    text: str, starts: tuple[str, ...], tags: tuple[str, str], pattern: re.Pattern[str]
 ) -> tuple[str | None, list[Call]]:
-    """(the text before the calls, or None if there is none; each call's name and JSON object
-    arguments, as `pattern` reads each call block)."""
-    start = text.find(DEEPSEEK_START)
-    if start < 0:
+    """(the text before the first of `starts`, or None if there is none; the calls between
+    `tags`, each read by `pattern` into its name, its JSON object arguments and, where the format
+    writes one, its id)."""
+    found = [i for s in starts if (i := text.find(s)) >= 0]
+    if not found:
         return text, []
+    start = min(found)
     calls = []
-    for block in tagged_blocks(text, start, *DEEPSEEK_CALL):
+    for block in tagged_blocks(text, start, *tags):
         match = pattern.fullmatch(block)
         if match is None:
             return text, []
@@ -108,7 +123,8 @@ def deepseek_calls(
             arguments = json.loads(match["arguments"])
         except (ValueError, RecursionError):
             return text, []
-        call = parse_call({"name": match["name"], "arguments": arguments}, lambda: None)
+        written_id = partial(match.groupdict().get, "id")  # None: a new one
+        call = parse_call({"name": match["name"], "arguments": arguments}, written_id)
         if call is None:
             return text, []
         calls.append(call)
@@ -128,19 +144,29 @@ class ToolCallFormat:
     start: str  # what a call begins with in the text
     parse: Parse  # (text, the request's tools) -> (content, calls)
     keep_special_tokens: bool  # the start is a special token
+    other_starts: tuple[str, ...] = ()  # other spellings of the start that models write
+
+    @property
+    def starts(self) -> tuple[str, ...]:
+        return (self.start, *self.other_starts)
+
+
+def _marked_format(
+    starts: tuple[str, ...], tags: tuple[str, str], pattern: re.Pattern[str]
+) -> ToolCallFormat:
+    """A format of special-token markers, with JSON arguments."""
+    parse = partial(marked_calls, starts=starts, tags=tags, pattern=pattern)
+    return ToolCallFormat(
+        starts[0], _untyped(parse), keep_special_tokens=True, other_starts=starts[1:]
+    )
 
 
 TOOL_CALL_PARSERS = {
     "hermes": ToolCallFormat("<tool_call>", _untyped(hermes_calls), keep_special_tokens=False),
     "mistral": ToolCallFormat("[TOOL_CALLS]", _untyped(mistral_calls), keep_special_tokens=True),
-    "deepseek_v3": ToolCallFormat(
-        DEEPSEEK_START, _untyped(deepseek_calls), keep_special_tokens=True
-    ),
-    "deepseek_v31": ToolCallFormat(
-        DEEPSEEK_START,
-        _untyped(partial(deepseek_calls, pattern=DEEPSEEK_V31_CALL)),
-        keep_special_tokens=True,
-    ),
+    "deepseek_v3": _marked_format((DEEPSEEK_START,), DEEPSEEK_CALL, DEEPSEEK_V3_CALL),
+    "deepseek_v31": _marked_format((DEEPSEEK_START,), DEEPSEEK_CALL, DEEPSEEK_V31_CALL),
+    "kimi_k2": _marked_format(KIMI_K2_STARTS, KIMI_K2_CALL_TAGS, KIMI_K2_CALL),
     "glm45": ToolCallFormat(TOOL_CALL, glm45_calls, keep_special_tokens=True),
     "qwen3_coder": ToolCallFormat(TOOL_CALL, qwen3_coder_calls, keep_special_tokens=False),
     "minimax_m2": ToolCallFormat(MINIMAX_TOOL_CALL[0], minimax_m2_calls, keep_special_tokens=False),
@@ -150,21 +176,21 @@ TOOL_CALL_PARSERS = {
 
 class ToolCallStream:
     """One streamed choice of a request with tools: which text may go out now. A forced call
-    (`start` None) is held back whole; otherwise text streams until a call may be starting (a
+    (`starts` None) is held back whole; otherwise text streams until a call may be starting (a
     partial start marker is held until it is certain), and everything from the call on is held.
     Whitespace before any text is held too: before a call it is no content (`content_before`), as
     with the `</think>\n\n` that MiniMax-M2 writes before its calls."""
 
-    def __init__(self, start: str | None) -> None:
-        self.start, self.sent, self.in_call = start, 0, False
+    def __init__(self, starts: tuple[str, ...] | None) -> None:
+        self.starts, self.sent, self.in_call = starts, 0, False
 
     def feed(self, text: str) -> str:
         """`text`: the choice's whole text so far -> the new part that may be streamed."""
-        if self.start is None or self.in_call:
+        if self.starts is None or self.in_call:
             return ""
-        found = text.find(self.start, self.sent)
-        self.in_call = found >= 0
-        end = found if self.in_call else len(text) - held_suffix(text, self.start)
+        found = [i for s in self.starts if (i := text.find(s, self.sent)) >= 0]
+        self.in_call = bool(found)
+        end = min(found) if found else len(text) - max(held_suffix(text, s) for s in self.starts)
         if end <= self.sent or not text[:end].strip():
             return ""
         out, self.sent = text[self.sent : end], end

@@ -21,6 +21,7 @@ from server.reasoning import REASONING_PARSERS
 from server.serving_chat import sampling_params
 from server.tool_parsers import TOOL_CALL_PARSERS, ToolCallStream, hermes_calls, mistral_calls
 from server.tool_parsers_xml import glm45_calls, qwen3_coder_calls
+from tests.server.test_kimi_k2 import kimi_k2_call, section
 from tests.server.test_minimax_m2 import minimax_m2_call
 
 if TYPE_CHECKING:
@@ -256,6 +257,11 @@ def test_calls_that_do_not_parse_fail_quickly() -> None:
     minimax = f'<minimax:tool_call><invoke name="f">{invoke}x</invoke></minimax:tool_call>'
     repeating = "<tool_call>" * 8000  # a model stuck repeating a one-token marker
     deepseek = "<｜tool▁calls▁begin｜>" + "<｜tool▁call▁begin｜>f<｜tool▁sep｜>{" * 8000
+    kimi = (
+        "<|tool_calls_section_begin|>"
+        + "<|tool_call_begin|>f:0<|tool_call_argument_begin|>{" * 8000
+    )
+    kimi_closed = kimi + "<|tool_call_end|>"  # one block holding every other call's markers
     start = time.perf_counter()
     assert glm45_calls(broken, {}) == (broken, [])
     assert qwen3_coder_calls(coder, {}) == (coder, [])
@@ -265,6 +271,8 @@ def test_calls_that_do_not_parse_fail_quickly() -> None:
     blocks = "<minimax:tool_call>" * 8000 + '<invoke name="f">' * 8000
     assert TOOL_CALL_PARSERS["minimax_m2"].parse(blocks, {}) == (blocks, [])
     assert TOOL_CALL_PARSERS["deepseek_v31"].parse(deepseek, {}) == (deepseek, [])
+    for text in (kimi, kimi_closed):
+        assert TOOL_CALL_PARSERS["kimi_k2"].parse(text, {}) == (text, [])
     assert time.perf_counter() - start < 1.0  # each took 10-30 s before: quadratic or worse
 
 
@@ -310,6 +318,8 @@ def test_odd_model_json_is_text_or_safe_to_send(parser: str) -> None:
         arguments = call[call.index('"arguments": ') + len('"arguments": ') : -1]
         if parser == "openai":
             return harmony_call(value["name"], arguments)
+        if parser == "kimi_k2":
+            return section(kimi_k2_call(value["name"], arguments))
         wrap_call = deepseek_v3_call if parser == "deepseek_v3" else deepseek_v31_call
         return "<｜tool▁calls▁begin｜>" + wrap_call(value["name"], arguments)
 
@@ -337,19 +347,24 @@ def test_auto_mistral_requests_keep_special_tokens() -> None:
 
 
 def test_stream_holds_back_what_may_start_a_call() -> None:
-    stream, text, sent = ToolCallStream("<tool_call>"), "", []
+    stream, text, sent = ToolCallStream(("<tool_call>",)), "", []
     for piece in ["Let me", " check <", "tool_", 'call>{"name": "f"}', "</tool_call>"]:
         text += piece
         sent.append(stream.feed(text))
     assert sent == ["Let me", " check ", "", "", ""]
     assert stream.in_call and text[stream.sent :].startswith("<tool_call>")
-    plain = ToolCallStream("<tool_call>")
+    plain = ToolCallStream(("<tool_call>",))
     assert plain.feed("a < b") == "a < b" and plain.feed("a < b <t") == " "  # "<t" waits
     assert ToolCallStream(None).feed('{"city": "Oslo"}') == ""  # sent whole at the end
-    spaced = ToolCallStream("<tool_call>")  # whitespace before a call is no content
+    spaced = ToolCallStream(("<tool_call>",))  # whitespace before a call is no content
     assert [spaced.feed(t) for t in ["\n", "\n\n<tool_call>"]] == ["", ""] and spaced.sent == 0
-    texted = ToolCallStream("<tool_call>")
+    texted = ToolCallStream(("<tool_call>",))
     assert [texted.feed(t) for t in [" ", " \n", " \nHi <"]] == ["", "", " \nHi "]
+    kimi = ("<|tool_calls_section_begin|>", "<|tool_call_section_begin|>")  # either starts a call
+    spellings = ToolCallStream(kimi)
+    assert spellings.feed("Hi <|tool_call_s") == "Hi "  # a start of either: held
+    assert spellings.feed("Hi <|tool_call_section_begin|>") == "" and spellings.in_call
+    assert ToolCallStream(kimi).feed("a" + kimi[1] + "b" + kimi[0]) == "a"  # the first written
 
 
 @pytest.fixture(scope="module")
@@ -459,6 +474,9 @@ PIECES = [  # every format's markers, and what models write around and inside th
     '<parameter name="', "'",
     "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>",
     "<|start|>", "<|channel|>", "<|message|>", "<|call|>", "<|end|>", " to=functions.f",
+    "<|tool_calls_section_begin|>", "<|tool_call_section_begin|>", "<|tool_call_begin|>",
+    "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<|tool_calls_section_end|>",
+    "functions.f:0", ":1",
     "```json\n", "\n```", "{", "}", '"', ">", "\n", " ", "é", "\udc00", "9" * 30,
 ]  # fmt: skip
 CHARS = st.sampled_from(["a", "é", "\udc00", '"', "\\", "\n", "<", "/", ">", " "])
@@ -489,6 +507,8 @@ def written_call(parser: str, name: str, arguments: dict) -> str:
         return "<｜tool▁calls▁begin｜>" + call(name, as_json) + "<｜tool▁calls▁end｜>"
     if parser == "openai":
         return harmony_call(name, as_json)
+    if parser == "kimi_k2":
+        return section(kimi_k2_call(name, as_json))
     values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in arguments.items()}
     return UNTYPED[parser](name, values)
 
@@ -501,6 +521,7 @@ def strict_json(constant: str) -> float:
 @example("hermes", "f", {"a": float("nan")}, [], [])
 @example("mistral", "f", {"a": [float("inf")]}, [], [])
 @example("deepseek_v3", "f", {"a": {"b": float("-inf")}}, [], [])
+@example("kimi_k2", "f", {"a": ["\udc00", float("nan")]}, [], [])
 @example("glm45", "search", {"note": "\udc00", "limit": float("nan")}, [], [])
 @example("minimax_m2", "search", {"a": "\n1\n", "filters": {"b": [1.5, None]}}, [], [])
 @given(

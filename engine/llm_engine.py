@@ -14,7 +14,7 @@ from engine.guided import GrammarCompiler, Guide
 from engine.kv_cache import KVCache
 from engine.loader import load_model
 from engine.metrics import EngineMetrics
-from engine.model_config import ModelConfig
+from engine.model_config import ModelConfig, generation_eos_ids
 from engine.offload.runtime import OffloadRuntime
 from engine.outputs import RequestOutput, RequestTiming
 from engine.routes import RouteTracker
@@ -89,7 +89,7 @@ class LLMEngine:
             self.device,
             config.seed,
         )
-        eos = set(mc.eos_token_ids)
+        eos = set(mc.eos_token_ids) | set(generation_eos_ids(config.model))
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.detokenizer = Detokenizer(self.tokenizer, tuple(sorted(eos)), self.max_model_len)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import GenerationConfig
+
 from engine.config import ConfigError
 from engine.family_config import (
     MLAConfig,
@@ -214,3 +216,13 @@ class ModelConfig:
                 "config.json: num_attention_heads must be a multiple of num_key_value_heads"
             )
         return cfg
+
+
+def generation_eos_ids(path: str | Path) -> tuple[int, ...]:
+    """The EOS ids generation_config.json names beside config.json's: gpt-oss's `<|call|>`,
+    Llama 3's `<|eot_id|>`. Generation stops on them, as transformers' generate and vLLM stop."""
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))

@@ -80,7 +80,11 @@ class ChatMessage(RequestModel):
             message["tool_call_id"] = self.tool_call_id
         reasoning = self.reasoning or self.reasoning_content
         if reasoning is not None:  # the names templates that show it read: Qwen3's, gpt-oss's
-            message["reasoning_content"] = message["thinking"] = reasoning
+            message["reasoning_content"] = reasoning
+            # gpt-oss's template refuses an assistant call with both `thinking` and content (a
+            # preamble): such a turn goes without `thinking`
+            if not (self.tool_calls and self.content):
+                message["thinking"] = reasoning
         return message
 
 

@@ -65,17 +65,30 @@ class Message:
         return START + self.header + MESSAGE + self.body + ("<|call|>" if self.ended else "")
 
 
-def _next_end(text: str, start: int) -> int:
-    """Where the body from `start` ends: at an end marker or a new message; -1 if it runs on."""
-    found = [at for marker in (START, *ENDS) if (at := text.find(marker, start)) >= 0]
-    return min(found, default=-1)
+BOUNDARY = re.compile("|".join(re.escape(marker) for marker in (START, *ENDS)))
+
+
+def _body_end(text: str, at: int, finished: bool) -> tuple[int, int] | None:
+    """Where the body from `at` ends and where what follows it starts (the next `<|start|>`, or
+    the text's end). A `<|start|>` ends a body; an end marker only when a new message, or the end
+    of a finished text, follows it: one written as plain text inside an answer is the answer's.
+    None: the body runs on (or, unfinished, whether it ended is not known yet). One scan, by one
+    pattern: linear in the text."""
+    pos = at
+    while (marker := BOUNDARY.search(text, pos)) is not None:
+        if marker[0] == START:
+            return marker.start(), marker.start()
+        after = marker.end()
+        if text.startswith(START, after) or (finished and after == len(text)):
+            return marker.start(), after
+        pos = after
+    return None
 
 
 def read_messages(text: str, finished: bool, opened: bool = False) -> list[Message]:
     """The messages of a text written after `<|start|>assistant` whose header is complete.
     `opened`: the text starts inside an analysis message's body. Unfinished, the last body holds
-    back a tail that may still become a marker; text between a message's end and the next
-    `<|start|>` is dropped."""
+    back a tail that may still become a marker, or that ends it."""
     messages: list[Message] = []
     at, role = 0, "assistant"  # the prompt wrote the first message's role
     if not opened and text.startswith(START):
@@ -87,17 +100,17 @@ def read_messages(text: str, finished: bool, opened: bool = False) -> list[Messa
             if header_end < 0:
                 return messages
             header, at = role + text[at:header_end], header_end + len(MESSAGE)
-        end = _next_end(text, at)
-        if end < 0:
+        end = _body_end(text, at, finished)
+        if end is None:
             body = text[at:]
-            if not finished:
+            if not finished:  # a partial marker, then an end marker that may yet end it
                 body = body[: len(body) - max(held_suffix(body, m) for m in (START, *ENDS))]
+                body = next((body[: -len(e)] for e in ENDS if body.endswith(e)), body)
             return [*messages, Message(header, body, ended=False)]
-        messages.append(Message(header, text[at:end], ended=True))
-        start = text.find(START, end)
-        if start < 0:
+        messages.append(Message(header, text[at : end[0]], ended=True))
+        if end[1] == len(text):
             return messages
-        at, header, role = start + len(START), None, ""
+        at, header, role = end[1] + len(START), None, ""
 
 
 @dataclass(frozen=True)

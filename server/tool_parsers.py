@@ -123,8 +123,10 @@ def marked_calls(
             arguments = json.loads(match["arguments"])
         except (ValueError, RecursionError):
             return text, []
-        written_id = partial(match.groupdict().get, "id")  # None: a new one
-        call = parse_call({"name": match["name"], "arguments": arguments}, written_id)
+        written = match.groupdict().get("id")
+        if any(c.id == written for c in calls):  # a repeated index: ids must stay unique
+            written = None
+        call = parse_call({"name": match["name"], "arguments": arguments}, lambda: written)  # noqa: B023 (called now)
         if call is None:
             return text, []
         calls.append(call)

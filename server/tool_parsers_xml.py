@@ -10,8 +10,8 @@ literal) it spells, else its text, as these models' chat templates render earlie
 - `minimax_m2`: `<minimax:tool_call>` then, per call, `<invoke name="NAME">` with
   `<parameter name="KEY">VALUE</parameter>` per argument and `</invoke>`, then
   `</minimax:tool_call>`, as MiniMax-M2 writes them: one block may hold several calls, names may be
-  quoted with " or ', and one newline each side of a value is dropped (MiniMax's and vLLM's
-  parsers strip all whitespace there; other whitespace is kept as the value's own here).
+  quoted with " or ', and a value's edge whitespace is dropped, as MiniMax's and vLLM's parsers
+  drop it.
 
 No part crosses its closing tag, so a call that does not parse is rejected in linear time (a
 backtracking pattern took seconds at 16 arguments).

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, ConfigError
+from engine import LLM, ConfigError, SamplingParams
 from engine.model_config import ModelConfig
 from tests.conftest import save_tiny_checkpoint, tiny_config
 
@@ -142,3 +142,20 @@ def test_missing_or_misshapen_attention_part_is_named(
     )
     with pytest.raises(ConfigError, match=r"layers\.1\.self_attn\.v_proj\.weight.*\(3, 64\)"):
         LLM(model=str(misshapen))
+
+
+def test_generation_config_eos_ids_stop_generation(
+    mixtral_checkpoint: Path, tmp_path: Path
+) -> None:
+    """generation_config.json may name more EOS ids than config.json (gpt-oss's `<|call|>`):
+    generation stops on them too; a checkpoint without one is read as before."""
+    path = copy_checkpoint(mixtral_checkpoint, tmp_path / "ckpt")
+    (path / "generation_config.json").unlink(missing_ok=True)
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    [free] = LLM(model=str(path), max_model_len=64).generate([[1, 5, 9]], params)
+    first = free.outputs[0].token_ids[0]
+    assert len(free.outputs[0].token_ids) > 1  # not an EOS of config.json's
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, first]}))
+    [stopped] = LLM(model=str(path), max_model_len=64).generate([[1, 5, 9]], params)
+    assert stopped.outputs[0].token_ids == [first]
+    assert stopped.outputs[0].finish_reason == "stop"

@@ -85,6 +85,11 @@ def test_an_assistants_reasoning_reaches_the_template(renderer: ChatRenderer) ->
         messages = [m.template_dict() for m in request.messages]
         assert "<|assistant|>[2 and 2 make 4]4<|end|>" in text(renderer, messages)
         assert messages[1]["thinking"] == "2 and 2 make 4"  # gpt-oss's template's name
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turn = {"role": "assistant", "content": "Let me look.", "reasoning": "hm", "tool_calls": [call]}
+    request = ChatCompletionRequest.model_validate({"messages": [USER, turn]})
+    message = request.messages[1].template_dict()  # gpt-oss's template takes no both
+    assert message["reasoning_content"] == "hm" and "thinking" not in message
     with pytest.raises(ValidationError, match="only assistant messages carry reasoning"):
         ChatCompletionRequest.model_validate({"messages": [{**USER, "reasoning": "hm"}]})
 

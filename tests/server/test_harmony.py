@@ -5,6 +5,7 @@ template; and a server wired to both (its tiny model writes no harmony, so its t
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from server.harmony import harmony_calls
 from server.reasoning import REASONING_PARSERS
 from server.serving_chat import sampling_params
 from server.tool_parsers import TOOL_CALL_PARSERS
-from tests.server.test_reasoning import stream_whole
+from tests.server.test_reasoning import stream_whole, written_calls
 
 if TYPE_CHECKING:
     from tests.server.conftest import RunningServer
@@ -78,6 +79,10 @@ SPLITS = [  # text after the prompt's "<|start|>assistant" -> (reasoning, conten
     ("<|channel|>analysis<|message|>cut short while thinking", ("cut short while thinking", None)),
     ("<|channel|>analys", ("", None)),  # cut short in the header
     ("A model that writes no harmony <|end|>", ("", "A model that writes no harmony <|end|>")),
+    (  # an end marker written as text, inside an answer, is the answer's
+        "<|channel|>final<|message|>Write <|end|> to close it.<|return|>",
+        ("", "Write <|end|> to close it."),
+    ),
     ("", ("", "")),
 ]  # fmt: skip
 MARKUP = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>")
@@ -100,10 +105,20 @@ def test_a_streamed_split_only_grows_into_the_finished_one(
         assert reasoning.startswith(before[0])
         assert before[1] is None or (content is not None and content.startswith(before[1]))
         assert not any(m in reasoning for m in MARKUP)
-        if "functions." not in text and "no harmony" not in text:
+        if not any(kept in text for kept in ("functions.", "no harmony", "close it")):
             assert not any(m in (content or "") for m in MARKUP)
         before = (reasoning, content)
     assert before == expected
+
+
+def test_many_messages_split_in_linear_time() -> None:
+    """16,000 messages (a model stuck in a loop): one scan, not a search per marker per message
+    (9 s before)."""
+    text = "<|channel|>analysis<|message|>x<|end|><|start|>assistant" * 16000
+    start = time.perf_counter()
+    reasoning, content = HARMONY.split(text, True, False)
+    assert time.perf_counter() - start < 1.0
+    assert reasoning == "\n".join(["x"] * 16000) and content is None
 
 
 def test_only_what_may_become_a_marker_is_held_back() -> None:
@@ -185,7 +200,7 @@ def test_streamed_chunks_add_up_to_the_whole_answer(text: str) -> None:
     streamed = stream_whole(request, FORMATS, text)
     assert streamed["reasoning"] == (whole.reasoning or "")
     assert streamed["content"] == (whole.content or "")
-    assert streamed["calls"] == [c.function.name for c in whole.tool_calls or ()]
+    assert streamed["calls"] == written_calls(whole)
     assert streamed["finish"] == whole.finish_reason
 
 

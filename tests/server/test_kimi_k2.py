@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from server.chat_answer import ChatFormats, ChoiceStream, answer
+from server.chat_answer import ChatFormats, answer
 from server.chat_requests import ChatCompletionRequest
-from server.generations import ChoiceDelta
 from server.serving_chat import sampling_params
 from server.tool_parsers import TOOL_CALL_PARSERS
+from tests.server.test_reasoning import stream_whole, written_calls
 
 KIMI = ChatFormats(TOOL_CALL_PARSERS["kimi_k2"])
 SECTION = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>")
@@ -50,6 +50,9 @@ def test_calls_are_parsed_with_their_written_ids() -> None:
         None,
         [("get_time", {}, "functions.get_time:7")],
     )
+    twice = section(kimi_k2_call("get_time", "{}"), kimi_k2_call("get_time", '{"tz": "UTC"}'))
+    first, second = parsed(twice)[1]
+    assert first[2] == "functions.get_time:0" and second[2].startswith("call_")  # ids unique
 
 
 def test_headers_without_the_prefix_spacing_and_the_singular_section() -> None:
@@ -100,21 +103,6 @@ def request(**body: Any) -> ChatCompletionRequest:
     )
 
 
-def streamed(chat: ChatCompletionRequest, text: str) -> dict[str, Any]:
-    """Feed `text` a character at a time through a ChoiceStream; what its chunks say, joined."""
-    stream, joined = ChoiceStream(chat, KIMI), {"content": "", "calls": []}
-    for i, char in enumerate(text):
-        finish = "stop" if i == len(text) - 1 else None
-        chunk = stream.advance(ChoiceDelta(0, char, None, finish))
-        if chunk is None:
-            continue
-        joined["content"] += chunk.delta.content or ""
-        calls = chunk.delta.tool_calls or ()
-        joined["calls"] += [(c.id, c.function.name, c.function.arguments) for c in calls]
-        joined["finish"] = chunk.finish_reason
-    return joined
-
-
 ANSWERS = [
     section(kimi_k2_call("get_weather", '{"city": "Oslo"}')),
     "Checking both. "
@@ -130,10 +118,9 @@ ANSWERS = [
 def test_a_streamed_answer_adds_up_to_the_whole_one(text: str) -> None:
     chat = request()
     whole = answer(chat, KIMI, text, "stop")
-    joined = streamed(chat, text)
+    joined = stream_whole(chat, KIMI, text)
     assert joined["content"] == (whole.content or "")
-    calls = [(c.id, c.function.name, c.function.arguments) for c in whole.tool_calls or ()]
-    assert joined["calls"] == calls and joined["finish"] == whole.finish_reason
+    assert joined["calls"] == written_calls(whole) and joined["finish"] == whole.finish_reason
 
 
 def test_answers_return_the_written_ids_and_keep_special_tokens() -> None:

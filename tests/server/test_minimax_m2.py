@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from server.chat_answer import ChatFormats, ChoiceStream, answer
+from server.chat_answer import ChatFormats, answer
 from server.chat_requests import ChatCompletionRequest
-from server.generations import ChoiceDelta
 from server.reasoning import REASONING_PARSERS
 from server.serving_chat import sampling_params
 from server.tool_parsers import TOOL_CALL_PARSERS
 from server.tool_parsers_xml import minimax_m2_calls
+from tests.server.test_reasoning import stream_whole, written_calls
 
 MINIMAX = ChatFormats(TOOL_CALL_PARSERS["minimax_m2"], REASONING_PARSERS["minimax_m2"])
 PROMPT = "]~!b[]~b]system\nYou are helpful.[e~[\n]~b]user\nWeather?[e~[\n]~b]ai\n<think>\n"
@@ -181,22 +181,6 @@ def request(**body: Any) -> ChatCompletionRequest:
     return chat
 
 
-def streamed(chat: ChatCompletionRequest, text: str) -> dict[str, Any]:
-    """Feed `text` a character at a time through a ChoiceStream; what its chunks say, joined."""
-    stream, joined = ChoiceStream(chat, MINIMAX), {"reasoning": "", "content": "", "calls": []}
-    for i, char in enumerate(text):
-        finish = "stop" if i == len(text) - 1 else None
-        chunk = stream.advance(ChoiceDelta(0, char, None, finish))
-        if chunk is None:
-            continue
-        joined["reasoning"] += chunk.delta.reasoning or ""
-        joined["content"] += chunk.delta.content or ""
-        calls = chunk.delta.tool_calls or ()
-        joined["calls"] += [(c.function.name, c.function.arguments) for c in calls]
-        joined["finish"] = chunk.finish_reason
-    return joined
-
-
 ANSWERS = [
     "The user wants the weather.\n</think>\n\n"
     + minimax_m2_call("get_weather", {"location": "Oslo", "days": "2"}),
@@ -215,11 +199,10 @@ ANSWERS = [
 def test_a_streamed_answer_adds_up_to_the_whole_one(text: str) -> None:
     chat = request()
     whole = answer(chat, MINIMAX, text, "stop")
-    joined = streamed(chat, text)
+    joined = stream_whole(chat, MINIMAX, text)
     assert joined["reasoning"] == (whole.reasoning or "")
     assert joined["content"] == (whole.content or "")
-    calls = [(c.function.name, c.function.arguments) for c in whole.tool_calls or ()]
-    assert joined["calls"] == calls and joined["finish"] == whole.finish_reason
+    assert joined["calls"] == written_calls(whole) and joined["finish"] == whole.finish_reason
 
 
 def test_calls_come_after_the_reasoning() -> None:

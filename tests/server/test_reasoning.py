@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from engine import GuidedDecoding, SamplingParams
-from server.chat_answer import ChatFormats, ChoiceStream, answer, grammar_after_reasoning
+from server.chat_answer import (
+    Answer,
+    ChatFormats,
+    ChoiceStream,
+    answer,
+    grammar_after_reasoning,
+)
 from server.chat_requests import ChatCompletionRequest
 from server.generations import ChoiceDelta
 from server.reasoning import REASONING_PARSERS
@@ -106,8 +112,19 @@ def chat(
     return request
 
 
+def call_id(call_id: str) -> str:
+    """A written id (Kimi-K2's) as it is; a generated one (random) as its kind."""
+    return "call_" if call_id.startswith("call_") else call_id
+
+
+def written_calls(whole: Answer) -> list[tuple[str, str, str]]:
+    calls = whole.tool_calls or ()
+    return [(call_id(c.id), c.function.name, c.function.arguments) for c in calls]
+
+
 def stream_whole(request: ChatCompletionRequest, formats: ChatFormats, text: str) -> dict:
-    """Feed `text` a character at a time; what the chunks say, joined."""
+    """Feed `text` a character at a time; what the chunks say, joined (calls as id, name and
+    arguments, as `written_calls` gives the whole answer's)."""
     stream, joined = ChoiceStream(request, formats), {"reasoning": "", "content": "", "calls": []}
     for i, char in enumerate(text):
         last = i == len(text) - 1
@@ -117,7 +134,8 @@ def stream_whole(request: ChatCompletionRequest, formats: ChatFormats, text: str
             continue
         joined["reasoning"] += chunk.delta.reasoning or ""
         joined["content"] += chunk.delta.content or ""
-        joined["calls"] += [c.function.name for c in chunk.delta.tool_calls or ()]
+        calls = chunk.delta.tool_calls or ()
+        joined["calls"] += [(call_id(c.id), c.function.name, c.function.arguments) for c in calls]
         joined["finish"] = chunk.finish_reason
     return joined
 
@@ -130,7 +148,7 @@ def test_streamed_chunks_add_up_to_the_whole_answer(text: str) -> None:
     streamed = stream_whole(request, formats, text)
     assert streamed["reasoning"] == (whole.reasoning or "")
     assert streamed["content"] == (whole.content or "")
-    assert streamed["calls"] == [c.function.name for c in whole.tool_calls or ()]
+    assert streamed["calls"] == written_calls(whole)
     assert streamed["finish"] == whole.finish_reason
 
 

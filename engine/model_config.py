@@ -221,8 +221,13 @@ class ModelConfig:
 def generation_eos_ids(path: str | Path) -> tuple[int, ...]:
     """The EOS ids generation_config.json names beside config.json's: gpt-oss's `<|call|>`,
     Llama 3's `<|eot_id|>`. Generation stops on them, as transformers' generate and vLLM stop."""
+    if not (Path(path) / "generation_config.json").is_file():
+        return ()
     try:
         eos = GenerationConfig.from_pretrained(path).eos_token_id
-    except OSError:  # no generation_config.json
-        return ()
-    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    except OSError as e:  # not JSON
+        raise ConfigError(f"{path}: generation_config.json: {e}") from e
+    ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ConfigError(f"generation_config.json: eos_token_id={eos!r} must be token ids")
+    return tuple(ids)

@@ -159,3 +159,7 @@ def test_generation_config_eos_ids_stop_generation(
     [stopped] = LLM(model=str(path), max_model_len=64).generate([[1, 5, 9]], params)
     assert stopped.outputs[0].token_ids == [first]
     assert stopped.outputs[0].finish_reason == "stop"
+    for bad in ('{"eos_token_id": "</s>"}', "{not json"):
+        (path / "generation_config.json").write_text(bad)
+        with pytest.raises(ConfigError, match="generation_config.json"):
+            LLM(model=str(path), max_model_len=64)

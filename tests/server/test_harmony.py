@@ -21,7 +21,7 @@ from server.harmony import harmony_calls
 from server.reasoning import REASONING_PARSERS
 from server.serving_chat import sampling_params
 from server.tool_parsers import TOOL_CALL_PARSERS
-from tests.server.test_reasoning import stream_whole, written_calls
+from tests.server.test_reasoning import assert_streams_as_whole
 
 if TYPE_CHECKING:
     from tests.server.conftest import RunningServer
@@ -195,13 +195,7 @@ def test_an_answer_with_a_call(call: str) -> None:
 
 @pytest.mark.parametrize("text", [text for text, _ in SPLITS if text])
 def test_streamed_chunks_add_up_to_the_whole_answer(text: str) -> None:
-    request = chat({"tools": [WEATHER]})
-    whole = answer(request, FORMATS, text, "stop")
-    streamed = stream_whole(request, FORMATS, text)
-    assert streamed["reasoning"] == (whole.reasoning or "")
-    assert streamed["content"] == (whole.content or "")
-    assert streamed["calls"] == written_calls(whole)
-    assert streamed["finish"] == whole.finish_reason
+    assert_streams_as_whole(chat({"tools": [WEATHER]}), FORMATS, text)
 
 
 def test_harmony_keeps_special_tokens_and_grammars_follow_the_final_message() -> None:

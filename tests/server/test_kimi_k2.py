@@ -12,7 +12,7 @@ from server.chat_answer import ChatFormats, answer
 from server.chat_requests import ChatCompletionRequest
 from server.serving_chat import sampling_params
 from server.tool_parsers import TOOL_CALL_PARSERS
-from tests.server.test_reasoning import stream_whole, written_calls
+from tests.server.test_reasoning import assert_streams_as_whole
 
 KIMI = ChatFormats(TOOL_CALL_PARSERS["kimi_k2"])
 SECTION = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>")
@@ -116,11 +116,7 @@ ANSWERS = [
 
 @pytest.mark.parametrize("text", ANSWERS)
 def test_a_streamed_answer_adds_up_to_the_whole_one(text: str) -> None:
-    chat = request()
-    whole = answer(chat, KIMI, text, "stop")
-    joined = stream_whole(chat, KIMI, text)
-    assert joined["content"] == (whole.content or "")
-    assert joined["calls"] == written_calls(whole) and joined["finish"] == whole.finish_reason
+    assert_streams_as_whole(request(), KIMI, text)
 
 
 def test_answers_return_the_written_ids_and_keep_special_tokens() -> None:

@@ -15,7 +15,7 @@ from server.reasoning import REASONING_PARSERS
 from server.serving_chat import sampling_params
 from server.tool_parsers import TOOL_CALL_PARSERS
 from server.tool_parsers_xml import minimax_m2_calls
-from tests.server.test_reasoning import stream_whole, written_calls
+from tests.server.test_reasoning import assert_streams_as_whole
 
 MINIMAX = ChatFormats(TOOL_CALL_PARSERS["minimax_m2"], REASONING_PARSERS["minimax_m2"])
 PROMPT = "]~!b[]~b]system\nYou are helpful.[e~[\n]~b]user\nWeather?[e~[\n]~b]ai\n<think>\n"
@@ -197,12 +197,7 @@ ANSWERS = [
 
 @pytest.mark.parametrize("text", ANSWERS)
 def test_a_streamed_answer_adds_up_to_the_whole_one(text: str) -> None:
-    chat = request()
-    whole = answer(chat, MINIMAX, text, "stop")
-    joined = stream_whole(chat, MINIMAX, text)
-    assert joined["reasoning"] == (whole.reasoning or "")
-    assert joined["content"] == (whole.content or "")
-    assert joined["calls"] == written_calls(whole) and joined["finish"] == whole.finish_reason
+    assert_streams_as_whole(request(), MINIMAX, text)
 
 
 def test_calls_come_after_the_reasoning() -> None:

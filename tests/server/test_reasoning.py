@@ -140,16 +140,23 @@ def stream_whole(request: ChatCompletionRequest, formats: ChatFormats, text: str
     return joined
 
 
-@pytest.mark.parametrize("text", [t for t in TEXTS if t])
-def test_streamed_chunks_add_up_to_the_whole_answer(text: str) -> None:
-    formats = ChatFormats(TOOL_CALL_PARSERS["hermes"], R1)
-    request = chat({"tools": [WEATHER]})
+def assert_streams_as_whole(
+    request: ChatCompletionRequest, formats: ChatFormats, text: str
+) -> None:
+    """Streamed a character at a time, `text` says what the finished answer says: reasoning,
+    content, calls and finish reason."""
     whole = answer(request, formats, text, "stop")
     streamed = stream_whole(request, formats, text)
     assert streamed["reasoning"] == (whole.reasoning or "")
     assert streamed["content"] == (whole.content or "")
     assert streamed["calls"] == written_calls(whole)
     assert streamed["finish"] == whole.finish_reason
+
+
+@pytest.mark.parametrize("text", [t for t in TEXTS if t])
+def test_streamed_chunks_add_up_to_the_whole_answer(text: str) -> None:
+    formats = ChatFormats(TOOL_CALL_PARSERS["hermes"], R1)
+    assert_streams_as_whole(chat({"tools": [WEATHER]}), formats, text)
 
 
 def test_calls_are_parsed_from_the_content_after_the_reasoning() -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from engine.attention_sinks import sink_group
 from engine.kv_cache import KVCache, gather, raw
+from engine.linear_state import LinearBatch
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class AttentionBatch:
     kv: KVCache
     slot_mapping: torch.Tensor  # [T] KV slot each new token is written to
     groups: list[AttentionGroup]
+    linear: LinearBatch | None = None  # linear-attention layers' states (Qwen3-Next), if any
     _folded: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     _folded_elements: int = 0  # of the masks kept in _folded, within MAX_FOLDED_MASK
 

@@ -114,7 +114,7 @@ def fp8_block(quant: dict[str, Any] | None) -> tuple[int, int] | None:
     return block[0], block[1]
 
 
-def _rope_params(raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def rope_params(raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(the field that holds them, the rotary parameters with `rope_type` named): transformers 5
     writes `rope_parameters`, older checkpoints `rope_scaling` with a `type`, which wins (as in
     transformers)."""
@@ -129,7 +129,7 @@ def _rope_params(raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def rope_scaling_fields(raw: dict[str, Any], head_dim: int) -> dict[str, Any]:
     """Frequencies of a scaled rotary embedding (linear, YaRN, Llama 3), computed by transformers
     once. Scalings that change with the sequence length (dynamic NTK, LongRoPE) are refused."""
-    source, params = _rope_params(raw)
+    source, params = rope_params(raw)
     rope_type = params["rope_type"]
     if rope_type == "default":
         return {}
@@ -188,7 +188,7 @@ def glm4_moe_fields(
     rotary over the leading `partial_rotary_factor` of each head (0.5 unless said, as in
     transformers); DeepSeek-V3's routing and ungated shared experts; dense MLPs in the first
     `first_k_dense_replace` layers."""
-    factor = _rope_params(raw)[1].get("partial_rotary_factor")  # transformers' order
+    factor = rope_params(raw)[1].get("partial_rotary_factor")  # transformers' order
     factor = raw.get("partial_rotary_factor", 0.5) if factor is None else factor
     if not 0.0 < float(factor) <= 1.0:
         raise ConfigError(f"config.json: partial_rotary_factor={factor!r} must be in (0, 1]")
@@ -208,7 +208,7 @@ def minimax_m2_fields(
     """MiniMax-M2: q and k RMS-normed over all heads at once (as OLMoE's), rotary over the leading
     `rotary_dim` of each head, and Mixtral's experts behind a sigmoid router that picks by score
     plus a learned correction bias (DeepSeek-V3's rule, one group) and renormalises the top-k."""
-    factor = _rope_params(raw)[1].get("partial_rotary_factor") or raw.get("partial_rotary_factor")
+    factor = rope_params(raw)[1].get("partial_rotary_factor") or raw.get("partial_rotary_factor")
     if factor is None:
         factor = (raw.get("rotary_dim") or head_dim) / head_dim
     if not 0.0 < float(factor) <= 1.0:
@@ -319,7 +319,7 @@ def deepseek_fields(
         mla=mla,
         head_dim=mla.qk_rope_head_dim,  # what the rotary embedding turns
         # YaRN's mscale sharpens the softmax as well as scaling cos/sin
-        attention_scale=yarn_apply_mscale(_rope_params(raw)[1], mla.qk_head_dim**-0.5),
+        attention_scale=yarn_apply_mscale(rope_params(raw)[1], mla.qk_head_dim**-0.5),
         shared_expert_intermediate_size=moe_inter * int(raw.get("n_shared_experts") or 0),
         dense_layers=dense,
     )

@@ -4,6 +4,7 @@ step's attention reads a run of whole blocks back from it (`gather`)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -38,15 +39,22 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         cache_dtype: torch.dtype | None = None,
+        uncached: Collection[int] = (),
     ) -> KVCache:
         """geometry: (kv heads, key dim, value dim), value dim 0 when values live in the keys.
-        cache_dtype: what the cache holds, `dtype` when None."""
+        cache_dtype: what the cache holds, `dtype` when None. `uncached` layers (Qwen3-Next's
+        linear-attention ones) get empty tensors."""
         kv_heads, key_dim, value_dim = geometry
         stored = cache_dtype or dtype
 
         def make(dim: int) -> list[torch.Tensor]:
-            shape = (num_blocks * block_size, kv_heads, dim)
-            return [torch.zeros(shape, dtype=stored, device=device) for _ in range(num_layers)]
+            rows = num_blocks * block_size
+            return [
+                torch.zeros(
+                    (0 if i in uncached else rows, kv_heads, dim), dtype=stored, device=device
+                )
+                for i in range(num_layers)
+            ]
 
         if stored.itemsize == 1:
             limit = torch.finfo(stored).max

@@ -63,9 +63,11 @@ class LLMEngine:
             config.torch_dtype,
             self.device,
             config.torch_kv_cache_dtype,
+            uncached=mc.linear_attention.layers if mc.linear_attention else (),
         )
-        num_blocks = self.kv.k[0].shape[0] // config.block_size
-        self.blocks = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
+        num_blocks = self.kv.k[mc.attention_layers[0]].shape[0] // config.block_size
+        prefix_caching = config.enable_prefix_caching and mc.linear_attention is None
+        self.blocks = BlockAllocator(num_blocks, config.block_size, prefix_caching)
         self.routes = RouteTracker(mc.moe_layers, mc.num_experts, mc.top_k)
         selector = None
         if config.step_group_size is not None:
@@ -88,6 +90,7 @@ class LLMEngine:
             self.kv,
             self.device,
             config.seed,
+            config.max_num_seqs,
         )
         eos = set(mc.eos_token_ids) | set(generation_eos_ids(config.model))
         if self.tokenizer.eos_token_id is not None:
@@ -128,7 +131,10 @@ class LLMEngine:
             return cfg.kv_cache_blocks
         kv_heads, key_dim, value_dim = mc.kv_cache_geometry
         bytes_per_token = (
-            mc.num_layers * kv_heads * (key_dim + value_dim) * cfg.torch_kv_cache_dtype.itemsize
+            len(mc.attention_layers)
+            * kv_heads
+            * (key_dim + value_dim)
+            * cfg.torch_kv_cache_dtype.itemsize
         )
         wanted = -(-cfg.max_num_seqs * self.max_model_len // cfg.block_size)
         affordable = DEFAULT_KV_BYTES // (bytes_per_token * cfg.block_size)
@@ -206,7 +212,7 @@ class LLMEngine:
             if not seq.finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
-            self.routes.forget(seq.seq_id)
+            self.runner.forget(seq.seq_id)
         self._finish(request, time.monotonic())
         self._record_step(0, 0)
         return request.to_output()
@@ -226,6 +232,8 @@ class LLMEngine:
                 new_prompt_tokens += seq.num_prompt_tokens
                 queued.append(now - timing.arrival_s)
         self.metrics.record_schedule(len(batch.preempted), queued)
+        for seq in batch.preempted:  # recomputed from position 0: linear states start afresh
+            self.runner.release_state(seq.seq_id)
         if not batch.seqs:
             return []
         for seq, cached in batch.admitted:
@@ -261,7 +269,7 @@ class LLMEngine:
             request.timing.last_token_s = now
             if seq.finished:
                 self.scheduler.finish(seq)
-                self.routes.forget(seq.seq_id)
+                self.runner.forget(seq.seq_id)
         outputs = []
         for request in changed.values():
             if request.finished:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 from tqdm import tqdm
 
 from engine.checkpoint_fp8 import (
@@ -22,7 +22,9 @@ from engine.checkpoint_fp8 import (
 )
 from engine.config import ConfigError
 from engine.model_config import ModelConfig
-from engine.models.layers import Attention
+from engine.models.family import Convert, FamilySpec
+from engine.models.gated_delta import GatedDeltaNet
+from engine.models.layers import Attention, RMSNorm
 from engine.models.mla import MLAttention
 from engine.models.model import MoECausalLM
 from kernels.mxfp4 import BLOCK
@@ -106,17 +108,18 @@ def load_model(
     block = cfg.fp8_block
     files = safetensors_files(path)
     scales = fp8_scales(files) if block else {}
+    fused = _fused_experts(spec, files, moe_layers[0], cfg.mxfp4_experts)
     expert_names = {
         spec.expert_key(layer, e, part)
         for layer in moe_layers
         for e in range(E)
         for part in (spec.gate_proj, spec.up_proj, spec.down_proj)
-        if not spec.fused_experts
+        if not fused
     }
     fp8 = (
         fp8_experts
         and block is not None
-        and not spec.fused_experts
+        and not fused
         and I % block[0] == 0  # else a block of rows would mix gate and up
         and all_e4m3_with_scales(files, expert_names, scales)
     )
@@ -159,10 +162,11 @@ def load_model(
         for hub, (part, convert) in (
             spec.fused_mxfp4_experts if cfg.mxfp4_experts else spec.fused_experts
         ).items()
+        if fused
     }
     # hub key -> (its rows of w13 / w2, and of their scales when FP8)
     expert_keys: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for layer in moe_layers if not spec.fused_experts else ():
+    for layer in moe_layers if not fused else ():
         parts = experts.layers[layer]
         w13, w2, s13, s2 = (parts.get(n) for n in ("w13", "w2", "w13_scale", "w2_scale"))
         assert w13 is not None and w2 is not None
@@ -192,7 +196,11 @@ def load_model(
                 list(f.keys()), desc=f"loading {file.name}", unit="tensor", leave=False
             ):
                 key = spec.our_key(hub_key)
-                if key.endswith(ignored) or _extra_layer(key, cfg):
+                if (
+                    key.endswith(ignored)
+                    or key.startswith(spec.ignored_prefixes)
+                    or _extra_layer(key, cfg)
+                ):
                     continue
                 tensor = f.get_tensor(hub_key)
                 if key in expert_keys and expert_keys[key][1] is not None:
@@ -215,9 +223,10 @@ def load_model(
                     dest.copy_(tensor)
                     seen_parts.add(key)
                 elif key in stacked:
-                    target, rows = stacked[key]
+                    target, rows, convert = stacked[key]
                     if target not in resident:
                         resident[target] = torch.empty(shapes[target], dtype=dtype)
+                    tensor = tensor if convert is None else convert(tensor)
                     _check_shape(key, tensor, resident[target][rows].shape)
                     resident[target][rows].copy_(tensor)
                     seen_parts.add(key)
@@ -239,6 +248,10 @@ def load_model(
     model.load_state_dict(resident, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if cfg.zero_centered_norms:  # Qwen3-Next scales by 1 + w, in float32
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.weight = nn.Parameter(module.weight.float() + 1.0, requires_grad=False)
     if cfg.mla is not None and cfg.mla.rope_interleave:
         for module in model.modules():
             if isinstance(module, MLAttention):
@@ -276,22 +289,33 @@ def _copy_fp8(
     dest_scale.copy_(scale)
 
 
-def stacked_keys(model: MoECausalLM) -> dict[str, tuple[str, slice]]:
-    """Hub keys that fill rows of one of our fused weights: q/k/v_proj -> (qkv_proj key, rows)."""
+def stacked_keys(model: MoECausalLM) -> dict[str, tuple[str, slice, Convert | None]]:
+    """Hub keys that fill rows of one of our fused weights (q/k/v_proj -> qkv_proj, Gated
+    DeltaNet's input projections -> in_proj): hub key -> (our key, its rows, its conversion)."""
     stacked = {}
     for name, module in model.named_modules():
-        if isinstance(module, Attention):
-            offsets = [0, *itertools.accumulate(module.qkv_dims)]
-            suffixes = ("weight", "bias") if module.qkv_proj.bias is not None else ("weight",)
-            for part, (begin, end) in zip(
-                module.HUB_PARTS, itertools.pairwise(offsets), strict=True
-            ):
-                for suffix in suffixes:
-                    stacked[f"{name}.{part}.{suffix}"] = (
-                        f"{name}.qkv_proj.{suffix}",
-                        slice(begin, end),
-                    )
+        if not isinstance(module, Attention | GatedDeltaNet):
+            continue
+        for hub, ours, rows, convert in module.stacked_parts():
+            has_bias = getattr(module, ours).bias is not None
+            for suffix in ("weight", "bias") if has_bias else ("weight",):
+                stacked[f"{name}.{hub}.{suffix}"] = (f"{name}.{ours}.{suffix}", rows, convert)
     return stacked
+
+
+def _fused_experts(spec: FamilySpec, files: list[Path], layer: int, mxfp4: bool) -> bool:
+    """Whether the checkpoint stores each layer's experts as one tensor per part: always for a
+    family that names no per-expert weights, else (Qwen3.5) when the first MoE layer's are so."""
+    parts = spec.fused_mxfp4_experts if mxfp4 else spec.fused_experts
+    if not parts or not spec.gate_proj:
+        return bool(parts)
+    wanted = spec.fused_expert_key(layer, next(iter(parts)))
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names = f.keys()
+        if any(spec.our_key(k) == wanted for k in names):
+            return True
+    return False
 
 
 def _extra_layer(key: str, cfg: ModelConfig) -> bool:

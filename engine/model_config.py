@@ -22,6 +22,7 @@ from engine.family_config import (
     rope_scaling_fields,
     routing_defaults,
 )
+from engine.hybrid_config import LinearAttentionConfig, qwen3_next_fields
 from kernels.gating import SILU, Gating
 
 SUPPORTED_FAMILIES = (
@@ -35,11 +36,13 @@ SUPPORTED_FAMILIES = (
     "glm4_moe",
     "gpt_oss",
     "minimax_m2",
+    "qwen3_next",
+    "qwen3_5_moe",
 )
 
 # Checkpoints that name their own model_type for an architecture we serve (Kimi-K2's is
 # DeepSeek-V3's, with its own config class on the hub, not in transformers).
-MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
+MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3", "qwen3_5_moe_text": "qwen3_5_moe"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,9 @@ class ModelConfig:
     expert_bias: bool = False  # routed experts add a bias after each GEMM (gpt-oss)
     gating: Gating = SILU  # the routed experts' activation
     mxfp4_experts: bool = False  # routed experts in MXFP4 (gpt-oss's release), kept so on the host
+    linear_attention: LinearAttentionConfig | None = None  # Qwen3-Next's Gated DeltaNet layers
+    attention_output_gate: bool = False  # q_proj also yields a sigmoid gate on attention's output
+    zero_centered_norms: bool = False  # RMSNorm weights scale by 1 + w (the loader adds the 1)
 
     @property
     def top_k(self) -> int:
@@ -101,6 +107,12 @@ class ModelConfig:
         return self.num_kv_heads, self.head_dim, self.head_dim
 
     @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """The layers that attend over the KV cache (all but the linear-attention ones)."""
+        linear = self.linear_attention.layers if self.linear_attention else ()
+        return tuple(i for i in range(self.num_layers) if i not in linear)
+
+    @property
     def moe_layers(self) -> tuple[int, ...]:
         return tuple(i for i in range(self.num_layers) if i not in self.dense_layers)
 
@@ -113,6 +125,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        if raw.get("model_type") == "qwen3_5_moe" and isinstance(raw.get("text_config"), dict):
+            raw = {**raw, **raw["text_config"], "model_type": "qwen3_5_moe"}  # the VL release
         if raw.get("model_type") in MODEL_TYPE_ALIASES:  # read as the family it is built as
             raw = {**raw, "model_type": MODEL_TYPE_ALIASES[raw["model_type"]]}
         family = raw.get("model_type")
@@ -144,7 +158,7 @@ class ModelConfig:
                 need("num_experts", "num_local_experts"),
             )
         dense_layers: tuple[int, ...] = ()
-        if family in ("qwen2_moe", "qwen3_moe"):
+        if family in ("qwen2_moe", "qwen3_moe", "qwen3_next"):
             step = int(raw.get("decoder_sparse_step") or 1)
             only_mlp = set(raw.get("mlp_only_layers") or [])
             dense_layers = tuple(
@@ -159,6 +173,8 @@ class ModelConfig:
             dense_layers = family_fields.pop("dense_layers")
         elif family == "gpt_oss":
             family_fields |= gpt_oss_fields(raw, need, num_layers)
+        elif family in ("qwen3_next", "qwen3_5_moe"):
+            family_fields |= qwen3_next_fields(raw, need, num_layers)
         elif family == "minimax_m2":
             family_fields |= minimax_m2_fields(
                 raw, need, int(raw.get("head_dim") or hidden // heads)

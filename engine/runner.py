@@ -8,6 +8,7 @@ import torch
 
 from engine.attention import AttentionBatch
 from engine.kv_cache import KVCache
+from engine.linear_state import LinearStates
 from engine.models.layers import RoutingObserver
 from engine.models.model import MoECausalLM
 from engine.offload.experts import OffloadedExperts
@@ -38,8 +39,13 @@ class ModelRunner:
         kv: KVCache,
         device: torch.device | str,
         seed: int,
+        max_num_seqs: int,
     ) -> None:
         self.model, self.experts, self.kv, self.device = model, experts, kv, device
+        linear = model.cfg.linear_attention  # Qwen3-Next's: a state per running sequence
+        self.states = (
+            LinearStates(linear, max_num_seqs, kv.dtype, device) if linear is not None else None
+        )
         self.prefetcher, self.routes = prefetcher, routes
         self.observers = Observers([o for o in (prefetcher, routes) if o is not None])
         self.generator = torch.Generator().manual_seed(seed)
@@ -59,10 +65,9 @@ class ModelRunner:
         positions = [
             p for a, n in zip(starts, num_new_tokens, strict=True) for p in range(a, a + n)
         ]
-        window = self.model.cfg.sliding_window or None  # gpt-oss's sliding layers read only it
-        batch = AttentionBatch.build(
-            self.kv, block_tables, starts, num_new_tokens, self.device, window
-        )
+        batch = self._attention_batch(block_tables, starts, num_new_tokens)
+        if self.states is not None:
+            batch.linear = self.states.batch([s.seq_id for s in seqs], starts, num_new_tokens)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
         if self.prefetcher is not None:
             window = self.prefetcher.predictor.context_window
@@ -92,6 +97,32 @@ class ModelRunner:
         return StepResult(
             sampling, tokens, token_logprobs(logits, tokens, sampling), prompt_logprobs
         )
+
+    def prefill_batch(self, block_tables: list[list[int]], lengths: list[int]) -> AttentionBatch:
+        """A batch of whole prompts outside the schedule (tracing, tests), on the given KV blocks;
+        their linear-attention states live in a pool of their own, dropped with the batch."""
+        starts = [0] * len(lengths)
+        batch = self._attention_batch(block_tables, starts, lengths)
+        linear = self.model.cfg.linear_attention
+        if linear is not None:
+            states = LinearStates(linear, len(lengths), self.kv.dtype, self.device)
+            batch.linear = states.batch(list(range(len(lengths))), starts, lengths)
+        return batch
+
+    def _attention_batch(
+        self, block_tables: list[list[int]], starts: list[int], lengths: list[int]
+    ) -> AttentionBatch:
+        window = self.model.cfg.sliding_window or None  # gpt-oss's sliding layers read only it
+        return AttentionBatch.build(self.kv, block_tables, starts, lengths, self.device, window)
+
+    def forget(self, seq_id: int) -> None:
+        """A sequence is done (finished or aborted): drop its routes and its linear state."""
+        self.routes.forget(seq_id)
+        self.release_state(seq_id)
+
+    def release_state(self, seq_id: int) -> None:
+        if self.states is not None:
+            self.states.release(seq_id)
 
     def _prompt_logprobs(
         self,

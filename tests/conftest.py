@@ -21,7 +21,9 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2MoeConfig,
+    Qwen3_5MoeConfig,
     Qwen3MoeConfig,
+    Qwen3NextConfig,
 )
 
 from engine import LLM, SamplingParams
@@ -133,6 +135,24 @@ def tiny_config(family: str) -> PretrainedConfig:
                 "partial_rotary_factor": 0.5,
             },
         )
+    hybrid = dict(  # three Gated DeltaNet layers, then gated attention
+        num_hidden_layers=4,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=12,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=40,
+        num_experts=8,
+        num_experts_per_tok=2,
+    )
+    if family == "qwen3_next":  # a dense layer too; top-k not renormalised
+        return Qwen3NextConfig(
+            **{**common, **hybrid}, intermediate_size=48, mlp_only_layers=[1], norm_topk_prob=False
+        )
+    if family == "qwen3_5_moe":  # the text model of Qwen3.5's VL release
+        return Qwen3_5MoeConfig(text_config={**common, **hybrid}).text_config
     latent = dict(
         num_key_value_heads=4,
         num_hidden_layers=3,
@@ -194,6 +214,8 @@ def save_tiny_checkpoint(family: str, path: Path, seed: int = 0) -> Path:
     for name, param in model.named_parameters():
         if name.endswith(("sinks", "_proj_bias")):  # gpt-oss's: make them matter
             param.data.normal_(0.0, 1.0)
+        if family in ("qwen3_next", "qwen3_5_moe") and name.endswith(("norm.weight", "dt_bias")):
+            param.data.normal_(0.0, 0.5)  # zero-centred norms (1 + w), the decay's bias
     model.save_pretrained(path)
     build_tokenizer().save_pretrained(path)
     return path

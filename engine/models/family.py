@@ -9,6 +9,9 @@ import torch
 
 # A fused hub tensor (one per layer and part) -> our part of every expert of that layer.
 Convert = Callable[[torch.Tensor], torch.Tensor]
+# A hub tensor that fills rows of one of our fused weights: (hub module name, our module name,
+# its rows there, the conversion of the hub tensor or None).
+StackedPart = tuple[str, str, slice, Convert | None]
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,9 @@ class FamilySpec:
     # `experts.` -> (our part name, its conversion); then the per-expert names are unused.
     fused_experts: Mapping[str, tuple[str, Convert]] = field(default_factory=dict)
     fused_mxfp4_experts: Mapping[str, tuple[str, Convert]] = field(default_factory=dict)  # same
+    # Families whose releases come both ways (Qwen3.5) name both: the checkpoint's keys decide.
     hub_renames: tuple[tuple[str, str], ...] = ()  # hub key fragment -> ours
+    ignored_prefixes: tuple[str, ...] = ()  # weights we do not serve: a vision tower, MTP layers
 
     def expert_key(self, layer: int, expert: int, proj: str) -> str:
         return f"model.layers.{layer}.{self.moe_attr}.experts.{expert}.{proj}.weight"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Protocol
 
 import torch
@@ -10,12 +11,14 @@ from torch import nn
 
 from engine.attention import AttentionBatch, paged_attention
 from engine.model_config import ModelConfig
+from engine.models.family import StackedPart
 from engine.models.router import Router
 
 
 class RMSNorm(nn.Module):
     """Normalised in float32, scaled in the model's dtype (as transformers does), by torch's fused
-    kernel: one op instead of five, a third of the time at decode sizes."""
+    kernel: one op instead of five, a third of the time at decode sizes. A float32 weight (every
+    float32 model's; Qwen3-Next's 1 + w) scales in float32 before the cast, as transformers does."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -23,8 +26,8 @@ class RMSNorm(nn.Module):
         self.eps, self.shape = eps, (dim,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.shape, self.weight, self.eps)
+        if self.weight.dtype == torch.float32:
+            return F.rms_norm(x.float(), self.shape, self.weight, self.eps).to(x.dtype)
         return self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
 
 
@@ -84,8 +87,11 @@ class Attention(nn.Module):
             cfg.head_dim,
         )
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
-        self.qkv_dims = [q_dim, kv_dim, kv_dim]
+        # Qwen3-Next's q_proj also yields a gate per output channel: its rows follow the queries'
+        self.gated = cfg.attention_output_gate
+        q_rows = 2 * q_dim if self.gated else q_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q_rows + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.qkv_dims = [q_rows, kv_dim, kv_dim]
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
         self.sinks = nn.Parameter(torch.zeros(cfg.num_heads)) if cfg.attention_sinks else None
         self.window = cfg.sliding_window if layer in cfg.sliding_layers else None
@@ -102,6 +108,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (h + 2 kvh) * D]
         h, kvh, clip = self.num_heads, self.num_kv_heads, self.clip_qkv
+        gate: torch.Tensor | None = None  # Qwen3-Next's output gate [T, h*D]
         if self.qk_norm == "none":  # rotate q and k in one go: they are adjacent heads of qkv
             if clip is not None:
                 qkv = qkv.clamp(-clip, clip)
@@ -110,6 +117,8 @@ class Attention(nn.Module):
             q, k, v = qk[:, :h], qk[:, h:], heads[:, h + kvh :]
         else:
             q, k, v = qkv.split(self.qkv_dims, dim=-1)  # [T, h*D], [T, kvh*D] x2
+            if self.gated:
+                q, gate = q.chunk(2, dim=-1)  # [T, h*D] each
             if self.qk_norm == "full":
                 q, k = self.q_norm(q), self.k_norm(k)
             if clip is not None:  # OLMoE clips after its q/k norms
@@ -121,7 +130,26 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = paged_attention(q, k, v, self.layer, batch, sinks=self.sinks, window=self.window)
-        return self.o_proj(out.reshape(x.shape[0], -1))
+        out = out.reshape(x.shape[0], -1)  # [T, h*D]
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)
+
+    def stacked_parts(self) -> list[StackedPart]:
+        """The hub's q/k/v projections and their rows in `qkv_proj`. A gated q_proj interleaves
+        each head's query and gate rows on the hub; here all queries come first."""
+        offsets = [0, *itertools.accumulate(self.qkv_dims)]
+        rows = [slice(a, b) for a, b in itertools.pairwise(offsets)]
+        h, d = self.num_heads, self.head_dim
+
+        def queries_then_gates(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(0, (h, 2, d)).transpose(0, 1).flatten(0, 2)
+
+        converts = [queries_then_gates if self.gated else None, None, None]
+        return [
+            (part, "qkv_proj", r, c)
+            for part, r, c in zip(self.HUB_PARTS, rows, converts, strict=True)
+        ]
 
 
 class MLP(nn.Module):

@@ -16,8 +16,10 @@ from engine.models import (
     olmoe,
     qwen2_moe,
     qwen3_moe,
+    qwen3_next,
 )
 from engine.models.family import FamilySpec
+from engine.models.gated_delta import GatedDeltaNet
 from engine.models.mla import MLAttention
 from engine.models.layers import (
     MLP,
@@ -40,6 +42,8 @@ FAMILIES: dict[str, FamilySpec] = {
     "glm4_moe": glm4_moe.SPEC,
     "gpt_oss": gpt_oss.SPEC,
     "minimax_m2": minimax_m2.SPEC,
+    "qwen3_next": qwen3_next.QWEN3_NEXT,
+    "qwen3_5_moe": qwen3_next.QWEN3_5_MOE,
 }
 
 
@@ -47,7 +51,11 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, spec: FamilySpec) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLAttention(cfg, layer) if cfg.mla else Attention(cfg, layer)
+        self.linear = cfg.linear_attention is not None and layer in cfg.linear_attention.layers
+        if self.linear:  # Qwen3-Next: no KV cache, a recurrent state per sequence
+            self.linear_attn = GatedDeltaNet(cfg, layer)
+        else:
+            self.self_attn = MLAttention(cfg, layer) if cfg.mla else Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.moe_attr = spec.moe_attr
         if layer in cfg.dense_layers:
@@ -68,7 +76,8 @@ class DecoderLayer(nn.Module):
         experts: RoutedExperts,
         observer: RoutingObserver | None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch)
+        h = self.input_layernorm(x)
+        x = x + (self.linear_attn(h, batch) if self.linear else self.self_attn(h, rope, batch))
         h = self.post_attention_layernorm(x)
         ffn = self.ffn
         return x + (ffn(h, experts, x, observer) if isinstance(ffn, MoEBlock) else ffn(h))

@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM
 
 import engine.attention_sinks as attention_sinks
 from engine import LLM, SamplingParams
-from engine.attention import AttentionBatch
 from engine.models import mla
 from tests.conftest import Preemptions, build_tokenizer, save_tiny_checkpoint, tiny_config
 
@@ -33,7 +32,7 @@ def assert_prefill_logits_match(checkpoint: Path) -> None:
     engine = llm.engine
     ids = PROMPTS[1]
     assert engine.blocks.grow(-1, len(ids))
-    batch = AttentionBatch.build(engine.kv, [engine.blocks.table(-1)], [0], [len(ids)], "cpu")
+    batch = engine.runner.prefill_batch([engine.blocks.table(-1)], [len(ids)])
     with torch.inference_mode():
         hidden = engine.model(
             torch.tensor(ids), torch.arange(len(ids)), batch, engine.offload.experts
@@ -224,7 +223,7 @@ def test_half_precision_logits_close_to_transformers(tiny_checkpoint: Path, dtyp
     engine = llm.engine
     ids = PROMPTS[1]
     assert engine.blocks.grow(-1, len(ids))
-    batch = AttentionBatch.build(engine.kv, [engine.blocks.table(-1)], [0], [len(ids)], "cpu")
+    batch = engine.runner.prefill_batch([engine.blocks.table(-1)], [len(ids)])
     torch_dtype = getattr(torch, dtype)
     with torch.inference_mode():
         hidden = engine.model(

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from engine import LLM
-from engine.attention import AttentionBatch
 from engine.config import DEFAULT_MODEL
 from engine.offload.predict import PreGatePredictor, make_predictor
 from engine.offload.predict import train as train_module
@@ -130,7 +129,7 @@ def test_traced_routing_equals_a_lone_forward(llm: LLM, traces: TraceSet) -> Non
 
     assert engine.blocks.grow(-100, n)
     try:
-        batch = AttentionBatch.build(engine.kv, [engine.blocks.table(-100)], [0], [n], "cpu")
+        batch = engine.runner.prefill_batch([engine.blocks.table(-100)], [n])
         with torch.inference_mode():
             engine.model(ids, torch.arange(n), batch, engine.offload.experts, Capture())
     finally:

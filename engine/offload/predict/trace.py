@@ -26,7 +26,6 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from engine.attention import AttentionBatch
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
 from engine.models.model import MoECausalLM
@@ -287,7 +286,7 @@ def _trace_step(engine: LLMEngine, group: list[tuple[int, list[int]]], meta: Tra
             if not engine.blocks.grow(seq_id, n):
                 raise ValueError("not enough KV blocks to trace; lower --seq-len")
         tables = [engine.blocks.table(s) for s in seq_ids]
-        batch = AttentionBatch.build(engine.kv, tables, [0] * len(group), lengths, engine.device)
+        batch = engine.runner.prefill_batch(tables, lengths)
         ids = [t for _, c in group for t in c]
         positions = [p for n in lengths for p in range(n)]
         docs = [d for d, c in group for _ in c]

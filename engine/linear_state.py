@@ -1,0 +1,97 @@
+"""The recurrent state of linear-attention layers (Qwen3-Next's Gated DeltaNet): what a sequence
+carries from one step to the next in place of a KV cache, a fixed size whatever its length.
+
+Each running sequence holds one slot of a pool sized to `max_num_seqs`: per linear layer, the last
+K-1 inputs of its causal convolution and the delta rule's [value heads, key dim, value dim]
+matrix (float32, as transformers keeps it). A slot is zeroed when its sequence computes from
+position 0 (a new prompt, or one recomputed after preemption) and handed back when the sequence
+finishes, is aborted or is preempted. The state after a prefix is not kept, so a model with these
+layers serves without prefix caching: a cached prefix's KV blocks would not bring it back.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from engine.hybrid_config import LinearAttentionConfig
+
+
+@dataclass
+class LinearBatch:
+    """Where a step's sequences keep their state: decodes (one new token) together, each longer
+    run of new tokens (a prefill chunk) on its own."""
+
+    states: LinearStates
+    decode_rows: torch.Tensor | None  # [B] step rows of the one-token sequences
+    decode_slots: torch.Tensor | None  # [B] their slots
+    chunks: list[tuple[slice, int]]  # (step rows, slot) of each longer run
+
+
+class LinearStates:
+    def __init__(
+        self,
+        cfg: LinearAttentionConfig,
+        num_slots: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        conv_shape = (num_slots, cfg.conv_dim, cfg.conv_kernel - 1)
+        state_shape = (num_slots, cfg.num_value_heads, cfg.key_head_dim, cfg.value_head_dim)
+        self.conv = {i: torch.zeros(conv_shape, dtype=dtype, device=device) for i in cfg.layers}
+        self.recurrent = {i: torch.zeros(state_shape, device=device) for i in cfg.layers}
+        self.device = device
+        self._slot_of: dict[int, int] = {}
+        self._free = list(range(num_slots))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = itertools.chain(self.conv.values(), self.recurrent.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def batch(self, seq_ids: list[int], starts: list[int], lengths: list[int]) -> LinearBatch:
+        """Slots for a step's sequences, in batch order; `starts[i]` tokens of sequence i are
+        computed already and `lengths[i]` are new."""
+        slots = []
+        for seq_id, start in zip(seq_ids, starts, strict=True):
+            slot = self._slot_of.get(seq_id)
+            if slot is None:
+                if start:
+                    raise RuntimeError(f"sequence {seq_id} resumes at {start} without its state")
+                if not self._free:
+                    raise RuntimeError("more running sequences than linear-attention states")
+                slot = self._slot_of[seq_id] = self._free.pop()
+            if start == 0:
+                self._reset(slot)
+            slots.append(slot)
+        offsets = [0, *itertools.accumulate(lengths)]
+        decodes = [i for i, n in enumerate(lengths) if n == 1]
+        return LinearBatch(
+            states=self,
+            decode_rows=self._tensor([offsets[i] for i in decodes]),
+            decode_slots=self._tensor([slots[i] for i in decodes]),
+            chunks=[
+                (slice(offsets[i], offsets[i] + n), slots[i])
+                for i, n in enumerate(lengths)
+                if n > 1
+            ],
+        )
+
+    def release(self, seq_id: int) -> None:
+        """Hand back the slot of a finished, aborted or preempted sequence (if it holds one)."""
+        slot = self._slot_of.pop(seq_id, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def _reset(self, slot: int) -> None:
+        for tensor in itertools.chain(self.conv.values(), self.recurrent.values()):
+            tensor[slot].zero_()
+
+    def _tensor(self, values: list[int]) -> torch.Tensor | None:
+        return torch.tensor(values, device=self.device) if values else None

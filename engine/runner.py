@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from engine.routes import RouteTracker
 from engine.sampler import Logprob, sample, scored, token_logprobs
 from engine.sequence import Sequence
 
+logger = logging.getLogger(__name__)
 PROMPT_SCORE_ROWS = 256  # prompt positions scored per logits call (each row is vocab-sized)
 
 
@@ -43,9 +45,14 @@ class ModelRunner:
     ) -> None:
         self.model, self.experts, self.kv, self.device = model, experts, kv, device
         linear = model.cfg.linear_attention  # Qwen3-Next's: a state per running sequence
-        self.states = (
-            LinearStates(linear, max_num_seqs, kv.dtype, device) if linear is not None else None
-        )
+        self.states = None
+        if linear is not None:
+            self.states = LinearStates(linear, max_num_seqs, kv.dtype, device)
+            logger.info(
+                "linear-attention state: %.1f MiB for %d sequences",
+                self.states.nbytes / 2**20,
+                max_num_seqs,
+            )
         self.prefetcher, self.routes = prefetcher, routes
         self.observers = Observers([o for o in (prefetcher, routes) if o is not None])
         self.generator = torch.Generator().manual_seed(seed)

@@ -89,7 +89,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for d, llm in llms.items():
         kv = llm.engine.kv
-        per_token = sum(t[0].numel() * t.element_size() for t in (*kv.k, *kv.v))
+        per_token = sum(t[0].numel() * t.element_size() for t in (*kv.k, *kv.v) if len(t))
         print(
             f"| {d} ({str(kv.cache_dtype).removeprefix('torch.')}) | {per_token} | "
             f"{2**30 // per_token:,} | {losses[d]:.4f} | x{math.exp(losses[d] - losses['auto']):.4f} | "

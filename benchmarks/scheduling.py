@@ -164,15 +164,19 @@ def perplexity(model: str, docs: list[list[int]], **flags: object) -> tuple[floa
 def _teacher_forced(llm: LLM, docs: list[list[int]]) -> tuple[float, dict]:
     engine = llm.engine
     length = min(len(d) for d in docs)
-    for i in range(len(docs)):
-        assert engine.blocks.grow(-1 - i, length)
-    tables = [engine.blocks.table(-1 - i) for i in range(len(docs))]
+    seq_ids = [-1 - i for i in range(len(docs))]
+    for seq_id in seq_ids:
+        assert engine.blocks.grow(seq_id, length)
+    tables = [engine.blocks.table(seq_id) for seq_id in seq_ids]
+    states = engine.runner.states  # linear-attention layers' (Qwen3-Next), if any
     ids = torch.tensor([d[:length] for d in docs])  # [B, N]
     nll, count = 0.0, 0
     for pos in range(length - 1):
         batch = AttentionBatch.build(
             engine.kv, tables, [pos] * len(docs), [1] * len(docs), engine.device
         )
+        if states is not None:
+            batch.linear = states.batch(seq_ids, [pos] * len(docs), [1] * len(docs))
         engine.offload.experts.begin_step()
         hidden = engine.model(
             ids[:, pos], torch.full((len(docs),), pos), batch, engine.offload.experts

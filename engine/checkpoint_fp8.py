@@ -43,6 +43,11 @@ def dequantize_fp8(
             f"weight {key!r} is {weight.dtype} but has no {key + FP8_SCALE_SUFFIX!r} "
             "(or config.json no block-wise fp8 quantization_config)"
         )
+    if weight.dim() != 2:
+        raise ConfigError(
+            f"weight {key!r}: block-wise FP8 is supported for 2-D weights, not {weight.dim()}-D "
+            "(experts stacked per layer)"
+        )
     rows, cols = weight.shape
     grid = (-(-rows // block[0]), -(-cols // block[1]))
     if tuple(scale.shape) != grid:

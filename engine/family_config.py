@@ -18,6 +18,8 @@ from engine.config import ConfigError
 from kernels.gating import Gating
 
 STATIC_ROPE_SCALINGS = ("linear", "yarn", "llama3")
+# Families whose model_type names a vision-language wrapper: the text model's config class
+TEXT_CONFIGS = {"qwen3_5_moe": "qwen3_5_moe_text"}
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ ROUTING_FIELDS = (
 def routing_defaults(family: str) -> dict[str, Any]:
     """What transformers assumes for the routing fields a config.json leaves out (they differ by
     family: DeepSeek-V3 and GLM-4.5 renormalise the top-k by default, V3 has 3 dense layers)."""
-    defaults = CONFIG_MAPPING[family]()
+    defaults = CONFIG_MAPPING[TEXT_CONFIGS.get(family, family)]()
     return {
         k: getattr(defaults, k) for k in ROUTING_FIELDS if getattr(defaults, k, None) is not None
     }
@@ -139,11 +141,12 @@ def rope_scaling_fields(raw: dict[str, Any], head_dim: int) -> dict[str, Any]:
             f"(supported: default, {', '.join(STATIC_ROPE_SCALINGS)})"
         )
     try:
-        hf_config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+        model_type = raw["model_type"]
+        hf_config = CONFIG_MAPPING[TEXT_CONFIGS.get(model_type, model_type)].from_dict(raw)
         if getattr(hf_config, "head_dim", None) is None:  # Mixtral writes null
             hf_config.head_dim = head_dim
         inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
-    except (KeyError, TypeError, ValueError, StrictDataclassError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, StrictDataclassError) as e:
         raise ConfigError(f"config.json: {source} of type {rope_type!r} is malformed: {e}") from e
     return dict(
         rope_inv_freq=tuple(inv_freq.tolist()), rope_attention_factor=float(attention_factor)

@@ -80,7 +80,8 @@ def qwen3_next_fields(
         raise ConfigError(f"config.json: partial_rotary_factor={factor!r} must be in (0, 1]")
     normalize = raw["model_type"] != "qwen3_next" or bool(raw.get("norm_topk_prob", True))
     return dict(
-        linear_attention=linear,
+        linear_attention=linear if linear.layers else None,
+        o_bias=bool(raw.get("attention_bias", False)),  # transformers biases o_proj with q/k/v
         attention_output_gate=True,
         zero_centered_norms=True,
         qk_norm="head",

@@ -126,7 +126,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         if raw.get("model_type") == "qwen3_5_moe" and isinstance(raw.get("text_config"), dict):
-            raw = {**raw, **raw["text_config"], "model_type": "qwen3_5_moe"}  # the VL release
+            tied = {k: raw[k] for k in ("tie_word_embeddings",) if k in raw}  # the VL model's
+            raw = {**raw, **raw["text_config"], **tied, "model_type": "qwen3_5_moe"}  # the release
         if raw.get("model_type") in MODEL_TYPE_ALIASES:  # read as the family it is built as
             raw = {**raw, "model_type": MODEL_TYPE_ALIASES[raw["model_type"]]}
         family = raw.get("model_type")

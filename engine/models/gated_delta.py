@@ -1,8 +1,9 @@
 """Gated DeltaNet, the linear attention of Qwen3-Next and Qwen3.5: a causal depthwise convolution
 over q, k and v, then the gated delta rule, whose state (per value head a [key dim, value dim]
 matrix) a sequence carries from step to step (engine/linear_state.py), then an RMSNorm gated by
-z. The delta rule itself is transformers' (its torch path, or FLA's kernels where installed): a
-chunked form for prefill chunks, a recurrent one for decodes, batched.
+z. The delta rule itself is transformers': a chunked form for prefill chunks, a recurrent one for
+decodes, batched. Where flash-linear-attention is installed transformers hands it to FLA's Triton
+kernels, which take half-precision CUDA tensors only; anything else runs transformers' torch path.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from transformers.models.qwen3_next.modeling_qwen3_next import (
 from engine.attention import AttentionBatch
 from engine.model_config import ModelConfig
 from engine.models.family import StackedPart
+
+# transformers' torch reference, under the wrapper that may dispatch to FLA
+TORCH_CHUNK = getattr(torch_chunk_gated_delta_rule, "__wrapped__", torch_chunk_gated_delta_rule)
+TORCH_RECURRENT = getattr(
+    torch_recurrent_gated_delta_rule, "__wrapped__", torch_recurrent_gated_delta_rule
+)
 
 
 class GatedRMSNorm(nn.Module):
@@ -55,17 +62,18 @@ class GatedDeltaNet(nn.Module):
     def stacked_parts(self) -> list[StackedPart]:
         """The hub's input projections and where their rows go in `in_proj` (q, k, v, z, b, a)."""
         la = self.la
-        qkv, z, b = la.conv_dim, la.conv_dim + la.value_dim, la.conv_dim + la.value_dim
+        z_start, b_start = la.conv_dim, la.conv_dim + la.value_dim
+        a_start, end = b_start + la.num_value_heads, sum(self.split)
         if la.hub_layout == "split":  # Qwen3.5
             return [
-                ("in_proj_qkv", "in_proj", slice(0, qkv), None),
-                ("in_proj_z", "in_proj", slice(qkv, z), None),
-                ("in_proj_b", "in_proj", slice(b, b + la.num_value_heads), None),
-                ("in_proj_a", "in_proj", slice(b + la.num_value_heads, sum(self.split)), None),
+                ("in_proj_qkv", "in_proj", slice(0, z_start), None),
+                ("in_proj_z", "in_proj", slice(z_start, b_start), None),
+                ("in_proj_b", "in_proj", slice(b_start, a_start), None),
+                ("in_proj_a", "in_proj", slice(a_start, end), None),
             ]
         return [  # Qwen3-Next: rows grouped by key head
-            ("in_proj_qkvz", "in_proj", slice(0, z), self._ungroup_qkvz),
-            ("in_proj_ba", "in_proj", slice(b, sum(self.split)), self._ungroup_ba),
+            ("in_proj_qkvz", "in_proj", slice(0, b_start), self._ungroup_qkvz),
+            ("in_proj_ba", "in_proj", slice(b_start, end), self._ungroup_ba),
         ]
 
     def _ungroup_qkvz(self, t: torch.Tensor) -> torch.Tensor:
@@ -91,6 +99,9 @@ class GatedDeltaNet(nn.Module):
         beta = b.sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # [T, Hv] log decay
         weight = self.conv1d.weight[:, 0]  # [C, K]
+        fla = x.is_cuda and x.dtype != torch.float32  # else FLA, if installed, would refuse
+        chunked = torch_chunk_gated_delta_rule if fla else TORCH_CHUNK
+        recurrent = torch_recurrent_gated_delta_rule if fla else TORCH_RECURRENT
         conv_state, state = lin.states.conv[self.layer], lin.states.recurrent[self.layer]
         out = x.new_empty(x.shape[0], la.num_value_heads, la.value_head_dim)  # [T, Hv, Dv]
         if lin.decode_rows is not None:
@@ -99,7 +110,7 @@ class GatedDeltaNet(nn.Module):
             conv_state[slots] = window[..., 1:]
             conved = F.silu((window * weight).sum(-1))  # [B, C]
             q, k, v = self._heads(conved[:, None])  # [B, 1, heads, D]
-            core, state[slots] = torch_recurrent_gated_delta_rule(
+            core, state[slots] = recurrent(
                 q,
                 k,
                 v,
@@ -115,7 +126,7 @@ class GatedDeltaNet(nn.Module):
             conv_state[slot] = window[:, window.shape[-1] - conv_state.shape[-1] :]
             conved = F.silu(F.conv1d(window[None], self.conv1d.weight, groups=la.conv_dim))
             q, k, v = self._heads(conved[0].T[None])  # [1, n, heads, D]
-            core, final = torch_chunk_gated_delta_rule(
+            core, final = chunked(
                 q,
                 k,
                 v,

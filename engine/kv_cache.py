@@ -1,5 +1,6 @@
-"""The paged KV cache: one key and one value tensor per layer, addressed by slot, and how a
-step's attention reads a run of whole blocks back from it (`gather`)."""
+"""The paged KV cache: one key and one value tensor per layer, addressed by slot, how many blocks
+it gets (`num_kv_blocks`), and how a step's attention reads a run of whole blocks back from it
+(`gather`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,36 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.config import ConfigError, EngineConfig
+from engine.model_config import ModelConfig
 from kernels.fp8 import widen
 
 logger = logging.getLogger(__name__)
+DEFAULT_KV_BYTES = 1 << 30  # KV budget when --kv-cache-blocks is not given
+
+
+def num_kv_blocks(mc: ModelConfig, cfg: EngineConfig, max_model_len: int) -> int:
+    """--kv-cache-blocks, or as many as `max_num_seqs` full-length sequences need within
+    DEFAULT_KV_BYTES (only the layers that attend over the cache count); at least one sequence."""
+    min_blocks = -(-max_model_len // cfg.block_size)
+    if cfg.kv_cache_blocks is not None:
+        if cfg.kv_cache_blocks < min_blocks:
+            raise ConfigError(
+                f"kv_cache_blocks={cfg.kv_cache_blocks} cannot hold one max_model_len="
+                f"{max_model_len} sequence ({min_blocks} blocks needed)"
+            )
+        return cfg.kv_cache_blocks
+    kv_heads, key_dim, value_dim = mc.kv_cache_geometry
+    itemsize = cfg.torch_kv_cache_dtype.itemsize
+    bytes_per_token = len(mc.attention_layers) * kv_heads * (key_dim + value_dim) * itemsize
+    wanted = -(-cfg.max_num_seqs * max_model_len // cfg.block_size)
+    affordable = DEFAULT_KV_BYTES // (bytes_per_token * cfg.block_size)
+    if affordable < min_blocks:
+        raise ConfigError(
+            f"the default KV budget holds {affordable * cfg.block_size} tokens, less than "
+            f"max_model_len={max_model_len}: lower --max-model-len or set --kv-cache-blocks"
+        )
+    return min(wanted, affordable)
 
 
 @dataclass

@@ -41,7 +41,9 @@ class LinearStates:
         conv_shape = (num_slots, cfg.conv_dim, cfg.conv_kernel - 1)
         state_shape = (num_slots, cfg.num_value_heads, cfg.key_head_dim, cfg.value_head_dim)
         self.conv = {i: torch.zeros(conv_shape, dtype=dtype, device=device) for i in cfg.layers}
-        self.recurrent = {i: torch.zeros(state_shape, device=device) for i in cfg.layers}
+        self.recurrent = {
+            i: torch.zeros(state_shape, dtype=torch.float32, device=device) for i in cfg.layers
+        }
         self.device = device
         self._slot_of: dict[int, int] = {}
         self._free = list(range(num_slots))

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from engine.config import ConfigError, EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.guided import GrammarCompiler, Guide
-from engine.kv_cache import KVCache
+from engine.kv_cache import KVCache, num_kv_blocks
 from engine.loader import load_model
 from engine.metrics import EngineMetrics
 from engine.model_config import ModelConfig, generation_eos_ids
@@ -26,7 +26,6 @@ from scheduler.blocks import BlockAllocator
 from scheduler.step_selector import StepSelector
 
 logger = logging.getLogger(__name__)
-DEFAULT_KV_BYTES = 1 << 30  # KV budget when --kv-cache-blocks is not given
 
 
 class EngineStepError(RuntimeError):
@@ -57,7 +56,7 @@ class LLMEngine:
         self.offload = OffloadRuntime(config, host_experts, model, self.device)
         self.kv = KVCache.allocate(
             mc.num_layers,
-            self._num_kv_blocks(),
+            num_kv_blocks(mc, config, self.max_model_len),
             config.block_size,
             mc.kv_cache_geometry,
             config.torch_dtype,
@@ -67,6 +66,8 @@ class LLMEngine:
         )
         num_blocks = self.kv.k[mc.attention_layers[0]].shape[0] // config.block_size
         prefix_caching = config.enable_prefix_caching and mc.linear_attention is None
+        if config.enable_prefix_caching and not prefix_caching:
+            logger.info("prefix caching off: linear-attention states after a prefix are not kept")
         self.blocks = BlockAllocator(num_blocks, config.block_size, prefix_caching)
         self.routes = RouteTracker(mc.moe_layers, mc.num_experts, mc.top_k)
         selector = None
@@ -118,32 +119,6 @@ class LLMEngine:
         last = torch.tensor([s.token_ids[-1] for s in seqs], device=self.device)
         context = context_windows(seqs, [s.num_tokens - 1 for s in seqs], [1] * len(seqs), window)
         return self.routes.routes(seq_ids, predictor, last, context.to(self.device))
-
-    def _num_kv_blocks(self) -> int:
-        mc, cfg = self.model_config, self.config
-        min_blocks = -(-self.max_model_len // cfg.block_size)
-        if cfg.kv_cache_blocks is not None:
-            if cfg.kv_cache_blocks < min_blocks:
-                raise ConfigError(
-                    f"kv_cache_blocks={cfg.kv_cache_blocks} cannot hold one max_model_len="
-                    f"{self.max_model_len} sequence ({min_blocks} blocks needed)"
-                )
-            return cfg.kv_cache_blocks
-        kv_heads, key_dim, value_dim = mc.kv_cache_geometry
-        bytes_per_token = (
-            len(mc.attention_layers)
-            * kv_heads
-            * (key_dim + value_dim)
-            * cfg.torch_kv_cache_dtype.itemsize
-        )
-        wanted = -(-cfg.max_num_seqs * self.max_model_len // cfg.block_size)
-        affordable = DEFAULT_KV_BYTES // (bytes_per_token * cfg.block_size)
-        if affordable < min_blocks:
-            raise ConfigError(
-                f"the default KV budget holds {affordable * cfg.block_size} tokens, less than "
-                f"max_model_len={self.max_model_len}: lower --max-model-len or set --kv-cache-blocks"
-            )
-        return min(wanted, affordable)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(

@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM
 import engine.models.gated_delta as gated_delta
 from engine import LLM, ConfigError, SamplingParams
 from engine.checkpoint_fp8 import dequantize_fp8
+from engine.config import EngineConfig
+from engine.kv_cache import num_kv_blocks
 from engine.model_config import ModelConfig
 from tests.conftest import build_tokenizer, save_tiny_checkpoint, tiny_config
 from tests.engine.test_models import assert_prefill_logits_match
@@ -89,3 +91,12 @@ def test_cpu_runs_the_torch_delta_rule_even_where_fla_is_installed(
     llm = LLM(model=str(save_tiny_checkpoint("qwen3_next", tmp_path)), max_model_len=64)
     out = llm.generate([[1, 5, 9, 13]], SamplingParams(max_tokens=3, temperature=0.0))
     assert len(out[0].token_ids) == 3
+
+
+def test_kv_budget_counts_only_the_layers_that_attend() -> None:
+    """Three linear layers in four: the same bytes hold four times the tokens."""
+    raw = tiny_config("qwen3_next").to_dict()
+    hybrid = ModelConfig.from_dict(raw)
+    dense = ModelConfig.from_dict({**raw, "layer_types": ["full_attention"] * 4})
+    cfg = EngineConfig(max_num_seqs=10**6, max_model_len=64)  # wants more than the budget
+    assert num_kv_blocks(hybrid, cfg, 64) == 4 * num_kv_blocks(dense, cfg, 64)

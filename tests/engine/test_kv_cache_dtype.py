@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import LLM, ConfigError, SamplingParams, llm_engine
+from engine import LLM, ConfigError, SamplingParams, kv_cache
 from tests.conftest import GreedyRun, Preemptions, save_tiny_checkpoint
 
 PROMPT = [1, 300, 12, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59]
@@ -74,7 +74,7 @@ def test_fp8_holds_twice_the_tokens_and_bad_names_are_refused(
     mixtral_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under a KV memory budget that binds (here 1 MiB), an FP8 cache holds 4x float32's blocks."""
-    monkeypatch.setattr(llm_engine, "DEFAULT_KV_BYTES", 1 << 20)
+    monkeypatch.setattr(kv_cache, "DEFAULT_KV_BYTES", 1 << 20)
     blocks = {
         dtype: LLM(model=str(mixtral_checkpoint), kv_cache_dtype=dtype).engine.blocks.num_blocks
         for dtype in ("auto", "fp8")

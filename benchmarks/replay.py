@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from belady import belady_misses  # noqa: E402
 
-from engine.loader import HostExperts  # noqa: E402
+from engine.host_experts import HostExperts  # noqa: E402
 from engine.offload.cache import ExpertCache  # noqa: E402
 from engine.offload.horizon import HorizonController  # noqa: E402
 from engine.offload.host_compute import HostCompute  # noqa: E402

@@ -8,7 +8,7 @@ import math
 import torch
 
 from engine.config import EngineConfig
-from engine.loader import HostExperts
+from engine.host_experts import HostExperts
 from engine.models.model import MoECausalLM
 from engine.offload.cache import ExpertCache
 from engine.offload.experts import OffloadedExperts

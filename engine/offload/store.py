@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.loader import HostExperts
+from engine.host_experts import HostExperts
 from kernels.fp8 import dequantize_blocks
 from kernels.mxfp4 import dequantize_mxfp4
 

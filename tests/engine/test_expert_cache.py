@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from engine.loader import HostExperts
+from engine.host_experts import HostExperts
 from engine.offload.cache import ExpertCache
 from engine.offload.host_compute import HostCompute
 from engine.offload.policy import LFUPolicy, LRUPolicy

@@ -4,6 +4,7 @@ prefix caching, slots handed back, chunked prefill carrying the state across ste
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -12,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, ConfigError, SamplingParams
+from engine import LLM, AsyncLLM, ConfigError, EngineConfig, SamplingParams
 from engine.hybrid_config import LinearAttentionConfig
 from engine.linear_state import LinearBatch, LinearStates
 from engine.model_config import ModelConfig
-from tests.conftest import save_tiny_checkpoint, tiny_config
+from tests.conftest import Preemptions, save_tiny_checkpoint, tiny_config
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 LONG = [1, *range(100, 139)]  # 40 tokens: several chunks of 8, more than two KV blocks
@@ -242,3 +243,37 @@ def test_bad_hybrid_config_names_the_field(family: str, changes: dict, message: 
     raw = {**tiny_config(family).to_dict(), **changes}
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_dict(raw)
+
+
+def test_async_streams_under_kv_pressure_with_aborts_keep_states_apart(
+    next_checkpoint: Path,
+) -> None:
+    """The server's path: concurrent streams, too little KV for all (preemption recomputes from
+    position 0), clients aborting mid-stream; the rest still equal the offline outputs."""
+    prompts = [[1, *((7 * i + 5 * j) % 300 + 10 for j in range(3 + 4 * i))] for i in range(8)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = greedy(LLM(model=str(next_checkpoint), max_model_len=64), prompts, params)
+    config = EngineConfig(model=str(next_checkpoint), max_model_len=64, kv_cache_blocks=6)
+    engine = AsyncLLM(config, model_name="tiny")
+    watched = Preemptions(engine)  # type: ignore[arg-type]  # it reads .engine.scheduler
+
+    async def stream(i: int) -> list[int] | None:
+        async for out in engine.generate(prompts[i], params, f"r{i}"):
+            if i % 3 == 0 and not out.finished:
+                await engine.abort(f"r{i}")
+            if out.finished:
+                return None if out.outputs[0].finish_reason == "abort" else out.outputs[0].token_ids
+        return None
+
+    async def main() -> list[list[int] | None]:
+        return await asyncio.wait_for(asyncio.gather(*(stream(i) for i in range(8))), 60)
+
+    try:
+        results = asyncio.run(main())
+        states = engine.engine.runner.states
+        assert states is not None and states.num_free == config.max_num_seqs
+        assert engine.stats()["kv_blocks_used"] == 0 and watched.count > 0
+    finally:
+        engine.shutdown()
+    kept = [(r, e) for r, e in zip(results, expected, strict=True) if r is not None]
+    assert len(kept) >= 5 and all(r == e for r, e in kept)

@@ -5,13 +5,21 @@ Each running sequence holds one slot of a pool sized to `max_num_seqs`: per line
 K-1 inputs of its causal convolution and the delta rule's [value heads, key dim, value dim]
 matrix (float32, as transformers keeps it). A slot is zeroed when its sequence computes from
 position 0 (a new prompt, or one recomputed after preemption) and handed back when the sequence
-finishes, is aborted or is preempted. The state after a prefix is not kept, so a model with these
-layers serves without prefix caching: a cached prefix's KV blocks would not bring it back.
+finishes, is aborted or is preempted.
+
+Prefix caching needs the state at the end of a cached prefix, which the KV blocks do not hold:
+whenever a step leaves a sequence exactly at a block boundary (a decode that fills a block, a
+chunk that ends on one), its state is copied into a snapshot named like that block, kept in a
+pool of as many snapshots as slots, least recently used first out. A later sequence with that
+prefix resumes from the snapshot (`resume`); the block allocator matches cached prefixes only up
+to a boundary with one (`has`). A chat's next turn thus resumes after the last block boundary the
+previous answer crossed.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +55,11 @@ class LinearStates:
         self.device = device
         self._slot_of: dict[int, int] = {}
         self._free = list(range(num_slots))
+        # snapshots at block boundaries: prefix name -> index into the snapshot tensors
+        self.snap_conv = {i: torch.zeros_like(t) for i, t in self.conv.items()}
+        self.snap_recurrent = {i: torch.zeros_like(t) for i, t in self.recurrent.items()}
+        self._snapshots: OrderedDict[bytes, int] = OrderedDict()
+        self._free_snapshots = list(range(num_slots))
 
     @property
     def num_free(self) -> int:
@@ -54,8 +67,36 @@ class LinearStates:
 
     @property
     def nbytes(self) -> int:
+        """The pool and its snapshots."""
         tensors = itertools.chain(self.conv.values(), self.recurrent.values())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return 2 * sum(t.numel() * t.element_size() for t in tensors)
+
+    def has(self, name: bytes) -> bool:
+        return name in self._snapshots
+
+    def keep(self, seq_id: int, name: bytes) -> None:
+        """Snapshot a running sequence's state, which ends the prefix `name` names."""
+        if name in self._snapshots:
+            self._snapshots.move_to_end(name)
+            return
+        if not self._free_snapshots:
+            self._free_snapshots.append(self._snapshots.popitem(last=False)[1])
+        index = self._snapshots[name] = self._free_snapshots.pop()
+        slot = self._slot_of[seq_id]
+        for layer, conv in self.conv.items():
+            self.snap_conv[layer][index] = conv[slot]
+            self.snap_recurrent[layer][index] = self.recurrent[layer][slot]
+
+    def resume(self, seq_id: int, name: bytes) -> None:
+        """Give a sequence admitted after a cached prefix a slot holding that prefix's state."""
+        index = self._snapshots[name]
+        self._snapshots.move_to_end(name)
+        slot = self._slot_of.get(seq_id)
+        if slot is None:
+            slot = self._slot_of[seq_id] = self._take()
+        for layer, conv in self.conv.items():
+            conv[slot] = self.snap_conv[layer][index]
+            self.recurrent[layer][slot] = self.snap_recurrent[layer][index]
 
     def batch(self, seq_ids: list[int], starts: list[int], lengths: list[int]) -> LinearBatch:
         """Slots for a step's sequences, in batch order; `starts[i]` tokens of sequence i are
@@ -66,9 +107,7 @@ class LinearStates:
             if slot is None:
                 if start:
                     raise RuntimeError(f"sequence {seq_id} resumes at {start} without its state")
-                if not self._free:
-                    raise RuntimeError("more running sequences than linear-attention states")
-                slot = self._slot_of[seq_id] = self._free.pop()
+                slot = self._slot_of[seq_id] = self._take()
             if start == 0:
                 self._reset(slot)
             slots.append(slot)
@@ -90,6 +129,11 @@ class LinearStates:
         slot = self._slot_of.pop(seq_id, None)
         if slot is not None:
             self._free.append(slot)
+
+    def _take(self) -> int:
+        if not self._free:
+            raise RuntimeError("more running sequences than linear-attention states")
+        return self._free.pop()
 
     def _reset(self, slot: int) -> None:
         for tensor in itertools.chain(self.conv.values(), self.recurrent.values()):

@@ -65,11 +65,24 @@ class LLMEngine:
             uncached=mc.linear_attention.layers if mc.linear_attention else (),
         )
         num_blocks = self.kv.k[mc.attention_layers[0]].shape[0] // config.block_size
-        prefix_caching = config.enable_prefix_caching and mc.linear_attention is None
-        if config.enable_prefix_caching and not prefix_caching:
-            logger.info("prefix caching off: linear-attention states after a prefix are not kept")
-        self.blocks = BlockAllocator(num_blocks, config.block_size, prefix_caching)
         self.routes = RouteTracker(mc.moe_layers, mc.num_experts, mc.top_k)
+        self.runner = ModelRunner(
+            model,
+            self.offload.experts,
+            self.offload.prefetcher,
+            self.routes,
+            self.kv,
+            self.device,
+            config.seed,
+            config.max_num_seqs,
+        )
+        states = self.runner.states  # linear attention resumes only where its state was kept
+        self.blocks = BlockAllocator(
+            num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            resumable=states.has if states is not None else None,
+        )
         selector = None
         if config.step_group_size is not None:
             selector = StepSelector(
@@ -82,16 +95,6 @@ class LLMEngine:
             BatchingConfig(config.max_num_seqs, config.max_num_batched_tokens),
             self.blocks,
             selector,
-        )
-        self.runner = ModelRunner(
-            model,
-            self.offload.experts,
-            self.offload.prefetcher,
-            self.routes,
-            self.kv,
-            self.device,
-            config.seed,
-            config.max_num_seqs,
         )
         eos = set(mc.eos_token_ids) | set(generation_eos_ids(config.model))
         if self.tokenizer.eos_token_id is not None:
@@ -216,6 +219,10 @@ class LLMEngine:
                 self.metrics.record_prefix_cache(seq.num_tokens, cached)
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = min(cached, seq.num_prompt_tokens)
+            if cached and self.runner.states is not None:  # its linear state at the prefix's end
+                self.runner.states.resume(
+                    seq.seq_id, self.blocks.name_of_prefix(seq.seq_id, cached)
+                )
         tables = [self.blocks.table(s.seq_id) for s in batch.seqs]
         try:
             result = self.runner.execute(batch.seqs, batch.num_new_tokens, tables)
@@ -225,9 +232,14 @@ class LLMEngine:
             for request_id in ids:
                 self.abort(request_id)
             raise EngineStepError(ids, exc) from exc
+        states = self.runner.states if self.blocks.prefix_caching else None  # kept at boundaries
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
             self.blocks.computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            if states is not None and seq.num_computed_tokens % self.blocks.block_size == 0:
+                states.keep(
+                    seq.seq_id, self.blocks.name_of_prefix(seq.seq_id, seq.num_computed_tokens)
+                )
         for seq, first, scores in result.prompt_logprobs:
             entries = self.requests[seq.request_id].prompt_logprobs
             assert entries is not None

@@ -5,7 +5,8 @@ has computed is named by a chained SHA-256 of all tokens up to its end, so a lat
 starts with the same tokens (a chat's next turn, a shared system prompt, a preempted sequence coming
 back) takes those blocks instead of computing them again. Blocks are reference-counted; a block no
 sequence holds is free but keeps its contents, and is reused (its name forgotten) in least recently
-freed order, a sequence's tail before its head.
+freed order, a sequence's tail before its head. A model with linear attention can resume only
+after a prefix whose recurrent state the engine kept (`resumable`): matches stop there.
 """
 
 from __future__ import annotations
@@ -13,15 +14,25 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 
 
 class BlockAllocator:
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        prefix_caching: bool = False,
+        resumable: Callable[[bytes], bool] | None = None,
+    ) -> None:
+        """`resumable(name)`: whether a sequence may resume after the prefix that block names
+        (models with linear attention: where its state was kept); None: after any."""
         self.num_blocks, self.block_size, self.prefix_caching = (
             num_blocks,
             block_size,
             prefix_caching,
         )
+        self.resumable = resumable
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._refs = [0] * num_blocks
         self._tables: dict[int, list[int]] = {}
@@ -78,6 +89,7 @@ class BlockAllocator:
             return 0
         chain: list[bytes] = []
         table: list[int] = []
+        usable = 0  # blocks of the longest prefix a sequence may resume after
         for end in range(self.block_size, len(token_ids), self.block_size):
             name = self._name(chain, token_ids[end - self.block_size : end])
             block = self._named.get(name)
@@ -85,6 +97,10 @@ class BlockAllocator:
                 break
             chain.append(name)
             table.append(block)
+            if self.resumable is None or self.resumable(name):
+                usable = len(table)
+        chain, table = chain[:usable], table[:usable]
+        for block in table:
             self._refs[block] += 1
             self._free.pop(block, None)
         if table:
@@ -103,6 +119,11 @@ class BlockAllocator:
             chain.append(name)
             if name not in self._named and table[i] not in self._name_of:
                 self._named[name], self._name_of[table[i]] = table[i], name
+
+    def name_of_prefix(self, seq_id: int, num_tokens: int) -> bytes:
+        """The name of the sequence's block that ends at `num_tokens` (a whole number of blocks,
+        computed or matched)."""
+        return self._chains[seq_id][num_tokens // self.block_size - 1]
 
     @staticmethod
     def _name(chain: list[bytes], tokens: list[int]) -> bytes:

@@ -139,6 +139,25 @@ def test_state_slots_are_reused_and_zeroed_from_position_zero() -> None:
         assert tensor[a].eq(0).all() and tensor[b].eq(1).all()
 
 
+def test_snapshots_resume_sequences_and_go_least_recently_used_first() -> None:
+    states = linear_states(2)  # two slots, two snapshots
+    slot = slots(states.batch([1], [0], [4]))[0]
+    for i, tensor in enumerate((*states.conv.values(), *states.recurrent.values())):
+        tensor[slot].fill_(i + 1.0)
+    states.keep(1, b"a")
+    states.batch([1], [4], [1])  # the sequence goes on; its snapshot stays as it was
+    for tensor in (*states.conv.values(), *states.recurrent.values()):
+        tensor[slot].fill_(-1.0)
+    states.resume(2, b"a")
+    [resumed] = slots(states.batch([2], [4], [1]))  # resuming at 4: no reset
+    for i, tensor in enumerate((*states.conv.values(), *states.recurrent.values())):
+        assert tensor[resumed].eq(i + 1.0).all()
+    states.keep(1, b"b")
+    states.keep(2, b"a")  # known already: only marked as recently used
+    states.keep(1, b"c")  # the pool is full: "b" goes, not the more recently used "a"
+    assert states.has(b"a") and states.has(b"c") and not states.has(b"b")
+
+
 def test_state_pool_refuses_lost_states_and_too_many_sequences() -> None:
     states = linear_states(2)
     with pytest.raises(RuntimeError, match="resumes at 4 without its state"):
@@ -164,16 +183,33 @@ def test_state_batch_splits_decodes_from_chunks() -> None:
     assert states.batch([1], [2], [6]).decode_rows is None
 
 
-def test_hybrid_model_serves_without_prefix_caching(next_checkpoint: Path) -> None:
-    """A cached prefix's KV blocks would not bring back the linear layers' state."""
+def test_prefix_cache_resumes_only_where_a_state_was_kept(next_checkpoint: Path) -> None:
+    """A cached prefix's KV blocks do not bring back the linear layers' state: a sequence resumes
+    only after a block boundary where one was snapshot (here: none inside the prompt)."""
     llm = LLM(model=str(next_checkpoint), max_model_len=64)
-    assert not llm.engine.blocks.prefix_caching
     first, second = llm.generate([LONG], GREEDY) + llm.generate([LONG], GREEDY)
     assert first.num_cached_tokens == second.num_cached_tokens == 0
     assert first.token_ids == second.token_ids
     linear = llm.engine.model_config.linear_attention
     assert linear is not None and linear.layers == (0, 1, 2)
     assert [k.numel() == 0 for k in llm.engine.kv.k] == [True, True, True, False]
+
+
+def test_chat_turn_resumes_from_the_previous_answers_last_boundary(
+    next_checkpoint: Path,
+) -> None:
+    """The next turn (prompt + answer + new message) resumes from the state snapshot where the
+    answer filled its last block, and says what an engine without prefix caching says."""
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    llm = LLM(model=str(next_checkpoint), max_model_len=128)
+    plain = LLM(model=str(next_checkpoint), max_model_len=128, enable_prefix_caching=False)
+    answer = greedy(llm, [LONG], params)[0]  # 40 + 19 computed tokens: a boundary at 48
+    turn = LONG + answer + [5, 6, 7]
+    [resumed] = llm.generate([turn], params)
+    assert resumed.num_cached_tokens == 48
+    assert resumed.token_ids == greedy(plain, [turn], params)[0]
+    assert llm.engine.runner.states is not None
+    assert llm.engine.runner.states.num_free == llm.engine.config.max_num_seqs
 
 
 def test_finished_and_aborted_sequences_hand_back_their_state(next_checkpoint: Path) -> None:

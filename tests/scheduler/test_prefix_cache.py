@@ -167,3 +167,23 @@ def test_a_later_request_does_not_take_what_a_waiting_choice_needs(
             sched.blocks.computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
     assert admitted == [[0], [1]]
     assert list(sched.waiting) == [later] and sched.blocks.table(later.seq_id) == []
+
+
+def test_a_prefix_is_matched_only_up_to_where_a_sequence_may_resume() -> None:
+    """Models with linear attention resume only after a block whose state was kept: the match
+    stops at the longest such prefix and takes no block beyond it."""
+    kept: set[bytes] = set()
+    blocks = BlockAllocator(8, BLOCK, prefix_caching=True, resumable=kept.__contains__)
+    first = list(range(13))  # three full blocks
+    computed(blocks, 0, first)
+    assert blocks.match(1, first) == 0  # no state kept anywhere
+    assert blocks.num_used == 4 and blocks.table(1) == []
+    kept.add(blocks.name_of_prefix(0, 4))
+    assert blocks.match(2, first) == 4  # blocks 2 and 3 are cached but not resumable
+    assert blocks.table(2) == blocks.table(0)[:1] and blocks.num_used == 4
+    kept.add(blocks.name_of_prefix(0, 12))
+    assert blocks.match(3, first) == 12
+    blocks.free(0)
+    blocks.free(2)
+    blocks.free(3)
+    assert blocks.num_used == 0  # every reference the matches took was given back

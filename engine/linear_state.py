@@ -9,10 +9,12 @@ finishes, is aborted or is preempted.
 
 Prefix caching needs the state at the end of a cached prefix, which the KV blocks do not hold:
 whenever a step leaves a sequence exactly at a block boundary (a decode that fills a block, a
-chunk that ends on one), its state is copied into a snapshot named like that block, kept in a
-pool of as many snapshots as slots, least recently used first out. A later sequence with that
-prefix resumes from the snapshot (`resume`); the block allocator matches cached prefixes only up
-to a boundary with one (`has`). A chat's next turn thus resumes after the last block boundary the
+chunk that ends on one), its state is copied into a snapshot named like that block (`keep`). A
+sequence owns one snapshot at a time, its latest, so sequences decoding elsewhere do not push
+out a finished chat's; once the sequence is done, its last snapshot stays in the pool (as many
+as slots, with prefix caching on) until the least recently used goes. A later sequence with that
+prefix resumes from it (`resume`); the block allocator matches cached prefixes only up to a
+boundary with one (`has`). A chat's next turn thus resumes after the last block boundary the
 previous answer crossed.
 """
 
@@ -45,6 +47,7 @@ class LinearStates:
         num_slots: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        num_snapshots: int = 0,
     ) -> None:
         conv_shape = (num_slots, cfg.conv_dim, cfg.conv_kernel - 1)
         state_shape = (num_slots, cfg.num_value_heads, cfg.key_head_dim, cfg.value_head_dim)
@@ -56,10 +59,15 @@ class LinearStates:
         self._slot_of: dict[int, int] = {}
         self._free = list(range(num_slots))
         # snapshots at block boundaries: prefix name -> index into the snapshot tensors
-        self.snap_conv = {i: torch.zeros_like(t) for i, t in self.conv.items()}
-        self.snap_recurrent = {i: torch.zeros_like(t) for i, t in self.recurrent.items()}
+        self.snap_conv = {
+            i: t.new_zeros((num_snapshots, *t.shape[1:])) for i, t in self.conv.items()
+        }
+        self.snap_recurrent = {
+            i: t.new_zeros((num_snapshots, *t.shape[1:])) for i, t in self.recurrent.items()
+        }
         self._snapshots: OrderedDict[bytes, int] = OrderedDict()
-        self._free_snapshots = list(range(num_slots))
+        self._free_snapshots = list(range(num_snapshots))
+        self._owned: dict[int, bytes] = {}  # running sequence -> the snapshot it took last
 
     @property
     def num_free(self) -> int:
@@ -68,20 +76,34 @@ class LinearStates:
     @property
     def nbytes(self) -> int:
         """The pool and its snapshots."""
-        tensors = itertools.chain(self.conv.values(), self.recurrent.values())
-        return 2 * sum(t.numel() * t.element_size() for t in tensors)
+        tensors = itertools.chain(
+            self.conv.values(),
+            self.recurrent.values(),
+            self.snap_conv.values(),
+            self.snap_recurrent.values(),
+        )
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def has(self, name: bytes) -> bool:
         return name in self._snapshots
 
     def keep(self, seq_id: int, name: bytes) -> None:
-        """Snapshot a running sequence's state, which ends the prefix `name` names."""
+        """Snapshot a running sequence's state, which ends the prefix `name` names, in place of
+        the sequence's previous snapshot."""
+        previous = self._owned.pop(seq_id, None)
+        if previous is not None and previous in self._snapshots and previous != name:
+            self._free_snapshots.append(self._snapshots.pop(previous))
         if name in self._snapshots:
             self._snapshots.move_to_end(name)
             return
         if not self._free_snapshots:
-            self._free_snapshots.append(self._snapshots.popitem(last=False)[1])
+            if not self._snapshots:  # prefix caching off: no snapshot pool
+                return
+            evicted, index = self._snapshots.popitem(last=False)
+            self._free_snapshots.append(index)
+            self._owned = {s: n for s, n in self._owned.items() if n != evicted}
         index = self._snapshots[name] = self._free_snapshots.pop()
+        self._owned[seq_id] = name
         slot = self._slot_of[seq_id]
         for layer, conv in self.conv.items():
             self.snap_conv[layer][index] = conv[slot]
@@ -129,6 +151,7 @@ class LinearStates:
         slot = self._slot_of.pop(seq_id, None)
         if slot is not None:
             self._free.append(slot)
+        self._owned.pop(seq_id, None)  # its last snapshot stays for later sequences
 
     def _take(self) -> int:
         if not self._free:

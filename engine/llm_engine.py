@@ -75,6 +75,7 @@ class LLMEngine:
             self.device,
             config.seed,
             config.max_num_seqs,
+            config.max_num_seqs if config.enable_prefix_caching else 0,
         )
         states = self.runner.states  # linear attention resumes only where its state was kept
         self.blocks = BlockAllocator(
@@ -219,12 +220,13 @@ class LLMEngine:
                 self.metrics.record_prefix_cache(seq.num_tokens, cached)
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = min(cached, seq.num_prompt_tokens)
-            if cached and self.runner.states is not None:  # its linear state at the prefix's end
-                self.runner.states.resume(
-                    seq.seq_id, self.blocks.name_of_prefix(seq.seq_id, cached)
-                )
         tables = [self.blocks.table(s.seq_id) for s in batch.seqs]
         try:
+            if self.runner.states is not None:  # linear state at a cached prefix's end
+                for seq, cached in batch.admitted:
+                    if cached:
+                        name = self.blocks.name_of_prefix(seq.seq_id, cached)
+                        self.runner.states.resume(seq.seq_id, name)
             result = self.runner.execute(batch.seqs, batch.num_new_tokens, tables)
         except Exception as exc:
             ids = sorted({s.request_id for s in batch.seqs})

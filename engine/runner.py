@@ -42,16 +42,19 @@ class ModelRunner:
         device: torch.device | str,
         seed: int,
         max_num_seqs: int,
+        num_snapshots: int = 0,
     ) -> None:
+        """`num_snapshots`: linear-attention states kept at block boundaries for prefix caching."""
         self.model, self.experts, self.kv, self.device = model, experts, kv, device
         linear = model.cfg.linear_attention  # Qwen3-Next's: a state per running sequence
         self.states = None
         if linear is not None:
-            self.states = LinearStates(linear, max_num_seqs, kv.dtype, device)
+            self.states = LinearStates(linear, max_num_seqs, kv.dtype, device, num_snapshots)
             logger.info(
-                "linear-attention state: %.1f MiB for %d sequences",
+                "linear-attention state: %.1f MiB for %d sequences and %d snapshots",
                 self.states.nbytes / 2**20,
                 max_num_seqs,
+                num_snapshots,
             )
         self.prefetcher, self.routes = prefetcher, routes
         self.observers = Observers([o for o in (prefetcher, routes) if o is not None])

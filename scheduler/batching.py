@@ -125,6 +125,8 @@ class Scheduler:
         sibling = seq.prompt_sibling
         if not self.blocks.prefix_caching or not seq.prefix_cacheable or sibling is None:
             return False
+        if self.blocks.resumable is not None:  # linear attention: no state to take at `shareable`
+            return False
         shareable = (seq.num_prompt_tokens - 1) // self.blocks.block_size * self.blocks.block_size
         return sibling.num_computed_tokens < shareable and sibling in self.running
 

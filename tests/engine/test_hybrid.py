@@ -115,7 +115,7 @@ def linear_states(num_slots: int) -> LinearStates:
         conv_kernel=3,
         hub_layout="split",
     )
-    return LinearStates(cfg, num_slots, torch.float32, "cpu")
+    return LinearStates(cfg, num_slots, torch.float32, "cpu", num_snapshots=num_slots)
 
 
 def slots(batch: LinearBatch) -> list[int]:
@@ -139,7 +139,7 @@ def test_state_slots_are_reused_and_zeroed_from_position_zero() -> None:
         assert tensor[a].eq(0).all() and tensor[b].eq(1).all()
 
 
-def test_snapshots_resume_sequences_and_go_least_recently_used_first() -> None:
+def test_snapshots_resume_sequences_one_per_owner_least_recently_used_out() -> None:
     states = linear_states(2)  # two slots, two snapshots
     slot = slots(states.batch([1], [0], [4]))[0]
     for i, tensor in enumerate((*states.conv.values(), *states.recurrent.values())):
@@ -152,10 +152,15 @@ def test_snapshots_resume_sequences_and_go_least_recently_used_first() -> None:
     [resumed] = slots(states.batch([2], [4], [1]))  # resuming at 4: no reset
     for i, tensor in enumerate((*states.conv.values(), *states.recurrent.values())):
         assert tensor[resumed].eq(i + 1.0).all()
-    states.keep(1, b"b")
-    states.keep(2, b"a")  # known already: only marked as recently used
-    states.keep(1, b"c")  # the pool is full: "b" goes, not the more recently used "a"
-    assert states.has(b"a") and states.has(b"c") and not states.has(b"b")
+    states.keep(1, b"b")  # a sequence's newer snapshot replaces its older one
+    assert states.has(b"b") and not states.has(b"a")
+    states.release(1)  # done: its last snapshot stays for later sequences
+    states.keep(2, b"c")
+    states.batch([3], [0], [2])
+    states.keep(3, b"d")  # the pool is full: the least recently used ("b") goes
+    assert not states.has(b"b") and states.has(b"c") and states.has(b"d")
+    states.keep(2, b"e")  # in place of its own "c", not of 3's "d"
+    assert states.has(b"d") and states.has(b"e") and not states.has(b"c")
 
 
 def test_state_pool_refuses_lost_states_and_too_many_sequences() -> None:
@@ -201,15 +206,19 @@ def test_chat_turn_resumes_from_the_previous_answers_last_boundary(
     """The next turn (prompt + answer + new message) resumes from the state snapshot where the
     answer filled its last block, and says what an engine without prefix caching says."""
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    llm = LLM(model=str(next_checkpoint), max_model_len=128)
+    llm = LLM(model=str(next_checkpoint), max_model_len=128, max_num_seqs=2)  # 2 snapshots
     plain = LLM(model=str(next_checkpoint), max_model_len=128, enable_prefix_caching=False)
     answer = greedy(llm, [LONG], params)[0]  # 40 + 19 computed tokens: a boundary at 48
+    # Another request meanwhile crosses three boundaries, but holds one snapshot at a time.
+    greedy(llm, [[1, *range(200, 230)]], SamplingParams(max_tokens=40, ignore_eos=True))
     turn = LONG + answer + [5, 6, 7]
     [resumed] = llm.generate([turn], params)
     assert resumed.num_cached_tokens == 48
     assert resumed.token_ids == greedy(plain, [turn], params)[0]
     assert llm.engine.runner.states is not None
-    assert llm.engine.runner.states.num_free == llm.engine.config.max_num_seqs
+    assert llm.engine.runner.states.num_free == 2
+    assert plain.engine.runner.states is not None  # no prefix caching: no snapshot memory
+    assert plain.engine.runner.states.snap_recurrent[0].numel() == 0
 
 
 def test_finished_and_aborted_sequences_hand_back_their_state(next_checkpoint: Path) -> None:
@@ -237,6 +246,10 @@ def test_greedy_choices_each_compute_their_own_state(next_checkpoint: Path) -> N
     params = SamplingParams(n=2, max_tokens=8, temperature=0.0, ignore_eos=True)
     [out] = llm.generate([LONG], params)
     assert [o.token_ids for o in out.outputs] == [expected, expected]
+    llm.engine.add_request("both", LONG, params)  # no state to take from the first: no waiting
+    llm.engine.step()
+    assert [s.num_computed_tokens for s in llm.engine.requests["both"].seqs] == [40, 40]
+    llm.engine.abort("both")
     assert llm.engine.runner.states.num_free == llm.engine.config.max_num_seqs
 
 

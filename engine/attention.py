@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention_sinks import sink_group
+from engine.family_config import LocalAttention
 from engine.kv_cache import KVCache, gather, raw
 from engine.linear_state import LinearBatch
 
@@ -42,8 +43,8 @@ class AttentionGroup:
     blocks: torch.Tensor | None  # [B * nb] KV blocks of each sequence's context, padded with 0
     mask: torch.Tensor | None  # [B, 1, Q, nb * block_size] additive: 0 where a query may attend
     positions: torch.Tensor | None = None  # [B, Q] of the queries, with blocks (sink_attention)
-    # A sliding window's part of the context: [B * nw] blocks from each sequence's first block
-    # the window reaches, and [B] the position of its first key (the batch's window, if any).
+    # A local layer's part of the context: [B * nw] blocks from each sequence's first block its
+    # window reaches, and [B] the position of its first key (the model's window, if any).
     window_blocks: torch.Tensor | None = None
     window_start: torch.Tensor | None = None
 
@@ -93,10 +94,10 @@ class AttentionBatch:
         starts: list[int],
         lengths: list[int],
         device: torch.device | str,
-        window: int | None = None,
+        window: LocalAttention | None = None,
     ) -> AttentionBatch:
         """Sequence i holds `starts[i]` cached tokens and appends `lengths[i]` new ones.
-        `window`: the model's sliding window, whose layers then gather only the blocks it spans."""
+        `window`: the model's local attention, whose layers then gather only the blocks it spans."""
         bs = kv.block_size
         offsets = [0, *itertools.accumulate(lengths)]
         slot_mapping = [
@@ -132,7 +133,7 @@ class AttentionBatch:
         lengths: list[int],
         offsets: list[int],
         index: list[int],
-        window: int | None = None,
+        window: LocalAttention | None = None,
     ) -> AttentionGroup:
         """Sequences `index` (all with the same number of new tokens) reading their context from
         the cache, whole blocks at a time; with a `window`, also the blocks it reaches."""
@@ -150,7 +151,7 @@ class AttentionBatch:
             _rows(offsets, index, lengths), blocks.view(-1), mask[:, None], query_pos
         )
         if window is not None:  # from the block of the first query's earliest key, per sequence
-            first = [max(0, starts[i] - window + 1) // bs for i in index]
+            first = [max(0, window.first_key(starts[i])) // bs for i in index]
             last = [(starts[i] + lengths[i] - 1) // bs for i in index]
             width = max(b - a + 1 for a, b in zip(first, last, strict=True))
             tables = [block_tables[i][a : a + width] for i, a in zip(index, first, strict=True)]
@@ -179,13 +180,13 @@ def paged_attention(
     scale: float | None = None,
     skip: Collection[int] = (),
     sinks: torch.Tensor | None = None,
-    window: int | None = None,
+    window: LocalAttention | None = None,
 ) -> torch.Tensor:
     """q [T, h, D], k [T, kvh, D], v [T, kvh, Dv] for the new tokens -> [T, h, Dv]; writes k and v
     into the cache (a cache without value tensors reads v as k[..., :Dv]). `scale` is the softmax
     scale, 1/sqrt(D) by default. The rows of the groups whose indices are in `skip` are left unset:
-    the caller attends them its own way (MLA, expanded). gpt-oss's `sinks` [h] and sliding
-    `window` go through engine/attention_sinks.py."""
+    the caller attends them its own way (MLA, expanded). gpt-oss's `sinks` [h] and a local
+    layer's `window` (sliding, or Llama 4's chunks) go through engine/attention_sinks.py."""
     bs, dtype = batch.kv.block_size, q.dtype
     k, v = batch.kv.rounded(k), batch.kv.rounded(v)
     store_kv(k, v, layer, batch)

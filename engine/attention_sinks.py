@@ -1,4 +1,4 @@
-"""Attention with gpt-oss's per-head sink logits and sliding windows, through SDPA.
+"""Attention with gpt-oss's per-head sink logits, sliding windows and Llama 4's chunks, through SDPA.
 
 A sink is a logit per head that joins each query's softmax and brings no value. SDPA takes it as
 one more key, all zeros (its score is 0) with a zero value, whose mask entry is the head's sink
@@ -8,7 +8,7 @@ never copies keys per query head, and the mask can be any shape (CUDA's grouped-
 take no mask). The mask is per head, [B, kvh, g * n, L + 1], so it is built for a slice of
 sequences and queries at a time, at most MAX_MASK elements: a long prompt never builds a
 [h, T, T] tensor, nor a large decode batch a [B, h, L] one. A sliding layer reads only the blocks
-its window reaches (`AttentionGroup.window_blocks`).
+its window reaches (`AttentionGroup.window_blocks`); so does a chunked one (`LocalAttention`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from engine.kv_cache import gather
 
 if TYPE_CHECKING:
     from engine.attention import AttentionBatch, AttentionGroup
+    from engine.family_config import LocalAttention
 
 MAX_MASK = 1 << 24  # float elements of one slice's mask
 
@@ -33,13 +34,13 @@ def sink_attention(
     query_pos: torch.Tensor,
     scale: float,
     sinks: torch.Tensor | None = None,
-    window: int | None = None,
+    window: LocalAttention | None = None,
     key_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, Q, h, D], k [B, L, kvh, D], v [B, L, kvh, Dv], query_pos [B, Q] -> [B, Q, h, Dv].
     Key j of sequence b is at position key_start[b] + j (key_start [B], 0 when None). A query at
-    position p sees the keys at positions <= p, and with a window only the last `window` of them
-    (itself included); keys past a sequence's context are padding and never seen. `sinks` [h]: a
+    position p sees the keys at positions <= p, and with a window only those from
+    `window.first_key(p)` on; keys past a sequence's context are padding and never seen. `sinks` [h]: a
     logit per head that takes its share of each softmax and contributes no value."""
     b, q_len, heads, dim = q.shape
     width, kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
@@ -63,7 +64,7 @@ def sink_attention(
             pos = query_pos[rows, cols, None]  # [b', n, 1]
             allowed = key_pos[rows, None, :] <= pos  # [b', n, L]
             if window is not None:
-                allowed &= key_pos[rows, None, :] > pos - window
+                allowed &= key_pos[rows, None, :] >= window.first_key(pos)
             n = allowed.shape[1]
             mask = q.new_empty(allowed.shape[0], kv_heads, groups, n, keys.shape[2])
             mask[..., :width] = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(
@@ -88,10 +89,10 @@ def sink_group(
     g: AttentionGroup,
     scale: float | None,
     sinks: torch.Tensor | None,
-    window: int | None,
+    window: LocalAttention | None,
 ) -> torch.Tensor:
     """One group through `sink_attention`: a first chunk over its own keys, the others over
-    their gathered context (a sliding layer's, only the blocks its window reaches).
+    their gathered context (a local layer's, only the blocks its window reaches).
     -> [B*Q, h, Dv]."""
     heads, dim, value_dim = q.shape[1], q.shape[2], v.shape[2]
     scale = dim**-0.5 if scale is None else scale

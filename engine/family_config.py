@@ -19,7 +19,7 @@ from kernels.gating import Gating
 
 STATIC_ROPE_SCALINGS = ("linear", "yarn", "llama3")
 # Families whose model_type names a vision-language wrapper: the text model's config class
-TEXT_CONFIGS = {"qwen3_5_moe": "qwen3_5_moe_text"}
+TEXT_CONFIGS = {"qwen3_5_moe": "qwen3_5_moe_text", "llama4": "llama4_text"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,19 @@ class RouterConfig:
     def correction_bias(self) -> bool:
         """V3's learned bias, added to the scores only to pick experts."""
         return self.topk_method == "noaux_tc"
+
+
+@dataclass(frozen=True)
+class LocalAttention:
+    """Which earlier keys a local layer's query sees: the last `size` positions, itself included
+    (a sliding window: gpt-oss), or only those of its own `size`-aligned chunk (Llama 4)."""
+
+    size: int
+    chunked: bool = False
+
+    def first_key(self, pos: Any) -> Any:
+        """The earliest key position a query at `pos` (an int or a tensor) may see; may be < 0."""
+        return (pos // self.size) * self.size if self.chunked else pos - self.size + 1
 
 
 @dataclass(frozen=True)
@@ -269,8 +282,8 @@ def gpt_oss_fields(
         o_bias=bool(raw.get("attention_bias", True)),
         qkv_bias=bool(raw.get("attention_bias", True)),
         attention_sinks=True,
-        sliding_window=window if sliding else 0,
-        sliding_layers=sliding,
+        local_attention=LocalAttention(window) if sliding else None,
+        local_layers=sliding,
         expert_bias=True,
         gating=Gating(
             alpha=float(raw.get("swiglu_alpha") or 1.702),

@@ -12,6 +12,8 @@ from transformers import GenerationConfig
 
 from engine.config import ConfigError
 from engine.family_config import (
+    TEXT_CONFIGS,
+    LocalAttention,
     MLAConfig,
     RouterConfig,
     deepseek_fields,
@@ -23,6 +25,7 @@ from engine.family_config import (
     routing_defaults,
 )
 from engine.hybrid_config import LinearAttentionConfig, qwen3_next_fields
+from engine.llama4_config import llama4_fields
 from kernels.gating import SILU, Gating
 
 SUPPORTED_FAMILIES = (
@@ -38,11 +41,16 @@ SUPPORTED_FAMILIES = (
     "minimax_m2",
     "qwen3_next",
     "qwen3_5_moe",
+    "llama4",
 )
 
 # Checkpoints that name their own model_type for an architecture we serve (Kimi-K2's is
 # DeepSeek-V3's, with its own config class on the hub, not in transformers).
-MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3", "qwen3_5_moe_text": "qwen3_5_moe"}
+MODEL_TYPE_ALIASES = {
+    "kimi_k2": "deepseek_v3",
+    "qwen3_5_moe_text": "qwen3_5_moe",
+    "llama4_text": "llama4",
+}
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,9 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool = False
-    qk_norm: str = "none"  # "none" | "head" (Qwen3: per head) | "full" (OLMoE: over all heads)
+    # "none" | "head" (Qwen3: per head) | "full" (OLMoE: over all heads) | "l2" (Llama 4: per
+    # head, no weight, on rotary layers)
+    qk_norm: str = "none"
     clip_qkv: float | None = None
     shared_expert_intermediate_size: int = 0
     shared_expert_gated: bool = False  # Qwen2-MoE's sigmoid gate on its shared expert
@@ -80,14 +90,18 @@ class ModelConfig:
     fp8_block: tuple[int, int] | None = None  # block-wise FP8 weights, dequantized at load
     o_bias: bool = False  # a bias on the attention's output projection (gpt-oss)
     attention_sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax
-    sliding_window: int = 0  # keys a sliding layer's query sees, itself included; 0: none
-    sliding_layers: tuple[int, ...] = ()  # the layers that attend through the window
+    local_attention: LocalAttention | None = None  # a sliding window or chunks, on local_layers
+    local_layers: tuple[int, ...] = ()
     expert_bias: bool = False  # routed experts add a bias after each GEMM (gpt-oss)
     gating: Gating = SILU  # the routed experts' activation
     mxfp4_experts: bool = False  # routed experts in MXFP4 (gpt-oss's release), kept so on the host
     linear_attention: LinearAttentionConfig | None = None  # Qwen3-Next's Gated DeltaNet layers
     attention_output_gate: bool = False  # q_proj also yields a sigmoid gate on attention's output
     zero_centered_norms: bool = False  # RMSNorm weights scale by 1 + w (the loader adds the 1)
+    rope_interleaved: bool = False  # rotary pairs adjacent on the hub: q/k rows permuted at load
+    nope_layers: tuple[int, ...] = ()  # layers without rotary (Llama 4)
+    nope_temperature: tuple[float, float] | None = None  # their (floor_scale, attn_scale)
+    router_weights_on_input: bool = False  # Llama 4 weighs each expert's input, not its output
 
     @property
     def top_k(self) -> int:
@@ -125,9 +139,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
-        if raw.get("model_type") == "qwen3_5_moe" and isinstance(raw.get("text_config"), dict):
+        family = raw.get("model_type")
+        if family in TEXT_CONFIGS and isinstance(raw.get("text_config"), dict):  # a VL release
             tied = {k: raw[k] for k in ("tie_word_embeddings",) if k in raw}  # the VL model's
-            raw = {**raw, **raw["text_config"], **tied, "model_type": "qwen3_5_moe"}  # the release
+            raw = {**raw, **raw["text_config"], **tied, "model_type": family}
         if raw.get("model_type") in MODEL_TYPE_ALIASES:  # read as the family it is built as
             raw = {**raw, "model_type": MODEL_TYPE_ALIASES[raw["model_type"]]}
         family = raw.get("model_type")
@@ -147,7 +162,7 @@ class ModelConfig:
         hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
         num_layers = int(need("num_hidden_layers"))
         rope = raw.get("rope_parameters") or {}
-        if family in ("mixtral", "gpt_oss", "minimax_m2"):
+        if family in ("mixtral", "gpt_oss", "minimax_m2", "llama4"):
             moe_inter, num_experts = need("intermediate_size"), need("num_local_experts")
         elif family.startswith(("deepseek", "glm4_moe")):
             moe_inter, num_experts = need("moe_intermediate_size"), need("n_routed_experts")
@@ -176,6 +191,8 @@ class ModelConfig:
             family_fields |= gpt_oss_fields(raw, need, num_layers)
         elif family in ("qwen3_next", "qwen3_5_moe"):
             family_fields |= qwen3_next_fields(raw, need, num_layers)
+        elif family == "llama4":
+            family_fields |= llama4_fields(raw, need, num_layers)
         elif family == "minimax_m2":
             family_fields |= minimax_m2_fields(
                 raw, need, int(raw.get("head_dim") or hidden // heads)

@@ -122,7 +122,7 @@ class ModelRunner:
     def _attention_batch(
         self, block_tables: list[list[int]], starts: list[int], lengths: list[int]
     ) -> AttentionBatch:
-        window = self.model.cfg.sliding_window or None  # gpt-oss's sliding layers read only it
+        window = self.model.cfg.local_attention  # local layers read only the blocks it reaches
         return AttentionBatch.build(self.kv, block_tables, starts, lengths, self.device, window)
 
     def forget(self, seq_id: int) -> None:

@@ -15,6 +15,7 @@ from transformers import (
     Glm4MoeConfig,
     Glm4MoeLiteConfig,
     GptOssConfig,
+    Llama4TextConfig,
     MiniMaxM2Config,
     MixtralConfig,
     OlmoeConfig,
@@ -133,6 +134,27 @@ def tiny_config(family: str) -> PretrainedConfig:
                 "rope_type": "default",
                 "rope_theta": 5e6,
                 "partial_rotary_factor": 0.5,
+            },
+        )
+    if family == "llama4":  # chunks of 8 on the rotary layers; dense, MoE, dense, NoPE + MoE
+        return Llama4TextConfig(
+            **{**common, "num_hidden_layers": 4},
+            head_dim=16,
+            intermediate_size=32,
+            intermediate_size_mlp=48,
+            num_local_experts=8,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=2,
+            attention_chunk_size=8,
+            floor_scale=4,
+            attn_scale=0.5,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 16.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
             },
         )
     hybrid = dict(  # three Gated DeltaNet layers, then gated attention

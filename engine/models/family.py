@@ -16,7 +16,7 @@ StackedPart = tuple[str, str, slice, Convert | None]
 
 @dataclass(frozen=True)
 class FamilySpec:
-    moe_attr: str  # module name of the MoE block inside a decoder layer
+    moe_attr: str  # module name of the MoE block (and of a dense layer's MLP) in a decoder layer
     gate_proj: str = ""  # per-expert weight names on the hub: gate (w1), up (w3), down (w2)
     up_proj: str = ""
     down_proj: str = ""
@@ -27,6 +27,7 @@ class FamilySpec:
     # Families whose releases come both ways (Qwen3.5) name both: the checkpoint's keys decide.
     hub_renames: tuple[tuple[str, str], ...] = ()  # hub key fragment -> ours
     ignored_prefixes: tuple[str, ...] = ()  # weights we do not serve: a vision tower, MTP layers
+    shared_attr: str = "shared_experts"  # the shared experts' module name in the MoE block
 
     def expert_key(self, layer: int, expert: int, proj: str) -> str:
         return f"model.layers.{layer}.{self.moe_attr}.experts.{expert}.{proj}.weight"

@@ -141,9 +141,7 @@ class GatedDeltaNet(nn.Module):
         gated = self.norm(out.view(-1, la.value_head_dim), z.reshape(-1, la.value_head_dim))
         return self.out_proj(gated.view(x.shape[0], la.value_dim))
 
-    def _heads(
-        self, conved: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _heads(self, conved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, n, C] convolved channels -> q, k [B, n, Hk, Dk] and v [B, n, Hv, Dv]."""
         la = self.la
         key_dim = la.num_key_heads * la.key_head_dim

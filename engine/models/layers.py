@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,7 @@ from torch import nn
 
 from engine.attention import AttentionBatch, paged_attention
 from engine.model_config import ModelConfig
-from engine.models.family import StackedPart
+from engine.models.family import Convert, StackedPart
 from engine.models.router import Router
 
 
@@ -31,11 +31,21 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
 
 
+class PositionTables(NamedTuple):
+    """What the step's positions give every attention layer, built once per forward."""
+
+    cos: torch.Tensor  # [T, 1, R] in the model's dtype
+    signed_sin: torch.Tensor  # [T, 1, R]
+    nope_scale: torch.Tensor | None  # [T, 1, 1] float32: Llama 4's query temperature, NoPE layers
+
+
 class Rotary(nn.Module):
-    """Neox-style rotary embedding (rotate_half), as in every family we serve. Returns cos and a
-    signed sin, [T, 1, R] in the model's dtype, built once per forward for every layer; R is the
-    rotary dim (the head dim, or GLM-4.5's leading part of it). A scaled rotary (YaRN, linear,
-    Llama 3) brings its own frequencies and cos/sin factor."""
+    """Neox-style rotary embedding (rotate_half), as every family computes it (Llama 4's and
+    DeepSeek's interleaved pairs are permuted into halves at load). Its cos and signed sin are
+    [T, 1, R]; R is the rotary dim (the head dim, or GLM-4.5's leading part of it). A scaled
+    rotary (YaRN, linear, Llama 3) brings its own frequencies and cos/sin factor. Llama 4's layers
+    without rotary scale their queries by 1 + attn_scale * log(1 + floor((p + 1) / floor_scale))
+    instead, which grows with the position p past floor_scale."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -47,17 +57,21 @@ class Rotary(nn.Module):
             inv_freq = 1.0 / (cfg.rope_theta**exponents)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [R/2]
         self.factor = cfg.rope_attention_factor
+        self.temperature = cfg.nope_temperature
 
-    def forward(
-        self, positions: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> PositionTables:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, R/2]
         sin = freqs.sin()
         cos = torch.cat((freqs, freqs), dim=-1).cos()  # [T, R]
         signed_sin = torch.cat((-sin, sin), dim=-1)  # [T, R]: rotate_half's signs folded in
         if self.factor != 1.0:
             cos, signed_sin = cos * self.factor, signed_sin * self.factor
-        return cos[:, None, :].to(dtype), signed_sin[:, None, :].to(dtype)
+        nope_scale = None
+        if self.temperature is not None:
+            floor_scale, attn_scale = self.temperature
+            steps = torch.floor((positions.float() + 1.0) / floor_scale)  # [T]
+            nope_scale = (torch.log1p(steps) * attn_scale + 1.0)[:, None, None]
+        return PositionTables(cos[:, None, :].to(dtype), signed_sin[:, None, :].to(dtype), nope_scale)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -94,8 +108,13 @@ class Attention(nn.Module):
         self.qkv_dims = [q_rows, kv_dim, kv_dim]
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
         self.sinks = nn.Parameter(torch.zeros(cfg.num_heads)) if cfg.attention_sinks else None
-        self.window = cfg.sliding_window if layer in cfg.sliding_layers else None
-        self.qk_norm, self.clip_qkv = cfg.qk_norm, cfg.clip_qkv
+        self.window = cfg.local_attention if layer in cfg.local_layers else None
+        self.rotary = layer not in cfg.nope_layers  # Llama 4's NoPE layers scale q instead
+        self.interleaved = cfg.rope_interleaved and self.rotary
+        self.clip_qkv = cfg.clip_qkv
+        # Llama 4 L2-normalises q and k (no weight) on its rotary layers only
+        self.qk_norm = "none" if cfg.qk_norm == "l2" and not self.rotary else cfg.qk_norm
+        self.eps = cfg.rms_norm_eps
         if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -103,9 +122,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(kv_dim, cfg.rms_norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: PositionTables, batch: AttentionBatch) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (h + 2 kvh) * D]
         h, kvh, clip = self.num_heads, self.num_kv_heads, self.clip_qkv
         gate: torch.Tensor | None = None  # Qwen3-Next's output gate [T, h*D]
@@ -113,7 +130,9 @@ class Attention(nn.Module):
             if clip is not None:
                 qkv = qkv.clamp(-clip, clip)
             heads = qkv.view(-1, h + 2 * kvh, self.head_dim)
-            qk = apply_rotary(heads[:, : h + kvh], *rope)  # [T, h + kvh, D]
+            qk = heads[:, : h + kvh]  # [T, h + kvh, D]
+            if self.rotary:
+                qk = apply_rotary(qk, rope.cos, rope.signed_sin)
             q, k, v = qk[:, :h], qk[:, h:], heads[:, h + kvh :]
         else:
             q, k, v = qkv.split(self.qkv_dims, dim=-1)  # [T, h*D], [T, kvh*D] x2
@@ -128,7 +147,12 @@ class Attention(nn.Module):
             v = v.reshape(-1, kvh, self.head_dim)
             if self.qk_norm == "head":
                 q, k = self.q_norm(q), self.k_norm(k)
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            if self.rotary:
+                q, k = (apply_rotary(t, rope.cos, rope.signed_sin) for t in (q, k))
+            if self.qk_norm == "l2":  # after the rotary, as Llama 4 does
+                q, k = (F.rms_norm(t.float(), (self.head_dim,), eps=self.eps).to(t.dtype) for t in (q, k))
+        if not self.rotary and rope.nope_scale is not None:
+            q = (q * rope.nope_scale).to(q.dtype)
         out = paged_attention(q, k, v, self.layer, batch, sinks=self.sinks, window=self.window)
         out = out.reshape(x.shape[0], -1)  # [T, h*D]
         if gate is not None:
@@ -137,7 +161,9 @@ class Attention(nn.Module):
 
     def stacked_parts(self) -> list[StackedPart]:
         """The hub's q/k/v projections and their rows in `qkv_proj`. A gated q_proj interleaves
-        each head's query and gate rows on the hub; here all queries come first."""
+        each head's query and gate rows on the hub; here all queries come first. Llama 4 pairs
+        each head's rotary dims as (x0, x1), (x2, x3), ...; here as halves (x0, x2, ..., x1, x3,
+        ...), permuted alike in q and k so that their dot products do not change."""
         offsets = [0, *itertools.accumulate(self.qkv_dims)]
         rows = [slice(a, b) for a, b in itertools.pairwise(offsets)]
         h, d = self.num_heads, self.head_dim
@@ -145,7 +171,14 @@ class Attention(nn.Module):
         def queries_then_gates(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(0, (h, 2, d)).transpose(0, 1).flatten(0, 2)
 
-        converts = [queries_then_gates if self.gated else None, None, None]
+        def halves(t: torch.Tensor) -> torch.Tensor:  # [heads * D, ...], pairs -> halves
+            return t.unflatten(0, (-1, d // 2, 2)).transpose(1, 2).flatten(0, 2)
+
+        converts: list[Convert | None] = [None, None, None]
+        if self.gated:
+            converts[0] = queries_then_gates
+        elif self.interleaved:
+            converts[:2] = [halves, halves]
         return [
             (part, "qkv_proj", r, c)
             for part, r, c in zip(self.HUB_PARTS, rows, converts, strict=True)
@@ -197,17 +230,19 @@ class RoutingObserver(Protocol):
 
 class MoEBlock(nn.Module):
     """Router + routed experts (+ shared experts: Qwen2-MoE's one behind a sigmoid gate, or
-    DeepSeek's ungated `shared_experts`)."""
+    DeepSeek's and Llama 4's ungated ones, under the hub's name `shared_attr`)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, shared_attr: str = "shared_experts") -> None:
         super().__init__()
         self.layer = layer
         self.gate = Router(cfg.router, cfg.hidden_size, cfg.num_experts)
+        self.weights_on_input = cfg.router_weights_on_input
         self.shared_attr: str | None = None  # the shared experts' module name on the hub
         if cfg.shared_expert_intermediate_size:
-            self.shared_attr = "shared_expert" if cfg.shared_expert_gated else "shared_experts"
-            setattr(self, self.shared_attr, MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size))
-        if self.shared_attr == "shared_expert":
+            self.shared_attr = shared_attr
+            setattr(self, shared_attr, MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size))
+        self.shared_gated = cfg.shared_expert_gated
+        if self.shared_gated:
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(
@@ -220,10 +255,18 @@ class MoEBlock(nn.Module):
         logits, weights, ids = self.gate(x)
         if observer is not None:
             observer.on_route(self.layer, residual, logits, ids)
-        out = experts(self.layer, x, ids, weights, logits)  # [T, H]
+        if self.weights_on_input:  # Llama 4: each expert gets its weight times the token
+            tokens, k = ids.shape
+            scaled = (x[:, None, :] * weights[:, :, None]).view(tokens * k, -1)  # [T*k, H]
+            ones = weights.new_ones(tokens * k, 1)
+            per_k = logits if k == 1 else logits.repeat_interleave(k, dim=0)  # [T*k, E]
+            out = experts(self.layer, scaled, ids.view(-1, 1), ones, per_k)  # [T*k, H]
+            out = out.view(tokens, k, -1).sum(dim=1)  # [T, H]
+        else:
+            out = experts(self.layer, x, ids, weights, logits)  # [T, H]
         if self.shared_attr is None:
             return out
         shared = getattr(self, self.shared_attr)(x)  # [T, H]
-        if self.shared_attr == "shared_expert":  # Qwen2-MoE gates it per token
+        if self.shared_gated:  # Qwen2-MoE gates it per token
             shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
         return out + shared

@@ -11,6 +11,9 @@ SPEC = FamilySpec(
     up_proj="w3",
     down_proj="w2",
     hub_renames=(
-        (".block_sparse_moe.e_score_correction_bias", ".block_sparse_moe.gate.e_score_correction_bias"),
+        (
+            ".block_sparse_moe.e_score_correction_bias",
+            ".block_sparse_moe.gate.e_score_correction_bias",
+        ),
     ),
 )

@@ -36,7 +36,7 @@ from engine.attention import (
 )
 from engine.kv_cache import gather
 from engine.model_config import ModelConfig
-from engine.models.layers import RMSNorm, apply_rotary
+from engine.models.layers import PositionTables, RMSNorm, apply_rotary
 
 LATENT_NORM_EPS = 1e-6  # DeepSeek's q_a/kv_a norms keep their default eps, not rms_norm_eps
 # Up-projected keys and values one chunk may hold (elements): DeepSeek-V3's 128 heads take 57344 a
@@ -73,7 +73,7 @@ class MLAttention(nn.Module):
         self.expand_min_queries = math.ceil(lora * (nope + v) / saved) if saved > 0 else math.inf
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
+        self, x: torch.Tensor, rope: PositionTables, batch: AttentionBatch
     ) -> torch.Tensor:
         mla, h, tokens = self.mla, self.num_heads, x.shape[0]
         nope, lora = mla.qk_nope_head_dim, mla.kv_lora_rank
@@ -84,8 +84,8 @@ class MLAttention(nn.Module):
         q_nope, q_rope = q.view(tokens, h, mla.qk_head_dim).split([nope, mla.qk_rope_head_dim], -1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([lora, mla.qk_rope_head_dim], -1)
         latent = self.kv_a_layernorm(latent)  # [T, lora]
-        q_rope = apply_rotary(q_rope, *rope)  # [T, h, r]
-        k_rope = apply_rotary(k_rope[:, None, :], *rope)  # [T, 1, r]
+        q_rope = apply_rotary(q_rope, rope.cos, rope.signed_sin)  # [T, h, r]
+        k_rope = apply_rotary(k_rope[:, None, :], rope.cos, rope.signed_sin)  # [T, 1, r]
         key = torch.cat([latent[:, None, :], k_rope], dim=-1)  # [T, 1, lora + r]
         key = batch.kv.rounded(key)  # as an FP8 cache holds it, for every path alike
         latent, k_rope = key[:, 0, :lora], key[:, :, lora:]

@@ -11,6 +11,7 @@ from engine.models import (
     deepseek,
     glm4_moe,
     gpt_oss,
+    llama4,
     minimax_m2,
     mixtral,
     olmoe,
@@ -25,6 +26,7 @@ from engine.models.layers import (
     MLP,
     Attention,
     MoEBlock,
+    PositionTables,
     RMSNorm,
     Rotary,
     RoutedExperts,
@@ -44,6 +46,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "minimax_m2": minimax_m2.SPEC,
     "qwen3_next": qwen3_next.QWEN3_NEXT,
     "qwen3_5_moe": qwen3_next.QWEN3_5_MOE,
+    "llama4": llama4.SPEC,
 }
 
 
@@ -59,10 +62,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.moe_attr = spec.moe_attr
         if layer in cfg.dense_layers:
-            self.moe_attr = "mlp"
-            self.mlp: nn.Module = MLP(cfg.hidden_size, cfg.dense_intermediate_size)
+            setattr(self, spec.moe_attr, MLP(cfg.hidden_size, cfg.dense_intermediate_size))
         else:
-            setattr(self, spec.moe_attr, MoEBlock(cfg, layer))
+            setattr(self, spec.moe_attr, MoEBlock(cfg, layer, spec.shared_attr))
 
     @property
     def ffn(self) -> nn.Module:
@@ -71,7 +73,7 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: PositionTables,
         batch: AttentionBatch,
         experts: RoutedExperts,
         observer: RoutingObserver | None,

@@ -2,4 +2,5 @@
 
 from engine.models.family import FamilySpec
 
-SPEC = FamilySpec(moe_attr="mlp", gate_proj="gate_proj", up_proj="up_proj", down_proj="down_proj")
+SPEC = FamilySpec(moe_attr="mlp", gate_proj="gate_proj", up_proj="up_proj", down_proj="down_proj", shared_attr="shared_expert"
+)

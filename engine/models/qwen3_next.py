@@ -13,7 +13,13 @@ from __future__ import annotations
 
 from engine.models.family import FamilySpec
 
-PER_EXPERT = dict(moe_attr="mlp", gate_proj="gate_proj", up_proj="up_proj", down_proj="down_proj")
+PER_EXPERT = dict(
+    moe_attr="mlp",
+    gate_proj="gate_proj",
+    up_proj="up_proj",
+    down_proj="down_proj",
+    shared_attr="shared_expert",
+)
 QWEN3_NEXT = FamilySpec(**PER_EXPERT, ignored_prefixes=("mtp.",))
 QWEN3_5_MOE = FamilySpec(
     **PER_EXPERT,

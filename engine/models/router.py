@@ -76,7 +76,9 @@ class Router(nn.Module):
             return logits.float(), unit  # softmax and sigmoid both rank by the logit itself
         choice = self._choice(logits)  # -inf outside the best groups
         if self.cfg.scoring == "softmax":  # log-probabilities differ as the logits do
-            key = torch.where(torch.isfinite(choice), torch.log_softmax(logits.float(), -1), -torch.inf)
+            key = torch.where(
+                torch.isfinite(choice), torch.log_softmax(logits.float(), -1), -torch.inf
+            )
         else:  # the corrected score sigmoid(l) + bias moves by sigmoid'(l) per logit unit
             key = choice
             scores = logits.float().sigmoid()

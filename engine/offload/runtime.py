@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import ConfigError, EngineConfig
 from engine.host_experts import HostExperts
 from engine.models.model import MoECausalLM
 from engine.offload.cache import ExpertCache
@@ -27,6 +27,11 @@ class OffloadRuntime:
     def __init__(
         self, config: EngineConfig, host: HostExperts, model: MoECausalLM, device: torch.device
     ) -> None:
+        if config.cache_aware_routing_margin > 0 and model.cfg.router_weights_on_input:
+            raise ConfigError(
+                f"cache_aware_routing_margin is not supported for {model.cfg.family}: its router "
+                "weighs each expert's input, so a swapped expert cannot be re-weighed"
+            )
         self.store = ExpertStore(
             host, pin=device.type == "cuda", packed_slots=config.packed_mxfp4_slots
         )

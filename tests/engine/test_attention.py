@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from engine import attention, attention_sinks
 from engine.attention import AttentionBatch, paged_attention
+from engine.family_config import LocalAttention
 from engine.kv_cache import KVCache
 
 HEADS, BLOCK = 6, 4
@@ -113,8 +114,10 @@ def written_out(q, k, v, query_pos, scale, sinks, window, key_start):  # noqa: A
         for h in range(heads):
             scores = q[s, :, h].double() @ k[s, :, h // groups].double().T * scale  # [Q, L]
             seen = key_pos[None] <= query_pos[s, :, None]
-            if window is not None:
-                seen &= key_pos[None] > query_pos[s, :, None] - window
+            if window is not None and window.chunked:  # same chunk as the query
+                seen &= key_pos[None] // window.size == query_pos[s, :, None] // window.size
+            elif window is not None:  # the last `size` positions
+                seen &= key_pos[None] > query_pos[s, :, None] - window.size
             scores = scores.masked_fill(~seen, float("-inf"))
             sink = torch.full((q_len, 1), float(sinks[h]), dtype=torch.float64)
             probs = torch.cat((scores, sink), dim=1).softmax(dim=1)[:, :-1]
@@ -122,13 +125,18 @@ def written_out(q, k, v, query_pos, scale, sinks, window, key_start):  # noqa: A
     return out
 
 
-@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize(
+    "window",
+    [None, LocalAttention(5), LocalAttention(4, chunked=True)],
+    ids=["causal", "sliding", "chunked"],
+)
 @pytest.mark.parametrize("max_mask", [1 << 24, 300], ids=["whole", "sliced"])
 def test_sink_attention_matches_the_written_out_softmax(
-    window: int | None, max_mask: int, monkeypatch: pytest.MonkeyPatch
+    window: LocalAttention | None, max_mask: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three sequences whose keys start at different positions (a window's blocks), two query
-    heads per KV head, each head's sink; "sliced" runs one sequence and one query at a time."""
+    heads per KV head, each head's sink; "sliced" runs one sequence and one query at a time.
+    Chunks of 4: the queries at 7 and 8 see different keys."""
     monkeypatch.setattr(attention_sinks, "MAX_MASK", max_mask)
     gen = torch.Generator().manual_seed(0)
     b, q_len, heads, kv_heads, dim, width = 3, 4, 4, 2, 8, 12

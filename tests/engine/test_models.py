@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import engine.attention_sinks as attention_sinks
 from engine import LLM, SamplingParams
+from engine.family_config import LocalAttention
 from engine.models import mla
 from tests.conftest import Preemptions, build_tokenizer, save_tiny_checkpoint, tiny_config
 
@@ -284,7 +285,11 @@ def test_gpt_oss_hub_config_matches_transformers(tmp_path: Path) -> None:
     del raw["swiglu_alpha"]
     (checkpoint / "config.json").write_text(json.dumps(raw))
     cfg = LLM(model=str(checkpoint), max_model_len=32).engine.model_config
-    assert cfg.gating.alpha == 1.702 and cfg.sliding_layers == (0, 2) and cfg.sliding_window == 4
+    assert (
+        cfg.gating.alpha == 1.702
+        and cfg.local_layers == (0, 2)
+        and cfg.local_attention == LocalAttention(4)
+    )
     assert_prefill_logits_match(checkpoint)
 
 

@@ -1,0 +1,170 @@
+"""Llama 4 beyond the family-parametrized tests: Meta's vision-language release layout, chunked
+attention across KV blocks and prefill chunks, top-2 routing on the expert inputs, Maverick's
+variant (no q/k norm), and config.json as the hub writes it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Llama4Config, Llama4ForConditionalGeneration
+
+from engine import LLM, ConfigError, SamplingParams
+from engine.family_config import LocalAttention
+from engine.model_config import ModelConfig
+from tests.conftest import build_tokenizer, save_tiny_checkpoint, tiny_config
+from tests.engine.test_models import assert_prefill_logits_match
+
+GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+LONG_PROMPT = [1, *range(40, 70)]  # 31 tokens: four chunks of 8
+
+
+def reference_greedy(model: torch.nn.Module, prompt: list[int], tokens: int = 20) -> list[int]:
+    model.generation_config.eos_token_id = None
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+def save_variant(path: Path, **changes: object) -> Path:
+    config = tiny_config("llama4")
+    for key, value in changes.items():
+        setattr(config, key, value)
+    config.__post_init__()  # re-derive moe_layers, no_rope_layers and layer_types
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_vl_release_loads_its_language_model(tmp_path: Path) -> None:
+    """transformers' Llama4ForConditionalGeneration as saved: the text model under
+    `language_model.`, the config under text_config, a vision tower and projector beside it."""
+    vision = dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=28,
+        patch_size=14,
+        vision_output_dim=32,
+        projector_input_dim=32,
+        projector_output_dim=64,
+    )
+    torch.manual_seed(0)
+    config = Llama4Config(text_config=tiny_config("llama4").to_dict(), vision_config=vision)
+    model = Llama4ForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    llm = LLM(model=str(tmp_path), max_model_len=64)
+    assert llm.engine.model_config.family == "llama4"
+    [out] = llm.generate([LONG_PROMPT], GREEDY)
+    with torch.no_grad():
+        assert out.token_ids == reference_greedy(model, LONG_PROMPT)
+
+
+def test_chunks_cross_kv_blocks_and_prefill_chunks(tmp_path: Path) -> None:
+    """Blocks of 2 tokens (a chunk's keys start mid-table) and 5-token prefill chunks (a step's
+    queries straddle a chunk boundary) while another sequence decodes beside."""
+    path = save_tiny_checkpoint("llama4", tmp_path)
+    llm = LLM(model=str(path), max_model_len=64, block_size=2, max_num_batched_tokens=5)
+    prompts = [LONG_PROMPT, [1, 300, 12]]
+    outs = llm.generate(prompts, GREEDY)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == reference_greedy(hf, prompt)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"num_experts_per_tok": 2},  # each expert's input weighted by its own sigmoid score
+        {"use_qk_norm": False, "interleave_moe_layer_step": 1},  # Maverick's attention
+        {"attn_temperature_tuning": False, "attention_chunk_size": 64},  # causal, unscaled
+    ],
+    ids=["top2", "no-qk-norm", "no-temperature-one-chunk"],
+)
+def test_variants_match_transformers(changes: dict[str, object], tmp_path: Path) -> None:
+    path = save_variant(tmp_path, **changes)
+    assert_prefill_logits_match(path)
+    [out] = LLM(model=str(path), max_model_len=64).generate([LONG_PROMPT], GREEDY)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert out.token_ids == reference_greedy(hf, LONG_PROMPT)
+
+
+def scout_config() -> dict:
+    """Llama-4-Scout-17B-16E's config.json as released (the vision config left out)."""
+    text = {
+        "model_type": "llama4_text",
+        "attention_chunk_size": 8192,
+        "head_dim": 128,
+        "hidden_size": 5120,
+        "intermediate_size": 8192,
+        "intermediate_size_mlp": 16384,
+        "interleave_moe_layer_step": 1,
+        "max_position_embeddings": 10485760,
+        "no_rope_layers": [],
+        "num_attention_heads": 40,
+        "num_experts_per_tok": 1,
+        "num_hidden_layers": 48,
+        "num_key_value_heads": 8,
+        "num_local_experts": 16,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {
+            "factor": 16.0,
+            "high_freq_factor": 1.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "rope_theta": 500000.0,
+        "use_qk_norm": True,
+        "vocab_size": 202048,
+        "eos_token_id": [200001, 200007, 200008],
+    }
+    return {"model_type": "llama4", "text_config": text, "tie_word_embeddings": False}
+
+
+def test_scout_config_reads_as_transformers_builds_it() -> None:
+    cfg = ModelConfig.from_dict(scout_config())
+    assert cfg.nope_layers == tuple(range(3, 48, 4))
+    assert cfg.local_layers == tuple(i for i in range(48) if i % 4 != 3)
+    assert cfg.local_attention == LocalAttention(8192, chunked=True)
+    assert cfg.nope_temperature == (8192.0, 0.1)
+    assert cfg.qk_norm == "l2" and cfg.rope_interleaved and cfg.router_weights_on_input
+    assert cfg.dense_layers == () and cfg.shared_expert_intermediate_size == 8192
+    assert cfg.router.scoring == "sigmoid" and not cfg.router.normalize and cfg.top_k == 1
+    assert len(cfg.rope_inv_freq) == 64 and all(math.isfinite(f) for f in cfg.rope_inv_freq)
+    assert cfg.eos_token_ids == (200001, 200007, 200008)
+
+
+def test_maverick_layout_interleaves_dense_layers() -> None:
+    raw = scout_config()
+    raw["text_config"] |= {"interleave_moe_layer_step": 2, "num_local_experts": 128}
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.moe_layers == tuple(range(1, 48, 2)) and cfg.dense_intermediate_size == 16384
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"layer_types": ["sliding_attention"] * 48}, "layer_types"),
+        ({"moe_layers": [0, 48]}, "moe_layers"),
+        ({"no_rope_layers": [1, 0]}, "no_rope_layers"),
+        ({"moe_layers": []}, "no MoE layer"),
+    ],
+)
+def test_malformed_layouts_are_refused_by_name(changes: dict, message: str) -> None:
+    raw = scout_config()
+    raw["text_config"] |= changes
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict(raw)
+
+
+def test_cache_aware_routing_is_refused(tmp_path: Path) -> None:
+    """Llama 4's experts see inputs scaled by their weights: a swapped expert cannot be
+    re-weighed, so the one option that changes routing is refused, not silently wrong."""
+    path = save_tiny_checkpoint("llama4", tmp_path)
+    with pytest.raises(ConfigError, match="cache_aware_routing_margin"):
+        LLM(model=str(path), max_model_len=64, cache_aware_routing_margin=0.5)

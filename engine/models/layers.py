@@ -71,7 +71,9 @@ class Rotary(nn.Module):
             floor_scale, attn_scale = self.temperature
             steps = torch.floor((positions.float() + 1.0) / floor_scale)  # [T]
             nope_scale = (torch.log1p(steps) * attn_scale + 1.0)[:, None, None]
-        return PositionTables(cos[:, None, :].to(dtype), signed_sin[:, None, :].to(dtype), nope_scale)
+        return PositionTables(
+            cos[:, None, :].to(dtype), signed_sin[:, None, :].to(dtype), nope_scale
+        )
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -150,7 +152,10 @@ class Attention(nn.Module):
             if self.rotary:
                 q, k = (apply_rotary(t, rope.cos, rope.signed_sin) for t in (q, k))
             if self.qk_norm == "l2":  # after the rotary, as Llama 4 does
-                q, k = (F.rms_norm(t.float(), (self.head_dim,), eps=self.eps).to(t.dtype) for t in (q, k))
+                q, k = (
+                    F.rms_norm(t.float(), (self.head_dim,), eps=self.eps).to(t.dtype)
+                    for t in (q, k)
+                )
         if not self.rotary and rope.nope_scale is not None:
             q = (q * rope.nope_scale).to(q.dtype)
         out = paged_attention(q, k, v, self.layer, batch, sinks=self.sinks, window=self.window)

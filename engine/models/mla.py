@@ -72,9 +72,7 @@ class MLAttention(nn.Module):
         saved = 2 * lora - nope - v  # absorbed (lora + r) + lora, expanded (nope + r) + v
         self.expand_min_queries = math.ceil(lora * (nope + v) / saved) if saved > 0 else math.inf
 
-    def forward(
-        self, x: torch.Tensor, rope: PositionTables, batch: AttentionBatch
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: PositionTables, batch: AttentionBatch) -> torch.Tensor:
         mla, h, tokens = self.mla, self.num_heads, x.shape[0]
         nope, lora = mla.qk_nope_head_dim, mla.kv_lora_rank
         if mla.q_lora_rank is None:
@@ -119,7 +117,9 @@ class MLAttention(nn.Module):
         (decodes never: one query reads the whole context), if its context's up-projected keys
         and values fit MAX_EXPANDED_KV."""
         mla = self.mla
-        per_token = self.num_heads * (2 * mla.qk_nope_head_dim + mla.qk_rope_head_dim + mla.v_head_dim)
+        per_token = self.num_heads * (
+            2 * mla.qk_nope_head_dim + mla.qk_rope_head_dim + mla.v_head_dim
+        )
         if group.blocks is None:
             rows = group.rows
             length = rows.stop - rows.start if isinstance(rows, slice) else rows.numel()

@@ -21,7 +21,6 @@ from engine.models import (
 )
 from engine.models.family import FamilySpec
 from engine.models.gated_delta import GatedDeltaNet
-from engine.models.mla import MLAttention
 from engine.models.layers import (
     MLP,
     Attention,
@@ -32,6 +31,7 @@ from engine.models.layers import (
     RoutedExperts,
     RoutingObserver,
 )
+from engine.models.mla import MLAttention
 
 FAMILIES: dict[str, FamilySpec] = {
     "mixtral": mixtral.SPEC,

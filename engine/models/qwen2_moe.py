@@ -2,5 +2,10 @@
 
 from engine.models.family import FamilySpec
 
-SPEC = FamilySpec(moe_attr="mlp", gate_proj="gate_proj", up_proj="up_proj", down_proj="down_proj", shared_attr="shared_expert"
+SPEC = FamilySpec(
+    moe_attr="mlp",
+    gate_proj="gate_proj",
+    up_proj="up_proj",
+    down_proj="down_proj",
+    shared_attr="shared_expert",
 )

@@ -7,7 +7,8 @@ float32 one written from its dequantized weights. The FP8 one's experts cross th
 are dequantized as they land in their slots. Both decode the same held-out prompts with half the
 experts resident, over the same emulated link, on demand (LRU) and with pre-gate prefetching:
 their outputs must be identical, their bytes are not. The quality cost is the original float32
-model against the FP8 copy: held-out loss and greedy agreement.
+model against the FP8 copy: held-out loss and greedy agreement; and against the original served
+with `--expert-quantization fp8` (only the routed experts quantized, as they load).
 
     .venv/bin/python benchmarks/fp8_offload.py [--model models/expertflow-demo] [--link-gbps 0.25]
 """
@@ -82,10 +83,10 @@ def decode(model: Path, prompts: list[list[int]], tokens: int, **flags: object) 
     return stats
 
 
-def heldout_loss(model: Path, prompts: list[list[int]]) -> float:
+def heldout_loss(model: Path, prompts: list[list[int]], **flags: object) -> float:
     """Mean negative log-likelihood per token of the held-out prompts."""
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-    outs = LLM(model=str(model), max_model_len=512).generate(prompts, params)
+    outs = LLM(model=str(model), max_model_len=512, **flags).generate(prompts, params)
     scores = [e.logprob for o in outs for e in (o.prompt_logprobs or [])[1:] if e is not None]
     return -sum(scores) / len(scores)
 
@@ -132,20 +133,30 @@ def main() -> None:
                 f"{s['tokens_per_s']:.1f} | {'identical' if same else 'DIFFERENT'} |"
             )
     original, quantized = heldout_loss(Path(args.model), prompts), heldout_loss(fp8, prompts)
+    at_load = heldout_loss(Path(args.model), prompts, expert_quantization="fp8")
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     a = LLM(model=args.model, max_model_len=512).generate(prompts, params)
     b = LLM(model=str(fp8), max_model_len=512).generate(prompts, params)
-    agree = sum(
+    c = LLM(model=args.model, max_model_len=512, expert_quantization="fp8").generate(
+        prompts, params
+    )
+    total = len(prompts) * args.new_tokens
+    for label, loss, outs in (("FP8 copy", quantized, b), ("experts at load", at_load, c)):
+        print(
+            f"quality, {label}: held-out loss {original:.4f} (float32) vs {loss:.4f}, "
+            f"perplexity x{math.exp(loss - original):.4f}; greedy tokens before the first "
+            f"difference: {agreement(a, outs)} of {total}"
+        )
+
+
+def agreement(ours: list, theirs: list) -> int:
+    """Greedy tokens of each output before its first difference from the other, summed."""
+    return sum(
         next(
             (i for i, (x, y) in enumerate(zip(o.token_ids, p.token_ids, strict=True)) if x != y),
             len(o.token_ids),
         )
-        for o, p in zip(a, b, strict=True)
-    )
-    print(
-        f"quality: held-out loss {original:.4f} (float32) vs {quantized:.4f} (FP8), "
-        f"perplexity x{math.exp(quantized - original):.4f}; greedy tokens before the first "
-        f"difference: {agree} of {len(prompts) * args.new_tokens}"
+        for o, p in zip(ours, theirs, strict=True)
     )
 
 

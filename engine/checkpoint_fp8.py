@@ -1,6 +1,7 @@
 """Block-wise FP8 checkpoints as they lie on disk (DeepSeek-V3's format, Qwen3's -FP8 releases):
 float8 weights, each with a `*.weight_scale_inv` of one float32 scale per block of rows x columns.
-engine/loader.py dequantizes what the model keeps resident and may keep routed experts FP8."""
+engine/loader.py dequantizes what the model keeps resident and may keep routed experts FP8
+(`copy_fp8`); `check_shape` is the check every loaded weight goes through."""
 
 from __future__ import annotations
 
@@ -75,3 +76,30 @@ def all_e4m3_with_scales(
                         return False
                     found += 1
     return found == len(names)
+
+
+def copy_fp8(
+    key: str,
+    weight: torch.Tensor,
+    scales: dict[str, torch.Tensor],
+    dest: torch.Tensor,
+    dest_scale: torch.Tensor,
+) -> None:
+    """An FP8 expert weight and its block scales, kept as they are."""
+    scale = scales.get(key + FP8_SCALE_SUFFIX)
+    if weight.dtype != torch.float8_e4m3fn or scale is None:
+        raise ConfigError(
+            f"expert weight {key!r} should be float8_e4m3fn with a {key + FP8_SCALE_SUFFIX!r}, "
+            f"as the checkpoint's fp8 quantization_config says; it is {weight.dtype}"
+        )
+    check_shape(key, weight, dest.shape)
+    check_shape(key + FP8_SCALE_SUFFIX, scale, dest_scale.shape)
+    dest.copy_(weight)
+    dest_scale.copy_(scale)
+
+
+def check_shape(key: str, tensor: torch.Tensor, shape: torch.Size) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ConfigError(
+            f"weight {key!r} has shape {tuple(tensor.shape)}, config implies {tuple(shape)}"
+        )

@@ -18,6 +18,7 @@ DEFAULT_MODEL = os.environ.get(
 )
 CACHE_POLICIES = ("lru", "lfu", "expertflow")
 PREDICTORS = ("none", "pregate", "rpp", "hybrid")
+EXPERT_QUANTIZATIONS = ("none", "fp8")
 MXFP4_SLOTS = ("auto", "packed", "decoded")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_CACHE_DTYPES = {  # vLLM's names; "fp8" is e4m3 (more mantissa: what keys and values need)
@@ -97,7 +98,12 @@ class EngineConfig:
         "keep an FP8 checkpoint's routed experts FP8 in host memory and over the link, each "
         "dequantized as it lands in its slot (half of bfloat16's bytes to hold and copy)",
     )
-
+    expert_quantization: str = flag(
+        "none",
+        "fp8: quantize a 16/32-bit checkpoint's routed experts to block-wise FP8 as they load "
+        "(half of bfloat16's host memory and link bytes; changes outputs by FP8's rounding)",
+        choices=EXPERT_QUANTIZATIONS,
+    )
     mxfp4_slots: str = flag(
         "auto",
         "how device slots hold MXFP4 experts (gpt-oss): packed (decoded by the kernel as it reads "
@@ -116,6 +122,13 @@ class EngineConfig:
             raise ConfigError("device='cuda' but CUDA is not available; use device='cpu'")
         if self.mxfp4_slots not in MXFP4_SLOTS:
             raise ConfigError(f"mxfp4_slots={self.mxfp4_slots!r}: choose {', '.join(MXFP4_SLOTS)}")
+        if self.expert_quantization not in EXPERT_QUANTIZATIONS:
+            raise ConfigError(
+                f"expert_quantization={self.expert_quantization!r}: choose "
+                f"{', '.join(EXPERT_QUANTIZATIONS)}"
+            )
+        if self.expert_quantization == "fp8" and not self.fp8_experts:
+            raise ConfigError("expert_quantization='fp8' contradicts fp8_experts=False")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r}: choose one of {', '.join(KV_CACHE_DTYPES)}"

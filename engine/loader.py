@@ -16,10 +16,13 @@ from engine.checkpoint_fp8 import (
     FP8_IGNORED_SUFFIXES,
     FP8_SCALE_SUFFIX,
     all_e4m3_with_scales,
+    check_shape,
+    copy_fp8,
     dequantize_fp8,
     fp8_scales,
 )
 from engine.config import ConfigError
+from engine.expert_fp8 import ExpertQuantizer
 from engine.host_experts import HostExperts
 from engine.model_config import ModelConfig
 from engine.models.family import Convert, FamilySpec
@@ -51,9 +54,11 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device | str,
     fp8_experts: bool = True,
+    quantize_experts: bool = False,
 ) -> tuple[MoECausalLM, HostExperts]:
     """Build the model on `device` with its resident weights, and the routed experts on the CPU.
-    `fp8_experts`: an FP8 checkpoint's routed experts stay FP8 (else dequantized like the rest)."""
+    `fp8_experts`: an FP8 checkpoint's routed experts stay FP8 (else dequantized like the rest);
+    `quantize_experts`: other routed experts become FP8 as they load (engine/expert_fp8.py)."""
     path = Path(path)
     with torch.device("meta"):
         model = MoECausalLM(cfg)
@@ -143,6 +148,12 @@ def load_model(
                 s2[e] if s2 is not None else None,
             )
 
+    quantizer = None
+    if quantize_experts and cfg.mxfp4_experts:
+        raise ConfigError("expert_quantization='fp8': these experts are MXFP4, already 4-bit")
+    if quantize_experts and not fp8:  # keys are model.layers.N....
+        layer_of = {k: int(k.split(".")[2]) for k in (*expert_keys, *fused_keys)}
+        quantizer = ExpertQuantizer(experts, layer_of)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     stacked = stacked_keys(model)
     resident: dict[str, torch.Tensor] = {}
@@ -164,7 +175,7 @@ def load_model(
                 if key in expert_keys and expert_keys[key][1] is not None:
                     dest, dest_scale = expert_keys[key]
                     assert dest_scale is not None
-                    _copy_fp8(key, tensor, scales, dest, dest_scale)
+                    copy_fp8(key, tensor, scales, dest, dest_scale)
                     seen_parts.add(key)
                     continue
                 if tensor.dtype in FLOAT8_DTYPES:
@@ -172,12 +183,12 @@ def load_model(
                 if key in fused_keys:
                     dest, convert = fused_keys[key]
                     tensor = convert(tensor)
-                    _check_shape(key, tensor, dest.shape)
+                    check_shape(key, tensor, dest.shape)
                     dest.copy_(tensor)
                     seen_parts.add(key)
                 elif key in expert_keys:
                     dest, _ = expert_keys[key]
-                    _check_shape(key, tensor, dest.shape)
+                    check_shape(key, tensor, dest.shape)
                     dest.copy_(tensor)
                     seen_parts.add(key)
                 elif key in stacked:
@@ -185,7 +196,7 @@ def load_model(
                     if target not in resident:
                         resident[target] = torch.empty(shapes[target], dtype=dtype)
                     tensor = tensor if convert is None else convert(tensor)
-                    _check_shape(key, tensor, resident[target][rows].shape)
+                    check_shape(key, tensor, resident[target][rows].shape)
                     resident[target][rows].copy_(tensor)
                     seen_parts.add(key)
                 elif key in expected:  # V3's correction bias stays float32, as in transformers
@@ -195,6 +206,8 @@ def load_model(
                     raise ConfigError(
                         f"{file.name}: unexpected weight {key!r} for a {cfg.family} model"
                     )
+                if quantizer is not None:  # a layer's last expert weight: to FP8
+                    quantizer.landed(key)
     missing = sorted(
         (expected - resident.keys())
         | ((expert_keys.keys() | fused_keys.keys() | stacked.keys()) - seen_parts)
@@ -202,7 +215,7 @@ def load_model(
     if missing:
         raise ConfigError(f"{path}: checkpoint lacks {len(missing)} weights, first {missing[0]!r}")
     for key, tensor in resident.items():
-        _check_shape(key, tensor, shapes[key])
+        check_shape(key, tensor, shapes[key])
     model.load_state_dict(resident, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -222,29 +235,9 @@ def load_model(
         len(moe_layers),
         E,
         experts.total_bytes / 2**20,
-        " (FP8 on the host and the link)" if fp8 else "",
+        " (FP8 on the host and the link)" if experts.fp8_block else "",
     )
     return model.eval(), experts
-
-
-def _copy_fp8(
-    key: str,
-    weight: torch.Tensor,
-    scales: dict[str, torch.Tensor],
-    dest: torch.Tensor,
-    dest_scale: torch.Tensor,
-) -> None:
-    """An FP8 expert weight and its block scales, kept as they are."""
-    scale = scales.get(key + FP8_SCALE_SUFFIX)
-    if weight.dtype != torch.float8_e4m3fn or scale is None:
-        raise ConfigError(
-            f"expert weight {key!r} should be float8_e4m3fn with a {key + FP8_SCALE_SUFFIX!r}, "
-            f"as the checkpoint's fp8 quantization_config says; it is {weight.dtype}"
-        )
-    _check_shape(key, weight, dest.shape)
-    _check_shape(key + FP8_SCALE_SUFFIX, scale, dest_scale.shape)
-    dest.copy_(weight)
-    dest_scale.copy_(scale)
 
 
 def stacked_keys(model: MoECausalLM) -> dict[str, tuple[str, slice, Convert | None]]:
@@ -287,10 +280,3 @@ def _extra_layer(key: str, cfg: ModelConfig) -> bool:
         and parts[2].isdigit()
         and int(parts[2]) >= cfg.num_layers
     )
-
-
-def _check_shape(key: str, tensor: torch.Tensor, shape: torch.Size) -> None:
-    if tuple(tensor.shape) != tuple(shape):
-        raise ConfigError(
-            f"weight {key!r} has shape {tuple(tensor.shape)}, config implies {tuple(shape)}"
-        )

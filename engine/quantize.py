@@ -40,7 +40,10 @@ def quantize_checkpoint(source: Path, out: Path, block: tuple[int, int] = (128, 
         raise ConfigError(f"{out}: already exists")
     spec = FAMILIES[cfg.family]
     if spec.fused_experts:
-        raise ConfigError(f"{source}: {cfg.family} checkpoints are not converted to FP8")
+        raise ConfigError(
+            f"{source}: {cfg.family} checkpoints are not converted to FP8 (their experts are a "
+            "tensor per layer); serve it with --expert-quantization fp8 instead"
+        )
     parts = (spec.gate_proj, spec.up_proj, spec.down_proj)
     experts = {
         spec.expert_key(layer, e, part)

@@ -15,7 +15,8 @@ out a finished chat's; once the sequence is done, its last snapshot stays in the
 as slots, with prefix caching on) until the least recently used goes. A later sequence with that
 prefix resumes from it (`resume`); the block allocator matches cached prefixes only up to a
 boundary with one (`has`). A chat's next turn thus resumes after the last block boundary the
-previous answer crossed.
+previous answer crossed. Requests sharing a system prompt resume after it from the third on: the
+second learns where the first diverged from it and keeps a state there too.
 """
 
 from __future__ import annotations
@@ -87,10 +88,11 @@ class LinearStates:
     def has(self, name: bytes) -> bool:
         return name in self._snapshots
 
-    def keep(self, seq_id: int, name: bytes) -> None:
+    def keep(self, seq_id: int, name: bytes, shared: bool = False) -> None:
         """Snapshot a running sequence's state, which ends the prefix `name` names, in place of
-        the sequence's previous snapshot."""
-        previous = self._owned.pop(seq_id, None)
+        the sequence's previous snapshot; a `shared` prefix's (where sequences diverge) beside it,
+        left to the pool's LRU order."""
+        previous = None if shared else self._owned.pop(seq_id, None)
         if previous is not None and previous in self._snapshots and previous != name:
             self._free_snapshots.append(self._snapshots.pop(previous))
         if name in self._snapshots:
@@ -103,7 +105,8 @@ class LinearStates:
             self._free_snapshots.append(index)
             self._owned = {s: n for s, n in self._owned.items() if n != evicted}
         index = self._snapshots[name] = self._free_snapshots.pop()
-        self._owned[seq_id] = name
+        if not shared:
+            self._owned[seq_id] = name
         slot = self._slot_of[seq_id]
         for layer, conv in self.conv.items():
             self.snap_conv[layer][index] = conv[slot]

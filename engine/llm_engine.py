@@ -239,10 +239,10 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
             self.blocks.computed(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
-            if states is not None and seq.num_computed_tokens % self.blocks.block_size == 0:
-                states.keep(
-                    seq.seq_id, self.blocks.name_of_prefix(seq.seq_id, seq.num_computed_tokens)
-                )
+            done = seq.num_computed_tokens
+            if states is not None and done % self.blocks.block_size == 0:
+                name = self.blocks.name_of_prefix(seq.seq_id, done)
+                states.keep(seq.seq_id, name, shared=done == self.blocks.divergence(seq.seq_id))
         for seq, first, scores in result.prompt_logprobs:
             entries = self.requests[seq.request_id].prompt_logprobs
             assert entries is not None

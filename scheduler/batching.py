@@ -83,7 +83,7 @@ class Scheduler:
             if seq.seq_id in skipped:
                 i += 1
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, budget)
             if self._make_room(seq, seq.num_computed_tokens + n, batch):
                 batch.seqs.append(seq)
                 batch.num_new_tokens.append(n)
@@ -105,7 +105,7 @@ class Scheduler:
                 continue
             cached = self.blocks.match(seq.seq_id, seq.token_ids) if seq.prefix_cacheable else 0
             seq.num_computed_tokens = cached
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, budget)
             wanted = self.blocks.blocks_for(cached + n) - len(self.blocks.table(seq.seq_id))
             if wanted > self.blocks.num_free - held or not self.blocks.grow(seq.seq_id, cached + n):
                 self.blocks.free(seq.seq_id)  # give back the matched blocks too
@@ -118,6 +118,13 @@ class Scheduler:
             batch.admitted.append((seq, cached))
             budget -= n
         return batch
+
+    def _chunk(self, seq: SchedulableSeq, budget: int) -> int:
+        """Tokens `seq` computes this step: what it lacks, within the budget, ending at a shared
+        prefix's end where the engine should keep a linear state (BlockAllocator.divergence)."""
+        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        stop = self.blocks.divergence(seq.seq_id)
+        return min(n, stop - seq.num_computed_tokens) if stop > seq.num_computed_tokens else n
 
     def _awaits_sibling(self, seq: SchedulableSeq) -> bool:
         """Whether `seq` should wait for its running first sibling to compute the full blocks of

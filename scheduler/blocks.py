@@ -6,7 +6,10 @@ starts with the same tokens (a chat's next turn, a shared system prompt, a preem
 back) takes those blocks instead of computing them again. Blocks are reference-counted; a block no
 sequence holds is free but keeps its contents, and is reused (its name forgotten) in least recently
 freed order, a sequence's tail before its head. A model with linear attention can resume only
-after a prefix whose recurrent state the engine kept (`resumable`): matches stop there.
+after a prefix whose recurrent state the engine kept (`resumable`): matches stop there. Where a
+longer known prefix has no state (a system prompt that an earlier request shared, unknowingly,
+before it diverged), the matching sequence is told to end a chunk at that prefix's end
+(`divergence`), so that its state is kept there and the next sequence resumes after it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class BlockAllocator:
         self._chains: dict[int, list[bytes]] = {}  # seq -> names of its computed full blocks
         self._named: dict[bytes, int] = {}  # name -> block holding that prefix
         self._name_of: dict[int, bytes] = {}
+        self._divergence: dict[int, int] = {}  # seq -> tokens of a known prefix without state
 
     @property
     def num_free(self) -> int:
@@ -77,6 +81,7 @@ class BlockAllocator:
 
     def free(self, seq_id: int) -> None:
         self._chains.pop(seq_id, None)
+        self._divergence.pop(seq_id, None)
         for block in reversed(self._tables.pop(seq_id, [])):  # the tail is reused first
             self._refs[block] -= 1
             if self._refs[block] == 0:
@@ -99,6 +104,8 @@ class BlockAllocator:
             table.append(block)
             if self.resumable is None or self.resumable(name):
                 usable = len(table)
+        if usable < len(table):  # a longer prefix is known, but not resumable
+            self._divergence[seq_id] = len(table) * self.block_size
         chain, table = chain[:usable], table[:usable]
         for block in table:
             self._refs[block] += 1
@@ -106,6 +113,11 @@ class BlockAllocator:
         if table:
             self._tables[seq_id], self._chains[seq_id] = table, chain
         return len(table) * self.block_size
+
+    def divergence(self, seq_id: int) -> int:
+        """Tokens of the longest known prefix of the sequence that it could not resume after (0:
+        none): where a chunk of it should end, so that the engine keeps the state there."""
+        return self._divergence.get(seq_id, 0)
 
     def computed(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
         """Name the sequence's full blocks among its first `num_computed` tokens, so that later

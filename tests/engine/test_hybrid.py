@@ -221,6 +221,33 @@ def test_chat_turn_resumes_from_the_previous_answers_last_boundary(
     assert plain.engine.runner.states.snap_recurrent[0].numel() == 0
 
 
+def test_requests_sharing_a_system_prompt_resume_after_it_from_the_third(
+    next_checkpoint: Path,
+) -> None:
+    """The first request leaves no state inside its prompt. The second finds the first's blocks
+    of their shared 40-token system prompt (two full blocks), cannot resume after them, and ends
+    a chunk where the prompts diverge (32), keeping a state there beside its own latest one; the
+    third resumes after it. Every output is what an engine without prefix caching says."""
+    system = [1, *range(100, 139)]
+    prompts = [[*system, 200 + i, 210 + i, 220 + i] for i in range(3)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    llm = LLM(model=str(next_checkpoint), max_model_len=128, max_num_seqs=2)
+    plain = LLM(model=str(next_checkpoint), max_model_len=128, enable_prefix_caching=False)
+    chunks: list[list[int]] = []
+    schedule = llm.engine.scheduler.schedule
+
+    def watched():  # noqa: ANN202
+        batch = schedule()
+        chunks.append(batch.num_new_tokens)
+        return batch
+
+    llm.engine.scheduler.schedule = watched  # type: ignore[method-assign]
+    outs = [llm.generate([prompt], params)[0] for prompt in prompts]
+    assert [o.num_cached_tokens for o in outs] == [0, 0, 32]
+    assert [c[0] for c in chunks if c and c[0] > 1] == [43, 32, 11, 11]
+    assert [o.token_ids for o in outs] == greedy(plain, prompts, params)
+
+
 def test_finished_and_aborted_sequences_hand_back_their_state(next_checkpoint: Path) -> None:
     llm = LLM(model=str(next_checkpoint), max_model_len=64, max_num_seqs=4)
     engine = llm.engine

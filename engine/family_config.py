@@ -72,7 +72,8 @@ class MLAConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
-ROUTING_FIELDS = (
+DEFAULTED_FIELDS = (
+    "tie_word_embeddings",  # True for ERNIE 4.5, False for most
     "norm_topk_prob",
     "first_k_dense_replace",
     "n_shared_experts",
@@ -83,12 +84,13 @@ ROUTING_FIELDS = (
 
 
 @functools.cache
-def routing_defaults(family: str) -> dict[str, Any]:
-    """What transformers assumes for the routing fields a config.json leaves out (they differ by
-    family: DeepSeek-V3 and GLM-4.5 renormalise the top-k by default, V3 has 3 dense layers)."""
+def config_defaults(family: str) -> dict[str, Any]:
+    """What transformers assumes for the fields a config.json leaves out where families differ
+    (DeepSeek-V3 and GLM-4.5 renormalise the top-k by default, V3 has 3 dense layers, ERNIE 4.5
+    ties its embeddings); transformers' save_pretrained leaves out what equals its defaults."""
     defaults = CONFIG_MAPPING[TEXT_CONFIGS.get(family, family)]()
     return {
-        k: getattr(defaults, k) for k in ROUTING_FIELDS if getattr(defaults, k, None) is not None
+        k: getattr(defaults, k) for k in DEFAULTED_FIELDS if getattr(defaults, k, None) is not None
     }
 
 

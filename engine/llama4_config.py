@@ -62,6 +62,7 @@ def llama4_fields(raw: dict[str, Any], need: Callable[..., Any], num_layers: int
         ),
         router_weights_on_input=True,
         rope_interleaved=True,
+        rope_float32=True,
         nope_layers=nope,
         nope_temperature=temperature,
         qk_norm="l2" if raw.get("use_qk_norm", True) else "none",

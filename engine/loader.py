@@ -200,7 +200,9 @@ def load_model(
                     resident[target][rows].copy_(tensor)
                     seen_parts.add(key)
                 elif key in expected:  # V3's correction bias stays float32, as in transformers
-                    keep = key.endswith(FLOAT32_SUFFIXES)
+                    keep = key.endswith(FLOAT32_SUFFIXES + spec.float32_suffixes)
+                    for suffix, convert in spec.resident_converts.items():
+                        tensor = convert(tensor) if key.endswith(suffix) else tensor
                     resident[key] = tensor.to(torch.float32 if keep else dtype)
                 elif not (cfg.tie_word_embeddings and key == "lm_head.weight"):
                     raise ConfigError(

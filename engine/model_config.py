@@ -11,18 +11,19 @@ from typing import Any
 from transformers import GenerationConfig
 
 from engine.config import ConfigError
+from engine.ernie_config import ernie4_5_moe_fields
 from engine.family_config import (
     TEXT_CONFIGS,
     LocalAttention,
     MLAConfig,
     RouterConfig,
+    config_defaults,
     deepseek_fields,
     glm4_moe_fields,
     gpt_oss_fields,
     minimax_m2_fields,
     quantization_fields,
     rope_scaling_fields,
-    routing_defaults,
 )
 from engine.hybrid_config import LinearAttentionConfig, qwen3_next_fields
 from engine.llama4_config import llama4_fields
@@ -42,6 +43,7 @@ SUPPORTED_FAMILIES = (
     "qwen3_next",
     "qwen3_5_moe",
     "llama4",
+    "ernie4_5_moe",
 )
 
 # Checkpoints that name their own model_type for an architecture we serve (Kimi-K2's is
@@ -99,6 +101,7 @@ class ModelConfig:
     attention_output_gate: bool = False  # q_proj also yields a sigmoid gate on attention's output
     zero_centered_norms: bool = False  # RMSNorm weights scale by 1 + w (the loader adds the 1)
     rope_interleaved: bool = False  # rotary pairs adjacent on the hub: q/k rows permuted at load
+    rope_float32: bool = False  # q and k turn in float32 whatever the dtype (Llama 4, ERNIE 4.5)
     nope_layers: tuple[int, ...] = ()  # layers without rotary (Llama 4)
     nope_temperature: tuple[float, float] | None = None  # their (floor_scale, attn_scale)
     router_weights_on_input: bool = False  # Llama 4 weighs each expert's input, not its output
@@ -151,7 +154,7 @@ class ModelConfig:
                 f"config.json: model_type={family!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_FAMILIES)})"
             )
-        raw = {**routing_defaults(family), **raw}  # a field set to null stays null
+        raw = {**config_defaults(family), **raw}  # a field set to null stays null
 
         def need(*keys: str) -> Any:
             for key in keys:
@@ -168,6 +171,8 @@ class ModelConfig:
             moe_inter, num_experts = need("moe_intermediate_size"), need("n_routed_experts")
         elif family == "olmoe":
             moe_inter, num_experts = need("intermediate_size"), need("num_experts")
+        elif family == "ernie4_5_moe":
+            moe_inter, num_experts = need("moe_intermediate_size"), need("moe_num_experts")
         else:
             moe_inter, num_experts = (
                 need("moe_intermediate_size"),
@@ -193,6 +198,8 @@ class ModelConfig:
             family_fields |= qwen3_next_fields(raw, need, num_layers)
         elif family == "llama4":
             family_fields |= llama4_fields(raw, need, num_layers)
+        elif family == "ernie4_5_moe":
+            family_fields |= ernie4_5_moe_fields(raw, need, num_layers, int(moe_inter))
         elif family == "minimax_m2":
             family_fields |= minimax_m2_fields(
                 raw, need, int(raw.get("head_dim") or hidden // heads)
@@ -200,7 +207,7 @@ class ModelConfig:
         # after the family's own checks: transformers' config class validates fields too
         family_fields |= rope_scaling_fields(raw, int(raw.get("head_dim") or hidden // heads))
         router = RouterConfig(
-            top_k=int(need("num_experts_per_tok")),
+            top_k=int(need("num_experts_per_tok", "moe_k")),
             normalize=True if family == "mixtral" else bool(raw.get("norm_topk_prob", False)),
         )
         eos = raw.get("eos_token_id")

@@ -12,6 +12,7 @@ from transformers import (
     AutoModelForCausalLM,
     DeepseekV2Config,
     DeepseekV3Config,
+    Ernie4_5_MoeConfig,
     Glm4MoeConfig,
     Glm4MoeLiteConfig,
     GptOssConfig,
@@ -157,6 +158,15 @@ def tiny_config(family: str) -> PretrainedConfig:
                 "original_max_position_embeddings": 64,
             },
         )
+    if family == "ernie4_5_moe":  # a dense first layer, tied embeddings (its default)
+        return Ernie4_5_MoeConfig(
+            **{**common, "num_hidden_layers": 3, "tie_word_embeddings": True},
+            intermediate_size=48,
+            moe_intermediate_size=32,
+            moe_num_experts=8,
+            moe_k=2,
+            moe_num_shared_experts=1,
+        )
     hybrid = dict(  # three Gated DeltaNet layers, then gated attention
         num_hidden_layers=4,
         head_dim=16,
@@ -234,6 +244,8 @@ def save_tiny_checkpoint(family: str, path: Path, seed: int = 0) -> Path:
         if name.endswith("e_score_correction_bias"):  # zero at init: make it pick experts
             buffer.normal_(0.0, 0.3)
     for name, param in model.named_parameters():
+        if name.endswith("e_score_correction_bias"):  # ERNIE's is a parameter
+            param.data.normal_(0.0, 0.3)
         if name.endswith(("sinks", "_proj_bias")):  # gpt-oss's: make them matter
             param.data.normal_(0.0, 1.0)
         if family in ("qwen3_next", "qwen3_5_moe") and name.endswith(("norm.weight", "dt_bias")):

@@ -28,6 +28,10 @@ class FamilySpec:
     hub_renames: tuple[tuple[str, str], ...] = ()  # hub key fragment -> ours
     ignored_prefixes: tuple[str, ...] = ()  # weights we do not serve: a vision tower, MTP layers
     shared_attr: str = "shared_experts"  # the shared experts' module name in the MoE block
+    # Resident weights stored in another shape on the hub: key suffix -> conversion (ERNIE 4.5's
+    # correction bias is [1, E])
+    resident_converts: Mapping[str, Convert] = field(default_factory=dict)
+    float32_suffixes: tuple[str, ...] = ()  # resident weights kept float32, as transformers does
 
     def expert_key(self, layer: int, expert: int, proj: str) -> str:
         return f"model.layers.{layer}.{self.moe_attr}.experts.{expert}.{proj}.weight"

@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
 class PositionTables(NamedTuple):
     """What the step's positions give every attention layer, built once per forward."""
 
-    cos: torch.Tensor  # [T, 1, R] in the model's dtype
+    cos: torch.Tensor  # [T, 1, R] in the model's dtype, or float32 (cfg.rope_float32)
     signed_sin: torch.Tensor  # [T, 1, R]
     nope_scale: torch.Tensor | None  # [T, 1, 1] float32: Llama 4's query temperature, NoPE layers
 
@@ -58,6 +58,7 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [R/2]
         self.factor = cfg.rope_attention_factor
         self.temperature = cfg.nope_temperature
+        self.float32 = cfg.rope_float32
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> PositionTables:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, R/2]
@@ -71,21 +72,21 @@ class Rotary(nn.Module):
             floor_scale, attn_scale = self.temperature
             steps = torch.floor((positions.float() + 1.0) / floor_scale)  # [T]
             nope_scale = (torch.log1p(steps) * attn_scale + 1.0)[:, None, None]
+        dtype = torch.float32 if self.float32 else dtype
         return PositionTables(
             cos[:, None, :].to(dtype), signed_sin[:, None, :].to(dtype), nope_scale
         )
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/signed_sin: [T, 1, R], R <= D: the leading R dims turn, the rest pass.
+    """x: [T, heads, D]; cos/signed_sin: [T, 1, R], R <= D: the leading R dims turn, the rest pass,
+    in the tables' dtype (float32 where the family turns in float32), returned in x's.
     rotate_half(x) * sin is x with its halves swapped (a roll by R/2) times sin with its first half
     negated: the same products, fewer ops."""
     dim = cos.shape[-1]
-    if dim == x.shape[-1]:
-        return torch.addcmul(x * cos, x.roll(dim // 2, dims=-1), signed_sin)
-    turned = x[..., :dim]
-    rotated = torch.addcmul(turned * cos, turned.roll(dim // 2, dims=-1), signed_sin)
-    return torch.cat((rotated, x[..., dim:]), dim=-1)
+    turned = (x if dim == x.shape[-1] else x[..., :dim]).to(cos.dtype)
+    rotated = torch.addcmul(turned * cos, turned.roll(dim // 2, dims=-1), signed_sin).to(x.dtype)
+    return rotated if dim == x.shape[-1] else torch.cat((rotated, x[..., dim:]), dim=-1)
 
 
 class Attention(nn.Module):

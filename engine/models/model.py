@@ -9,6 +9,7 @@ from engine.attention import AttentionBatch
 from engine.model_config import ModelConfig
 from engine.models import (
     deepseek,
+    ernie,
     glm4_moe,
     gpt_oss,
     llama4,
@@ -47,6 +48,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "qwen3_next": qwen3_next.QWEN3_NEXT,
     "qwen3_5_moe": qwen3_next.QWEN3_5_MOE,
     "llama4": llama4.SPEC,
+    "ernie4_5_moe": ernie.SPEC,
 }
 
 

@@ -1,0 +1,55 @@
+"""ERNIE 4.5 MoE's config.json as the hub writes it; its forward is checked against
+transformers by the family-parametrized tests (tests/conftest.py's tiny checkpoint)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import ConfigError
+from engine.model_config import ModelConfig
+
+
+def ernie_21b() -> dict:
+    """ERNIE-4.5-21B-A3B-PT's config.json (the fields we read)."""
+    return {
+        "model_type": "ernie4_5_moe",
+        "hidden_size": 2560,
+        "intermediate_size": 12288,
+        "max_position_embeddings": 131072,
+        "moe_intermediate_size": 1536,
+        "moe_k": 6,
+        "moe_layer_interval": 1,
+        "moe_layer_start_index": 1,
+        "moe_num_experts": 64,
+        "moe_num_shared_experts": 2,
+        "num_attention_heads": 20,
+        "num_hidden_layers": 28,
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 500000,
+        "use_bias": False,
+        "vocab_size": 103424,
+    }
+
+
+def test_hub_config_reads_as_transformers_builds_it() -> None:
+    cfg = ModelConfig.from_dict(ernie_21b())
+    assert cfg.dense_layers == (0,) and cfg.dense_intermediate_size == 12288
+    assert cfg.num_experts == 64 and cfg.top_k == 6 and cfg.moe_intermediate_size == 1536
+    assert cfg.shared_expert_intermediate_size == 2 * 1536 and not cfg.shared_expert_gated
+    assert cfg.router.topk_method == "noaux_tc" and cfg.router.scoring == "softmax"
+    assert cfg.router.normalize and cfg.router.float32_logits
+    assert cfg.rope_interleaved and cfg.rope_float32 and cfg.head_dim == 128
+    assert cfg.tie_word_embeddings  # transformers' default for ERNIE, left out of the file
+
+
+def test_moe_layers_by_start_end_and_interval() -> None:
+    raw = ernie_21b() | {"moe_layer_start_index": 2, "moe_layer_end_index": 9}
+    raw |= {"moe_layer_interval": 2, "num_hidden_layers": 12}
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.moe_layers == (3, 5, 7, 9)
+
+
+def test_biases_on_every_projection_are_refused() -> None:
+    with pytest.raises(ConfigError, match="use_bias"):
+        ModelConfig.from_dict(ernie_21b() | {"use_bias": True})

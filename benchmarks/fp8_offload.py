@@ -8,7 +8,7 @@ are dequantized as they land in their slots. Both decode the same held-out promp
 experts resident, over the same emulated link, on demand (LRU) and with pre-gate prefetching:
 their outputs must be identical, their bytes are not. The quality cost is the original float32
 model against the FP8 copy: held-out loss and greedy agreement; and against the original served
-with `--expert-quantization fp8` (only the routed experts quantized, as they load).
+with `--expert-quantization fp8` or `mxfp4` (only the routed experts quantized, as they load).
 
     .venv/bin/python benchmarks/fp8_offload.py [--model models/expertflow-demo] [--link-gbps 0.25]
 """
@@ -133,15 +133,16 @@ def main() -> None:
                 f"{s['tokens_per_s']:.1f} | {'identical' if same else 'DIFFERENT'} |"
             )
     original, quantized = heldout_loss(Path(args.model), prompts), heldout_loss(fp8, prompts)
-    at_load = heldout_loss(Path(args.model), prompts, expert_quantization="fp8")
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     a = LLM(model=args.model, max_model_len=512).generate(prompts, params)
     b = LLM(model=str(fp8), max_model_len=512).generate(prompts, params)
-    c = LLM(model=args.model, max_model_len=512, expert_quantization="fp8").generate(
-        prompts, params
-    )
+    rows = [("FP8 copy", quantized, b)]
+    for scheme in ("fp8", "mxfp4"):
+        loss = heldout_loss(Path(args.model), prompts, expert_quantization=scheme)
+        llm = LLM(model=args.model, max_model_len=512, expert_quantization=scheme)
+        rows.append((f"experts {scheme} at load", loss, llm.generate(prompts, params)))
     total = len(prompts) * args.new_tokens
-    for label, loss, outs in (("FP8 copy", quantized, b), ("experts at load", at_load, c)):
+    for label, loss, outs in rows:
         print(
             f"quality, {label}: held-out loss {original:.4f} (float32) vs {loss:.4f}, "
             f"perplexity x{math.exp(loss - original):.4f}; greedy tokens before the first "

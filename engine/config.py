@@ -18,7 +18,7 @@ DEFAULT_MODEL = os.environ.get(
 )
 CACHE_POLICIES = ("lru", "lfu", "expertflow")
 PREDICTORS = ("none", "pregate", "rpp", "hybrid")
-EXPERT_QUANTIZATIONS = ("none", "fp8")
+EXPERT_QUANTIZATIONS = ("none", "fp8", "mxfp4")
 MXFP4_SLOTS = ("auto", "packed", "decoded")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_CACHE_DTYPES = {  # vLLM's names; "fp8" is e4m3 (more mantissa: what keys and values need)
@@ -100,8 +100,9 @@ class EngineConfig:
     )
     expert_quantization: str = flag(
         "none",
-        "fp8: quantize a 16/32-bit checkpoint's routed experts to block-wise FP8 as they load "
-        "(half of bfloat16's host memory and link bytes; changes outputs by FP8's rounding)",
+        "quantize a checkpoint's routed experts as they load: fp8 (block-wise; half of "
+        "bfloat16's host memory and link bytes) or mxfp4 (about a quarter); changes outputs by "
+        "the rounding",
         choices=EXPERT_QUANTIZATIONS,
     )
     mxfp4_slots: str = flag(

@@ -49,7 +49,7 @@ class LLMEngine:
                 f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
                 f"{mc.max_position_embeddings}"
             )
-        quantize = config.expert_quantization == "fp8"  # routed experts to FP8 as they load
+        quantize = None if config.expert_quantization == "none" else config.expert_quantization
         model, host_experts = load_model(
             config.model, mc, config.torch_dtype, self.device, config.fp8_experts, quantize
         )

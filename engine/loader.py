@@ -22,7 +22,7 @@ from engine.checkpoint_fp8 import (
     fp8_scales,
 )
 from engine.config import ConfigError
-from engine.expert_fp8 import ExpertQuantizer
+from engine.expert_quantization import ExpertQuantizer
 from engine.host_experts import HostExperts
 from engine.model_config import ModelConfig
 from engine.models.family import Convert, FamilySpec
@@ -54,11 +54,12 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device | str,
     fp8_experts: bool = True,
-    quantize_experts: bool = False,
+    quantize_experts: str | None = None,
 ) -> tuple[MoECausalLM, HostExperts]:
     """Build the model on `device` with its resident weights, and the routed experts on the CPU.
     `fp8_experts`: an FP8 checkpoint's routed experts stay FP8 (else dequantized like the rest);
-    `quantize_experts`: other routed experts become FP8 as they load (engine/expert_fp8.py)."""
+    `quantize_experts` "fp8" or "mxfp4": other routed experts are quantized so as they load
+    (engine/expert_quantization.py; "mxfp4" takes an FP8 checkpoint's too)."""
     path = Path(path)
     with torch.device("meta"):
         model = MoECausalLM(cfg)
@@ -81,6 +82,7 @@ def load_model(
     }
     fp8 = (
         fp8_experts
+        and quantize_experts != "mxfp4"
         and block is not None
         and not fused
         and I % block[0] == 0  # else a block of rows would mix gate and up
@@ -150,10 +152,12 @@ def load_model(
 
     quantizer = None
     if quantize_experts and cfg.mxfp4_experts:
-        raise ConfigError("expert_quantization='fp8': these experts are MXFP4, already 4-bit")
+        raise ConfigError(f"expert_quantization={quantize_experts!r}: the experts are MXFP4")
+    if quantize_experts == "mxfp4" and (H % BLOCK or I % BLOCK):
+        raise ConfigError("expert_quantization='mxfp4' needs hidden and expert sizes in 32s")
     if quantize_experts and not fp8:  # keys are model.layers.N....
         layer_of = {k: int(k.split(".")[2]) for k in (*expert_keys, *fused_keys)}
-        quantizer = ExpertQuantizer(experts, layer_of)
+        quantizer = ExpertQuantizer(experts, layer_of, quantize_experts)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     stacked = stacked_keys(model)
     resident: dict[str, torch.Tensor] = {}

@@ -44,14 +44,21 @@ def dequantize_mxfp4(
 def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., R, C] (C a multiple of 32) -> blocks [..., R, C/32, 16] uint8, scales [..., R, C/32]
     uint8: each block's scale is the power of two that brings its largest magnitude within 6
-    (e2m1's largest), each value rounds to the nearest e2m1 (ties to the smaller magnitude). For
-    tests and benchmarks that need MXFP4 checkpoints; serving only decodes."""
-    groups = w.float().unflatten(-1, (-1, BLOCK))  # [..., R, G, 32]
+    (e2m1's largest), each value rounds to the nearest e2m1 (ties to the smaller magnitude: a
+    value on a midpoint falls in the lower bucket). `--expert-quantization mxfp4` quantizes
+    experts with it as they load; tests and benchmarks make MXFP4 checkpoints with it."""
+    groups = w.float().contiguous().unflatten(-1, (-1, BLOCK))  # [..., R, G, 32]
     amax = groups.abs().amax(dim=-1, keepdim=True)
     exponent = torch.ceil(torch.log2(amax / 6)).nan_to_num(-127).clamp(-127, 127)  # 0 -> -127
     scaled = groups / torch.exp2(exponent)
-    magnitudes = torch.tensor(E2M1, device=w.device)
-    codes = (scaled.abs()[..., None] - magnitudes).abs().argmin(dim=-1)  # [..., R, G, 32]
+    codes = torch.bucketize(scaled.abs(), _midpoints(w.device))  # [..., R, G, 32]
     codes |= (scaled < 0).long() << 3
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # [..., R, G, 16]
     return packed.to(torch.uint8), (exponent[..., 0] + 127).to(torch.uint8)
+
+
+@functools.cache
+def _midpoints(device: torch.device) -> torch.Tensor:
+    """Halfway between consecutive e2m1 magnitudes: the rounding boundaries [7]."""
+    magnitudes = torch.tensor(E2M1, device=device)
+    return (magnitudes[1:] + magnitudes[:-1]) / 2

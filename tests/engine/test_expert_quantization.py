@@ -1,7 +1,7 @@
-"""`--expert-quantization fp8`: routed experts quantized to block-wise FP8 as they load serve
-exactly as a float checkpoint holding their FP8 values, whichever way the hub stores experts
-(a tensor per expert and part, or one per layer and part, with biases), and a layer's wide copy
-is freed as soon as it is quantized."""
+"""`--expert-quantization fp8|mxfp4`: routed experts quantized as they load serve exactly as a
+float checkpoint holding their quantized values, whichever way the hub stores experts (a tensor
+per expert and part, or one per layer and part, with biases), and a layer's wide copy is freed as
+soon as it is quantized."""
 
 from __future__ import annotations
 
@@ -11,26 +11,34 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import engine.expert_fp8 as expert_fp8
+import engine.expert_quantization as expert_quantization
 from engine import LLM, ConfigError, SamplingParams
-from engine.expert_fp8 import ExpertQuantizer
+from engine.expert_quantization import ExpertQuantizer
 from engine.host_experts import HostExperts
 from kernels.fp8 import FP8, dequantize_blocks, quantize_blocks
+from kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from tests.conftest import save_tiny_checkpoint
+from tests.engine.test_fp8 import fp8_and_reference
 from tests.engine.test_mxfp4 import mxfp4_and_reference
 
 BLOCK = (8, 16)  # not square: a transposed layout would round differently
 PROMPTS = [[1, 5, 9, 200, 31], [1, *range(40, 70)]]
 
 
-def rounded(w13: torch.Tensor) -> torch.Tensor:
+def fp8_rounded(w: torch.Tensor) -> torch.Tensor:
     """One expert's [R, C] weight as FP8 blocks represent it."""
-    return dequantize_blocks(*quantize_blocks(w13, BLOCK), BLOCK)
+    return dequantize_blocks(*quantize_blocks(w, BLOCK), BLOCK)
 
 
-def fp8_valued_copy(source: Path, out: Path) -> Path:
-    """`source` with every routed expert replaced by its FP8 values, each expert's w13 (gate rows,
-    then up rows, [2I, H]) and w2 ([H, I]) quantized whole, in the hub's own layout."""
+def mxfp4_rounded(w: torch.Tensor) -> torch.Tensor:
+    """One expert's [R, C] weight as MXFP4 represents it (32 columns a scale)."""
+    return dequantize_mxfp4(*quantize_mxfp4(w), torch.float32)
+
+
+def rounded_copy(source: Path, out: Path, scheme: str) -> Path:
+    """`source` with every routed expert replaced by its quantized values, each expert's w13
+    (gate rows, then up rows, [2I, H]) and w2 ([H, I]) quantized whole, in the hub's layout."""
+    rounded = fp8_rounded if scheme == "fp8" else mxfp4_rounded
     weights = load_file(source / "model.safetensors")
     for key in list(weights):
         if key.endswith(".experts.gate_up_proj") and weights[key].dim() == 3:
@@ -66,26 +74,31 @@ def fp8_valued_copy(source: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.parametrize("scheme", ["fp8", "mxfp4"])
 @pytest.mark.parametrize("family", ["mixtral", "llama4", "gpt_oss"])
 @pytest.mark.parametrize(
     "offload",
     [{}, {"expert_cache_ratio": 0.25, "predictor": "pregate", "cache_policy": "expertflow"}],
     ids=["resident", "offloaded"],
 )
-def test_quantized_experts_serve_as_their_fp8_values(
-    family: str, offload: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_quantized_experts_serve_as_their_quantized_values(
+    scheme: str, family: str, offload: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(expert_fp8, "BLOCK", BLOCK)
+    monkeypatch.setattr(expert_quantization, "BLOCK", BLOCK)
     source = save_tiny_checkpoint(family, tmp_path / "src")
-    reference = fp8_valued_copy(source, tmp_path / "reference")
+    reference = rounded_copy(source, tmp_path / "reference", scheme)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=2)
-    quantized = LLM(model=str(source), max_model_len=64, expert_quantization="fp8", **offload)
+    quantized = LLM(model=str(source), max_model_len=64, expert_quantization=scheme, **offload)
     store = quantized.engine.offload.store
     parts = store.parts[store.layers[0]]
-    assert parts["w13"].dtype == FP8 and store.fp8_block == BLOCK
-    assert parts["w13_scale"].shape[1:] == (-(-parts["w13"].shape[1] // 8), -(-64 // 16))
+    if scheme == "fp8":
+        assert parts["w13"].dtype == FP8 and store.fp8_block == BLOCK
+        assert parts["w13_scale"].shape[1:] == (-(-parts["w13"].shape[1] // 8), -(-64 // 16))
+    else:
+        assert store.mxfp4 and parts["w13"].shape[2:] == (64 // 32, 16)
     plain = LLM(model=str(source), max_model_len=64).engine.offload.store
-    assert store.expert_bytes < plain.expert_bytes / 3  # float32 -> FP8 and its scales
+    shrink = 3 if scheme == "fp8" else 5  # float32 -> FP8, or MXFP4, and their scales
+    assert store.expert_bytes < plain.expert_bytes / shrink
     ours = quantized.generate(PROMPTS, params)
     theirs = LLM(model=str(reference), max_model_len=64, **offload).generate(PROMPTS, params)
     for a, b in zip(ours, theirs, strict=True):
@@ -118,3 +131,12 @@ def test_contradictions_are_refused(tmp_path: Path) -> None:
     packed, _ = mxfp4_and_reference(save_tiny_checkpoint("gpt_oss", tmp_path / "src"), tmp_path)
     with pytest.raises(ConfigError, match="MXFP4"):
         LLM(model=str(packed), max_model_len=64, expert_quantization="fp8")
+    narrow = save_tiny_checkpoint("glm4_moe", tmp_path / "glm")  # experts 16 wide
+    with pytest.raises(ConfigError, match="in 32s"):
+        LLM(model=str(narrow), max_model_len=64, expert_quantization="mxfp4")
+
+
+def test_an_fp8_checkpoints_experts_go_to_mxfp4(tmp_path: Path) -> None:
+    fp8, _ = fp8_and_reference(save_tiny_checkpoint("qwen3_moe", tmp_path / "src"), tmp_path)
+    store = LLM(model=str(fp8), max_model_len=64, expert_quantization="mxfp4").engine.offload.store
+    assert store.mxfp4 and store.fp8_block is None

@@ -1,0 +1,86 @@
+"""`--expert-quantization fp8|mxfp4`: a 16 or 32-bit checkpoint's routed experts quantized on the
+host as they load, for families with no such release of their own (Llama 4, Mixtral, ...) and
+without a converted copy on disk (`expertflow quantize-fp8` cannot convert experts stored a
+tensor per layer). FP8 (block-wise, DeepSeek-V3's format) takes half of bfloat16's host memory
+and link bytes; MXFP4 (gpt-oss's format) about a quarter. Either is then served as a release in
+that format is: dequantized as it lands in a slot, or for MXFP4 on CUDA kept packed in the slot.
+
+Each MoE layer is quantized as soon as its last expert weight lands and its wide copy freed, so
+loading never holds much more than the quantized experts plus the layers still arriving (Llama 4
+Scout: 90 GiB in FP8, 48 in MXFP4, instead of 180)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from engine.host_experts import HostExperts
+from kernels.fp8 import FP8, quantize_blocks
+from kernels.mxfp4 import BLOCK as MXFP4_BLOCK
+from kernels.mxfp4 import quantize_mxfp4
+
+BLOCK = (128, 128)  # FP8's: DeepSeek-V3's and Qwen3-FP8's
+ROWS = 1024  # rows quantized to MXFP4 at a time: bounds its temporaries to ~1 KiB a column
+
+
+class ExpertQuantizer:
+    """Counts the hub weights landing in each MoE layer's experts (`layer_of`: hub key -> layer)
+    and quantizes a layer, to `scheme` "fp8" or "mxfp4", once all of them have."""
+
+    def __init__(
+        self,
+        experts: HostExperts,
+        layer_of: dict[str, int],
+        scheme: str = "fp8",
+        block: tuple[int, int] | None = None,
+    ) -> None:
+        self.experts, self.layer_of, self.scheme = experts, layer_of, scheme
+        self.block = block or BLOCK
+        self.remaining = Counter(layer_of.values())
+        if scheme == "fp8":
+            experts.fp8_block = self.block
+        else:
+            experts.mxfp4 = True
+
+    def landed(self, key: str) -> None:
+        layer = self.layer_of.get(key)
+        if layer is None:
+            return
+        self.remaining[layer] -= 1
+        if self.remaining[layer] == 0:
+            self._quantize(layer)
+
+    def _quantize(self, layer: int) -> None:
+        parts = self.experts.layers[layer]
+        for name in ("w13", "w2"):
+            wide = parts[name]  # [E, R, C] in the compute dtype
+            if self.scheme == "fp8":
+                quantized, scales = self._fp8(wide)
+            else:
+                quantized, scales = self._mxfp4(wide)
+            parts[name], parts[name + "_scale"] = quantized, scales
+            wide.untyped_storage().resize_(0)  # frees it: the loader's views of it are done
+
+    def _fp8(self, wide: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> FP8 [E, R, C], float32 scales [E, ceil(R/b0), ceil(C/b1)]."""
+        quantized = torch.empty(wide.shape, dtype=FP8)
+        scales = []
+        for e in range(wide.shape[0]):
+            quantized[e], scale = quantize_blocks(wide[e], self.block)
+            scales.append(scale)
+        return quantized, torch.stack(scales)
+
+    def _mxfp4(self, wide: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> blocks [E, R, C/32, 16], scales [E, R, C/32], both uint8."""
+        experts, rows, cols = wide.shape
+        blocks = torch.empty(
+            experts, rows, cols // MXFP4_BLOCK, MXFP4_BLOCK // 2, dtype=torch.uint8
+        )
+        scales = torch.empty(experts, rows, cols // MXFP4_BLOCK, dtype=torch.uint8)
+        for e in range(experts):
+            for lo in range(0, rows, ROWS):
+                blocks[e, lo : lo + ROWS], scales[e, lo : lo + ROWS] = quantize_mxfp4(
+                    wide[e, lo : lo + ROWS]
+                )
+        return blocks, scales

@@ -11,10 +11,9 @@ Scout: 90 GiB in FP8, 48 in MXFP4, instead of 180)."""
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 
+from engine.config import ConfigError
 from engine.host_experts import HostExperts
 from kernels.fp8 import FP8, quantize_blocks
 from kernels.mxfp4 import BLOCK as MXFP4_BLOCK
@@ -37,18 +36,27 @@ class ExpertQuantizer:
     ) -> None:
         self.experts, self.layer_of, self.scheme = experts, layer_of, scheme
         self.block = block or BLOCK
-        self.remaining = Counter(layer_of.values())
+        self.pending: dict[int, set[str]] = {}  # layer -> its expert weights still to land
+        for key, layer in layer_of.items():
+            self.pending.setdefault(layer, set()).add(key)
         if scheme == "fp8":
             experts.fp8_block = self.block
         else:
             experts.mxfp4 = True
 
+    def check(self, key: str) -> None:
+        """Before a hub weight is copied: refuse a second copy of an expert weight whose layer is
+        quantized already (its wide storage is freed)."""
+        layer = self.layer_of.get(key)
+        if layer is not None and not self.pending[layer]:
+            raise ConfigError(f"{key!r} appears twice in the checkpoint")
+
     def landed(self, key: str) -> None:
         layer = self.layer_of.get(key)
-        if layer is None:
+        if layer is None or key not in self.pending[layer]:
             return
-        self.remaining[layer] -= 1
-        if self.remaining[layer] == 0:
+        self.pending[layer].discard(key)
+        if not self.pending[layer]:
             self._quantize(layer)
 
     def _quantize(self, layer: int) -> None:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.config import ConfigError
-from engine.family_config import RouterConfig, rope_params
+from engine.family_config import RouterConfig
+from engine.hf_config import rope_params
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,13 @@ def llama4_fields(raw: dict[str, Any], need: Callable[..., Any], num_layers: int
             f"config.json: layer_types must name chunked_attention or full_attention for each "
             f"of {num_layers} layers"
         )
-    chunk = int(raw.get("attention_chunk_size") or 0)
-    chunked = (
-        tuple(i for i, kind in enumerate(types) if kind == "chunked_attention") if chunk else ()
-    )
+    chunked = tuple(i for i, kind in enumerate(types) if kind == "chunked_attention")
+    chunk = raw.get("attention_chunk_size", 8192)  # transformers' default
+    if chunked and not (isinstance(chunk, int) and chunk > 0):
+        raise ConfigError(
+            f"config.json: chunked_attention layers need a positive attention_chunk_size, not "
+            f"{chunk!r}"
+        )
     temperature = None
     if raw.get("attn_temperature_tuning", True) and nope:
         floor_scale = float(raw.get("floor_scale") or 8192)

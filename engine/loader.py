@@ -175,6 +175,8 @@ def load_model(
                     or _extra_layer(key, cfg)
                 ):
                     continue
+                if quantizer is not None:
+                    quantizer.check(key)
                 tensor = f.get_tensor(hub_key)
                 if key in expert_keys and expert_keys[key][1] is not None:
                     dest, dest_scale = expert_keys[key]

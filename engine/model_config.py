@@ -13,18 +13,16 @@ from transformers import GenerationConfig
 from engine.config import ConfigError
 from engine.ernie_config import ernie4_5_moe_fields
 from engine.family_config import (
-    TEXT_CONFIGS,
     LocalAttention,
     MLAConfig,
     RouterConfig,
-    config_defaults,
     deepseek_fields,
     glm4_moe_fields,
     gpt_oss_fields,
     minimax_m2_fields,
     quantization_fields,
-    rope_scaling_fields,
 )
+from engine.hf_config import TEXT_CONFIGS, config_defaults, rope_scaling_fields
 from engine.hybrid_config import LinearAttentionConfig, qwen3_next_fields
 from engine.llama4_config import llama4_fields
 from kernels.gating import SILU, Gating

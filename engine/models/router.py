@@ -61,6 +61,8 @@ class Router(nn.Module):
     def _choice(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [T, E] -> float32 [T, E]: what the router takes the top-k of, -inf outside each
         token's best groups."""
+        if self.cfg.topk_method == "greedy" and not self.cfg.correction_bias:
+            return logits.float()  # a sigmoid ranks as its logit: no ties where it rounds to 1
         choice = router_scores(logits, self.cfg)  # [T, E]
         if self.cfg.correction_bias:
             choice = choice + self.e_score_correction_bias

@@ -136,6 +136,18 @@ def test_contradictions_are_refused(tmp_path: Path) -> None:
         LLM(model=str(narrow), max_model_len=64, expert_quantization="mxfp4")
 
 
+def test_an_expert_weight_given_twice_is_refused_not_written_into_freed_memory(
+    tmp_path: Path,
+) -> None:
+    """An unindexed folder's extra shard repeats an expert weight that lands after its layer
+    was quantized (and its wide copy freed)."""
+    source = save_tiny_checkpoint("mixtral", tmp_path / "src")
+    key = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
+    save_file({key: load_file(source / "model.safetensors")[key]}, source / "zz.safetensors")
+    with pytest.raises(ConfigError, match="appears twice"):
+        LLM(model=str(source), max_model_len=64, expert_quantization="fp8")
+
+
 def test_an_fp8_checkpoints_experts_go_to_mxfp4(tmp_path: Path) -> None:
     fp8, _ = fp8_and_reference(save_tiny_checkpoint("qwen3_moe", tmp_path / "src"), tmp_path)
     store = LLM(model=str(fp8), max_model_len=64, expert_quantization="mxfp4").engine.offload.store

@@ -12,8 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, Llama4Config, Llama4ForConditionalGeneration
 
 from engine import LLM, ConfigError, SamplingParams
-from engine.family_config import LocalAttention
+from engine.family_config import LocalAttention, RouterConfig
 from engine.model_config import ModelConfig
+from engine.models.router import Router
 from tests.conftest import build_tokenizer, save_tiny_checkpoint, tiny_config
 from tests.engine.test_models import assert_prefill_logits_match
 
@@ -139,6 +140,22 @@ def test_scout_config_reads_as_transformers_builds_it() -> None:
     assert cfg.eos_token_ids == (200001, 200007, 200008)
 
 
+def test_a_chunk_size_left_out_is_transformers_default() -> None:
+    raw = scout_config()
+    del raw["text_config"]["attention_chunk_size"]
+    assert ModelConfig.from_dict(raw).local_attention == LocalAttention(8192, chunked=True)
+
+
+def test_router_picks_by_logit_where_sigmoids_round_to_one() -> None:
+    """sigmoid(18) and sigmoid(17) are both 1.0 in float32: the top logit still wins, as in
+    transformers (which takes the top-k of the logits)."""
+    router = Router(RouterConfig(top_k=1, normalize=False, scoring="sigmoid"), 2, 4)
+    with torch.no_grad():
+        router.weight.copy_(torch.tensor([[18.0, 0.0], [17.0, 0.0], [0.0, 0.0], [-3.0, 0.0]]))
+    _, weights, ids = router(torch.tensor([[1.0, 0.0]]))
+    assert ids.tolist() == [[0]] and weights.tolist() == [[1.0]]
+
+
 def test_maverick_layout_interleaves_dense_layers() -> None:
     raw = scout_config()
     raw["text_config"] |= {"interleave_moe_layer_step": 2, "num_local_experts": 128}
@@ -153,6 +170,7 @@ def test_maverick_layout_interleaves_dense_layers() -> None:
         ({"moe_layers": [0, 48]}, "moe_layers"),
         ({"no_rope_layers": [1, 0]}, "no_rope_layers"),
         ({"moe_layers": []}, "no MoE layer"),
+        ({"attention_chunk_size": None}, "attention_chunk_size"),
     ],
 )
 def test_malformed_layouts_are_refused_by_name(changes: dict, message: str) -> None:

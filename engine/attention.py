@@ -47,6 +47,7 @@ class AttentionGroup:
     # window reaches, and [B] the position of its first key (the model's window, if any).
     window_blocks: torch.Tensor | None = None
     window_start: torch.Tensor | None = None
+    window_mask: torch.Tensor | None = None  # [B, 1, Q, nw * block_size]: `mask`, for the window
 
 
 def _rows(offsets: list[int], index: list[int], lengths: list[int]) -> slice | torch.Tensor:
@@ -63,20 +64,24 @@ class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] KV slot each new token is written to
     groups: list[AttentionGroup]
     linear: LinearBatch | None = None  # linear-attention layers' states (Qwen3-Next), if any
-    _folded: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _folded: dict[tuple[int, int, bool], torch.Tensor] = field(default_factory=dict)
     _folded_elements: int = 0  # of the masks kept in _folded, within MAX_FOLDED_MASK
 
-    def folded_mask(self, index: int, groups_per_kv: int, lo: int, hi: int) -> torch.Tensor:
-        """Group `index`'s mask for its queries lo..hi-1 folded to [B, 1, g*n, L]: each query row
-        repeated per head of its KV group, broadcast over the KV heads (decode masks, Q = 1, are
-        used as they are). Folded masks are kept for the step's later layers while the step's
-        total stays within MAX_FOLDED_MASK; past it they are built again on each call."""
-        mask = self.groups[index].mask
+    def folded_mask(
+        self, index: int, groups_per_kv: int, lo: int, hi: int, window: bool = False
+    ) -> torch.Tensor:
+        """Group `index`'s mask (its `window_mask` with `window`) for its queries lo..hi-1 folded
+        to [B, 1, g*n, L]: each query row repeated per head of its KV group, broadcast over the KV
+        heads (decode masks, Q = 1, are used as they are). Folded masks are kept for the step's
+        later layers while the step's total stays within MAX_FOLDED_MASK; past it they are built
+        again on each call."""
+        group = self.groups[index]
+        mask = group.window_mask if window else group.mask
         assert mask is not None
         b, _, q_len, width = mask.shape
         if q_len == 1:
             return mask
-        key = (index, groups_per_kv)
+        key = (index, groups_per_kv, window)
         if (lo, hi) == (0, q_len) and key in self._folded:
             return self._folded[key]
         folded = mask[:, :, lo:hi].expand(b, groups_per_kv, hi - lo, width)
@@ -120,7 +125,8 @@ class AttentionBatch:
             )
         for g in groups:
             g.rows = g.rows if isinstance(g.rows, slice) else g.rows.to(device)
-            for name in ("blocks", "mask", "positions", "window_blocks", "window_start"):
+            names = ("blocks", "mask", "positions", "window_blocks", "window_start", "window_mask")
+            for name in names:
                 tensor = getattr(g, name)
                 setattr(g, name, None if tensor is None else tensor.to(device))
         return cls(kv=kv, slot_mapping=torch.tensor(slot_mapping, device=device), groups=groups)
@@ -159,6 +165,13 @@ class AttentionBatch:
                 -1
             )
             group.window_start = torch.tensor(first) * bs  # [B]
+            key_pos = group.window_start[:, None] + torch.arange(width * bs)  # [B, Lw]
+            seen = (key_pos[:, None, :] <= query_pos[:, :, None]) & (
+                key_pos[:, None, :] >= window.first_key(query_pos)[:, :, None]
+            )  # [B, Q, Lw]
+            group.window_mask = torch.zeros(seen.shape, dtype=kv.dtype).masked_fill_(
+                ~seen, float("-inf")
+            )[:, None]
         return group
 
 
@@ -185,8 +198,9 @@ def paged_attention(
     """q [T, h, D], k [T, kvh, D], v [T, kvh, Dv] for the new tokens -> [T, h, Dv]; writes k and v
     into the cache (a cache without value tensors reads v as k[..., :Dv]). `scale` is the softmax
     scale, 1/sqrt(D) by default. The rows of the groups whose indices are in `skip` are left unset:
-    the caller attends them its own way (MLA, expanded). gpt-oss's `sinks` [h] and a local
-    layer's `window` (sliding, or Llama 4's chunks) go through engine/attention_sinks.py."""
+    the caller attends them its own way (MLA, expanded). gpt-oss's `sinks` [h] go through
+    engine/attention_sinks.py; a local layer's `window` (Llama 4's chunks) reads only the blocks
+    it reaches, under a mask built once a step (a first chunk: causal, chunk by chunk)."""
     bs, dtype = batch.kv.block_size, q.dtype
     k, v = batch.kv.rounded(k), batch.kv.rounded(v)
     store_kv(k, v, layer, batch)
@@ -198,21 +212,32 @@ def paged_attention(
         if index in skip:
             outs.append(None)
             continue
-        if sinks is not None or window is not None:
+        if sinks is not None or (window is not None and not window.chunked and g.blocks is None):
             outs.append(sink_group(q, k, v, layer, batch, g, scale, sinks, window))
             continue
         if g.blocks is None:  # causal over the chunk's own keys, GQA handled by SDPA
             qg, kg, vg = (t[g.rows].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, n, D]
-            og = F.scaled_dot_product_attention(
-                qg, kg, vg, is_causal=True, enable_gqa=True, scale=scale
-            )
+            size = qg.shape[2] if window is None else window.size  # Llama 4: chunk by chunk
+            parts = [
+                F.scaled_dot_product_attention(
+                    *(t[:, :, a : a + size] for t in (qg, kg, vg)),
+                    is_causal=True,
+                    enable_gqa=True,
+                    scale=scale,
+                )
+                for a in range(0, qg.shape[2], size)
+            ]
+            og = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
             outs.append(og[0].transpose(0, 1))  # [n, heads, Dv]
             continue
-        assert g.mask is not None
-        b, _, q_len, width = g.mask.shape
-        kg = gather(k_cache, g.blocks, bs, dtype).view(b, width, kv_heads, key_dim).transpose(1, 2)
+        # A local layer (no sinks) reads only the blocks its window reaches, under their mask.
+        blocks = g.blocks if window is None else g.window_blocks
+        mask = g.mask if window is None else g.window_mask
+        assert blocks is not None and mask is not None
+        b, _, q_len, width = mask.shape
+        kg = gather(k_cache, blocks, bs, dtype).view(b, width, kv_heads, key_dim).transpose(1, 2)
         if batch.kv.v:  # [B, kvh, L, Dv]
-            vg = gather(batch.kv.v[layer], g.blocks, bs, dtype)
+            vg = gather(batch.kv.v[layer], blocks, bs, dtype)
             vg = vg.view(b, width, kv_heads, value_dim)
             vg = vg.transpose(1, 2)
         else:
@@ -225,8 +250,8 @@ def paged_attention(
             # Fold the query heads sharing a KV head into the query axis: no KV repeat needed.
             qg = queries[:, lo:hi].permute(0, 2, 3, 1, 4)  # [B, kvh, g, n, D]
             qg = qg.reshape(b, kv_heads, groups_per_kv * (hi - lo), key_dim)  # [B, kvh, g*n, D]
-            mask = batch.folded_mask(index, groups_per_kv, lo, hi)
-            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+            folded = batch.folded_mask(index, groups_per_kv, lo, hi, window is not None)
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=folded, scale=scale)
             og = og.view(b, kv_heads, groups_per_kv, hi - lo, value_dim)
             parts.append(og.permute(0, 3, 1, 2, 4))  # [B, n, kvh, g, Dv]
         og = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [B, Q, kvh, g, Dv]

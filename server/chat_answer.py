@@ -105,8 +105,9 @@ class ChoiceStream:
         self.request, self.formats = request, formats
         self.text, self.reasoning_sent, self.content_sent = "", 0, 0
         self.with_tools = request.effective_tool_choice != "none"
-        starts = None if request.forces_tool_call or formats.tools is None else formats.tools.starts
-        self.calls = ToolCallStream(starts)
+        tools = None if request.forces_tool_call else formats.tools
+        starts = None if tools is None else tools.starts
+        self.calls = ToolCallStream(starts, leading=tools is not None and tools.leading)
 
     def advance(self, d: ChoiceDelta) -> ChatChunkChoice | None:
         """The chunk for this delta, or None when all of it is held back."""

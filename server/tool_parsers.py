@@ -18,6 +18,8 @@
   schemas (server/tool_parsers_xml.py).
 - `openai`: gpt-oss's harmony messages to `functions.NAME`, as `--reasoning-parser openai_gptoss`
   hands them on in the content (server/harmony.py).
+- `pythonic` and `llama4_pythonic`: the whole answer a Python list of calls, `[f(a=1), g()]`, as
+  Llama 3.2 and Llama 4 write them (server/tool_parsers_pythonic.py).
 
 A format that does not parse leaves the whole text as content, with no calls, as vLLM does.
 """
@@ -40,6 +42,12 @@ from server.tool_call_text import (
     held_suffix,
     parse_call,
     tagged_blocks,
+)
+from server.tool_parsers_pythonic import (
+    PYTHON_START,
+    PYTHONIC_START,
+    llama4_pythonic_calls,
+    pythonic_calls,
 )
 from server.tool_parsers_xml import (
     MINIMAX_TOOL_CALL,
@@ -147,6 +155,8 @@ class ToolCallFormat:
     parse: Parse  # (text, the request's tools) -> (content, calls)
     keep_special_tokens: bool  # the start is a special token
     other_starts: tuple[str, ...] = ()  # other spellings of the start that models write
+    # the calls are the whole answer: a start counts only at its beginning (after whitespace)
+    leading: bool = False
 
     @property
     def starts(self) -> tuple[str, ...]:
@@ -173,6 +183,20 @@ TOOL_CALL_PARSERS = {
     "qwen3_coder": ToolCallFormat(TOOL_CALL, qwen3_coder_calls, keep_special_tokens=False),
     "minimax_m2": ToolCallFormat(MINIMAX_TOOL_CALL[0], minimax_m2_calls, keep_special_tokens=False),
     "openai": ToolCallFormat(START, _untyped(harmony_calls), keep_special_tokens=True),
+    "pythonic": ToolCallFormat(
+        PYTHONIC_START, _untyped(pythonic_calls), keep_special_tokens=False, leading=True
+    ),
+    # Llama 4's python tags are special tokens, skipped from the text by default (vLLM keeps
+    # that default too), so the bare list is what gets parsed. A request that keeps special
+    # tokens sees them, and the parser reads past them as vLLM's does; keeping them for every
+    # request would only bring Llama's other special tokens into the content.
+    "llama4_pythonic": ToolCallFormat(
+        PYTHONIC_START,
+        _untyped(llama4_pythonic_calls),
+        keep_special_tokens=False,
+        other_starts=(PYTHON_START,),
+        leading=True,
+    ),
 }
 
 
@@ -181,19 +205,33 @@ class ToolCallStream:
     (`starts` None) is held back whole; otherwise text streams until a call may be starting (a
     partial start marker is held until it is certain), and everything from the call on is held.
     Whitespace before any text is held too: before a call it is no content (`content_before`), as
-    with the `</think>\n\n` that MiniMax-M2 writes before its calls."""
+    with the `</think>\n\n` that MiniMax-M2 writes before its calls. With `leading` (a format
+    whose calls are the whole answer) a call can only open the text: once its first other text is
+    no start, all of it streams."""
 
-    def __init__(self, starts: tuple[str, ...] | None) -> None:
+    def __init__(self, starts: tuple[str, ...] | None, leading: bool = False) -> None:
         self.starts, self.sent, self.in_call = starts, 0, False
+        self.leading = leading
 
     def feed(self, text: str) -> str:
         """`text`: the choice's whole text so far -> the new part that may be streamed."""
         if self.starts is None or self.in_call:
             return ""
+        if self.leading:
+            return self._feed_leading(self.starts, text)
         found = [i for s in self.starts if (i := text.find(s, self.sent)) >= 0]
         self.in_call = bool(found)
         end = min(found) if found else len(text) - max(held_suffix(text, s) for s in self.starts)
         if end <= self.sent or not text[:end].strip():
             return ""
         out, self.sent = text[self.sent : end], end
+        return out
+
+    def _feed_leading(self, starts: tuple[str, ...], text: str) -> str:
+        if self.sent == 0:  # nothing out yet: the first text after whitespace decides
+            head = text.lstrip()
+            self.in_call = any(head.startswith(s) for s in starts)
+            if self.in_call or any(s.startswith(head) for s in starts):  # "" starts them all
+                return ""
+        out, self.sent = text[self.sent :], len(text)
         return out

@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the model writes tool calls in its text (hermes: <tool_call>{...}</tool_call>; "
         "mistral: [TOOL_CALLS] [...]; deepseek_v3: DeepSeek-V2.5/V3's tool-call tokens; "
         "deepseek_v31: DeepSeek-V3.1's; kimi_k2: Kimi-K2's, functions.NAME:INDEX as the call id; "
-        "glm45, qwen3_coder, minimax_m2: their XML-like tags, typed by the tools' schemas; openai: gpt-oss's harmony messages to functions.NAME, "
-        "with --reasoning-parser openai_gptoss)",
+        "glm45, qwen3_coder, minimax_m2: their XML-like tags, typed by the tools' schemas; "
+        "openai: gpt-oss's harmony messages to functions.NAME, with --reasoning-parser "
+        "openai_gptoss; pythonic, llama4_pythonic: Llama 3.2's and 4's [NAME(K=V), ...])",
     )
     group.add_argument(
         "--reasoning-parser",

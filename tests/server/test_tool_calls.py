@@ -23,6 +23,7 @@ from server.tool_parsers import TOOL_CALL_PARSERS, ToolCallStream, hermes_calls,
 from server.tool_parsers_xml import glm45_calls, qwen3_coder_calls
 from tests.server.test_kimi_k2 import kimi_k2_call, section
 from tests.server.test_minimax_m2 import minimax_m2_call
+from tests.server.test_pythonic_tool_calls import PYTHONIC, pythonic_call, pythonic_written
 
 if TYPE_CHECKING:
     from tests.server.conftest import RunningServer
@@ -314,6 +315,8 @@ def test_odd_model_json_is_text_or_safe_to_send(parser: str) -> None:
             return f"<tool_call>{call}</tool_call>"
         if parser == "mistral":
             return f"[TOOL_CALLS] [{call}]"
+        if parser in PYTHONIC:  # the JSON number or string is a Python literal too
+            return pythonic_call("f", {"a": call[call.index('"a": ') + 5 : -2]})
         value = json.loads(call.replace("9" * 5000, "9"))  # only to split name and arguments
         arguments = call[call.index('"arguments": ') + len('"arguments": ') : -1]
         if parser == "openai":
@@ -509,6 +512,8 @@ def written_call(parser: str, name: str, arguments: dict) -> str:
         return harmony_call(name, as_json)
     if parser == "kimi_k2":
         return section(kimi_k2_call(name, as_json))
+    if parser in PYTHONIC:
+        return pythonic_written(name, arguments)
     values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in arguments.items()}
     return UNTYPED[parser](name, values)
 

@@ -105,6 +105,8 @@ class Scheduler:
                 continue
             cached = self.blocks.match(seq.seq_id, seq.token_ids) if seq.prefix_cacheable else 0
             seq.num_computed_tokens = cached
+            if self._has_waiting_siblings(seq) and self._shareable(seq) > cached:
+                self.blocks.diverge_at(seq.seq_id, self._shareable(seq))
             n = self._chunk(seq, budget)
             wanted = self.blocks.blocks_for(cached + n) - len(self.blocks.table(seq.seq_id))
             if wanted > self.blocks.num_free - held or not self.blocks.grow(seq.seq_id, cached + n):
@@ -132,10 +134,18 @@ class Scheduler:
         sibling = seq.prompt_sibling
         if not self.blocks.prefix_caching or not seq.prefix_cacheable or sibling is None:
             return False
-        if self.blocks.resumable is not None:  # linear attention: no state to take at `shareable`
-            return False
-        shareable = (seq.num_prompt_tokens - 1) // self.blocks.block_size * self.blocks.block_size
-        return sibling.num_computed_tokens < shareable and sibling in self.running
+        return sibling.num_computed_tokens < self._shareable(seq) and sibling in self.running
+
+    def _shareable(self, seq: SchedulableSeq) -> int:
+        """Tokens of the prompt's full blocks, short of its last token (always computed)."""
+        return (seq.num_prompt_tokens - 1) // self.blocks.block_size * self.blocks.block_size
+
+    def _has_waiting_siblings(self, seq: SchedulableSeq) -> bool:
+        """Whether later choices of `seq`'s request wait for it: with linear attention it then
+        ends a chunk at their shared blocks' end, where its state is kept for them."""
+        return self.blocks.resumable is not None and any(
+            s.prompt_sibling is seq for s in self.waiting
+        )
 
     def _deferred_decodes(self) -> set[int]:
         """Decodes the step selector leaves out of this step (none without a selector)."""

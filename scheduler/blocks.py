@@ -114,6 +114,13 @@ class BlockAllocator:
             self._tables[seq_id], self._chains[seq_id] = table, chain
         return len(table) * self.block_size
 
+    def diverge_at(self, seq_id: int, num_tokens: int) -> None:
+        """Have the sequence end a chunk after `num_tokens` (a whole number of blocks), as if a
+        known prefix ended there: a linear state is kept there for sequences that will share it
+        (a request's later choices)."""
+        if self.resumable is not None:
+            self._divergence[seq_id] = num_tokens
+
     def divergence(self, seq_id: int) -> int:
         """Tokens of the longest known prefix of the sequence that it could not resume after (0:
         none): where a chunk of it should end, so that the engine keeps the state there."""

@@ -248,6 +248,31 @@ def test_requests_sharing_a_system_prompt_resume_after_it_from_the_third(
     assert [o.token_ids for o in outs] == greedy(plain, prompts, params)
 
 
+def test_later_choices_resume_after_the_first_computed_their_prompt(
+    next_checkpoint: Path,
+) -> None:
+    """n = 3: the first choice ends a chunk at the prompt's last full block (32 of 40 tokens) and
+    keeps a state there; the other two wait for it, then compute only the last 8 tokens. Same
+    choices as without prefix caching."""
+    params = SamplingParams(n=3, max_tokens=6, temperature=0.0, ignore_eos=True)
+    llm = LLM(model=str(next_checkpoint), max_model_len=128, max_num_seqs=4)
+    plain = LLM(model=str(next_checkpoint), max_model_len=128, enable_prefix_caching=False)
+    prefills: list[int] = []
+    schedule = llm.engine.scheduler.schedule
+
+    def watched():  # noqa: ANN202
+        batch = schedule()
+        prefills.extend(n for n in batch.num_new_tokens if n > 1)
+        return batch
+
+    llm.engine.scheduler.schedule = watched  # type: ignore[method-assign]
+    [out] = llm.generate([LONG], params)
+    assert prefills == [32, 8, 8, 8]
+    [expected] = plain.generate([LONG], params)
+    assert [c.token_ids for c in out.outputs] == [c.token_ids for c in expected.outputs]
+    assert llm.engine.blocks.num_used == 0
+
+
 def test_finished_and_aborted_sequences_hand_back_their_state(next_checkpoint: Path) -> None:
     llm = LLM(model=str(next_checkpoint), max_model_len=64, max_num_seqs=4)
     engine = llm.engine

@@ -11,18 +11,13 @@ weights (`mtp.`) are skipped, as transformers does.
 
 from __future__ import annotations
 
-from engine.models.family import FamilySpec
+from dataclasses import replace
 
-PER_EXPERT = dict(
-    moe_attr="mlp",
-    gate_proj="gate_proj",
-    up_proj="up_proj",
-    down_proj="down_proj",
-    shared_attr="shared_expert",
-)
-QWEN3_NEXT = FamilySpec(**PER_EXPERT, ignored_prefixes=("mtp.",))
-QWEN3_5_MOE = FamilySpec(
-    **PER_EXPERT,
+from engine.models import qwen2_moe
+
+QWEN3_NEXT = replace(qwen2_moe.SPEC, ignored_prefixes=("mtp.",))  # Qwen2-MoE's names
+QWEN3_5_MOE = replace(
+    QWEN3_NEXT,
     fused_experts={
         "gate_up_proj": ("w13", lambda t: t),  # [E, 2I, H]
         "down_proj": ("w2", lambda t: t),  # [E, H, I]

@@ -165,6 +165,8 @@ class AttentionBatch:
                 -1
             )
             group.window_start = torch.tensor(first) * bs  # [B]
+            if not window.chunked:  # sliding layers (gpt-oss's, with sinks) build their own
+                return group
             key_pos = group.window_start[:, None] + torch.arange(width * bs)  # [B, Lw]
             seen = (key_pos[:, None, :] <= query_pos[:, :, None]) & (
                 key_pos[:, None, :] >= window.first_key(query_pos)[:, :, None]
@@ -212,7 +214,7 @@ def paged_attention(
         if index in skip:
             outs.append(None)
             continue
-        if sinks is not None or (window is not None and not window.chunked and g.blocks is None):
+        if sinks is not None or (window is not None and not window.chunked):
             outs.append(sink_group(q, k, v, layer, batch, g, scale, sinks, window))
             continue
         if g.blocks is None:  # causal over the chunk's own keys, GQA handled by SDPA

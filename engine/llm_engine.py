@@ -242,7 +242,7 @@ class LLMEngine:
             done = seq.num_computed_tokens
             if states is not None and done % self.blocks.block_size == 0:
                 name = self.blocks.name_of_prefix(seq.seq_id, done)
-                states.keep(seq.seq_id, name, shared=done == self.blocks.divergence(seq.seq_id))
+                states.keep(seq.seq_id, name, shared=done in self.blocks.divergence(seq.seq_id))
         for seq, first, scores in result.prompt_logprobs:
             entries = self.requests[seq.request_id].prompt_logprobs
             assert entries is not None

@@ -125,8 +125,8 @@ class Scheduler:
         """Tokens `seq` computes this step: what it lacks, within the budget, ending at a shared
         prefix's end where the engine should keep a linear state (BlockAllocator.divergence)."""
         n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-        stop = self.blocks.divergence(seq.seq_id)
-        return min(n, stop - seq.num_computed_tokens) if stop > seq.num_computed_tokens else n
+        stops = [x for x in self.blocks.divergence(seq.seq_id) if x > seq.num_computed_tokens]
+        return min(n, stops[0] - seq.num_computed_tokens) if stops else n
 
     def _awaits_sibling(self, seq: SchedulableSeq) -> bool:
         """Whether `seq` should wait for its running first sibling to compute the full blocks of

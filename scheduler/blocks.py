@@ -42,7 +42,7 @@ class BlockAllocator:
         self._chains: dict[int, list[bytes]] = {}  # seq -> names of its computed full blocks
         self._named: dict[bytes, int] = {}  # name -> block holding that prefix
         self._name_of: dict[int, bytes] = {}
-        self._divergence: dict[int, int] = {}  # seq -> tokens of a known prefix without state
+        self._divergence: dict[int, list[int]] = {}  # seq -> where to keep states, ascending
 
     @property
     def num_free(self) -> int:
@@ -105,7 +105,7 @@ class BlockAllocator:
             if self.resumable is None or self.resumable(name):
                 usable = len(table)
         if usable < len(table):  # a longer prefix is known, but not resumable
-            self._divergence[seq_id] = len(table) * self.block_size
+            self._divergence[seq_id] = [len(table) * self.block_size]
         chain, table = chain[:usable], table[:usable]
         for block in table:
             self._refs[block] += 1
@@ -115,16 +115,17 @@ class BlockAllocator:
         return len(table) * self.block_size
 
     def diverge_at(self, seq_id: int, num_tokens: int) -> None:
-        """Have the sequence end a chunk after `num_tokens` (a whole number of blocks), as if a
-        known prefix ended there: a linear state is kept there for sequences that will share it
+        """Have the sequence also end a chunk after `num_tokens` (a whole number of blocks), as if
+        a known prefix ended there: a linear state is kept there for sequences that will share it
         (a request's later choices)."""
-        if self.resumable is not None:
-            self._divergence[seq_id] = num_tokens
+        if self.resumable is not None and self.prefix_caching:
+            self._divergence[seq_id] = sorted({*self._divergence.get(seq_id, []), num_tokens})
 
-    def divergence(self, seq_id: int) -> int:
-        """Tokens of the longest known prefix of the sequence that it could not resume after (0:
-        none): where a chunk of it should end, so that the engine keeps the state there."""
-        return self._divergence.get(seq_id, 0)
+    def divergence(self, seq_id: int) -> list[int]:
+        """Where the sequence should end chunks so that the engine keeps its state there for
+        others (ascending token counts; none when empty): the longest known prefix of it that it
+        could not resume after, and where its later choices will resume."""
+        return self._divergence.get(seq_id, [])
 
     def computed(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
         """Name the sequence's full blocks among its first `num_computed` tokens, so that later

@@ -77,13 +77,13 @@ class Router(nn.Module):
         if self.cfg.topk_method == "greedy" and not self.cfg.correction_bias:
             return logits.float(), unit  # softmax and sigmoid both rank by the logit itself
         choice = self._choice(logits)  # -inf outside the best groups
-        if self.cfg.scoring == "softmax":  # log-probabilities differ as the logits do
-            key = torch.where(
+        if self.cfg.scoring == "softmax" and not self.cfg.correction_bias:  # log-probabilities
+            key = torch.where(  # differ as the logits do
                 torch.isfinite(choice), torch.log_softmax(logits.float(), -1), -torch.inf
             )
-        else:  # the corrected score sigmoid(l) + bias moves by sigmoid'(l) per logit unit
+        else:  # a corrected score s(l) + bias moves by about s(l) (1 - s(l)) per logit unit
             key = choice
-            scores = logits.float().sigmoid()
+            scores = router_scores(logits, self.cfg)
             unit = scores * (1 - scores)
         return key, unit
 
@@ -105,8 +105,8 @@ class Router(nn.Module):
         """logits [T, E] -> float32 [T, E] summing to 1, ranked as the router picks (before any
         group limit): what predictors and traces learn from."""
         scores = router_scores(logits, self.cfg)
-        if self.cfg.scoring == "softmax":
-            return scores
-        if self.cfg.correction_bias:
+        if self.cfg.correction_bias:  # V3's sigmoid, ERNIE 4.5's softmax: ranked with the bias
             scores = (scores + self.e_score_correction_bias).clamp_min(0)
+        elif self.cfg.scoring == "softmax":
+            return scores
         return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)

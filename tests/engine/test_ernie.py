@@ -4,9 +4,12 @@ transformers by the family-parametrized tests (tests/conftest.py's tiny checkpoi
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine import ConfigError
+from engine.family_config import RouterConfig
 from engine.model_config import ModelConfig
+from engine.models.router import Router
 
 
 def ernie_21b() -> dict:
@@ -53,3 +56,18 @@ def test_moe_layers_by_start_end_and_interval() -> None:
 def test_biases_on_every_projection_are_refused() -> None:
     with pytest.raises(ConfigError, match="use_bias"):
         ModelConfig.from_dict(ernie_21b() | {"use_bias": True})
+
+
+def test_ranking_and_probabilities_pick_with_the_correction_bias() -> None:
+    """Softmax scores plus a bias pick the experts: cache-aware routing's ranking and what
+    predictors learn from must order them the same way (expert 1 wins by its bias)."""
+    cfg = RouterConfig(top_k=2, normalize=True, topk_method="noaux_tc", float32_logits=True)
+    router = Router(cfg, 4, 4)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(4))
+        router.e_score_correction_bias.copy_(torch.tensor([0.0, 0.5, 0.0, 0.0]))
+    logits, _, ids = router(torch.tensor([[2.0, 0.0, 1.9, -3.0]]))
+    assert sorted(ids[0].tolist()) == [0, 1]
+    key, _ = router.ranking(logits)
+    assert sorted(key.topk(2).indices[0].tolist()) == [0, 1]
+    assert sorted(router.probabilities(logits).topk(2).indices[0].tolist()) == [0, 1]

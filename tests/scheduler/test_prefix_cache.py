@@ -178,15 +178,20 @@ def test_a_prefix_is_matched_only_up_to_where_a_sequence_may_resume() -> None:
     computed(blocks, 0, first)
     assert blocks.match(1, first) == 0  # no state kept anywhere
     assert blocks.num_used == 4 and blocks.table(1) == []
-    assert blocks.divergence(1) == 12  # where sequence 1 should keep a state for later ones
+    assert blocks.divergence(1) == [12]  # where sequence 1 should keep a state for later ones
     kept.add(blocks.name_of_prefix(0, 4))
     assert blocks.match(2, first) == 4  # blocks 2 and 3 are cached but not resumable
     assert blocks.table(2) == blocks.table(0)[:1] and blocks.num_used == 4
-    assert blocks.divergence(2) == 12
+    assert blocks.divergence(2) == [12]
+    blocks.diverge_at(2, 8)  # a later choice of its request will resume at 8: stop there too
+    assert blocks.divergence(2) == [8, 12]
     kept.add(blocks.name_of_prefix(0, 12))
-    assert blocks.match(3, first) == 12 and blocks.divergence(3) == 0
+    assert blocks.match(3, first) == 12 and blocks.divergence(3) == []
     blocks.free(1)
-    assert blocks.divergence(1) == 0
+    assert blocks.divergence(1) == []
+    plain = BlockAllocator(8, BLOCK, prefix_caching=False, resumable=kept.__contains__)
+    plain.diverge_at(0, 4)  # no prefix caching: no state is kept for anyone, no chunk ends early
+    assert plain.divergence(0) == []
     blocks.free(0)
     blocks.free(2)
     blocks.free(3)

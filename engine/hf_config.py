@@ -40,6 +40,14 @@ def config_defaults(family: str) -> dict[str, Any]:
     }
 
 
+@functools.cache
+def default_rope_theta(family: str) -> float:
+    """The rotary base transformers assumes when a config.json names none (Mixtral's 1e6, Llama
+    4's and ERNIE 4.5's 5e5, gpt-oss's 1.5e5, ...)."""
+    defaults = CONFIG_MAPPING[TEXT_CONFIGS.get(family, family)]()
+    return float((getattr(defaults, "rope_parameters", None) or {}).get("rope_theta") or 10000.0)
+
+
 def rope_params(raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(the field that holds them, the rotary parameters with `rope_type` named): transformers 5
     writes `rope_parameters`, older checkpoints `rope_scaling` with a `type`, which wins (as in

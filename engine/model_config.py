@@ -22,7 +22,12 @@ from engine.family_config import (
     minimax_m2_fields,
     quantization_fields,
 )
-from engine.hf_config import TEXT_CONFIGS, config_defaults, rope_scaling_fields
+from engine.hf_config import (
+    TEXT_CONFIGS,
+    config_defaults,
+    default_rope_theta,
+    rope_scaling_fields,
+)
 from engine.hybrid_config import LinearAttentionConfig, qwen3_next_fields
 from engine.llama4_config import llama4_fields
 from kernels.gating import SILU, Gating
@@ -221,7 +226,9 @@ class ModelConfig:
             num_experts=int(num_experts),
             router=router,
             moe_intermediate_size=int(moe_inter),
-            rope_theta=float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            rope_theta=float(
+                raw.get("rope_theta") or rope.get("rope_theta") or default_rope_theta(family)
+            ),
             rms_norm_eps=float(raw.get("rms_norm_eps") or 1e-6),
             max_position_embeddings=int(raw.get("max_position_embeddings") or 4096),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),

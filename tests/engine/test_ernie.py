@@ -71,3 +71,16 @@ def test_ranking_and_probabilities_pick_with_the_correction_bias() -> None:
     key, _ = router.ranking(logits)
     assert sorted(key.topk(2).indices[0].tolist()) == [0, 1]
     assert sorted(router.probabilities(logits).topk(2).indices[0].tolist()) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("raw", "theta"),
+    [
+        (ernie_21b(), 500000.0),
+        ({**ernie_21b(), "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}}, 7.0),
+    ],
+    ids=["class-default", "rope-parameters"],
+)
+def test_a_rotary_base_left_out_is_transformers_default(raw: dict, theta: float) -> None:
+    raw = {k: v for k, v in raw.items() if k != "rope_theta"}
+    assert ModelConfig.from_dict(raw).rope_theta == theta

@@ -64,6 +64,7 @@ class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] KV slot each new token is written to
     groups: list[AttentionGroup]
     linear: LinearBatch | None = None  # linear-attention layers' states (Qwen3-Next), if any
+    local_slot_mapping: torch.Tensor | None = None  # [T] for local layers with their own pool
     _folded: dict[tuple[int, int, bool], torch.Tensor] = field(default_factory=dict)
     _folded_elements: int = 0  # of the masks kept in _folded, within MAX_FOLDED_MASK
 
@@ -100,28 +101,40 @@ class AttentionBatch:
         lengths: list[int],
         device: torch.device | str,
         window: LocalAttention | None = None,
+        local_tables: list[list[int]] | None = None,
     ) -> AttentionBatch:
         """Sequence i holds `starts[i]` cached tokens and appends `lengths[i]` new ones.
-        `window`: the model's local attention, whose layers then gather only the blocks it spans."""
+        `window`: the model's local attention, whose layers then gather only the blocks it spans,
+        from `local_tables` where they have a pool of their own (scheduler/block_pools.py)."""
         bs = kv.block_size
         offsets = [0, *itertools.accumulate(lengths)]
-        slot_mapping = [
-            block_tables[i][p // bs] * bs + p % bs
-            for i, (a, n) in enumerate(zip(starts, lengths, strict=True))
-            for p in range(a, a + n)
-        ]
+
+        def slots(tables: list[list[int]]) -> torch.Tensor:
+            return torch.tensor(
+                [
+                    tables[i][p // bs] * bs + p % bs
+                    for i, (a, n) in enumerate(zip(starts, lengths, strict=True))
+                    for p in range(a, a + n)
+                ],
+                device=device,
+            )
+
         groups = []
         for i, n in enumerate(lengths):
             if n > 1 and starts[i] == 0:  # a prompt's first chunk: causal over itself
                 groups.append(AttentionGroup(_rows(offsets, [i], lengths), None, None))
             elif n > 1:  # a later chunk: its cached prefix, then causal over its own tokens
                 groups.append(
-                    cls._cached_group(kv, block_tables, starts, lengths, offsets, [i], window)
+                    cls._cached_group(
+                        kv, block_tables, starts, lengths, offsets, [i], window, local_tables
+                    )
                 )
         decode = [i for i, n in enumerate(lengths) if n == 1]
         if decode:
             groups.append(
-                cls._cached_group(kv, block_tables, starts, lengths, offsets, decode, window)
+                cls._cached_group(
+                    kv, block_tables, starts, lengths, offsets, decode, window, local_tables
+                )
             )
         for g in groups:
             g.rows = g.rows if isinstance(g.rows, slice) else g.rows.to(device)
@@ -129,7 +142,8 @@ class AttentionBatch:
             for name in names:
                 tensor = getattr(g, name)
                 setattr(g, name, None if tensor is None else tensor.to(device))
-        return cls(kv=kv, slot_mapping=torch.tensor(slot_mapping, device=device), groups=groups)
+        local = None if local_tables is None else slots(local_tables)
+        return cls(kv=kv, slot_mapping=slots(block_tables), groups=groups, local_slot_mapping=local)
 
     @staticmethod
     def _cached_group(
@@ -140,9 +154,11 @@ class AttentionBatch:
         offsets: list[int],
         index: list[int],
         window: LocalAttention | None = None,
+        local_tables: list[list[int]] | None = None,
     ) -> AttentionGroup:
         """Sequences `index` (all with the same number of new tokens) reading their context from
-        the cache, whole blocks at a time; with a `window`, also the blocks it reaches."""
+        the cache, whole blocks at a time; with a `window`, also the blocks it reaches (from
+        `local_tables` when given)."""
         bs, q_len = kv.block_size, lengths[index[0]]
         ends = torch.tensor([starts[i] + lengths[i] for i in index])  # [B] context lengths
         nb = -(-int(ends.max()) // bs)
@@ -160,7 +176,8 @@ class AttentionBatch:
             first = [max(0, window.first_key(starts[i])) // bs for i in index]
             last = [(starts[i] + lengths[i] - 1) // bs for i in index]
             width = max(b - a + 1 for a, b in zip(first, last, strict=True))
-            tables = [block_tables[i][a : a + width] for i, a in zip(index, first, strict=True)]
+            windowed = block_tables if local_tables is None else local_tables
+            tables = [windowed[i][a : a + width] for i, a in zip(index, first, strict=True)]
             group.window_blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables]).view(
                 -1
             )
@@ -177,13 +194,18 @@ class AttentionBatch:
         return group
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, layer: int, batch: AttentionBatch) -> None:
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, layer: int, batch: AttentionBatch, local: bool = False
+) -> None:
     """Write the step's new keys [T, kvh, D] and values [T, kvh, Dv] into their cache slots (the
-    values only where the cache keeps them). An FP8 cache takes them already `rounded`."""
-    kv = batch.kv
-    raw(kv.k[layer]).index_copy_(0, batch.slot_mapping, raw(k.to(kv.cache_dtype)))
+    values only where the cache keeps them; a `local` layer's in its own pool, where it has one).
+    An FP8 cache takes them already `rounded`."""
+    kv, slots = batch.kv, batch.slot_mapping
+    if local and batch.local_slot_mapping is not None:
+        slots = batch.local_slot_mapping
+    raw(kv.k[layer]).index_copy_(0, slots, raw(k.to(kv.cache_dtype)))
     if kv.v:
-        raw(kv.v[layer]).index_copy_(0, batch.slot_mapping, raw(v.to(kv.cache_dtype)))
+        raw(kv.v[layer]).index_copy_(0, slots, raw(v.to(kv.cache_dtype)))
 
 
 def paged_attention(
@@ -205,7 +227,7 @@ def paged_attention(
     it reaches, under a mask built once a step (a first chunk: causal, chunk by chunk)."""
     bs, dtype = batch.kv.block_size, q.dtype
     k, v = batch.kv.rounded(k), batch.kv.rounded(v)
-    store_kv(k, v, layer, batch)
+    store_kv(k, v, layer, batch, local=window is not None)
     k_cache = batch.kv.k[layer]
     heads, kv_heads, key_dim, value_dim = q.shape[1], k.shape[1], k.shape[2], v.shape[2]
     groups_per_kv = heads // kv_heads

@@ -1,5 +1,5 @@
 """The paged KV cache: one key and one value tensor per layer, addressed by slot, how many blocks
-it gets (`num_kv_blocks`), and how a step's attention reads a run of whole blocks back from it
+it gets (`num_kv_blocks`, and `local_kv_blocks` for local attention layers' own pool), and how a step's attention reads a run of whole blocks back from it
 (`gather`)."""
 
 from __future__ import annotations
@@ -42,6 +42,18 @@ def num_kv_blocks(mc: ModelConfig, cfg: EngineConfig, max_model_len: int) -> int
     return min(wanted, affordable)
 
 
+def local_kv_blocks(mc: ModelConfig, cfg: EngineConfig, full_blocks: int) -> int:
+    """Blocks of the local attention layers' own pool (0: the model has none): each running
+    sequence's window (a chunk's keys, or its last `size`) and a partial block, and the step's new
+    tokens; no more than the full pool, whose prefixes it must hold too to resume them."""
+    window = mc.local_attention
+    if window is None or not mc.local_layers:
+        return 0
+    per_seq = -(-window.size // cfg.block_size) + 2
+    new_tokens = -(-cfg.max_num_batched_tokens // cfg.block_size)
+    return min(full_blocks, cfg.max_num_seqs * per_seq + new_tokens)
+
+
 @dataclass
 class KVCache:
     """Paged KV storage: one [num_blocks * block_size, kv_heads, dim] key and value tensor per layer.
@@ -68,20 +80,24 @@ class KVCache:
         device: torch.device | str,
         cache_dtype: torch.dtype | None = None,
         uncached: Collection[int] = (),
+        local: tuple[Collection[int], int] = ((), 0),
     ) -> KVCache:
         """geometry: (kv heads, key dim, value dim), value dim 0 when values live in the keys.
         cache_dtype: what the cache holds, `dtype` when None. `uncached` layers (Qwen3-Next's
-        linear-attention ones) get empty tensors."""
+        linear-attention ones) get empty tensors; `local` (layers, blocks): local attention
+        layers hold that many blocks, their own pool (scheduler/block_pools.py)."""
         kv_heads, key_dim, value_dim = geometry
         stored = cache_dtype or dtype
+        local_layers, local_blocks = local
 
         def make(dim: int) -> list[torch.Tensor]:
-            rows = num_blocks * block_size
-            return [
-                torch.zeros(
-                    (0 if i in uncached else rows, kv_heads, dim), dtype=stored, device=device
-                )
+            rows = [
+                0 if i in uncached else (local_blocks if i in local_layers else num_blocks)
                 for i in range(num_layers)
+            ]
+            return [
+                torch.zeros((n * block_size, kv_heads, dim), dtype=stored, device=device)
+                for n in rows
             ]
 
         if stored.itemsize == 1:
@@ -89,6 +105,29 @@ class KVCache:
             logger.warning("KV cache in %s, no scale: values past +-%g saturate", stored, limit)
         k, v = make(key_dim), make(value_dim) if value_dim else []
         return cls(k=k, v=v, block_size=block_size, dtype=dtype)
+
+    @classmethod
+    def for_model(
+        cls,
+        mc: ModelConfig,
+        cfg: EngineConfig,
+        num_blocks: int,
+        local_blocks: int,
+        device: torch.device | str,
+    ) -> KVCache:
+        """The engine's cache: `num_blocks` for the full-attention layers, `local_blocks` for the
+        local ones, none for linear-attention layers."""
+        return cls.allocate(
+            mc.num_layers,
+            num_blocks,
+            cfg.block_size,
+            mc.kv_cache_geometry,
+            cfg.torch_dtype,
+            device,
+            cfg.torch_kv_cache_dtype,
+            uncached=mc.linear_attention.layers if mc.linear_attention else (),
+            local=(mc.local_layers if local_blocks else (), local_blocks),
+        )
 
     @property
     def cache_dtype(self) -> torch.dtype:

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from engine.config import ConfigError, EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.guided import GrammarCompiler, Guide
-from engine.kv_cache import KVCache, num_kv_blocks
+from engine.kv_cache import KVCache, local_kv_blocks, num_kv_blocks
 from engine.loader import load_model
 from engine.metrics import EngineMetrics
 from engine.model_config import ModelConfig, generation_eos_ids
@@ -22,7 +22,7 @@ from engine.runner import ModelRunner, context_windows
 from engine.sampling import RequestError, SamplingParams
 from engine.sequence import Request, Sequence
 from scheduler.batching import BatchingConfig, Scheduler
-from scheduler.blocks import BlockAllocator
+from scheduler.block_pools import WindowedBlocks, block_pools
 from scheduler.step_selector import StepSelector
 
 logger = logging.getLogger(__name__)
@@ -55,17 +55,9 @@ class LLMEngine:
         )
         self.model = model
         self.offload = OffloadRuntime(config, host_experts, model, self.device)
-        self.kv = KVCache.allocate(
-            mc.num_layers,
-            num_kv_blocks(mc, config, self.max_model_len),
-            config.block_size,
-            mc.kv_cache_geometry,
-            config.torch_dtype,
-            self.device,
-            config.torch_kv_cache_dtype,
-            uncached=mc.linear_attention.layers if mc.linear_attention else (),
-        )
-        num_blocks = self.kv.k[mc.attention_layers[0]].shape[0] // config.block_size
+        num_blocks = num_kv_blocks(mc, config, self.max_model_len)
+        local_blocks = local_kv_blocks(mc, config, num_blocks)  # sliding / chunked layers' pool
+        self.kv = KVCache.for_model(mc, config, num_blocks, local_blocks, self.device)
         self.routes = RouteTracker(mc.moe_layers, mc.num_experts, mc.top_k)
         self.runner = ModelRunner(
             model,
@@ -79,10 +71,11 @@ class LLMEngine:
             config.max_num_seqs if config.enable_prefix_caching else 0,
         )
         states = self.runner.states  # linear attention resumes only where its state was kept
-        self.blocks = BlockAllocator(
+        self.blocks = block_pools(
             num_blocks,
-            config.block_size,
-            config.enable_prefix_caching,
+            local_blocks,
+            config,
+            mc.local_attention,
             resumable=states.has if states is not None else None,
         )
         selector = None
@@ -113,6 +106,13 @@ class LLMEngine:
             str(self.kv.cache_dtype).removeprefix("torch."),
             self.max_model_len,
         )
+
+    def block_tables(self, seq_ids: list[int]) -> tuple[list[list[int]], list[list[int]] | None]:
+        """Each sequence's KV blocks, and its local layers' own where they have a pool."""
+        tables = [self.blocks.table(i) for i in seq_ids]
+        if not isinstance(self.blocks, WindowedBlocks):
+            return tables, None
+        return tables, [self.blocks.local_table(i) for i in seq_ids]
 
     def _routes_for(self, seq_ids: list[int]) -> torch.Tensor:
         """Next-token routes of running sequences, for the token scheduler: bool [N, L, E]."""
@@ -221,14 +221,14 @@ class LLMEngine:
                 self.metrics.record_prefix_cache(seq.num_tokens, cached)
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = min(cached, seq.num_prompt_tokens)
-        tables = [self.blocks.table(s.seq_id) for s in batch.seqs]
+        tables, local_tables = self.block_tables([s.seq_id for s in batch.seqs])
         try:
             if self.runner.states is not None:  # linear state at a cached prefix's end
                 for seq, cached in batch.admitted:
                     if cached:
                         name = self.blocks.name_of_prefix(seq.seq_id, cached)
                         self.runner.states.resume(seq.seq_id, name)
-            result = self.runner.execute(batch.seqs, batch.num_new_tokens, tables)
+            result = self.runner.execute(batch.seqs, batch.num_new_tokens, tables, local_tables)
         except Exception as exc:
             ids = sorted({s.request_id for s in batch.seqs})
             logger.exception("step failed; aborting %d requests", len(ids))

@@ -62,9 +62,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, seqs: list[Sequence], num_new_tokens: list[int], block_tables: list[list[int]]
+        self,
+        seqs: list[Sequence],
+        num_new_tokens: list[int],
+        block_tables: list[list[int]],
+        local_tables: list[list[int]] | None = None,
     ) -> StepResult:
-        """Run the new tokens of each sequence; sample for those that reached their end."""
+        """Run the new tokens of each sequence; sample for those that reached their end.
+        `local_tables`: the local attention layers' own blocks, where they have a pool."""
         self.experts.begin_step()
         starts = [s.num_computed_tokens for s in seqs]
         ids = [
@@ -75,7 +80,7 @@ class ModelRunner:
         positions = [
             p for a, n in zip(starts, num_new_tokens, strict=True) for p in range(a, a + n)
         ]
-        batch = self._attention_batch(block_tables, starts, num_new_tokens)
+        batch = self._attention_batch(block_tables, starts, num_new_tokens, local_tables)
         if self.states is not None:
             batch.linear = self.states.batch([s.seq_id for s in seqs], starts, num_new_tokens)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
@@ -108,11 +113,17 @@ class ModelRunner:
             sampling, tokens, token_logprobs(logits, tokens, sampling), prompt_logprobs
         )
 
-    def prefill_batch(self, block_tables: list[list[int]], lengths: list[int]) -> AttentionBatch:
-        """A batch of whole prompts outside the schedule (tracing, tests), on the given KV blocks;
-        their linear-attention states live in a pool of their own, dropped with the batch."""
+    def prefill_batch(
+        self,
+        lengths: list[int],
+        block_tables: list[list[int]],
+        local_tables: list[list[int]] | None = None,
+    ) -> AttentionBatch:
+        """A batch of whole prompts outside the schedule (tracing, tests), on the given KV blocks
+        (`LLMEngine.block_tables`); their linear-attention states live in a pool of their own,
+        dropped with the batch."""
         starts = [0] * len(lengths)
-        batch = self._attention_batch(block_tables, starts, lengths)
+        batch = self._attention_batch(block_tables, starts, lengths, local_tables)
         linear = self.model.cfg.linear_attention
         if linear is not None:
             states = LinearStates(linear, len(lengths), self.kv.dtype, self.device)
@@ -120,10 +131,16 @@ class ModelRunner:
         return batch
 
     def _attention_batch(
-        self, block_tables: list[list[int]], starts: list[int], lengths: list[int]
+        self,
+        block_tables: list[list[int]],
+        starts: list[int],
+        lengths: list[int],
+        local_tables: list[list[int]] | None,
     ) -> AttentionBatch:
         window = self.model.cfg.local_attention  # local layers read only the blocks it reaches
-        return AttentionBatch.build(self.kv, block_tables, starts, lengths, self.device, window)
+        return AttentionBatch.build(
+            self.kv, block_tables, starts, lengths, self.device, window, local_tables
+        )
 
     def forget(self, seq_id: int) -> None:
         """A sequence is done (finished or aborted): drop its routes and its linear state."""

@@ -19,6 +19,8 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 
+RELEASED = -1  # a table entry whose block was handed back (behind a local layer's window)
+
 
 class BlockAllocator:
     def __init__(
@@ -83,9 +85,52 @@ class BlockAllocator:
         self._chains.pop(seq_id, None)
         self._divergence.pop(seq_id, None)
         for block in reversed(self._tables.pop(seq_id, [])):  # the tail is reused first
-            self._refs[block] -= 1
-            if self._refs[block] == 0:
-                self._free[block] = None
+            self._unref(block)
+
+    def _unref(self, block: int) -> None:
+        if block == RELEASED:
+            return
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            self._free[block] = None
+
+    def release_before(self, seq_id: int, num_blocks: int) -> None:
+        """Hand back the sequence's blocks before its `num_blocks`-th (a local layer's window has
+        passed them); their table entries become RELEASED. They keep their names while free."""
+        table = self._tables.get(seq_id, [])
+        for i in range(min(num_blocks, len(table))):
+            self._unref(table[i])
+            table[i] = RELEASED
+
+    def chain(self, seq_id: int) -> list[bytes]:
+        """The names of the sequence's computed or matched full blocks, in order."""
+        return self._chains.get(seq_id, [])
+
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        """Give back what a match took past `num_tokens` (a whole number of blocks)."""
+        keep = num_tokens // self.block_size
+        table, chain = self._tables.get(seq_id, []), self._chains.get(seq_id, [])
+        for block in table[keep:]:
+            self._unref(block)
+        del table[keep:], chain[keep:]
+        if not table:
+            self.free(seq_id)
+
+    def take_window(self, seq_id: int, names: list[bytes], first: int) -> bool:
+        """Give a sequence without blocks the named blocks first..len(names)-1 of a prefix whose
+        blocks are `names` (those before `first` are not needed: RELEASED); False, taking
+        nothing, if one of them is not cached."""
+        blocks = [self._named.get(name) for name in names[first:]]
+        if any(b is None for b in blocks) or seq_id in self._tables:
+            return False
+        for block in blocks:
+            assert block is not None
+            self._refs[block] += 1
+            self._free.pop(block, None)
+        if names:
+            self._tables[seq_id] = [RELEASED] * first + [b for b in blocks if b is not None]
+            self._chains[seq_id] = list(names)
+        return True
 
     def match(self, seq_id: int, token_ids: list[int]) -> int:
         """Give a sequence without blocks the cached blocks of its longest known prefix; returns the

@@ -33,7 +33,7 @@ def assert_prefill_logits_match(checkpoint: Path) -> None:
     engine = llm.engine
     ids = PROMPTS[1]
     assert engine.blocks.grow(-1, len(ids))
-    batch = engine.runner.prefill_batch([engine.blocks.table(-1)], [len(ids)])
+    batch = engine.runner.prefill_batch([len(ids)], *engine.block_tables([-1]))
     with torch.inference_mode():
         hidden = engine.model(
             torch.tensor(ids), torch.arange(len(ids)), batch, engine.offload.experts
@@ -224,7 +224,7 @@ def test_half_precision_logits_close_to_transformers(tiny_checkpoint: Path, dtyp
     engine = llm.engine
     ids = PROMPTS[1]
     assert engine.blocks.grow(-1, len(ids))
-    batch = engine.runner.prefill_batch([engine.blocks.table(-1)], [len(ids)])
+    batch = engine.runner.prefill_batch([len(ids)], *engine.block_tables([-1]))
     torch_dtype = getattr(torch, dtype)
     with torch.inference_mode():
         hidden = engine.model(

@@ -129,7 +129,7 @@ def test_traced_routing_equals_a_lone_forward(llm: LLM, traces: TraceSet) -> Non
 
     assert engine.blocks.grow(-100, n)
     try:
-        batch = engine.runner.prefill_batch([engine.blocks.table(-100)], [n])
+        batch = engine.runner.prefill_batch([n], *engine.block_tables([-100]))
         with torch.inference_mode():
             engine.model(ids, torch.arange(n), batch, engine.offload.experts, Capture())
     finally:

@@ -285,8 +285,7 @@ def _trace_step(engine: LLMEngine, group: list[tuple[int, list[int]]], meta: Tra
         for seq_id, n in zip(seq_ids, lengths, strict=True):
             if not engine.blocks.grow(seq_id, n):
                 raise ValueError("not enough KV blocks to trace; lower --seq-len")
-        tables = [engine.blocks.table(s) for s in seq_ids]
-        batch = engine.runner.prefill_batch(tables, lengths)
+        batch = engine.runner.prefill_batch(lengths, *engine.block_tables(seq_ids))
         ids = [t for _, c in group for t in c]
         positions = [p for n in lengths for p in range(n)]
         docs = [d for d, c in group for _ in c]

@@ -1,0 +1,87 @@
+"""KV blocks of models with local attention layers (gpt-oss's sliding windows, Llama 4's chunks):
+a second pool for those layers, whose blocks a sequence hands back once its window has passed
+them, so a long context holds only its window there.
+
+Both pools name full blocks alike (the chained hash of the tokens up to their end), and a block
+handed back stays named while free. A sequence resumes after a cached prefix only where both
+hold it: the full-attention layers' every block, the local layers' blocks from the window of its
+first new token on (vLLM's hybrid allocator keeps sliding-window blocks the same way). Everything
+else (prefix names, linear-state divergence, usage) is the full pool's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.family_config import LocalAttention
+from scheduler.blocks import BlockAllocator
+
+
+def block_pools(
+    num_blocks: int,
+    local_blocks: int,
+    cfg: EngineConfig,
+    window: LocalAttention | None,
+    resumable: Callable[[bytes], bool] | None,
+) -> BlockAllocator | WindowedBlocks:
+    """The engine's block accounting: one pool, or two when local layers have their own."""
+    full = BlockAllocator(num_blocks, cfg.block_size, cfg.enable_prefix_caching, resumable)
+    if not local_blocks or window is None:
+        return full
+    local = BlockAllocator(local_blocks, cfg.block_size, cfg.enable_prefix_caching)
+    return WindowedBlocks(full, local, window)
+
+
+class WindowedBlocks:
+    def __init__(self, full: BlockAllocator, local: BlockAllocator, window: LocalAttention) -> None:
+        self.full, self.local, self.window = full, local, window
+
+    def __getattr__(self, name: str) -> Any:  # block_size, prefix_caching, usage, divergence...
+        return getattr(self.full, name)
+
+    @property
+    def num_free(self) -> int:
+        return min(self.full.num_free, self.local.num_free)
+
+    @property
+    def num_used(self) -> int:
+        return self.full.num_used + self.local.num_used
+
+    def local_table(self, seq_id: int) -> list[int]:
+        return self.local.table(seq_id)
+
+    def grow(self, seq_id: int, num_tokens: int) -> bool:
+        """Room in both pools, or nothing taken."""
+        needed = self.full.blocks_for(num_tokens)
+        if any(
+            needed - len(pool.table(seq_id)) > pool.num_free for pool in (self.full, self.local)
+        ):
+            return False
+        return self.full.grow(seq_id, num_tokens) and self.local.grow(seq_id, num_tokens)
+
+    def free(self, seq_id: int) -> None:
+        self.full.free(seq_id)
+        self.local.free(seq_id)
+
+    def match(self, seq_id: int, token_ids: list[int]) -> int:
+        """The full pool's longest cached prefix, shortened to where the local pool still holds
+        the window before it."""
+        cached = self.full.match(seq_id, token_ids)
+        names = list(self.full.chain(seq_id))
+        while cached:
+            first = max(0, self.window.first_key(cached)) // self.full.block_size
+            if self.local.take_window(seq_id, names[: cached // self.full.block_size], first):
+                break
+            cached -= self.full.block_size
+            self.full.truncate(seq_id, cached)
+        return cached
+
+    def computed(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
+        """Name both pools' new full blocks, and hand back the local blocks the next token's
+        window no longer reaches."""
+        self.full.computed(seq_id, token_ids, num_computed)
+        self.local.computed(seq_id, token_ids, num_computed)
+        first = max(0, self.window.first_key(num_computed)) // self.full.block_size
+        self.local.release_before(seq_id, first)

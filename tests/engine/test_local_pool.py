@@ -1,0 +1,80 @@
+"""Local attention layers' own KV pool (scheduler/block_pools.py): Llama 4's chunked layers and
+gpt-oss's sliding ones hold only the blocks their window reaches, so a pool smaller than one
+context serves it, with transformers' outputs; prefixes still resume from the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine import LLM, SamplingParams
+from scheduler.block_pools import WindowedBlocks
+from tests.conftest import save_tiny_checkpoint
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+PROMPTS = [[1, *range(40, 76)], [1, *range(100, 121)]]  # 37 and 22 tokens
+
+
+def small_pool(path: Path, max_num_seqs: int = 2, **flags: object) -> LLM:
+    """Blocks of 4 tokens, two sequences, 8-token steps: the local pool is 2 x (window + 2) + 2
+    blocks, fewer than one 128-token context needs."""
+    return LLM(
+        model=str(path),
+        max_model_len=128,
+        block_size=4,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=8,
+        **flags,
+    )
+
+
+@pytest.mark.parametrize("family", ["llama4", "gpt_oss"])
+def test_a_local_pool_smaller_than_a_context_gives_transformers_tokens(
+    family: str, tmp_path: Path
+) -> None:
+    path = save_tiny_checkpoint(family, tmp_path)
+    llm = small_pool(path)
+    blocks = llm.engine.blocks
+    assert isinstance(blocks, WindowedBlocks)
+    window = llm.engine.model_config.local_attention
+    assert window is not None
+    assert blocks.local.num_blocks == 2 * (-(-window.size // 4) + 2) + 2 < 128 // 4
+    layer = llm.engine.model_config.local_layers[0]
+    assert llm.engine.kv.k[layer].shape[0] == blocks.local.num_blocks * 4
+    outs = llm.generate(PROMPTS, GREEDY)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
+        assert out.token_ids == ref[0, len(prompt) :].tolist()
+    assert blocks.num_used == 0
+
+
+@pytest.mark.parametrize("family", ["llama4", "gpt_oss"])
+def test_a_chat_turn_resumes_with_its_window_still_cached(family: str, tmp_path: Path) -> None:
+    """The next turn takes the full layers' blocks of the whole previous conversation and the
+    local layers' blocks of the window before its first new token; its answer is the one an
+    engine without prefix caching gives."""
+    path = save_tiny_checkpoint(family, tmp_path)
+    llm, plain = small_pool(path), small_pool(path, enable_prefix_caching=False)
+    [first] = llm.generate([PROMPTS[0]], GREEDY)
+    turn = PROMPTS[0] + first.token_ids + [5, 6, 7]
+    [resumed] = llm.generate([turn], GREEDY)
+    assert resumed.num_cached_tokens == (len(turn) - 1) // 4 * 4  # every full block
+    [expected] = plain.generate([turn], GREEDY)
+    assert resumed.token_ids == expected.token_ids
+    assert llm.engine.blocks.num_used == 0
+
+
+def test_later_choices_share_the_first_ones_window(tmp_path: Path) -> None:
+    """n = 3: the later choices take the prompt's blocks from the first, in both pools."""
+    path = save_tiny_checkpoint("gpt_oss", tmp_path)
+    llm, plain = small_pool(path, max_num_seqs=3), small_pool(path, enable_prefix_caching=False)
+    params = SamplingParams(n=3, max_tokens=8, temperature=0.0, ignore_eos=True)
+    [out] = llm.generate([PROMPTS[0]], params)
+    [expected] = plain.generate([PROMPTS[0]], params)
+    assert [c.token_ids for c in out.outputs] == [c.token_ids for c in expected.outputs]
+    assert llm.engine.blocks.num_used == 0

@@ -165,15 +165,24 @@ def _teacher_forced(llm: LLM, docs: list[list[int]]) -> tuple[float, dict]:
     engine = llm.engine
     length = min(len(d) for d in docs)
     seq_ids = [-1 - i for i in range(len(docs))]
-    for seq_id in seq_ids:
-        assert engine.blocks.grow(seq_id, length)
-    tables = [engine.blocks.table(seq_id) for seq_id in seq_ids]
     states = engine.runner.states  # linear-attention layers' (Qwen3-Next), if any
     ids = torch.tensor([d[:length] for d in docs])  # [B, N]
     nll, count = 0.0, 0
     for pos in range(length - 1):
+        for seq_id, doc in zip(seq_ids, docs, strict=True):
+            if pos:  # what the last step computed: local layers hand blocks behind it back
+                engine.blocks.computed(seq_id, doc, pos)
+            assert engine.blocks.grow(seq_id, pos + 1)
+        tables, local_tables = engine.block_tables(seq_ids)
+        window = engine.model_config.local_attention
         batch = AttentionBatch.build(
-            engine.kv, tables, [pos] * len(docs), [1] * len(docs), engine.device
+            engine.kv,
+            tables,
+            [pos] * len(docs),
+            [1] * len(docs),
+            engine.device,
+            window,
+            local_tables,
         )
         if states is not None:
             batch.linear = states.batch(seq_ids, [pos] * len(docs), [1] * len(docs))

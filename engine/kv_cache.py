@@ -1,6 +1,6 @@
 """The paged KV cache: one key and one value tensor per layer, addressed by slot, how many blocks
-it gets (`num_kv_blocks`, and `local_kv_blocks` for local attention layers' own pool), and how a step's attention reads a run of whole blocks back from it
-(`gather`)."""
+it gets (`num_kv_blocks`; `local_kv_blocks` for local attention layers' own pool), and how a
+step's attention reads a run of whole blocks back from it (`gather`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ DEFAULT_KV_BYTES = 1 << 30  # KV budget when --kv-cache-blocks is not given
 
 def num_kv_blocks(mc: ModelConfig, cfg: EngineConfig, max_model_len: int) -> int:
     """--kv-cache-blocks, or as many as `max_num_seqs` full-length sequences need within
-    DEFAULT_KV_BYTES (only the layers that attend over the cache count); at least one sequence."""
+    DEFAULT_KV_BYTES (only the layers that attend over the cache count, local ones at the size
+    of their own pool); at least one sequence. The full-attention layers' pool."""
     min_blocks = -(-max_model_len // cfg.block_size)
     if cfg.kv_cache_blocks is not None:
         if cfg.kv_cache_blocks < min_blocks:
@@ -31,9 +32,11 @@ def num_kv_blocks(mc: ModelConfig, cfg: EngineConfig, max_model_len: int) -> int
         return cfg.kv_cache_blocks
     kv_heads, key_dim, value_dim = mc.kv_cache_geometry
     itemsize = cfg.torch_kv_cache_dtype.itemsize
-    bytes_per_token = len(mc.attention_layers) * kv_heads * (key_dim + value_dim) * itemsize
+    block_bytes = kv_heads * (key_dim + value_dim) * itemsize * cfg.block_size  # a layer's
+    local = _local_layers(mc)
+    budget = DEFAULT_KV_BYTES - len(local) * block_bytes * _local_need(mc, cfg, max_model_len)
     wanted = -(-cfg.max_num_seqs * max_model_len // cfg.block_size)
-    affordable = DEFAULT_KV_BYTES // (bytes_per_token * cfg.block_size)
+    affordable = max(0, budget) // ((len(mc.attention_layers) - len(local)) * block_bytes or 1)
     if affordable < min_blocks:
         raise ConfigError(
             f"the default KV budget holds {affordable * cfg.block_size} tokens, less than "
@@ -42,16 +45,29 @@ def num_kv_blocks(mc: ModelConfig, cfg: EngineConfig, max_model_len: int) -> int
     return min(wanted, affordable)
 
 
-def local_kv_blocks(mc: ModelConfig, cfg: EngineConfig, full_blocks: int) -> int:
-    """Blocks of the local attention layers' own pool (0: the model has none): each running
-    sequence's window (a chunk's keys, or its last `size`) and a partial block, and the step's new
-    tokens; no more than the full pool, whose prefixes it must hold too to resume them."""
-    window = mc.local_attention
-    if window is None or not mc.local_layers:
+def _local_layers(mc: ModelConfig) -> tuple[int, ...]:
+    """The local attention layers, which have a pool of their own."""
+    return mc.local_layers if mc.local_attention is not None else ()
+
+
+def _local_need(mc: ModelConfig, cfg: EngineConfig, max_model_len: int) -> int:
+    """Blocks the local layers' pool needs: each running sequence's window (a chunk's keys, or
+    its last `size`) and a partial block, and a step's new tokens; at least one whole context
+    (tracing prefills one at once)."""
+    if not _local_layers(mc):
         return 0
-    per_seq = -(-window.size // cfg.block_size) + 2
+    assert mc.local_attention is not None
+    per_seq = -(-mc.local_attention.size // cfg.block_size) + 2
     new_tokens = -(-cfg.max_num_batched_tokens // cfg.block_size)
-    return min(full_blocks, cfg.max_num_seqs * per_seq + new_tokens)
+    return max(-(-max_model_len // cfg.block_size), cfg.max_num_seqs * per_seq + new_tokens)
+
+
+def local_kv_blocks(
+    mc: ModelConfig, cfg: EngineConfig, full_blocks: int, max_model_len: int
+) -> int:
+    """Blocks of the local attention layers' own pool (0: the model has none): what it needs,
+    no more than the full pool, whose prefixes it must hold too to resume them."""
+    return min(full_blocks, _local_need(mc, cfg, max_model_len))
 
 
 @dataclass

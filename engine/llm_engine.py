@@ -56,7 +56,7 @@ class LLMEngine:
         self.model = model
         self.offload = OffloadRuntime(config, host_experts, model, self.device)
         num_blocks = num_kv_blocks(mc, config, self.max_model_len)
-        local_blocks = local_kv_blocks(mc, config, num_blocks)  # sliding / chunked layers' pool
+        local_blocks = local_kv_blocks(mc, config, num_blocks, self.max_model_len)
         self.kv = KVCache.for_model(mc, config, num_blocks, local_blocks, self.device)
         self.routes = RouteTracker(mc.moe_layers, mc.num_experts, mc.top_k)
         self.runner = ModelRunner(

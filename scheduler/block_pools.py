@@ -12,11 +12,13 @@ else (prefix names, linear-state divergence, usage) is the full pool's.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.config import EngineConfig
-from engine.family_config import LocalAttention
 from scheduler.blocks import BlockAllocator
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+    from engine.family_config import LocalAttention
 
 
 def block_pools(
@@ -38,7 +40,7 @@ class WindowedBlocks:
     def __init__(self, full: BlockAllocator, local: BlockAllocator, window: LocalAttention) -> None:
         self.full, self.local, self.window = full, local, window
 
-    def __getattr__(self, name: str) -> Any:  # block_size, prefix_caching, usage, divergence...
+    def __getattr__(self, name: str) -> Any:  # block_size, prefix_caching, divergence...
         return getattr(self.full, name)
 
     @property
@@ -48,6 +50,14 @@ class WindowedBlocks:
     @property
     def num_used(self) -> int:
         return self.full.num_used + self.local.num_used
+
+    @property
+    def num_blocks(self) -> int:
+        return self.full.num_blocks + self.local.num_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.num_used / self.num_blocks
 
     def local_table(self, seq_id: int) -> list[int]:
         return self.local.table(seq_id)
@@ -67,16 +77,22 @@ class WindowedBlocks:
 
     def match(self, seq_id: int, token_ids: list[int]) -> int:
         """The full pool's longest cached prefix, shortened to where the local pool still holds
-        the window before it."""
-        cached = self.full.match(seq_id, token_ids)
+        the window before it: past a block it lacks, only ends short of that block can do."""
+        bs = self.full.block_size
+        end = self.full.match(seq_id, token_ids) // bs  # in blocks
         names = list(self.full.chain(seq_id))
-        while cached:
-            first = max(0, self.window.first_key(cached)) // self.full.block_size
-            if self.local.take_window(seq_id, names[: cached // self.full.block_size], first):
+        while end:
+            first = max(0, self.window.first_key(end * bs)) // bs
+            missing = [i for i in range(first, end) if not self.local.holds(names[i])]
+            if not missing:
                 break
-            cached -= self.full.block_size
-            self.full.truncate(seq_id, cached)
-        return cached
+            end = missing[-1]
+        if end < len(names):
+            self.full.truncate(seq_id, end * bs)
+        if end:
+            first = max(0, self.window.first_key(end * bs)) // bs
+            assert self.local.take_window(seq_id, names[:end], first)
+        return end * bs
 
     def computed(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
         """Name both pools' new full blocks, and hand back the local blocks the next token's

@@ -102,6 +102,10 @@ class BlockAllocator:
             self._unref(table[i])
             table[i] = RELEASED
 
+    def holds(self, name: bytes) -> bool:
+        """Whether a block holding the prefix `name` names is cached (held or free)."""
+        return name in self._named
+
     def chain(self, seq_id: int) -> list[bytes]:
         """The names of the sequence's computed or matched full blocks, in order."""
         return self._chains.get(seq_id, [])

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
+from engine.offload.predict.trace import trace_sequences
 from scheduler.block_pools import WindowedBlocks
 from tests.conftest import save_tiny_checkpoint
 
@@ -19,8 +20,8 @@ PROMPTS = [[1, *range(40, 76)], [1, *range(100, 121)]]  # 37 and 22 tokens
 
 
 def small_pool(path: Path, max_num_seqs: int = 2, **flags: object) -> LLM:
-    """Blocks of 4 tokens, two sequences, 8-token steps: the local pool is 2 x (window + 2) + 2
-    blocks, fewer than one 128-token context needs."""
+    """Blocks of 4 tokens, two sequences, 8-token steps: the local pool is one 128-token context
+    (32 blocks, its least), while each sequence's window needs a few."""
     return LLM(
         model=str(path),
         max_model_len=128,
@@ -32,23 +33,36 @@ def small_pool(path: Path, max_num_seqs: int = 2, **flags: object) -> LLM:
 
 
 @pytest.mark.parametrize("family", ["llama4", "gpt_oss"])
-def test_a_local_pool_smaller_than_a_context_gives_transformers_tokens(
+def test_local_layers_hold_only_their_window_and_give_transformers_tokens(
     family: str, tmp_path: Path
 ) -> None:
     path = save_tiny_checkpoint(family, tmp_path)
     llm = small_pool(path)
     blocks = llm.engine.blocks
-    assert isinstance(blocks, WindowedBlocks)
-    window = llm.engine.model_config.local_attention
-    assert window is not None
-    assert blocks.local.num_blocks == 2 * (-(-window.size // 4) + 2) + 2 < 128 // 4
+    assert isinstance(blocks, WindowedBlocks) and blocks.local.num_blocks == 128 // 4
     layer = llm.engine.model_config.local_layers[0]
     assert llm.engine.kv.k[layer].shape[0] == blocks.local.num_blocks * 4
-    outs = llm.generate(PROMPTS, GREEDY)
+    window = llm.engine.model_config.local_attention
+    assert window is not None
+    peaks = {"full": 0, "local": 0}
+    schedule = llm.engine.scheduler.schedule
+
+    def watched():  # noqa: ANN202
+        batch = schedule()
+        peaks["full"] = max(peaks["full"], blocks.full.num_used)
+        peaks["local"] = max(peaks["local"], blocks.local.num_used)
+        return batch
+
+    llm.engine.scheduler.schedule = watched  # type: ignore[method-assign]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(PROMPTS, params)
+    # each sequence's window and the blocks of a step's new tokens, while the full layers hold
+    # whole contexts (77 and 62 tokens)
+    assert peaks["local"] <= 2 * (-(-window.size // 4) + 1) + 2 < peaks["full"]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     for prompt, out in zip(PROMPTS, outs, strict=True):
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)
         assert out.token_ids == ref[0, len(prompt) :].tolist()
     assert blocks.num_used == 0
 
@@ -78,3 +92,11 @@ def test_later_choices_share_the_first_ones_window(tmp_path: Path) -> None:
     [expected] = plain.generate([PROMPTS[0]], params)
     assert [c.token_ids for c in out.outputs] == [c.token_ids for c in expected.outputs]
     assert llm.engine.blocks.num_used == 0
+
+
+def test_tracing_prefills_a_whole_context_through_the_local_pool(tmp_path: Path) -> None:
+    """Tracing prefills each sequence at once: the local pool holds one whole context."""
+    llm = small_pool(save_tiny_checkpoint("llama4", tmp_path))
+    sequence = [1, *range(10, 109)]  # 100 tokens, longer than the windows and the step budget
+    traces = trace_sequences(llm, [sequence], ["doc"])
+    assert len(traces) == len(sequence) and llm.engine.blocks.num_used == 0

@@ -5,8 +5,8 @@ them, so a long context holds only its window there.
 Both pools name full blocks alike (the chained hash of the tokens up to their end), and a block
 handed back stays named while free. A sequence resumes after a cached prefix only where both
 hold it: the full-attention layers' every block, the local layers' blocks from the window of its
-first new token on (vLLM's hybrid allocator keeps sliding-window blocks the same way). Everything
-else (prefix names, linear-state divergence, usage) is the full pool's.
+first new token on (vLLM's hybrid allocator keeps sliding-window blocks the same way). Prefix
+names and the rest of the scheduler's view are the full pool's; usage counts both.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def block_pools(
 
 
 class WindowedBlocks:
+    """A BlockAllocator to the scheduler and the engine, over the full and the local pool."""
+
     def __init__(self, full: BlockAllocator, local: BlockAllocator, window: LocalAttention) -> None:
         self.full, self.local, self.window = full, local, window
 

@@ -20,6 +20,7 @@ CACHE_POLICIES = ("lru", "lfu", "expertflow")
 PREDICTORS = ("none", "pregate", "rpp", "hybrid")
 EXPERT_QUANTIZATIONS = ("none", "fp8", "mxfp4")
 MXFP4_SLOTS = ("auto", "packed", "decoded")
+DEFAULT_MAX_NUM_SEQS = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_CACHE_DTYPES = {  # vLLM's names; "fp8" is e4m3 (more mantissa: what keys and values need)
     "auto": None,
@@ -49,7 +50,11 @@ class EngineConfig:
     device: str = flag("cpu", "where the model runs", choices=("cpu", "cuda"))
     dtype: str = flag("float32", "weight and activation dtype", choices=tuple(DTYPES))
     max_model_len: int | None = flag(None, "context length (default: the model's)")
-    max_num_seqs: int = flag(64, "sequences per step at most")
+    max_num_seqs: int | None = flag(
+        None,
+        f"sequences per step at most (default: {DEFAULT_MAX_NUM_SEQS}; for linear-attention "
+        "models, as many as 1 GiB of their per-sequence states holds)",
+    )
     max_num_batched_tokens: int = flag(2048, "tokens per step at most (prefill is chunked to fit)")
     kv_cache_blocks: int | None = flag(
         None, "KV cache blocks (default: enough for max_num_seqs full contexts, capped)"
@@ -135,7 +140,8 @@ class EngineConfig:
                 f"kv_cache_dtype={self.kv_cache_dtype!r}: choose one of {', '.join(KV_CACHE_DTYPES)}"
             )
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
-            if getattr(self, name) < 1:
+            value = getattr(self, name)
+            if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1")
         if not 0.0 < self.expert_cache_ratio <= 1.0:
             raise ConfigError(f"expert_cache_ratio={self.expert_cache_ratio} must be in (0, 1]")
@@ -154,7 +160,8 @@ class EngineConfig:
         group = self.step_group_size
         if group is not None and (group < 1 or self.max_defer_steps < 0):
             raise ConfigError("token_group_size must be >= 1 and max_defer_steps >= 0")
-        if group is not None and self.max_num_seqs > group * (self.max_defer_steps + 1):
+        seqs = self.max_num_seqs  # None: the engine settles it for the model, then checks again
+        if group is not None and seqs is not None and seqs > group * (self.max_defer_steps + 1):
             raise ConfigError(
                 f"max_num_seqs={self.max_num_seqs} decodes cannot each run within max_defer_steps="
                 f"{self.max_defer_steps} steps in groups of {group}: raise token_group_size or "
@@ -176,7 +183,9 @@ class EngineConfig:
         """Decodes per step when regrouping, None when every runnable decode runs each step."""
         if self.token_group_size is not None:
             return self.token_group_size
-        return max(1, self.max_num_seqs // 2) if self.token_scheduler == "expertflow" else None
+        if self.token_scheduler != "expertflow":
+            return None
+        return max(1, (self.max_num_seqs or DEFAULT_MAX_NUM_SEQS) // 2)
 
     @property
     def packed_mxfp4_slots(self) -> bool:

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from engine.config import ConfigError, EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.guided import GrammarCompiler, Guide
-from engine.kv_cache import KVCache, local_kv_blocks, num_kv_blocks
+from engine.kv_cache import KVCache, local_kv_blocks, num_kv_blocks, with_max_num_seqs
 from engine.loader import load_model
 from engine.metrics import EngineMetrics
 from engine.model_config import ModelConfig, generation_eos_ids
@@ -38,9 +38,8 @@ class EngineStepError(RuntimeError):
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, model_name: str | None = None) -> None:
-        self.config = config
-        self.model_config = ModelConfig.from_pretrained(config.model)
-        mc = self.model_config
+        self.model_config = mc = ModelConfig.from_pretrained(config.model)
+        self.config = config = with_max_num_seqs(mc, config)
         self.device = torch.device(config.device)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings

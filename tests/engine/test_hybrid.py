@@ -372,7 +372,7 @@ def test_async_streams_under_kv_pressure_with_aborts_keep_states_apart(
     try:
         results = asyncio.run(main())
         states = engine.engine.runner.states
-        assert states is not None and states.num_free == config.max_num_seqs
+        assert states is not None and states.num_free == engine.engine.config.max_num_seqs
         assert engine.stats()["kv_blocks_used"] == 0 and watched.count > 0
     finally:
         engine.shutdown()

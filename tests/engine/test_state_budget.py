@@ -1,0 +1,97 @@
+"""How many sequences a linear-attention model runs at once when --max-num-seqs is not given:
+its per-sequence states (and as many prefix-caching snapshots) are allocated at start, so the
+default keeps them within a budget, as the default KV budget keeps the attention layers'."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM, EngineConfig, SamplingParams
+from engine import kv_cache as kv_cache_module
+from engine.config import DEFAULT_MAX_NUM_SEQS
+from engine.kv_cache import with_max_num_seqs
+from engine.linear_state import LinearStates
+from engine.model_config import ModelConfig
+from tests.conftest import save_tiny_checkpoint
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+PROMPTS = [[1, 17, 99, 240, 5], [1, 300, 12, 44], [1, 7], [1, *range(100, 121)], [1, 9, 9]]
+
+
+@pytest.fixture(scope="module")
+def next_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_checkpoint("qwen3_next", tmp_path_factory.mktemp("qwen3_next"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_bytes_is_what_one_slot_allocates(next_checkpoint: Path, dtype: torch.dtype) -> None:
+    linear = ModelConfig.from_pretrained(next_checkpoint).linear_attention
+    assert linear is not None
+    one_slot = LinearStates(linear, 1, dtype, "cpu")
+    assert linear.state_bytes(dtype.itemsize) == one_slot.nbytes
+    with_snapshot = LinearStates(linear, 1, dtype, "cpu", num_snapshots=1)
+    assert with_snapshot.nbytes == 2 * one_slot.nbytes
+
+
+def test_default_seats_fit_the_state_budget(
+    next_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mc = ModelConfig.from_pretrained(next_checkpoint)
+    assert mc.linear_attention is not None
+    per_slot = mc.linear_attention.state_bytes(4)  # float32
+    assert with_max_num_seqs(mc, EngineConfig()).max_num_seqs == DEFAULT_MAX_NUM_SEQS  # tiny
+    monkeypatch.setattr(kv_cache_module, "DEFAULT_STATE_BYTES", 7 * per_slot)
+    assert with_max_num_seqs(mc, EngineConfig()).max_num_seqs == 3  # a state and a snapshot each
+    no_snapshots = EngineConfig(enable_prefix_caching=False)
+    assert with_max_num_seqs(mc, no_snapshots).max_num_seqs == 7
+    assert with_max_num_seqs(mc, EngineConfig(max_num_seqs=12)).max_num_seqs == 12  # as asked
+    monkeypatch.setattr(kv_cache_module, "DEFAULT_STATE_BYTES", per_slot // 2)
+    assert with_max_num_seqs(mc, EngineConfig()).max_num_seqs == 1  # never none
+
+
+def test_models_without_linear_attention_keep_the_default(tmp_path: Path) -> None:
+    mc = ModelConfig.from_pretrained(save_tiny_checkpoint("mixtral", tmp_path / "mixtral"))
+    assert with_max_num_seqs(mc, EngineConfig()).max_num_seqs == DEFAULT_MAX_NUM_SEQS
+
+
+def test_engine_runs_more_requests_than_its_budgeted_seats(
+    next_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = [o.token_ids for o in LLM(model=str(next_checkpoint)).generate(PROMPTS, GREEDY)]
+    mc = ModelConfig.from_pretrained(next_checkpoint)
+    assert mc.linear_attention is not None
+    per_seq = 2 * mc.linear_attention.state_bytes(4)
+    monkeypatch.setattr(kv_cache_module, "DEFAULT_STATE_BYTES", 2 * per_seq)
+    llm = LLM(model=str(next_checkpoint))
+    engine = llm.engine
+    assert engine.config.max_num_seqs == 2
+    assert engine.runner.states is not None and engine.runner.states.num_free == 2
+    assert engine.runner.states.nbytes == 2 * per_seq
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(str(i), prompt, GREEDY)
+    engine.step()
+    assert len(engine.scheduler.running) == 2  # the rest wait for a state
+    while engine.has_unfinished():
+        engine.step()
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
+    assert engine.runner.states.num_free == 2
+
+
+def test_token_group_check_waits_for_the_settled_seats(
+    next_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token group that could not serve 64 decodes in time can serve the seats a hybrid model
+    settles on; with them too many, the engine refuses as it would for an explicit value."""
+    flags = {"token_scheduler": "expertflow", "token_group_size": 2, "max_defer_steps": 1}
+    EngineConfig(**flags)  # not refused before the model says how many sequences run
+    mc = ModelConfig.from_pretrained(next_checkpoint)
+    assert mc.linear_attention is not None
+    per_seq = 2 * mc.linear_attention.state_bytes(4)
+    monkeypatch.setattr(kv_cache_module, "DEFAULT_STATE_BYTES", 4 * per_seq)
+    assert with_max_num_seqs(mc, EngineConfig(**flags)).max_num_seqs == 4
+    monkeypatch.setattr(kv_cache_module, "DEFAULT_STATE_BYTES", 5 * per_seq)
+    with pytest.raises(ValueError, match="max_num_seqs=5"):
+        with_max_num_seqs(mc, EngineConfig(**flags))

@@ -1,6 +1,6 @@
 """The parts of a config.json that differ by family, read into ModelConfig's fields: routing,
 local attention windows, DeepSeek's latent attention and GLM's partial rotary, gpt-oss's and
-MiniMax-M2's specifics, and quantized weights (block-wise FP8, MXFP4). What transformers assumes
+MiniMax-M2's specifics, and quantized weights (block-wise FP8, MXFP4, GPTQ and AWQ). What transformers assumes
 for fields left out, and scaled rotary frequencies, are in engine/hf_config.py."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
 
+from engine.checkpoint_packed_int import packed_int_format
 from engine.config import ConfigError
 from engine.hf_config import rope_params
 from kernels.gating import Gating
@@ -67,9 +68,12 @@ class MLAConfig:
 
 
 def quantization_fields(raw: dict[str, Any]) -> dict[str, Any]:
-    """How the checkpoint's weights are quantized: block-wise FP8 (`fp8_block`, see below) or
-    gpt-oss's MXFP4 routed experts (`mxfp4_experts`); other formats are refused."""
+    """How the checkpoint's weights are quantized: block-wise FP8 (`fp8_block`, see below),
+    gpt-oss's MXFP4 routed experts (`mxfp4_experts`), or GPTQ's and AWQ's packed integers
+    (`packed_int`); other formats are refused."""
     quant = raw.get("quantization_config")
+    if quant and quant.get("quant_method") in ("gptq", "awq"):
+        return dict(packed_int=packed_int_format(quant))
     if not quant or quant.get("quant_method") != "mxfp4":
         return dict(fp8_block=fp8_block(quant))
     if raw.get("model_type") != "gpt_oss":
@@ -89,7 +93,7 @@ def fp8_block(quant: dict[str, Any] | None) -> tuple[int, int] | None:
     if method != "fp8":
         raise ConfigError(
             f"config.json: quantization_config.quant_method={method!r} is not supported "
-            "(block-wise 'fp8', and 'mxfp4' for gpt_oss)"
+            "(block-wise 'fp8', 'gptq', 'awq', and 'mxfp4' for gpt_oss)"
         )
     if not (
         isinstance(block, list)

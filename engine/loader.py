@@ -21,6 +21,7 @@ from engine.checkpoint_fp8 import (
     dequantize_fp8,
     fp8_scales,
 )
+from engine.checkpoint_packed_int import PACKED_SUFFIX, SIDE_SUFFIXES, PackedWeights
 from engine.config import ConfigError
 from engine.expert_quantization import ExpertQuantizer
 from engine.host_experts import HostExperts
@@ -72,6 +73,7 @@ def load_model(
     block = cfg.fp8_block
     files = safetensors_files(path)
     scales = fp8_scales(files) if block else {}
+    packed = PackedWeights(cfg.packed_int, files) if cfg.packed_int else None  # GPTQ, AWQ
     fused = _fused_experts(spec, files, moe_layers[0], cfg.mxfp4_experts)
     expert_names = {
         spec.expert_key(layer, e, part)
@@ -163,12 +165,15 @@ def load_model(
     resident: dict[str, torch.Tensor] = {}
     seen_parts: set[str] = set()
     ignored = IGNORED_SUFFIXES + ((FP8_SCALE_SUFFIX, *FP8_IGNORED_SUFFIXES) if scales else ())
+    ignored += SIDE_SUFFIXES if packed else ()
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for hub_key in tqdm(
                 list(f.keys()), desc=f"loading {file.name}", unit="tensor", leave=False
             ):
                 key = spec.our_key(hub_key)
+                unpacked = packed is not None and key.endswith(PACKED_SUFFIX)
+                key = key.removesuffix(PACKED_SUFFIX) + ".weight" if unpacked else key
                 if (
                     key.endswith(ignored)
                     or key.startswith(spec.ignored_prefixes)
@@ -178,6 +183,8 @@ def load_model(
                 if quantizer is not None:
                     quantizer.check(key)
                 tensor = f.get_tensor(hub_key)
+                if packed is not None and unpacked:
+                    tensor = packed.dequantize(hub_key, tensor)
                 if key in expert_keys and expert_keys[key][1] is not None:
                     dest, dest_scale = expert_keys[key]
                     assert dest_scale is not None

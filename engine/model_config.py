@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers import GenerationConfig
 
+from engine.checkpoint_packed_int import PackedIntFormat
 from engine.config import ConfigError
 from engine.ernie_config import ernie4_5_moe_fields
 from engine.family_config import (
@@ -93,6 +94,7 @@ class ModelConfig:
     attention_scale: float | None = None  # softmax scale; None: 1/sqrt(query head dim)
     partial_rotary_factor: float = 1.0  # GLM-4.5 turns the first half of each head, not all
     fp8_block: tuple[int, int] | None = None  # block-wise FP8 weights, dequantized at load
+    packed_int: PackedIntFormat | None = None  # GPTQ's or AWQ's integer weights, dequantized so
     o_bias: bool = False  # a bias on the attention's output projection (gpt-oss)
     attention_sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax
     local_attention: LocalAttention | None = None  # a sliding window or chunks, on local_layers
@@ -141,7 +143,14 @@ class ModelConfig:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise ConfigError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
-        return cls.from_dict(json.loads(config_file.read_text()))
+        raw = json.loads(config_file.read_text())
+        gptq_file = Path(path) / "quantize_config.json"  # AutoGPTQ's, beside a plain config.json
+        if "quantization_config" not in raw and gptq_file.is_file():
+            raw["quantization_config"] = {
+                "quant_method": "gptq",
+                **json.loads(gptq_file.read_text()),
+            }
+        return cls.from_dict(raw)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:

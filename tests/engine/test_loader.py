@@ -84,7 +84,11 @@ def test_bad_config_names_the_field(
             {"quantization_config": {"quant_method": "mxfp4"}},
             "'mxfp4' is supported for gpt_oss only",
         ),
-        ("mixtral", {"quantization_config": {"quant_method": "awq"}}, "'awq' is not supported"),
+        (
+            "mixtral",
+            {"quantization_config": {"quant_method": "bitsandbytes"}},
+            "'bitsandbytes' is not supported",
+        ),
         ("minimax_m2", {"scoring_func": "softmax"}, "scoring_func='softmax'"),
         ("glm4_moe_lite", {"mlp_layer_types": ["dense", "moe", "sparse"]}, "mlp_layer_types"),
         ("minimax_m2", {"qk_norm_type": "per_group"}, "qk_norm_type='per_group'"),

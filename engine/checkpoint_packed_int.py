@@ -1,0 +1,151 @@
+"""GPTQ and AWQ checkpoints as they lie on disk: each quantized linear layer's integer weights
+packed 32 // bits to an int32 (`qweight`), with a float16 scale (`scales`) and a packed integer
+zero point (`qzeros`) per group of `group_size` input channels. engine/loader.py dequantizes them
+as they load, into the serving dtype, so every family and path serves them unchanged; routed
+experts can then be quantized again to FP8 or MXFP4 (`--expert-quantization`) to keep their host
+memory small.
+
+The two formats differ in layout, not in arithmetic, w = (q - zero) * scale:
+- GPTQ (AutoGPTQ, GPTQModel): `qweight` [in / p, out] packs input channels, value j of a word in
+  bits j*b..j*b+b-1; `qzeros` [groups, out / p] packs output channels alike and, in the original
+  ("gptq") checkpoint format, stores each zero point minus one ("gptq_v2" does not); `g_idx` [in]
+  gives each input channel's group (act-order checkpoints permute them).
+- AWQ (AutoAWQ's GEMM layout): `qweight` [in, out / 8] and `qzeros` [groups, out / 8] both pack
+  output channels, interleaved: value j of a word is column AWQ_ORDER[j] of its eight; the groups
+  are consecutive input channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from engine.config import ConfigError
+
+SIDE_SUFFIXES = (".qzeros", ".scales", ".g_idx")  # read first: a shard may hold them apart
+PACKED_SUFFIX = ".qweight"
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ_ORDER[j]: the column word value j holds
+AWQ_COLUMNS = tuple(AWQ_ORDER.index(c) for c in range(8))  # word value holding column c
+
+
+@dataclass(frozen=True)
+class PackedIntFormat:
+    method: str  # "gptq" or "awq"
+    bits: int
+    group_size: int  # input channels per scale; 0: one group for all of them (GPTQ's -1)
+    zero_offset: int  # added to the stored zero points: GPTQ's original format stores zero - 1
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.bits
+
+
+def packed_int_format(quant: dict[str, Any]) -> PackedIntFormat:
+    """config.json's `quantization_config` of a GPTQ or AWQ checkpoint -> its format; what we
+    cannot read is refused by field."""
+    method = quant.get("quant_method")
+    bits, group = quant.get("bits", quant.get("w_bit")), quant.get("group_size")
+    group = quant.get("q_group_size") if group is None else group
+    if method == "gptq":
+        if bits not in (2, 4, 8):
+            raise ConfigError(f"config.json: quantization_config.bits={bits!r}: GPTQ 2, 4 or 8")
+        layout = quant.get("checkpoint_format") or "gptq"
+        if layout not in ("gptq", "gptq_v2"):
+            raise ConfigError(
+                f"config.json: quantization_config.checkpoint_format={layout!r} is not supported "
+                "(gptq or gptq_v2)"
+            )
+        offset = 1 if layout == "gptq" else 0
+    else:
+        if bits != 4:
+            raise ConfigError(f"config.json: quantization_config.bits={bits!r}: AWQ is 4-bit")
+        version = str(quant.get("version") or "gemm").lower()
+        if version != "gemm":
+            raise ConfigError(
+                f"config.json: quantization_config.version={version!r}: AWQ's gemm layout only"
+            )
+        if quant.get("zero_point") is False:
+            raise ConfigError("config.json: quantization_config.zero_point=false is not supported")
+        offset = 0
+    if not isinstance(group, int) or group == 0 or group < -1 or (group == -1 and method == "awq"):
+        raise ConfigError(f"config.json: quantization_config.group_size={group!r} is not supported")
+    return PackedIntFormat(method, bits, max(group, 0), offset)
+
+
+class PackedWeights:
+    """A checkpoint's side tensors, read before its packed weights (1/16 of their bytes at
+    128-channel groups), and each packed weight dequantized as it loads."""
+
+    def __init__(self, fmt: PackedIntFormat, files: list[Path]) -> None:
+        self.fmt = fmt
+        self.side: dict[str, torch.Tensor] = {}  # hub key -> qzeros, scales or g_idx
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                    if key.endswith(SIDE_SUFFIXES):
+                        self.side[key] = f.get_tensor(key)
+
+    def dequantize(self, hub_key: str, qweight: torch.Tensor) -> torch.Tensor:
+        """`*.qweight` -> float32 [out, in]."""
+        return dequantize_packed(hub_key.removesuffix(PACKED_SUFFIX), qweight, self.side, self.fmt)
+
+
+def unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 words -> int32 values, 32 // bits per word laid out along `dim` (0 or 1), the first
+    in each word's lowest bits."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)  # [p]
+    mask = (1 << bits) - 1
+    if dim == 0:  # [n, m] -> [n, p, m] -> [n * p, m]
+        values = words[:, None, :] >> shifts[None, :, None]
+    else:  # [n, m] -> [n, m, p] -> [n, m * p]
+        values = words[:, :, None] >> shifts[None, None, :]
+    return (values & mask).flatten(dim, dim + 1)
+
+
+def dequantize_packed(
+    prefix: str, qweight: torch.Tensor, side: dict[str, torch.Tensor], fmt: PackedIntFormat
+) -> torch.Tensor:
+    """The linear layer `prefix`'s packed weight and its side tensors -> float32 [out, in], as
+    nn.Linear keeps it."""
+    zeros_key, scales_key = prefix + ".qzeros", prefix + ".scales"
+    if zeros_key not in side or scales_key not in side:
+        raise ConfigError(
+            f"weight {prefix + PACKED_SUFFIX!r} has no {zeros_key!r} or {scales_key!r}"
+        )
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise ConfigError(f"weight {prefix + PACKED_SUFFIX!r} should be 2-D int32 words")
+    scales = side[scales_key].float()  # [groups, out]
+    if fmt.method == "gptq":
+        q = unpack(qweight, fmt.bits, dim=0)  # [in, out]
+        zeros = unpack(side[zeros_key], fmt.bits, dim=1) + fmt.zero_offset  # [groups, out]
+    else:
+        q = _awq_columns(unpack(qweight, fmt.bits, dim=1))
+        zeros = _awq_columns(unpack(side[zeros_key], fmt.bits, dim=1))
+    channels, out = q.shape
+    group = fmt.group_size or channels
+    g_idx = side.get(prefix + ".g_idx")
+    if g_idx is None or fmt.method == "awq":
+        g_idx = torch.arange(channels) // group
+    groups = -(-channels // group)
+    if (
+        tuple(scales.shape) != (groups, out)
+        or tuple(zeros.shape) != (groups, out)
+        or tuple(g_idx.shape) != (channels,)
+    ):
+        raise ConfigError(
+            f"{prefix!r}: {fmt.method} scales {tuple(scales.shape)}, zero points "
+            f"{tuple(zeros.shape)} and group index {tuple(g_idx.shape)} do not fit a "
+            f"{channels} x {out} weight in groups of {group}"
+        )
+    g_idx = g_idx.long()
+    return ((q - zeros[g_idx]).float() * scales[g_idx]).T  # [out, in]
+
+
+def _awq_columns(values: torch.Tensor) -> torch.Tensor:
+    """[rows, out] values in AWQ's interleaved word order -> in column order."""
+    rows, out = values.shape
+    return values.view(rows, out // 8, 8)[:, :, list(AWQ_COLUMNS)].reshape(rows, out)

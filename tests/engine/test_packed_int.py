@@ -1,0 +1,208 @@
+"""GPTQ and AWQ checkpoints load dequantized: the same model as a float32 checkpoint holding the
+values the packed integers represent. The checkpoints here are packed by this file, word by word,
+from the formats' definitions (AutoGPTQ's and AutoAWQ's packers), not by the loader's code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine import LLM, ConfigError, SamplingParams
+from engine.checkpoint_packed_int import PackedIntFormat, dequantize_packed, unpack
+from engine.model_config import ModelConfig
+from tests.conftest import save_tiny_checkpoint
+
+PROMPTS = [[1, 17, 99, 240, 5], [1, *range(40, 75)]]
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's packer: word value j <- column order[j]
+
+
+def words(values: torch.Tensor, bits: int, along: int, order: tuple[int, ...] = ()) -> torch.Tensor:
+    """Pack int values [n, m] 32 // bits to an int32 along dim `along`, value j of each word in
+    bits j*bits.., taking element order[j] of each run of 32 // bits (default: element j)."""
+    per_word = 32 // bits
+    order = order or tuple(range(per_word))
+    values = values.long() if along == 0 else values.long().T
+    packed = torch.zeros(values.shape[0] // per_word, values.shape[1], dtype=torch.long)
+    for j in range(per_word):
+        packed |= values[order[j] :: per_word] << (bits * j)
+    packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+    return packed if along == 0 else packed.T.contiguous()
+
+
+def quantize(
+    weight: torch.Tensor, bits: int, group_of: torch.Tensor, groups: int, min_zero: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> q [in, out], zeros [groups, out], float16 scales [groups, out], and
+    the float32 values they represent [out, in]; input channel i is in group group_of[i]."""
+    top = (1 << bits) - 1
+    w = weight.T.float()  # [in, out]
+    lo = torch.stack([w[group_of == g].amin(0) for g in range(groups)]).clamp(max=0)
+    hi = torch.stack([w[group_of == g].amax(0) for g in range(groups)]).clamp(min=0)
+    scales = ((hi - lo) / top).clamp_min(1e-6).half()  # [groups, out]
+    zeros = torch.round(-lo / scales.float()).clamp(min_zero, top).long()
+    q = (torch.round(w / scales.float()[group_of]) + zeros[group_of]).clamp(0, top).long()
+    values = ((q - zeros[group_of]).float() * scales.float()[group_of]).T
+    return q, zeros, scales, values
+
+
+def quantized_names(tensors: dict[str, torch.Tensor], group: int) -> list[str]:
+    """Every projection and expert weight (not the routers, norms or embeddings), and the LM
+    head, as GPTQ and AWQ quantize them."""
+    return [
+        k
+        for k, t in tensors.items()
+        if k.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight", "lm_head.weight"))
+        and t.dim() == 2
+        and t.shape[0] % 8 == 0
+        and t.shape[1] % group == 0
+    ]
+
+
+def packed_and_reference(
+    source: Path, tmp_path: Path, method: str, group: int, act_order: bool = False, bits: int = 4
+) -> tuple[Path, Path]:
+    """A GPTQ (original zero format) or AWQ (GEMM, 4-bit) copy of `source`, and a float32 copy
+    of the values it holds."""
+    packed_dir, reference = tmp_path / method, tmp_path / "reference"
+    shutil.copytree(source, packed_dir)
+    shutil.copytree(source, reference)
+    tensors = load_file(source / "model.safetensors")
+    out, values = {}, dict(tensors)
+    generator = torch.Generator().manual_seed(0)
+    for name in quantized_names(tensors, group):
+        channels = tensors[name].shape[1]
+        group_of = torch.arange(channels) // group
+        if act_order:  # channels quantized in a permuted order: groups are not contiguous
+            group_of = group_of[torch.randperm(channels, generator=generator)]
+        q, zeros, scales, values[name] = quantize(
+            tensors[name], bits, group_of, channels // group, 1 if method == "gptq" else 0
+        )
+        prefix = name.removesuffix(".weight")
+        if method == "gptq":
+            out[prefix + ".qweight"] = words(q, bits, along=0)
+            out[prefix + ".qzeros"] = words(zeros - 1, bits, along=1)
+            out[prefix + ".g_idx"] = group_of.to(torch.int32)
+        else:
+            out[prefix + ".qweight"] = words(q, 4, along=1, order=AWQ_PACK_ORDER)
+            out[prefix + ".qzeros"] = words(zeros, 4, along=1, order=AWQ_PACK_ORDER)
+        out[prefix + ".scales"] = scales
+        del tensors[name]
+    assert len(out) > 10
+    save_file({**tensors, **out}, packed_dir / "model.safetensors", metadata={"format": "pt"})
+    save_file(values, reference / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = (
+        {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": act_order}
+        if method == "gptq"
+        else {"quant_method": "awq", "bits": 4, "group_size": group, "version": "gemm"}
+    )
+    (packed_dir / "config.json").write_text(json.dumps(config))
+    return packed_dir, reference
+
+
+def test_words_unpack_as_the_formats_lay_them_out() -> None:
+    word = torch.tensor([[0x76543210]], dtype=torch.int32)
+    assert unpack(word, 4, dim=0).flatten().tolist() == list(range(8))  # GPTQ: down the rows
+    assert unpack(word, 4, dim=1).flatten().tolist() == list(range(8))
+    assert unpack(torch.tensor([[-1]], dtype=torch.int32), 4, dim=0).flatten().tolist() == [15] * 8
+    assert unpack(torch.tensor([[0x04030201]], dtype=torch.int32), 8, dim=1).tolist() == [
+        [1, 2, 3, 4]
+    ]
+    # AWQ: value j of the word is column AWQ_PACK_ORDER[j]; one group, zero 0, scale 1
+    fmt = PackedIntFormat("awq", 4, 1, 0)
+    side = {
+        "m.qzeros": torch.zeros(1, 1, dtype=torch.int32),
+        "m.scales": torch.ones(1, 8, dtype=torch.float16),
+    }
+    columns = dequantize_packed("m", word, side, fmt)  # [out 8, in 1]
+    assert columns.flatten().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    # GPTQ: stored zero 7 means 8; two input groups with their own scales
+    fmt = PackedIntFormat("gptq", 4, 4, 1)
+    side = {
+        "m.qzeros": torch.tensor([[0x77777777], [0x77777777]], dtype=torch.int32),
+        "m.scales": torch.tensor([[0.5] * 8, [2.0] * 8], dtype=torch.float16),
+    }
+    weight = dequantize_packed("m", torch.full((1, 8), 0x76543210, dtype=torch.int32), side, fmt)
+    assert weight[0].tolist() == [-4.0, -3.5, -3.0, -2.5, -8.0, -6.0, -4.0, -2.0]
+
+
+@pytest.mark.parametrize(
+    ("family", "method", "group", "act_order", "bits"),
+    [
+        ("mixtral", "gptq", 16, False, 4),
+        ("qwen2_moe", "gptq", 8, True, 4),
+        ("olmoe", "gptq", 16, False, 8),
+        ("mixtral", "awq", 16, False, 4),
+        ("qwen3_moe", "awq", 8, False, 4),
+    ],
+)
+def test_packed_checkpoints_load_as_their_dequantized_values(
+    family: str, method: str, group: int, act_order: bool, bits: int, tmp_path: Path
+) -> None:
+    source = save_tiny_checkpoint(family, tmp_path / "src")
+    packed, reference = packed_and_reference(source, tmp_path, method, group, act_order, bits)
+    cfg = ModelConfig.from_pretrained(packed).packed_int
+    assert cfg == PackedIntFormat(method, bits, group, 1 if method == "gptq" else 0)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    ours, theirs = (
+        LLM(model=str(p), max_model_len=64).generate(PROMPTS, params) for p in (packed, reference)
+    )
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [e and e.logprob for e in a.prompt_logprobs] == [
+            e and e.logprob for e in b.prompt_logprobs
+        ]
+
+
+def test_autogptq_quantize_config_beside_config_json(tmp_path: Path) -> None:
+    """AutoGPTQ's own exports keep the format in quantize_config.json, config.json plain; with
+    experts quantized again to MXFP4 at load, they serve as the reference does."""
+    source = save_tiny_checkpoint("mixtral", tmp_path / "src")
+    packed, reference = packed_and_reference(source, tmp_path, "gptq", 16)
+    config = json.loads((packed / "config.json").read_text())
+    quant = config.pop("quantization_config")
+    (packed / "config.json").write_text(json.dumps(config))
+    (packed / "quantize_config.json").write_text(json.dumps({**quant, "sym": False}))
+    assert ModelConfig.from_pretrained(packed).packed_int == PackedIntFormat("gptq", 4, 16, 1)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    ours, theirs = (
+        LLM(model=str(p), max_model_len=64, expert_quantization="mxfp4").generate(PROMPTS, params)
+        for p in (packed, reference)
+    )
+    assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in theirs]
+
+
+@pytest.mark.parametrize(
+    ("quant", "message"),
+    [
+        ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "bits=3"),
+        ({"quant_method": "gptq", "bits": 4, "group_size": 0}, "group_size=0"),
+        (
+            {"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"},
+            "checkpoint_format='marlin'",
+        ),
+        ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "gemv"),
+        ({"quant_method": "awq", "bits": 8, "group_size": 128}, "bits=8"),
+        ({"quant_method": "awq", "bits": 4, "group_size": -1}, "group_size=-1"),
+        ({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": False}, "zero_point"),
+    ],
+)
+def test_unsupported_packed_formats_name_the_field(quant: dict, message: str) -> None:
+    raw = json.loads((Path(__file__).parents[2] / "models/expertflow-demo/config.json").read_text())
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict({**raw, "quantization_config": quant})
+
+
+def test_packed_weight_without_its_side_tensors_is_named(tmp_path: Path) -> None:
+    source = save_tiny_checkpoint("mixtral", tmp_path / "src")
+    packed, _ = packed_and_reference(source, tmp_path, "gptq", 16)
+    tensors = load_file(packed / "model.safetensors")
+    del tensors["model.layers.1.self_attn.o_proj.qzeros"]
+    save_file(tensors, packed / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="o_proj.qweight"):
+        LLM(model=str(packed), max_model_len=64)

@@ -17,6 +17,7 @@ The two formats differ in layout, not in arithmetic, w = (q - zero) * scale:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from engine.config import ConfigError
+from kernels.int4 import pack_int4
 
 SIDE_SUFFIXES = (".qzeros", ".scales", ".g_idx")  # read first: a shard may hold them apart
 PACKED_SUFFIX = ".qweight"
@@ -78,20 +80,56 @@ def packed_int_format(quant: dict[str, Any]) -> PackedIntFormat:
 
 class PackedWeights:
     """A checkpoint's side tensors, read before its packed weights (1/16 of their bytes at
-    128-channel groups), and each packed weight dequantized as it loads."""
+    128-channel groups), and each packed weight dequantized, or repacked, as it loads. Layers are
+    named by their prefix as the model names them (`rename`: the family's hub -> ours)."""
 
-    def __init__(self, fmt: PackedIntFormat, files: list[Path]) -> None:
+    def __init__(
+        self, fmt: PackedIntFormat, files: list[Path], rename: Callable[[str], str]
+    ) -> None:
         self.fmt = fmt
-        self.side: dict[str, torch.Tensor] = {}  # hub key -> qzeros, scales or g_idx
+        self.side: dict[str, torch.Tensor] = {}  # our key -> qzeros, scales or g_idx
         for file in files:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                     if key.endswith(SIDE_SUFFIXES):
-                        self.side[key] = f.get_tensor(key)
+                        self.side[rename(key)] = f.get_tensor(key)
 
-    def dequantize(self, hub_key: str, qweight: torch.Tensor) -> torch.Tensor:
-        """`*.qweight` -> float32 [out, in]."""
-        return dequantize_packed(hub_key.removesuffix(PACKED_SUFFIX), qweight, self.side, self.fmt)
+    def dequantize(self, prefix: str, qweight: torch.Tensor) -> torch.Tensor:
+        """Layer `prefix`'s `qweight` -> float32 [out, in]."""
+        return dequantize_packed(prefix, qweight, self.side, self.fmt)
+
+    def keeps_packed(self, prefixes: set[str]) -> bool:
+        """Whether the linear layers `prefixes` (the routed experts) can stay 4-bit on the host
+        (kernels/int4.py): all packed in 4 bits, in groups of consecutive input channels (no
+        act-order permutation)."""
+        fmt = self.fmt
+        if fmt.bits != 4 or not fmt.group_size:
+            return False
+        for prefix in prefixes:
+            if prefix + ".scales" not in self.side:
+                return False
+            g_idx = self.side.get(prefix + ".g_idx")
+            if g_idx is not None and fmt.method == "gptq":
+                ordered = torch.arange(g_idx.shape[0]) // fmt.group_size
+                if not torch.equal(g_idx.long(), ordered):
+                    return False
+        return True
+
+    def copy_grouped(
+        self, prefix: str, qweight: torch.Tensor, dest: dict[str, torch.Tensor]
+    ) -> None:
+        """A routed expert's `qweight` into its host rows, repacked (see `keeps_packed`):
+        dest["weight"] [out, in/2] uint8, dest["scale"] [out, groups] float32, dest["zero"]
+        [out, groups] uint8."""
+        q, zeros, scales, _ = integers(prefix, qweight, self.side, self.fmt)
+        weight = pack_int4(q.T)  # [out, in/2]
+        for name, tensor in (("weight", weight), ("scale", scales.T), ("zero", zeros.T)):
+            if tuple(tensor.shape) != tuple(dest[name].shape):
+                raise ConfigError(
+                    f"weight {prefix + PACKED_SUFFIX!r}: its packed {name} has shape {tuple(tensor.shape)}, "
+                    f"config implies {tuple(dest[name].shape)}"
+                )
+            dest[name].copy_(tensor)
 
 
 def unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -106,11 +144,12 @@ def unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return (values & mask).flatten(dim, dim + 1)
 
 
-def dequantize_packed(
+def integers(
     prefix: str, qweight: torch.Tensor, side: dict[str, torch.Tensor], fmt: PackedIntFormat
-) -> torch.Tensor:
-    """The linear layer `prefix`'s packed weight and its side tensors -> float32 [out, in], as
-    nn.Linear keeps it."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The linear layer `prefix`'s packed weight and its side tensors -> its integers q [in, out],
+    zero points [groups, out] (int32), scales [groups, out] (as stored) and the group of each
+    input channel [in] (int64)."""
     zeros_key, scales_key = prefix + ".qzeros", prefix + ".scales"
     if zeros_key not in side or scales_key not in side:
         raise ConfigError(
@@ -118,7 +157,7 @@ def dequantize_packed(
         )
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise ConfigError(f"weight {prefix + PACKED_SUFFIX!r} should be 2-D int32 words")
-    scales = side[scales_key].float()  # [groups, out]
+    scales = side[scales_key]  # [groups, out]
     if fmt.method == "gptq":
         q = unpack(qweight, fmt.bits, dim=0)  # [in, out]
         zeros = unpack(side[zeros_key], fmt.bits, dim=1) + fmt.zero_offset  # [groups, out]
@@ -141,8 +180,15 @@ def dequantize_packed(
             f"{tuple(zeros.shape)} and group index {tuple(g_idx.shape)} do not fit a "
             f"{channels} x {out} weight in groups of {group}"
         )
-    g_idx = g_idx.long()
-    return ((q - zeros[g_idx]).float() * scales[g_idx]).T  # [out, in]
+    return q, zeros, scales, g_idx.long()
+
+
+def dequantize_packed(
+    prefix: str, qweight: torch.Tensor, side: dict[str, torch.Tensor], fmt: PackedIntFormat
+) -> torch.Tensor:
+    """The linear layer `prefix`'s packed weight -> float32 [out, in], as nn.Linear keeps it."""
+    q, zeros, scales, g_idx = integers(prefix, qweight, side, fmt)
+    return ((q - zeros[g_idx]).float() * scales.float()[g_idx]).T  # [out, in]
 
 
 def _awq_columns(values: torch.Tensor) -> torch.Tensor:

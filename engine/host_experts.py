@@ -17,11 +17,14 @@ class HostExperts:
     b2 [E, H]. An FP8 checkpoint's w13 and w2 stay FP8, with their block scales w13_scale
     [E, 2I/b0, ceil(H/b1)] and w2_scale [E, ceil(H/b0), ceil(I/b1)] float32, and are dequantized
     as each copy lands in its device slot: half the bytes of bfloat16 to hold and to copy. An
-    MXFP4 checkpoint's (gpt-oss) stay MXFP4 likewise, with their scales: a quarter of them."""
+    MXFP4 checkpoint's (gpt-oss) stay MXFP4 likewise, with their scales: a quarter of them; a
+    GPTQ or AWQ checkpoint's 4-bit integers too, two a byte [E, R, C/2] with float32 scales and
+    uint8 zero points [E, R, C/g] (kernels/int4.py)."""
 
     layers: dict[int, dict[str, torch.Tensor]]  # layer -> part name -> [E, ...]
     fp8_block: tuple[int, int] | None = None  # (b0, b1) when the experts are FP8
     mxfp4: bool = False  # w13 and w2 are MXFP4 blocks [E, R, C/32, 16] with scales [E, R, C/32]
+    int4_group: int | None = None  # w13 and w2 are 4-bit integers in groups of this many columns
     compute_dtype: torch.dtype = torch.float32  # what they compute in (the serving dtype)
 
     def parts(self, layer: int) -> dict[str, torch.Tensor]:
@@ -36,6 +39,10 @@ class HostExperts:
             for name in ("w13", "w2"):
                 rows, groups, pairs = shapes[name]
                 shapes[name] = (rows, groups * pairs * 2)
+        if self.int4_group is not None:  # [R, C/2] bytes hold [R, C] values
+            for name in ("w13", "w2"):
+                rows, pairs = shapes[name]
+                shapes[name] = (rows, pairs * 2)
         return shapes
 
     @property

@@ -25,6 +25,7 @@ from engine.checkpoint_packed_int import PACKED_SUFFIX, SIDE_SUFFIXES, PackedWei
 from engine.config import ConfigError
 from engine.expert_quantization import ExpertQuantizer
 from engine.host_experts import HostExperts
+from engine.host_layout import allocate, destinations, expert_names
 from engine.model_config import ModelConfig
 from engine.models.family import Convert, FamilySpec
 from engine.models.gated_delta import GatedDeltaNet
@@ -73,55 +74,26 @@ def load_model(
     block = cfg.fp8_block
     files = safetensors_files(path)
     scales = fp8_scales(files) if block else {}
-    packed = PackedWeights(cfg.packed_int, files) if cfg.packed_int else None  # GPTQ, AWQ
+    packed = PackedWeights(cfg.packed_int, files, spec.our_key) if cfg.packed_int else None
     fused = _fused_experts(spec, files, moe_layers[0], cfg.mxfp4_experts)
-    expert_names = {
-        spec.expert_key(layer, e, part)
-        for layer in moe_layers
-        for e in range(E)
-        for part in (spec.gate_proj, spec.up_proj, spec.down_proj)
-        if not fused
-    }
+    names = set() if fused else expert_names(spec, cfg)
     fp8 = (
         fp8_experts
         and quantize_experts != "mxfp4"
         and block is not None
         and not fused
         and I % block[0] == 0  # else a block of rows would mix gate and up
-        and all_e4m3_with_scales(files, expert_names, scales)
+        and all_e4m3_with_scales(files, names, scales)
     )
-    expert_dtype = torch.float8_e4m3fn if fp8 else dtype
-    experts = HostExperts(
-        layers={
-            layer: {
-                "w13": torch.empty(E, 2 * I, H, dtype=expert_dtype),
-                "w2": torch.empty(E, H, I, dtype=expert_dtype),
-            }
-            for layer in moe_layers
-        },
-        compute_dtype=dtype,
+    int4 = (  # GPTQ's or AWQ's 4-bit experts stay so on the host
+        packed is not None
+        and not quantize_experts
+        and bool(names)
+        and packed.keeps_packed({n.removesuffix(".weight") for n in names})
     )
-    if fp8:
-        assert block is not None
-        experts.fp8_block = block
-        rows13, cols13 = 2 * I // block[0], -(-H // block[1])
-        rows2, cols2 = -(-H // block[0]), -(-I // block[1])
-        for parts in experts.layers.values():
-            parts["w13_scale"] = torch.empty(E, rows13, cols13)
-            parts["w2_scale"] = torch.empty(E, rows2, cols2)
-    if cfg.mxfp4_experts:  # packed on the host as on the hub; `dequantize_mxfp4` as they land
-        experts.mxfp4 = True
-        for parts in experts.layers.values():
-            parts["w13"] = torch.empty(E, 2 * I, H // BLOCK, BLOCK // 2, dtype=torch.uint8)
-            parts["w13_scale"] = torch.empty(E, 2 * I, H // BLOCK, dtype=torch.uint8)
-            parts["w2"] = torch.empty(E, H, I // BLOCK, BLOCK // 2, dtype=torch.uint8)
-            parts["w2_scale"] = torch.empty(E, H, I // BLOCK, dtype=torch.uint8)
-    if cfg.expert_bias:
-        for parts in experts.layers.values():
-            parts["b13"], parts["b2"] = (
-                torch.empty(E, 2 * I, dtype=dtype),
-                torch.empty(E, H, dtype=dtype),
-            )
+    experts = allocate(
+        cfg, dtype, block if fp8 else None, packed.fmt.group_size if packed and int4 else None
+    )
     # fused hub key -> (our part of the layer's experts, its conversion)
     fused_keys = {
         spec.fused_expert_key(layer, hub): (experts.layers[layer][part], convert)
@@ -131,26 +103,7 @@ def load_model(
         ).items()
         if fused
     }
-    # hub key -> (its rows of w13 / w2, and of their scales when FP8)
-    expert_keys: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for layer in moe_layers if not fused else ():
-        parts = experts.layers[layer]
-        w13, w2, s13, s2 = (parts.get(n) for n in ("w13", "w2", "w13_scale", "w2_scale"))
-        assert w13 is not None and w2 is not None
-        half = I // block[0] if fp8 and block else 0  # scale rows of gate (and of up)
-        for e in range(E):
-            expert_keys[spec.expert_key(layer, e, spec.gate_proj)] = (
-                w13[e, :I],
-                s13[e, :half] if s13 is not None else None,
-            )
-            expert_keys[spec.expert_key(layer, e, spec.up_proj)] = (
-                w13[e, I:],
-                s13[e, half:] if s13 is not None else None,
-            )
-            expert_keys[spec.expert_key(layer, e, spec.down_proj)] = (
-                w2[e],
-                s2[e] if s2 is not None else None,
-            )
+    expert_keys = {} if fused else destinations(experts, spec, cfg)  # key -> where it lands
 
     quantizer = None
     if quantize_experts and cfg.mxfp4_experts:
@@ -183,14 +136,16 @@ def load_model(
                 if quantizer is not None:
                     quantizer.check(key)
                 tensor = f.get_tensor(hub_key)
-                if packed is not None and unpacked:
-                    tensor = packed.dequantize(hub_key, tensor)
-                if key in expert_keys and expert_keys[key][1] is not None:
-                    dest, dest_scale = expert_keys[key]
-                    assert dest_scale is not None
-                    copy_fp8(key, tensor, scales, dest, dest_scale)
+                lands = expert_keys.get(key, {})
+                if "scale" in lands:  # an expert kept quantized on the host
+                    if packed is not None:
+                        packed.copy_grouped(key.removesuffix(".weight"), tensor, lands)
+                    else:
+                        copy_fp8(key, tensor, scales, lands["weight"], lands["scale"])
                     seen_parts.add(key)
                     continue
+                if packed is not None and unpacked:
+                    tensor = packed.dequantize(key.removesuffix(".weight"), tensor)
                 if tensor.dtype in FLOAT8_DTYPES:
                     tensor = dequantize_fp8(key, tensor, scales, cfg.fp8_block)
                 if key in fused_keys:
@@ -200,9 +155,8 @@ def load_model(
                     dest.copy_(tensor)
                     seen_parts.add(key)
                 elif key in expert_keys:
-                    dest, _ = expert_keys[key]
-                    check_shape(key, tensor, dest.shape)
-                    dest.copy_(tensor)
+                    check_shape(key, tensor, lands["weight"].shape)
+                    lands["weight"].copy_(tensor)
                     seen_parts.add(key)
                 elif key in stacked:
                     target, rows, convert = stacked[key]

@@ -72,13 +72,18 @@ class OffloadRuntime:
             self.cache.resident_bytes / 2**20,
             100 * (1 - self.cache.num_slots / total),
             self.store.total_bytes / 2**20,
-            ", FP8" if self.store.fp8_block else self._mxfp4_label(),
+            self._stored_label(),
             config.cache_policy,
             config.predictor,
             f"{config.link_gbps} GB/s emulated" if config.link_gbps else "native",
         )
 
-    def _mxfp4_label(self) -> str:
+    def _stored_label(self) -> str:
+        """How the host holds the experts, where not in the compute dtype."""
+        if self.store.fp8_block:
+            return ", FP8"
+        if self.store.int4_group:
+            return f", 4-bit integers in groups of {self.store.int4_group}"
         if not self.store.mxfp4:
             return ""
         return ", MXFP4" + (" in the slots too" if self.store.packed else "; slots decoded")

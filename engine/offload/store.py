@@ -1,5 +1,5 @@
 """ExpertStore: the host tier. Every routed expert's weights, loaded once, pinned when CUDA is used.
-An FP8 (or MXFP4) checkpoint's experts stay so here, with their scales, and cross the link so."""
+An FP8 (MXFP4, GPTQ or AWQ 4-bit) checkpoint's experts stay so here, with their scales, and cross the link so."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 from engine.host_experts import HostExperts
 from kernels.fp8 import dequantize_blocks
+from kernels.int4 import dequantize_int4
 from kernels.mxfp4 import dequantize_mxfp4
 
 
@@ -31,6 +32,7 @@ class ExpertStore:
             self.slot_layout = {name: (t.shape[1:], t.dtype) for name, t in first.items()}
         self.mxfp4 = host.mxfp4  # MXFP4 blocks and scales (gpt-oss)
         self.fp8_block = host.fp8_block  # None: the experts are stored in the compute dtype
+        self.int4_group = host.int4_group  # GPTQ's or AWQ's grouped 4-bit integers
         self.dtype = host.compute_dtype  # what the slots hold and the kernel reads
         self.expert_bytes = host.expert_bytes  # what one copy moves
 
@@ -45,7 +47,8 @@ class ExpertStore:
     @property
     def quantized(self) -> bool:
         """Whether the stored parts differ from what a slot holds (then `to_slot` them)."""
-        return self.fp8_block is not None or (self.mxfp4 and not self.packed)
+        stored_so = self.fp8_block is not None or self.int4_group is not None
+        return stored_so or (self.mxfp4 and not self.packed)
 
     def to_slot(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One expert's stored parts (on any device) -> what its slot holds."""
@@ -62,6 +65,11 @@ class ExpertStore:
         if self.mxfp4:
             for name in ("w13", "w2"):
                 out[name] = dequantize_mxfp4(parts[name], parts[name + "_scale"], self.dtype)
+        if self.int4_group is not None:
+            for name in ("w13", "w2"):
+                out[name] = dequantize_int4(
+                    parts[name], parts[name + "_scale"], parts[name + "_zero"], self.dtype
+                )
         if self.fp8_block is not None:
             for name in ("w13", "w2"):
                 out[name] = dequantize_blocks(

@@ -5,6 +5,7 @@ from the formats' definitions (AutoGPTQ's and AutoAWQ's packers), not by the loa
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -149,14 +150,24 @@ def test_packed_checkpoints_load_as_their_dequantized_values(
     cfg = ModelConfig.from_pretrained(packed).packed_int
     assert cfg == PackedIntFormat(method, bits, group, 1 if method == "gptq" else 0)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
-    ours, theirs = (
-        LLM(model=str(p), max_model_len=64).generate(PROMPTS, params) for p in (packed, reference)
-    )
+    llm = LLM(model=str(packed), max_model_len=64)
+    ours = llm.generate(PROMPTS, params)
+    theirs = LLM(model=str(reference), max_model_len=64).generate(PROMPTS, params)
     for a, b in zip(ours, theirs, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert [e and e.logprob for e in a.prompt_logprobs] == [
             e and e.logprob for e in b.prompt_logprobs
         ]
+    # 4-bit experts in consecutive groups stay so on the host; act-order or 8-bit dequantize
+    kept = bits == 4 and not act_order
+    store = llm.engine.offload.store
+    assert store.int4_group == (group if kept else None)
+    float32_bytes = (
+        4 * store.num_total_experts * sum(math.prod(shape) for shape in store.slot_shapes.values())
+    )
+    assert store.total_bytes == (
+        float32_bytes // 8 * (1 + 8 * 5 / 4 / group) if kept else float32_bytes
+    )
 
 
 def test_autogptq_quantize_config_beside_config_json(tmp_path: Path) -> None:
@@ -206,3 +217,20 @@ def test_packed_weight_without_its_side_tensors_is_named(tmp_path: Path) -> None
     save_file(tensors, packed / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ConfigError, match="o_proj.qweight"):
         LLM(model=str(packed), max_model_len=64)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_4bit_experts_decoded_as_they_land_in_slots_change_nothing(
+    method: str, tmp_path: Path
+) -> None:
+    """Kept 4-bit on the host, the experts are decoded as each copy lands in its slot: with a
+    cache of a quarter of them, outputs equal the all-resident float reference."""
+    source = save_tiny_checkpoint("qwen3_moe", tmp_path / "src")
+    packed, reference = packed_and_reference(source, tmp_path, method, 16)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    offloaded = LLM(model=str(packed), max_model_len=64, expert_cache_ratio=0.25)
+    ours = [o.outputs[0].token_ids for o in offloaded.generate(PROMPTS, params)]
+    stats = offloaded.offload_stats()
+    assert offloaded.engine.offload.store.int4_group == 16 and stats["misses"] > 0
+    expected = LLM(model=str(reference), max_model_len=64).generate(PROMPTS, params)
+    assert ours == [o.outputs[0].token_ids for o in expected]

@@ -1,0 +1,32 @@
+"""Grouped 4-bit integers, the layout GPTQ and AWQ routed experts keep in host memory and over the
+link: a weight [R, C] is stored as bytes [R, C/2] (two values a byte, the lower nibble first),
+with a float16 scale and an integer zero point [R, C/g] per group of g consecutive columns (input
+channels); a value is (q - zero) * scale. 4.2 bits a value at g = 128: a quarter of bfloat16's
+bytes to hold and to copy. It is neither checkpoint's layout (both pack eight values into an
+int32, along different axes): the loader repacks each expert once, row-major like the slots, so
+that decoding one expert as it lands is two shifts, a subtraction and a multiply.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """[..., C] integers in 0..15 (C even) -> [..., C/2] uint8, the even columns in the lower
+    nibbles."""
+    pairs = values.to(torch.uint8).unflatten(-1, (-1, 2))  # [..., C/2, 2]
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def dequantize_int4(
+    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """packed [..., R, C/2] uint8, scales [..., R, G] float16, zeros [..., R, G] uint8 ->
+    [..., R, C] in `dtype`, computed in float32 (as the loader dequantizes GPTQ and AWQ weights
+    it does not keep packed, so both give the same values), on their device."""
+    q = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)  # [..., R, C]
+    groups = scales.shape[-1]
+    q = q.unflatten(-1, (groups, -1)).float()  # [..., R, G, g]
+    values = (q - zeros.float()[..., None]) * scales.float()[..., None]
+    return values.flatten(-2).to(dtype)

@@ -69,10 +69,10 @@ class MLAConfig:
 
 def quantization_fields(raw: dict[str, Any]) -> dict[str, Any]:
     """How the checkpoint's weights are quantized: block-wise FP8 (`fp8_block`, see below),
-    gpt-oss's MXFP4 routed experts (`mxfp4_experts`), or GPTQ's and AWQ's packed integers
-    (`packed_int`); other formats are refused."""
+    gpt-oss's MXFP4 routed experts (`mxfp4_experts`), or GPTQ's, AWQ's and compressed-tensors'
+    packed integers (`packed_int`); other formats are refused."""
     quant = raw.get("quantization_config")
-    if quant and quant.get("quant_method") in ("gptq", "awq"):
+    if quant and quant.get("quant_method") in ("gptq", "awq", "compressed-tensors"):
         return dict(packed_int=packed_int_format(quant))
     if not quant or quant.get("quant_method") != "mxfp4":
         return dict(fp8_block=fp8_block(quant))
@@ -93,7 +93,7 @@ def fp8_block(quant: dict[str, Any] | None) -> tuple[int, int] | None:
     if method != "fp8":
         raise ConfigError(
             f"config.json: quantization_config.quant_method={method!r} is not supported "
-            "(block-wise 'fp8', 'gptq', 'awq', and 'mxfp4' for gpt_oss)"
+            "(block-wise 'fp8', 'gptq', 'awq', 'compressed-tensors', and 'mxfp4' for gpt_oss)"
         )
     if not (
         isinstance(block, list)

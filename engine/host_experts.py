@@ -18,8 +18,8 @@ class HostExperts:
     [E, 2I/b0, ceil(H/b1)] and w2_scale [E, ceil(H/b0), ceil(I/b1)] float32, and are dequantized
     as each copy lands in its device slot: half the bytes of bfloat16 to hold and to copy. An
     MXFP4 checkpoint's (gpt-oss) stay MXFP4 likewise, with their scales: a quarter of them; a
-    GPTQ or AWQ checkpoint's 4-bit integers too, two a byte [E, R, C/2] with float32 scales and
-    uint8 zero points [E, R, C/g] (kernels/int4.py)."""
+    GPTQ, AWQ or pack-quantized checkpoint's 4-bit integers too, two a byte [E, R, C/2] with
+    scales (as stored) and uint8 zero points [E, R, C/g] (kernels/int4.py)."""
 
     layers: dict[int, dict[str, torch.Tensor]]  # layer -> part name -> [E, ...]
     fp8_block: tuple[int, int] | None = None  # (b0, b1) when the experts are FP8

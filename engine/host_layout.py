@@ -21,10 +21,12 @@ def allocate(
     dtype: torch.dtype,
     fp8_block: tuple[int, int] | None = None,
     int4_group: int | None = None,
+    int4_scale_dtype: torch.dtype = torch.float32,
 ) -> HostExperts:
     """Empty host tensors for every MoE layer's experts: in `dtype`; FP8 with the scales of
-    `fp8_block`; 4-bit integers in groups of `int4_group` input channels; or MXFP4 blocks when
-    the checkpoint's are (gpt-oss); gpt-oss's biases too."""
+    `fp8_block`; 4-bit integers in groups of `int4_group` input channels, with scales in the
+    checkpoint's dtype; or MXFP4 blocks when the checkpoint's are (gpt-oss); gpt-oss's biases
+    too."""
     I, H, E = cfg.moe_intermediate_size, cfg.hidden_size, cfg.num_experts  # noqa: E741
     experts = HostExperts(layers={}, compute_dtype=dtype)
     for layer in cfg.moe_layers:
@@ -38,8 +40,9 @@ def allocate(
         elif int4_group is not None:
             for name, rows, cols in (("w13", 2 * I, H), ("w2", H, I)):
                 parts[name] = torch.empty(E, rows, cols // 2, dtype=torch.uint8)
-                parts[name + "_scale"] = torch.empty(E, rows, cols // int4_group)
-                parts[name + "_zero"] = torch.empty(E, rows, cols // int4_group, dtype=torch.uint8)
+                groups = cols // int4_group
+                parts[name + "_scale"] = torch.empty(E, rows, groups, dtype=int4_scale_dtype)
+                parts[name + "_zero"] = torch.empty(E, rows, groups, dtype=torch.uint8)
         elif cfg.mxfp4_experts:  # packed as on the hub; `dequantize_mxfp4` as they land
             parts["w13"] = torch.empty(E, 2 * I, H // BLOCK, BLOCK // 2, dtype=torch.uint8)
             parts["w13_scale"] = torch.empty(E, 2 * I, H // BLOCK, dtype=torch.uint8)

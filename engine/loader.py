@@ -21,7 +21,7 @@ from engine.checkpoint_fp8 import (
     dequantize_fp8,
     fp8_scales,
 )
-from engine.checkpoint_packed_int import PACKED_SUFFIX, SIDE_SUFFIXES, PackedWeights
+from engine.checkpoint_packed_int import PackedWeights
 from engine.config import ConfigError
 from engine.expert_quantization import ExpertQuantizer
 from engine.host_experts import HostExperts
@@ -91,9 +91,8 @@ def load_model(
         and bool(names)
         and packed.keeps_packed({n.removesuffix(".weight") for n in names})
     )
-    experts = allocate(
-        cfg, dtype, block if fp8 else None, packed.fmt.group_size if packed and int4 else None
-    )
+    group, scale_dtype = (packed.fmt.group_size, packed.scale_dtype) if packed else (0, dtype)
+    experts = allocate(cfg, dtype, block if fp8 else None, group if int4 else None, scale_dtype)
     # fused hub key -> (our part of the layer's experts, its conversion)
     fused_keys = {
         spec.fused_expert_key(layer, hub): (experts.layers[layer][part], convert)
@@ -118,15 +117,16 @@ def load_model(
     resident: dict[str, torch.Tensor] = {}
     seen_parts: set[str] = set()
     ignored = IGNORED_SUFFIXES + ((FP8_SCALE_SUFFIX, *FP8_IGNORED_SUFFIXES) if scales else ())
-    ignored += SIDE_SUFFIXES if packed else ()
+    ignored += packed.fmt.side_suffixes if packed else ()
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for hub_key in tqdm(
                 list(f.keys()), desc=f"loading {file.name}", unit="tensor", leave=False
             ):
                 key = spec.our_key(hub_key)
-                unpacked = packed is not None and key.endswith(PACKED_SUFFIX)
-                key = key.removesuffix(PACKED_SUFFIX) + ".weight" if unpacked else key
+                unpacked = packed is not None and key.endswith(packed.fmt.packed_suffix)
+                if packed is not None and unpacked:  # dequantized or repacked: our weight
+                    key = key.removesuffix(packed.fmt.packed_suffix) + ".weight"
                 if (
                     key.endswith(ignored)
                     or key.startswith(spec.ignored_prefixes)

@@ -1,8 +1,8 @@
 """Grouped 4-bit integers, the layout GPTQ and AWQ routed experts keep in host memory and over the
 link: a weight [R, C] is stored as bytes [R, C/2] (two values a byte, the lower nibble first),
-with a float16 scale and an integer zero point [R, C/g] per group of g consecutive columns (input
-channels); a value is (q - zero) * scale. 4.2 bits a value at g = 128: a quarter of bfloat16's
-bytes to hold and to copy. It is neither checkpoint's layout (both pack eight values into an
+with a scale (float16 or bfloat16, as the checkpoint has it) and a uint8 zero point [R, C/g] per
+group of g consecutive columns (input channels); a value is (q - zero) * scale. 4.2 bits a value
+at g = 128: a quarter of bfloat16's bytes to hold and to copy. It is neither checkpoint's layout (both pack eight values into an
 int32, along different axes): the loader repacks each expert once, row-major like the slots, so
 that decoding one expert as it lands is two shifts, a subtraction and a multiply.
 """
@@ -22,7 +22,7 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
 def dequantize_int4(
     packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """packed [..., R, C/2] uint8, scales [..., R, G] float16, zeros [..., R, G] uint8 ->
+    """packed [..., R, C/2] uint8, scales [..., R, G] (any float), zeros [..., R, G] uint8 ->
     [..., R, C] in `dtype`, computed in float32 (as the loader dequantizes GPTQ and AWQ weights
     it does not keep packed, so both give the same values), on their device."""
     q = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)  # [..., R, C]

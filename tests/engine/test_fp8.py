@@ -117,9 +117,9 @@ def test_bad_fp8_checkpoints_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="blocks of a"):
         LLM(model=str(fp8), max_model_len=64)
     config = json.loads((fp8 / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "compressed-tensors"}
+    config["quantization_config"] = {"quant_method": "bitsandbytes"}
     (fp8 / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="quant_method='compressed-tensors'"):
+    with pytest.raises(ConfigError, match="quant_method='bitsandbytes'"):
         LLM(model=str(fp8), max_model_len=64)
     config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
     (fp8 / "config.json").write_text(json.dumps(config))

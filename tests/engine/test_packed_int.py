@@ -20,6 +20,19 @@ from tests.conftest import save_tiny_checkpoint
 
 PROMPTS = [[1, 17, 99, 240, 5], [1, *range(40, 75)]]
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's packer: word value j <- column order[j]
+CT = {
+    "quant_method": "compressed-tensors",
+    "format": "pack-quantized",
+    "config_groups": {
+        "g": {"weights": {"type": "int", "num_bits": 4, "strategy": "group", "group_size": 32}}
+    },
+}
+
+
+def ct(**weights: object) -> dict:
+    """CT with its one config group's weight scheme changed."""
+    group = CT["config_groups"]["g"]
+    return {**CT, "config_groups": {"g": {**group, "weights": {**group["weights"], **weights}}}}
 
 
 def words(values: torch.Tensor, bits: int, along: int, order: tuple[int, ...] = ()) -> torch.Tensor:
@@ -36,16 +49,26 @@ def words(values: torch.Tensor, bits: int, along: int, order: tuple[int, ...] = 
 
 
 def quantize(
-    weight: torch.Tensor, bits: int, group_of: torch.Tensor, groups: int, min_zero: int
+    weight: torch.Tensor,
+    bits: int,
+    group_of: torch.Tensor,
+    groups: int,
+    min_zero: int,
+    symmetric: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight [out, in] -> q [in, out], zeros [groups, out], float16 scales [groups, out], and
-    the float32 values they represent [out, in]; input channel i is in group group_of[i]."""
+    the float32 values they represent [out, in]; input channel i is in group group_of[i].
+    `symmetric`: every zero point is 2^(bits-1), the middle of the range."""
     top = (1 << bits) - 1
     w = weight.T.float()  # [in, out]
     lo = torch.stack([w[group_of == g].amin(0) for g in range(groups)]).clamp(max=0)
     hi = torch.stack([w[group_of == g].amax(0) for g in range(groups)]).clamp(min=0)
+    if symmetric:
+        lo, hi = -torch.maximum(-lo, hi), torch.maximum(-lo, hi)
     scales = ((hi - lo) / top).clamp_min(1e-6).half()  # [groups, out]
     zeros = torch.round(-lo / scales.float()).clamp(min_zero, top).long()
+    if symmetric:
+        zeros = torch.full_like(zeros, 1 << (bits - 1))
     q = (torch.round(w / scales.float()[group_of]) + zeros[group_of]).clamp(0, top).long()
     values = ((q - zeros[group_of]).float() * scales.float()[group_of]).T
     return q, zeros, scales, values
@@ -65,10 +88,16 @@ def quantized_names(tensors: dict[str, torch.Tensor], group: int) -> list[str]:
 
 
 def packed_and_reference(
-    source: Path, tmp_path: Path, method: str, group: int, act_order: bool = False, bits: int = 4
+    source: Path,
+    tmp_path: Path,
+    method: str,
+    group: int,
+    act_order: bool = False,
+    bits: int = 4,
+    symmetric: bool = False,
 ) -> tuple[Path, Path]:
-    """A GPTQ (original zero format) or AWQ (GEMM, 4-bit) copy of `source`, and a float32 copy
-    of the values it holds."""
+    """A GPTQ (original zero format), AWQ (GEMM, 4-bit) or compressed-tensors (pack-quantized)
+    copy of `source`, and a float32 copy of the values it holds."""
     packed_dir, reference = tmp_path / method, tmp_path / "reference"
     shutil.copytree(source, packed_dir)
     shutil.copytree(source, reference)
@@ -81,27 +110,50 @@ def packed_and_reference(
         if act_order:  # channels quantized in a permuted order: groups are not contiguous
             group_of = group_of[torch.randperm(channels, generator=generator)]
         q, zeros, scales, values[name] = quantize(
-            tensors[name], bits, group_of, channels // group, 1 if method == "gptq" else 0
+            tensors[name], bits, group_of, channels // group, int(method == "gptq"), symmetric
         )
         prefix = name.removesuffix(".weight")
         if method == "gptq":
             out[prefix + ".qweight"] = words(q, bits, along=0)
             out[prefix + ".qzeros"] = words(zeros - 1, bits, along=1)
             out[prefix + ".g_idx"] = group_of.to(torch.int32)
-        else:
+            out[prefix + ".scales"] = scales
+        elif method == "awq":
             out[prefix + ".qweight"] = words(q, 4, along=1, order=AWQ_PACK_ORDER)
             out[prefix + ".qzeros"] = words(zeros, 4, along=1, order=AWQ_PACK_ORDER)
-        out[prefix + ".scales"] = scales
+            out[prefix + ".scales"] = scales
+        else:  # [out, ...]: values and zero points stored as the signed q - 2^(bits-1), plus it
+            out[prefix + ".weight_packed"] = words(q.T, bits, along=1)
+            scales = scales.to(torch.bfloat16)  # as llm-compressor writes them
+            values[name] = ((q - zeros[group_of]).float() * scales.float()[group_of]).T
+            out[prefix + ".weight_scale"] = scales.T.contiguous()
+            out[prefix + ".weight_shape"] = torch.tensor(tensors[name].shape)
+            if not symmetric:
+                out[prefix + ".weight_zero_point"] = words(zeros.T, bits, along=0)
+            if act_order:
+                out[prefix + ".weight_g_idx"] = group_of.to(torch.int32)
         del tensors[name]
     assert len(out) > 10
     save_file({**tensors, **out}, packed_dir / "model.safetensors", metadata={"format": "pt"})
     save_file(values, reference / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((source / "config.json").read_text())
-    config["quantization_config"] = (
-        {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": act_order}
-        if method == "gptq"
-        else {"quant_method": "awq", "bits": 4, "group_size": group, "version": "gemm"}
-    )
+    scheme = {"type": "int", "num_bits": bits, "strategy": "group", "group_size": group}
+    config["quantization_config"] = {
+        "gptq": {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": act_order},
+        "awq": {"quant_method": "awq", "bits": 4, "group_size": group, "version": "gemm"},
+        "compressed-tensors": {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {**scheme, "symmetric": symmetric},
+                    "input_activations": None,
+                }
+            },
+            "ignore": [],
+        },
+    }[method]
     (packed_dir / "config.json").write_text(json.dumps(config))
     return packed_dir, reference
 
@@ -133,22 +185,35 @@ def test_words_unpack_as_the_formats_lay_them_out() -> None:
 
 
 @pytest.mark.parametrize(
-    ("family", "method", "group", "act_order", "bits"),
+    ("family", "method", "group", "act_order", "bits", "symmetric"),
     [
-        ("mixtral", "gptq", 16, False, 4),
-        ("qwen2_moe", "gptq", 8, True, 4),
-        ("olmoe", "gptq", 16, False, 8),
-        ("mixtral", "awq", 16, False, 4),
-        ("qwen3_moe", "awq", 8, False, 4),
+        ("mixtral", "gptq", 16, False, 4, False),
+        ("qwen2_moe", "gptq", 8, True, 4, False),
+        ("olmoe", "gptq", 16, False, 8, False),
+        ("mixtral", "awq", 16, False, 4, False),
+        ("qwen3_moe", "awq", 8, False, 4, False),
+        ("qwen3_moe", "compressed-tensors", 16, False, 4, True),
+        ("mixtral", "compressed-tensors", 8, False, 4, False),
+        ("qwen2_moe", "compressed-tensors", 8, True, 4, True),
+        ("deepseek_v3", "compressed-tensors", 16, False, 8, True),
     ],
 )
 def test_packed_checkpoints_load_as_their_dequantized_values(
-    family: str, method: str, group: int, act_order: bool, bits: int, tmp_path: Path
+    family: str,
+    method: str,
+    group: int,
+    act_order: bool,
+    bits: int,
+    symmetric: bool,
+    tmp_path: Path,
 ) -> None:
     source = save_tiny_checkpoint(family, tmp_path / "src")
-    packed, reference = packed_and_reference(source, tmp_path, method, group, act_order, bits)
+    packed, reference = packed_and_reference(
+        source, tmp_path, method, group, act_order, bits, symmetric
+    )
     cfg = ModelConfig.from_pretrained(packed).packed_int
-    assert cfg == PackedIntFormat(method, bits, group, 1 if method == "gptq" else 0)
+    offset = {"gptq": 1, "awq": 0, "compressed-tensors": 1 << (bits - 1)}[method]
+    assert cfg == PackedIntFormat(method, bits, group, offset)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
     llm = LLM(model=str(packed), max_model_len=64)
     ours = llm.generate(PROMPTS, params)
@@ -165,8 +230,9 @@ def test_packed_checkpoints_load_as_their_dequantized_values(
     float32_bytes = (
         4 * store.num_total_experts * sum(math.prod(shape) for shape in store.slot_shapes.values())
     )
+    # half a byte a value; a 16-bit scale and a byte of zero point a group
     assert store.total_bytes == (
-        float32_bytes // 8 * (1 + 8 * 5 / 4 / group) if kept else float32_bytes
+        float32_bytes // 8 * (1 + 2 * 3 / group) if kept else float32_bytes
     )
 
 
@@ -201,6 +267,25 @@ def test_autogptq_quantize_config_beside_config_json(tmp_path: Path) -> None:
         ({"quant_method": "awq", "bits": 8, "group_size": 128}, "bits=8"),
         ({"quant_method": "awq", "bits": 4, "group_size": -1}, "group_size=-1"),
         ({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": False}, "zero_point"),
+        ({**CT, "format": "float-quantized"}, "only pack-quantized"),
+        (ct(type="float", num_bits=8), "type='float'"),
+        (ct(num_bits=3), "num_bits=3"),
+        (ct(strategy="tensor"), "strategy='tensor'"),
+        (ct(group_size=None), "group_size=None"),
+        (
+            {
+                **CT,
+                "config_groups": {
+                    "a": CT["config_groups"]["g"],
+                    "b": ct(num_bits=8)["config_groups"]["g"],
+                },
+            },
+            "one integer weight scheme",
+        ),
+        (
+            {**CT, "config_groups": {"g": {**CT["config_groups"]["g"], "input_activations": {}}}},
+            "unquantized activations",
+        ),
     ],
 )
 def test_unsupported_packed_formats_name_the_field(quant: dict, message: str) -> None:
@@ -219,7 +304,7 @@ def test_packed_weight_without_its_side_tensors_is_named(tmp_path: Path) -> None
         LLM(model=str(packed), max_model_len=64)
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors"])
 def test_4bit_experts_decoded_as_they_land_in_slots_change_nothing(
     method: str, tmp_path: Path
 ) -> None:

@@ -83,6 +83,46 @@ def decode(model: Path, prompts: list[list[int]], tokens: int, **flags: object) 
     return stats
 
 
+def link_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The flags of a quantized-experts-over-the-link benchmark."""
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--link-gbps", type=float, default=0.25, help="emulated host-to-device link")
+    ap.add_argument("--ratio", type=float, default=0.5, help="share of the experts resident")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    return ap
+
+
+def link_table(
+    reference: Path,
+    quantized: tuple[str, Path],
+    prompts: list[list[int]],
+    tokens: int,
+    **flags: object,
+) -> None:
+    """Print each system's run on the float32 `reference` and on the (label, path) `quantized`
+    copy of the same values: bytes an expert and moved, stall, speed, and whether their outputs
+    are identical (they must be)."""
+    print(
+        "| system | experts | KiB an expert | transfers | MiB moved | stall s | tok/s | outputs |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    label, path = quantized
+    for name, system in SYSTEMS.items():
+        runs = {
+            "float32": decode(reference, prompts, tokens, **flags, **system),
+            label: decode(path, prompts, tokens, **flags, **system),
+        }
+        same = runs[label]["outputs"] == runs["float32"]["outputs"]
+        for run, s in runs.items():
+            print(
+                f"| {name} | {run} | {s['expert_bytes'] / 1024:.0f} | {s['transfers']} | "
+                f"{s['transfer_bytes'] / 2**20:.1f} | {s['stall_seconds']:.3f} | "
+                f"{s['tokens_per_s']:.1f} | {'identical' if same else 'DIFFERENT'} |"
+            )
+
+
 def heldout_loss(model: Path, prompts: list[list[int]], **flags: object) -> float:
     """Mean negative log-likelihood per token of the held-out prompts."""
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
@@ -93,12 +133,7 @@ def heldout_loss(model: Path, prompts: list[list[int]], **flags: object) -> floa
 
 @torch.inference_mode()
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--link-gbps", type=float, default=0.25, help="emulated host-to-device link")
-    ap.add_argument("--ratio", type=float, default=0.5, help="share of the experts resident")
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap = link_arguments(__doc__)
     ap.add_argument("--block", type=int, nargs=2, default=(128, 128))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -115,23 +150,8 @@ def main() -> None:
         f"of 48 tokens, {args.new_tokens} new tokens each, batch 1, ratio {args.ratio}, "
         f"link {args.link_gbps} GB/s emulated; float32 compute, 1 thread"
     )
-    print(
-        "| system | experts | KiB an expert | transfers | MiB moved | stall s | tok/s | outputs |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
     flags = {"expert_cache_ratio": args.ratio, "link_gbps": args.link_gbps}
-    for name, system in SYSTEMS.items():
-        runs = {
-            label: decode(path, prompts, args.new_tokens, **flags, **system)
-            for label, path in (("float32", reference), ("FP8", fp8))
-        }
-        same = runs["FP8"]["outputs"] == runs["float32"]["outputs"]
-        for label, s in runs.items():
-            print(
-                f"| {name} | {label} | {s['expert_bytes'] / 1024:.0f} | {s['transfers']} | "
-                f"{s['transfer_bytes'] / 2**20:.1f} | {s['stall_seconds']:.3f} | "
-                f"{s['tokens_per_s']:.1f} | {'identical' if same else 'DIFFERENT'} |"
-            )
+    link_table(reference, ("FP8", fp8), prompts, args.new_tokens, **flags)
     original, quantized = heldout_loss(Path(args.model), prompts), heldout_loss(fp8, prompts)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     a = LLM(model=args.model, max_model_len=512).generate(prompts, params)

@@ -14,7 +14,6 @@ quality line is the original model against the 4-bit copy.
 
 from __future__ import annotations
 
-import argparse
 import math
 import shlex
 import sys
@@ -27,22 +26,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from fp8_offload import SYSTEMS, agreement, decode, heldout_loss  # noqa: E402
+from fp8_offload import agreement, heldout_loss, link_arguments, link_table  # noqa: E402
 from offload import heldout_prompts  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.config import DEFAULT_MODEL  # noqa: E402
 from tests.engine.test_packed_int import packed_and_reference  # noqa: E402
 
 
 @torch.inference_mode()
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--link-gbps", type=float, default=0.25, help="emulated host-to-device link")
-    ap.add_argument("--ratio", type=float, default=0.5, help="share of the experts resident")
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap = link_arguments(__doc__)
     ap.add_argument("--group", type=int, default=64, help="input channels per scale")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -57,23 +50,8 @@ def main() -> None:
         f"batch 1, ratio {args.ratio}, link {args.link_gbps} GB/s emulated; float32 compute, "
         "1 thread"
     )
-    print(
-        "| system | experts | KiB an expert | transfers | MiB moved | stall s | tok/s | outputs |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
     flags = {"expert_cache_ratio": args.ratio, "link_gbps": args.link_gbps}
-    for name, system in SYSTEMS.items():
-        runs = {
-            label: decode(path, prompts, args.new_tokens, **flags, **system)
-            for label, path in (("float32", reference), ("4-bit", int4))
-        }
-        same = runs["4-bit"]["outputs"] == runs["float32"]["outputs"]
-        for label, s in runs.items():
-            print(
-                f"| {name} | {label} | {s['expert_bytes'] / 1024:.0f} | {s['transfers']} | "
-                f"{s['transfer_bytes'] / 2**20:.1f} | {s['stall_seconds']:.3f} | "
-                f"{s['tokens_per_s']:.1f} | {'identical' if same else 'DIFFERENT'} |"
-            )
+    link_table(reference, ("4-bit", int4), prompts, args.new_tokens, **flags)
     original, quantized = heldout_loss(Path(args.model), prompts), heldout_loss(int4, prompts)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     a = LLM(model=args.model, max_model_len=512).generate(prompts, params)

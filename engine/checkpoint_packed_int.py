@@ -87,6 +87,11 @@ def packed_int_format(quant: dict[str, Any]) -> PackedIntFormat:
                 "(gptq or gptq_v2)"
             )
         offset = 1 if layout == "gptq" else 0
+        if quant.get("is_marlin_format") or quant.get("dynamic"):
+            raise ConfigError(
+                "config.json: quantization_config: Marlin-repacked GPTQ weights and per-module "
+                "`dynamic` overrides are not supported"
+            )
     else:
         if bits != 4:
             raise ConfigError(f"config.json: quantization_config.bits={bits!r}: AWQ is 4-bit")
@@ -149,42 +154,53 @@ class PackedWeights:
                 for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                     if key.endswith(fmt.side_suffixes):
                         self.side[rename(key)] = f.get_tensor(key)
-
-    @property
-    def scale_dtype(self) -> torch.dtype:
-        """The checkpoint's scales' dtype (float16 or bfloat16): experts kept 4-bit keep it."""
-        scales = NAMES[self.fmt.method][2]
-        return next((t.dtype for k, t in self.side.items() if k.endswith(scales)), torch.float32)
+        scales = NAMES[fmt.method][2]
+        self.packed = {k.removesuffix(scales) for k in self.side if k.endswith(scales)}
 
     def dequantize(self, prefix: str, qweight: torch.Tensor) -> torch.Tensor:
         """Layer `prefix`'s packed weight -> float32 [out, in]."""
-        return dequantize_packed(prefix, qweight, self.side, self.fmt)
+        weight = dequantize_packed(prefix, qweight, self.side, self.fmt)
+        self._forget(prefix)
+        return weight
 
-    def keeps_packed(self, prefixes: set[str]) -> bool:
-        """Whether the linear layers `prefixes` (the routed experts) can stay 4-bit on the host
-        (kernels/int4.py): all packed in 4 bits, in groups of consecutive input channels (no
-        act-order permutation)."""
+    def holds(self, prefix: str) -> bool:
+        """Whether layer `prefix` is (or was) packed: its scales were read."""
+        return prefix in self.packed
+
+    def _forget(self, prefix: str) -> None:
+        """Drop a landed layer's side tensors (10 GB of scales for a DeepSeek-V3 checkpoint)."""
+        for suffix in self.fmt.side_suffixes:
+            self.side.pop(prefix + suffix, None)
+
+    def keeps_packed(self, prefixes: set[str], channels: tuple[int, ...]) -> torch.dtype | None:
+        """Whether the linear layers `prefixes` (the routed experts, whose input channels are
+        `channels`) can stay 4-bit on the host (kernels/int4.py): all packed in 4 bits, in whole
+        groups of consecutive input channels (no act-order permutation). If so, the dtype their
+        scales keep there (the checkpoint's); else None."""
         fmt = self.fmt
         _, _, scales, groups = NAMES[fmt.method]
-        if fmt.bits != 4 or not fmt.group_size:
-            return False
+        if fmt.bits != 4 or not fmt.group_size or any(c % fmt.group_size for c in channels):
+            return None
+        dtypes = set()
         for prefix in prefixes:
             if prefix + scales not in self.side:
-                return False
+                return None
+            dtypes.add(self.side[prefix + scales].dtype)
             g_idx = self.side.get(prefix + groups)
             if g_idx is not None and fmt.method != "awq":
                 ordered = torch.arange(g_idx.shape[0]) // fmt.group_size
                 if not torch.equal(g_idx.long(), ordered):
-                    return False
-        return True
+                    return None
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32  # float32 holds both
 
     def copy_grouped(
         self, prefix: str, qweight: torch.Tensor, dest: dict[str, torch.Tensor]
     ) -> None:
         """A routed expert's `qweight` into its host rows, repacked (see `keeps_packed`):
-        dest["weight"] [out, in/2] uint8, dest["scale"] [out, groups] (`scale_dtype`),
+        dest["weight"] [out, in/2] uint8, dest["scale"] [out, groups] (as `keeps_packed` says),
         dest["zero"] [out, groups] uint8."""
         q, zeros, scales, _ = integers(prefix, qweight, self.side, self.fmt)
+        self._forget(prefix)
         weight = pack_int4(q.T)  # [out, in/2]
         for name, tensor in (("weight", weight), ("scale", scales.T), ("zero", zeros.T)):
             if tuple(tensor.shape) != tuple(dest[name].shape):

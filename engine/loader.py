@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,14 +86,11 @@ def load_model(
         and I % block[0] == 0  # else a block of rows would mix gate and up
         and all_e4m3_with_scales(files, names, scales)
     )
-    int4 = (  # GPTQ's or AWQ's 4-bit experts stay so on the host
-        packed is not None
-        and not quantize_experts
-        and bool(names)
-        and packed.keeps_packed({n.removesuffix(".weight") for n in names})
-    )
-    group, scale_dtype = (packed.fmt.group_size, packed.scale_dtype) if packed else (0, dtype)
-    experts = allocate(cfg, dtype, block if fp8 else None, group if int4 else None, scale_dtype)
+    int4 = None  # GPTQ's, AWQ's or pack-quantized 4-bit experts stay so: their scales' dtype
+    if packed is not None and names and not quantize_experts:
+        int4 = packed.keeps_packed({n.removesuffix(".weight") for n in names}, (H, I))
+    group = packed.fmt.group_size if packed is not None and int4 is not None else None
+    experts = allocate(cfg, dtype, block if fp8 else None, group, int4 or dtype)
     # fused hub key -> (our part of the layer's experts, its conversion)
     fused_keys = {
         spec.fused_expert_key(layer, hub): (experts.layers[layer][part], convert)
@@ -171,6 +169,8 @@ def load_model(
                     for suffix, convert in spec.resident_converts.items():
                         tensor = convert(tensor) if key.endswith(suffix) else tensor
                     resident[key] = tensor.to(torch.float32 if keep else dtype)
+                elif packed is not None and _zero_bias(key, tensor, packed.holds):
+                    pass  # AutoGPTQ wrote one for every layer it quantized
                 elif not (cfg.tie_word_embeddings and key == "lm_head.weight"):
                     raise ConfigError(
                         f"{file.name}: unexpected weight {key!r} for a {cfg.family} model"
@@ -206,6 +206,10 @@ def load_model(
         experts.total_bytes / 2**20,
         " (FP8 on the host and the link)" if experts.fp8_block else "",
     )
+    if experts.int4_group:
+        logger.info(
+            "routed experts 4-bit on the host and the link (groups of %d)", experts.int4_group
+        )
     return model.eval(), experts
 
 
@@ -249,3 +253,14 @@ def _extra_layer(key: str, cfg: ModelConfig) -> bool:
         and parts[2].isdigit()
         and int(parts[2]) >= cfg.num_layers
     )
+
+
+def _zero_bias(key: str, tensor: torch.Tensor, packed: Callable[[str], bool]) -> bool:
+    """A bias the model has no place for, beside a packed layer: harmless when all zeros (older
+    AutoGPTQ saved one for every layer), refused otherwise."""
+    prefix = key.removesuffix(".bias")
+    if not key.endswith(".bias") or not packed(prefix):
+        return False
+    if bool(tensor.any()):
+        raise ConfigError(f"weight {key!r}: a nonzero bias on a layer that has none")
+    return True

@@ -34,8 +34,8 @@ def quantize_checkpoint(source: Path, out: Path, block: tuple[int, int] = (128, 
     """Writes the FP8 copy of checkpoint folder `source` to `out` (a new folder); returns the
     number of weights quantized."""
     cfg = ModelConfig.from_pretrained(source)  # refuses what we could not serve
-    if cfg.fp8_block is not None:
-        raise ConfigError(f"{source}: already block-wise FP8")
+    if cfg.fp8_block is not None or cfg.packed_int is not None:
+        raise ConfigError(f"{source}: already quantized (block-wise FP8, GPTQ, AWQ or packed)")
     if out.exists():
         raise ConfigError(f"{out}: already exists")
     spec = FAMILIES[cfg.family]

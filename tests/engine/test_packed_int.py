@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from engine import LLM, ConfigError, SamplingParams
 from engine.checkpoint_packed_int import PackedIntFormat, dequantize_packed, unpack
 from engine.model_config import ModelConfig
+from engine.quantize import quantize_checkpoint
 from tests.conftest import save_tiny_checkpoint
 
 PROMPTS = [[1, 17, 99, 240, 5], [1, *range(40, 75)]]
@@ -74,16 +75,19 @@ def quantize(
     return q, zeros, scales, values
 
 
+LINEAR = ("_proj.weight", "_mqa.weight", ".w1.weight", ".w2.weight", ".w3.weight", "lm_head.weight")
+
+
 def quantized_names(tensors: dict[str, torch.Tensor], group: int) -> list[str]:
     """Every projection and expert weight (not the routers, norms or embeddings), and the LM
-    head, as GPTQ and AWQ quantize them."""
+    head, as GPTQ and AWQ quantize them; with `group` > 0, those of whole groups only."""
     return [
         k
         for k, t in tensors.items()
-        if k.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight", "lm_head.weight"))
+        if k.endswith(LINEAR)
         and t.dim() == 2
         and t.shape[0] % 8 == 0
-        and t.shape[1] % group == 0
+        and (group < 1 or t.shape[1] % group == 0)
     ]
 
 
@@ -95,27 +99,30 @@ def packed_and_reference(
     act_order: bool = False,
     bits: int = 4,
     symmetric: bool = False,
+    layout: str = "gptq",
 ) -> tuple[Path, Path]:
-    """A GPTQ (original zero format), AWQ (GEMM, 4-bit) or compressed-tensors (pack-quantized)
-    copy of `source`, and a float32 copy of the values it holds."""
+    """A GPTQ (`layout`: "gptq" stores zero points minus one, "gptq_v2" does not), AWQ (GEMM,
+    4-bit) or compressed-tensors (pack-quantized) copy of `source`, and a float32 copy of the
+    values it holds. GPTQ's `group` may be -1 (one group a layer) or leave a partial last group."""
     packed_dir, reference = tmp_path / method, tmp_path / "reference"
     shutil.copytree(source, packed_dir)
     shutil.copytree(source, reference)
     tensors = load_file(source / "model.safetensors")
     out, values = {}, dict(tensors)
     generator = torch.Generator().manual_seed(0)
-    for name in quantized_names(tensors, group):
+    for name in quantized_names(tensors, group if method != "gptq" else 0):
         channels = tensors[name].shape[1]
-        group_of = torch.arange(channels) // group
+        size = channels if group == -1 else group
+        group_of = torch.arange(channels) // size
         if act_order:  # channels quantized in a permuted order: groups are not contiguous
             group_of = group_of[torch.randperm(channels, generator=generator)]
         q, zeros, scales, values[name] = quantize(
-            tensors[name], bits, group_of, channels // group, int(method == "gptq"), symmetric
+            tensors[name], bits, group_of, -(-channels // size), int(method == "gptq"), symmetric
         )
         prefix = name.removesuffix(".weight")
         if method == "gptq":
             out[prefix + ".qweight"] = words(q, bits, along=0)
-            out[prefix + ".qzeros"] = words(zeros - 1, bits, along=1)
+            out[prefix + ".qzeros"] = words(zeros - int(layout == "gptq"), bits, along=1)
             out[prefix + ".g_idx"] = group_of.to(torch.int32)
             out[prefix + ".scales"] = scales
         elif method == "awq":
@@ -139,7 +146,13 @@ def packed_and_reference(
     config = json.loads((source / "config.json").read_text())
     scheme = {"type": "int", "num_bits": bits, "strategy": "group", "group_size": group}
     config["quantization_config"] = {
-        "gptq": {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": act_order},
+        "gptq": {
+            "quant_method": "gptq",
+            "bits": bits,
+            "group_size": group,
+            "desc_act": act_order,
+            "checkpoint_format": layout,
+        },
         "awq": {"quant_method": "awq", "bits": 4, "group_size": group, "version": "gemm"},
         "compressed-tensors": {
             "quant_method": "compressed-tensors",
@@ -260,6 +273,14 @@ def test_autogptq_quantize_config_beside_config_json(tmp_path: Path) -> None:
         ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "bits=3"),
         ({"quant_method": "gptq", "bits": 4, "group_size": 0}, "group_size=0"),
         (
+            {"quant_method": "gptq", "bits": 4, "group_size": 128, "is_marlin_format": True},
+            "Marlin",
+        ),
+        (
+            {"quant_method": "gptq", "bits": 4, "group_size": 128, "dynamic": {"-:.*gate": {}}},
+            "dynamic",
+        ),
+        (
             {"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"},
             "checkpoint_format='marlin'",
         ),
@@ -319,3 +340,54 @@ def test_4bit_experts_decoded_as_they_land_in_slots_change_nothing(
     assert offloaded.engine.offload.store.int4_group == 16 and stats["misses"] > 0
     expected = LLM(model=str(reference), max_model_len=64).generate(PROMPTS, params)
     assert ours == [o.outputs[0].token_ids for o in expected]
+
+
+@pytest.mark.parametrize(
+    ("family", "group", "layout", "kept"),
+    [
+        ("qwen3_moe", 16, "gptq_v2", True),  # zero points stored as they are
+        ("mixtral", -1, "gptq", False),  # one group a layer: gate/up and down differ in size
+        ("mixtral", 24, "gptq", False),  # a partial last group: dequantized at load
+        ("deepseek_v3", 16, "gptq", True),  # latent attention's _proj_with_mqa packed too
+        ("qwen3_5_moe", 16, "gptq", True),  # keys as the VL release names them
+    ],
+)
+def test_gptq_layouts_and_group_shapes(
+    family: str, group: int, layout: str, kept: bool, tmp_path: Path
+) -> None:
+    source = save_tiny_checkpoint(family, tmp_path / "src")
+    packed, reference = packed_and_reference(source, tmp_path, "gptq", group, layout=layout)
+    if family == "qwen3_5_moe":  # side tensors must be renamed as their weights are
+        tensors = load_file(packed / "model.safetensors")
+        renamed = {k.replace("model.", "model.language_model.", 1): t for k, t in tensors.items()}
+        save_file(renamed, packed / "model.safetensors", metadata={"format": "pt"})
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    llm = LLM(model=str(packed), max_model_len=64)
+    ours = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    theirs = LLM(model=str(reference), max_model_len=64).generate(PROMPTS, params)
+    assert ours == [o.outputs[0].token_ids for o in theirs]
+    assert (llm.engine.offload.store.int4_group is not None) == kept
+
+
+def test_zero_biases_autogptq_wrote_are_skipped_nonzero_ones_refused(tmp_path: Path) -> None:
+    source = save_tiny_checkpoint("mixtral", tmp_path / "src")
+    packed, reference = packed_and_reference(source, tmp_path, "gptq", 16)
+    tensors = load_file(packed / "model.safetensors")
+    for key in [k for k in tensors if k.endswith(".qweight")]:
+        tensors[key.replace(".qweight", ".bias")] = torch.zeros(tensors[key].shape[1])
+    save_file(tensors, packed / "model.safetensors", metadata={"format": "pt"})
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    ours = LLM(model=str(packed), max_model_len=64).generate(PROMPTS, params)
+    theirs = LLM(model=str(reference), max_model_len=64).generate(PROMPTS, params)
+    assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in theirs]
+    tensors["model.layers.0.self_attn.o_proj.bias"] += 0.5
+    save_file(tensors, packed / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="o_proj.bias.*nonzero"):
+        LLM(model=str(packed), max_model_len=64)
+
+
+def test_quantize_fp8_refuses_packed_checkpoints(tmp_path: Path) -> None:
+    source = save_tiny_checkpoint("mixtral", tmp_path / "src")
+    packed, _ = packed_and_reference(source, tmp_path, "gptq", 16)
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize_checkpoint(packed, tmp_path / "fp8")

@@ -19,7 +19,7 @@ DEFAULT_MODEL = os.environ.get(
 CACHE_POLICIES = ("lru", "lfu", "expertflow")
 PREDICTORS = ("none", "pregate", "rpp", "hybrid")
 EXPERT_QUANTIZATIONS = ("none", "fp8", "mxfp4")
-MXFP4_SLOTS = ("auto", "packed", "decoded")
+PACKED_SLOTS = ("auto", "packed", "decoded")
 DEFAULT_MAX_NUM_SEQS = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_CACHE_DTYPES = {  # vLLM's names; "fp8" is e4m3 (more mantissa: what keys and values need)
@@ -116,7 +116,14 @@ class EngineConfig:
         "them; 3.8x the experts in the same memory), decoded (in the serving dtype as each copy "
         "lands), or auto: packed on CUDA, decoded on the CPU (whose torch path would decode on "
         "every use)",
-        choices=MXFP4_SLOTS,
+        choices=PACKED_SLOTS,
+    )
+    int4_slots: str = flag(
+        "auto",
+        "how device slots hold 4-bit experts (GPTQ, AWQ, pack-quantized): packed (decoded by the "
+        "kernel as it reads them; 3.8x the experts in the same memory at 128-channel groups), "
+        "decoded, or auto: packed on CUDA, decoded on the CPU",
+        choices=PACKED_SLOTS,
     )
 
     def __post_init__(self) -> None:
@@ -126,8 +133,11 @@ class EngineConfig:
             raise ConfigError(f"device={self.device!r}: choose cpu or cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device='cuda' but CUDA is not available; use device='cpu'")
-        if self.mxfp4_slots not in MXFP4_SLOTS:
-            raise ConfigError(f"mxfp4_slots={self.mxfp4_slots!r}: choose {', '.join(MXFP4_SLOTS)}")
+        for name in ("mxfp4_slots", "int4_slots"):
+            if getattr(self, name) not in PACKED_SLOTS:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r}: choose {', '.join(PACKED_SLOTS)}"
+                )
         if self.expert_quantization not in EXPERT_QUANTIZATIONS:
             raise ConfigError(
                 f"expert_quantization={self.expert_quantization!r}: choose "
@@ -187,12 +197,13 @@ class EngineConfig:
             return None
         return max(1, (self.max_num_seqs or DEFAULT_MAX_NUM_SEQS) // 2)
 
-    @property
-    def packed_mxfp4_slots(self) -> bool:
-        """Packed unless decoded is asked for, or where no Triton kernel would read them (the
-        CPU, or CUDA without triton): the torch path decodes a packed slot on every use."""
-        if self.mxfp4_slots != "auto":
-            return self.mxfp4_slots == "packed"
+    def packed_slots(self, int4: bool) -> bool:
+        """Whether MXFP4 (or, `int4`, 4-bit integer) experts stay packed in their slots: unless
+        decoded is asked for, or where no Triton kernel would read them (the CPU, or CUDA
+        without triton): the torch path decodes a packed slot on every use."""
+        asked = self.int4_slots if int4 else self.mxfp4_slots
+        if asked != "auto":
+            return asked == "packed"
         return self.device == "cuda" and triton_backend() is not None
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernels.gating import SILU, Gating
+from kernels.int4 import dequantize_int4
 from kernels.mxfp4 import dequantize_mxfp4
 
 
@@ -26,9 +27,11 @@ def fused_moe_torch(
     b2: torch.Tensor | None = None,
     gating: Gating = SILU,
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    zeros: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Write sum_k topk_weights * expert_slot(hidden) into out [T, H] and return it. With
-    `scales` (w13's and w2's), the weights are MXFP4 blocks: each used slot's are decoded once."""
+    `scales` (w13's and w2's), the weights are MXFP4 blocks, or with `zeros` too grouped 4-bit
+    integers (kernels/int4.py): each used slot's are decoded once."""
     top_k, inter = topk_ids.shape[1], w13.shape[1] // 2
     sorted_slots, order = topk_ids.reshape(-1).sort(stable=True)  # [P] pairs grouped by slot
     slots, counts = torch.unique_consecutive(sorted_slots, return_counts=True)  # [U]
@@ -44,6 +47,8 @@ def fused_moe_torch(
         """Slot `slot` of w13 (part 0) or w2 (part 1), transposed: x @ W.T."""
         if scales is None:
             return w[slot].T
+        if zeros is not None:
+            return dequantize_int4(w[slot], scales[part][slot], zeros[part][slot], x.dtype).T
         return dequantize_mxfp4(w[slot], scales[part][slot], x.dtype).T
 
     for slot, rows, dest in zip(slot_ids, x.split(runs), gate_up.split(runs), strict=True):

@@ -51,8 +51,9 @@ def align_by_slot(
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, weights_ptr, sorted_ids_ptr,
                      block_slots_ptr, num_padded_ptr, max_padded, num_pairs, N, K,
                      stride_am, stride_ak, stride_bs, stride_bn, stride_bk, stride_cm, stride_cn,
-                     stride_bias_s, scale_ptr, stride_ss, stride_sn, stride_sk,
-                     MXFP4: tl.constexpr, PAIRS_PER_A_ROW: tl.constexpr, GATED: tl.constexpr,
+                     stride_bias_s, scale_ptr, stride_ss, stride_sn, stride_sk, zero_ptr,
+                     MXFP4: tl.constexpr, INT4: tl.constexpr, GROUP_K: tl.constexpr,
+                     PAIRS_PER_A_ROW: tl.constexpr, GATED: tl.constexpr,
                      HAS_BIAS: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
                      UP_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
@@ -65,7 +66,9 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, weights_ptr, sorted_ids_ptr,
     else (down):      c[pair, n] = weights[pair] * (a[row] . b[s, n] + bias[s, n])
     with row = pair // PAIRS_PER_A_ROW (the token for gate/up, the pair itself for down); the
     biases only when HAS_BIAS. MXFP4: b holds bytes [S, rows, K/2] with scales [S, rows, K/32],
-    decoded tile by tile as they are read (`_mxfp4`).
+    decoded tile by tile as they are read (`_mxfp4`). INT4: b holds bytes [S, rows, K/2] of
+    4-bit integers with scales and uint8 zero points [S, rows, K/GROUP_K] (one layout), decoded
+    inline as (q - zero) * scale.
     """
     # int64 index math: slot pools pass 2**31 elements, and the interpreter skips overflow checks
     pid = tl.program_id(0).to(tl.int64)
@@ -115,6 +118,28 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, weights_ptr, sorted_ids_ptr,
                         tl.load(s_ptrs + N * stride_sn, mask=tile_ok, other=127),
                         shift,
                     ).to(a.dtype)
+            elif INT4:  # this tile's bytes, and their groups' scales and zero points
+                kk = k * BLOCK_K + offs_k
+                q_ptrs = b_ptr + slot * stride_bs + (kk // 2)[:, None] * stride_bk
+                q_ptrs += offs_n[None, :] * stride_bn
+                g_offs = slot * stride_ss + (kk // GROUP_K)[:, None] * stride_sk
+                g_offs += offs_n[None, :] * stride_sn
+                shift = ((kk % 2) * 4)[:, None]  # the lower nibble holds the even k
+                q = (tl.load(q_ptrs, mask=tile_ok, other=0).to(tl.int32) >> shift) & 15
+                z = tl.load(zero_ptr + g_offs, mask=tile_ok, other=0).to(tl.int32)
+                s = tl.load(scale_ptr + g_offs, mask=tile_ok, other=0.0).to(tl.float32)
+                b = ((q - z).to(tl.float32) * s).to(a.dtype)  # [BK, BN]
+                if GATED:
+                    q = (
+                        tl.load(q_ptrs + N * stride_bn, mask=tile_ok, other=0).to(tl.int32) >> shift
+                    ) & 15
+                    z = tl.load(zero_ptr + g_offs + N * stride_sn, mask=tile_ok, other=0).to(
+                        tl.int32
+                    )
+                    s = tl.load(scale_ptr + g_offs + N * stride_sn, mask=tile_ok, other=0.0).to(
+                        tl.float32
+                    )
+                    up = ((q - z).to(tl.float32) * s).to(a.dtype)
             else:
                 b = tl.load(b_ptrs, mask=tile_ok, other=0.0).to(a.dtype)  # [BK, BN]
                 if GATED:
@@ -172,9 +197,11 @@ def fused_moe_triton(
     b2: torch.Tensor | None = None,
     gating: Gating = SILU,
     scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    zeros: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Write sum_k topk_weights * expert_slot(hidden) into out [T, H] with the given tile config;
-    with `scales` (w13's, w2's) the weights are MXFP4 blocks."""
+    with `scales` (w13's, w2's) the weights are MXFP4 blocks, with `zeros` too grouped 4-bit
+    integers."""
     if hidden.device.type == "cpu" and not INTERPRET:
         raise RuntimeError(
             "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment before "
@@ -202,21 +229,25 @@ def fused_moe_triton(
     act_flags = dict(
         HAS_BIAS=has_bias, ALPHA=gating.alpha, LIMIT=gating.limit or 0.0, UP_OFFSET=gating.up_offset
     )
-    if scales is None:  # unread scales
-        s13, s2, mxfp4 = route_w[None, None], route_w[None, None], False
-    else:  # bytes [S, rows, K/2]: two values each
-        (s13, s2), mxfp4 = scales, True
+    s13, s2 = scales or (route_w[None, None], route_w[None, None])  # unread without scales
+    z13, z2 = zeros or (s13, s2)  # unread without zero points
+    int4 = zeros is not None
+    packed = dict(MXFP4=scales is not None and not int4, INT4=int4)
+    if scales is not None:  # bytes [S, rows, K/2]: two values each
         w13, w2 = w13.flatten(2), w2.flatten(2)
+    group13 = hidden_size // s13.shape[2] if int4 else 1  # input channels a scale
+    group2 = inter // s2.shape[2] if int4 else 1
     _moe_gemm_kernel[(triton.cdiv(max_padded, bm) * triton.cdiv(inter, bn),)](
         hidden, w13, act, bias13, route_w, sorted_ids, block_slots, num_padded, max_padded,
         num_pairs, inter, hidden_size, *hidden.stride(), *w13.stride(), *act.stride(),
-        bias13.stride(0), s13, *s13.stride(), MXFP4=mxfp4, PAIRS_PER_A_ROW=top_k, GATED=True,
-        **act_flags, **tiles,
+        bias13.stride(0), s13, *s13.stride(), z13, GROUP_K=group13, PAIRS_PER_A_ROW=top_k,
+        GATED=True, **packed, **act_flags, **tiles,
     )  # fmt: skip
     _moe_gemm_kernel[(triton.cdiv(max_padded, bm) * triton.cdiv(hidden_size, bn),)](
         act, w2, y, bias2, route_w, sorted_ids, block_slots, num_padded, max_padded, num_pairs,
         hidden_size, inter, *act.stride(), *w2.stride(), *y.stride(), bias2.stride(0),
-        s2, *s2.stride(), MXFP4=mxfp4, PAIRS_PER_A_ROW=1, GATED=False, **act_flags, **tiles,
+        s2, *s2.stride(), z2, GROUP_K=group2, PAIRS_PER_A_ROW=1, GATED=False, **packed,
+        **act_flags, **tiles,
     )  # fmt: skip
     if not direct:
         out.copy_(y.view(num_tokens, top_k, hidden_size).sum(dim=1))

@@ -83,7 +83,8 @@ class ExpertCache:
     @property
     def kernel_extras(self) -> dict[str, torch.Tensor]:
         """The slot parts besides w13 and w2, by the names `fused_moe` takes them: biases (b13,
-        b2) and packed MXFP4's scales (w13_scale, w2_scale), where the experts have them."""
+        b2), packed MXFP4's scales (w13_scale, w2_scale) and packed 4-bit zero points (w13_zero,
+        w2_zero), where the experts have them."""
         return {name: t for name, t in self.slots.items() if name not in ("w13", "w2")}
 
     @property

@@ -32,9 +32,8 @@ class OffloadRuntime:
                 f"cache_aware_routing_margin is not supported for {model.cfg.family}: its router "
                 "weighs each expert's input, so a swapped expert cannot be re-weighed"
             )
-        self.store = ExpertStore(
-            host, pin=device.type == "cuda", packed_slots=config.packed_mxfp4_slots
-        )
+        packed = config.packed_slots(int4=host.int4_group is not None)
+        self.store = ExpertStore(host, pin=device.type == "cuda", packed_slots=packed)
         total = self.store.num_total_experts
         num_slots = config.expert_cache_size or max(
             1, math.floor(config.expert_cache_ratio * total)
@@ -83,7 +82,8 @@ class OffloadRuntime:
         if self.store.fp8_block:
             return ", FP8"
         if self.store.int4_group:
-            return f", 4-bit integers in groups of {self.store.int4_group}"
+            where = " in the slots too" if self.store.packed else "; slots decoded"
+            return f", 4-bit integers in groups of {self.store.int4_group}{where}"
         if not self.store.mxfp4:
             return ""
         return ", MXFP4" + (" in the slots too" if self.store.packed else "; slots decoded")

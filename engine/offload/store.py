@@ -13,7 +13,8 @@ from kernels.mxfp4 import dequantize_mxfp4
 
 class ExpertStore:
     def __init__(self, host: HostExperts, pin: bool, packed_slots: bool = False) -> None:
-        """`packed_slots`: MXFP4 experts stay packed in their slots too (the kernel decodes)."""
+        """`packed_slots`: MXFP4 or 4-bit experts stay packed in their slots too (the kernel
+        decodes)."""
         self.layers = tuple(sorted(host.layers))
         # layer -> part name -> [E, ...] (see HostExperts)
         self.parts = {
@@ -22,7 +23,7 @@ class ExpertStore:
         }
         first = self.parts[self.layers[0]]
         self.num_experts = first["w13"].shape[0]
-        self.packed = packed_slots and host.mxfp4
+        self.packed = packed_slots and (host.mxfp4 or host.int4_group is not None)
         self.slot_shapes = host.slot_shapes  # part name -> one expert's decoded shape
         # part name -> (shape, dtype) of one expert in a slot: decoded, or as stored when packed
         self.slot_layout = {
@@ -47,8 +48,8 @@ class ExpertStore:
     @property
     def quantized(self) -> bool:
         """Whether the stored parts differ from what a slot holds (then `to_slot` them)."""
-        stored_so = self.fp8_block is not None or self.int4_group is not None
-        return stored_so or (self.mxfp4 and not self.packed)
+        packed = self.mxfp4 or self.int4_group is not None
+        return self.fp8_block is not None or (packed and not self.packed)
 
     def to_slot(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One expert's stored parts (on any device) -> what its slot holds."""

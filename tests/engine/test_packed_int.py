@@ -325,19 +325,22 @@ def test_packed_weight_without_its_side_tensors_is_named(tmp_path: Path) -> None
         LLM(model=str(packed), max_model_len=64)
 
 
+@pytest.mark.parametrize("slots", ["decoded", "packed"])
 @pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors"])
-def test_4bit_experts_decoded_as_they_land_in_slots_change_nothing(
-    method: str, tmp_path: Path
-) -> None:
-    """Kept 4-bit on the host, the experts are decoded as each copy lands in its slot: with a
-    cache of a quarter of them, outputs equal the all-resident float reference."""
+def test_4bit_experts_in_slots_change_nothing(method: str, slots: str, tmp_path: Path) -> None:
+    """Kept 4-bit on the host, the experts are decoded as each copy lands in its slot, or kept
+    packed there and decoded as the kernel reads them: with a cache of a quarter of them,
+    outputs equal the all-resident float reference either way."""
     source = save_tiny_checkpoint("qwen3_moe", tmp_path / "src")
     packed, reference = packed_and_reference(source, tmp_path, method, 16)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    offloaded = LLM(model=str(packed), max_model_len=64, expert_cache_ratio=0.25)
+    offloaded = LLM(model=str(packed), max_model_len=64, expert_cache_ratio=0.25, int4_slots=slots)
     ours = [o.outputs[0].token_ids for o in offloaded.generate(PROMPTS, params)]
     stats = offloaded.offload_stats()
-    assert offloaded.engine.offload.store.int4_group == 16 and stats["misses"] > 0
+    store = offloaded.engine.offload.store
+    assert store.int4_group == 16 and stats["misses"] > 0
+    slot_dtype = offloaded.engine.offload.cache.w13.dtype
+    assert slot_dtype == (torch.uint8 if slots == "packed" else torch.float32)
     expected = LLM(model=str(reference), max_model_len=64).generate(PROMPTS, params)
     assert ours == [o.outputs[0].token_ids for o in expected]
 

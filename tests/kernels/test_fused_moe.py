@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from kernels import fused_moe
 from kernels.gating import SILU, Gating
+from kernels.int4 import dequantize_int4, pack_int4
 from kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
 dispatch = importlib.import_module(
@@ -319,6 +320,62 @@ def test_mxfp4_weights_decoded_as_read(device, backend, dtype, num_tokens, top_k
     ref = reference_biased(hidden, *decoded, weights, ids, b13, b2, GPT_OSS)
     err = ((out.cpu().double() - ref).abs().max() / ref.abs().max()).item()
     assert err <= TOL[dtype], f"relative error {err:.2e}"
+
+
+def random_int4(
+    slots: int, rows: int, cols: int, group: int, gen: torch.Generator, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random 4-bit weights [S, rows, cols/2], scales and zero points [S, rows, cols/group]."""
+    q = pack_int4(torch.randint(0, 16, (slots, rows, cols), generator=gen))
+    zeros = torch.randint(0, 17, (slots, rows, cols // group), generator=gen).to(torch.uint8)
+    scales = (torch.rand(slots, rows, cols // group, generator=gen) / 40 + 0.01).to(scale_dtype)
+    return q, scales, zeros
+
+
+@pytest.mark.parametrize(("device", "backend"), TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("num_tokens", "top_k", "group"), [(3, 2, 16), (40, 4, 32)])
+def test_int4_weights_decoded_as_read(device, backend, dtype, num_tokens, top_k, group):
+    """4-bit slots (GPTQ's, AWQ's, kept packed): the output of the same weights decoded first.
+    The hidden size (64) spans several groups, the intermediate size (96) too, neither a tile."""
+    hidden_size, inter, slots = 64, 96, 12
+    gen = torch.Generator().manual_seed(num_tokens)
+    hidden = torch.randn(num_tokens, hidden_size, generator=gen).to(dtype)
+    w13, s13, z13 = random_int4(slots, 2 * inter, hidden_size, group, gen, torch.float16)
+    w2, s2, z2 = random_int4(slots, hidden_size, inter, group, gen, torch.bfloat16)
+    decoded = [dequantize_int4(w, s, z, dtype) for w, s, z in ((w13, s13, z13), (w2, s2, z2))]
+    ids = torch.stack([torch.randperm(slots, generator=gen)[:top_k] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, top_k, generator=gen) + 0.1
+    on = [t.to(device) for t in (hidden, w13, w2, weights, ids, s13, s2, z13, z2)]
+    out = torch.full_like(on[0], float("nan"))
+    fused_moe(
+        *on[:5], backend=backend, out=out, w13_scale=on[5], w2_scale=on[6], w13_zero=on[7],
+        w2_zero=on[8],
+    )  # fmt: skip
+    no_bias = torch.zeros(slots, 2 * inter), torch.zeros(slots, hidden_size)
+    ref = reference_biased(hidden, *decoded, weights, ids, *no_bias, SILU)
+    err = ((out.cpu().double() - ref).abs().max() / ref.abs().max()).item()
+    assert err <= TOL[dtype], f"relative error {err:.2e}"
+
+
+def test_int4_checks_zero_points_and_groups():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.zeros(2, 64)
+    w13, s13, z13 = random_int4(3, 64, 64, 16, gen, torch.float16)
+    w2, s2, z2 = random_int4(3, 64, 32, 16, gen, torch.float16)
+    ids, weights = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1)
+    with pytest.raises(ValueError, match="zero points must be uint8"):
+        fused_moe(
+            hidden, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2, w13_zero=z13.int(),
+            w2_zero=z2,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="come together"):
+        fused_moe(hidden, w13, w2, weights, ids, w13_zero=z13, w2_zero=z2)
+    with pytest.raises(ValueError, match="4-bit w13"):
+        fused_moe(
+            hidden, w13[:, :, :16], w2, weights, ids, w13_scale=s13, w2_scale=s2, w13_zero=z13,
+            w2_zero=z2,
+        )  # fmt: skip
 
 
 def test_mxfp4_needs_both_scales_and_packed_shapes():

@@ -6,8 +6,10 @@ channels (tests/engine/test_packed_int.py's packer: no GPTQ calibration, so its 
 floor for a real GPTQ or AWQ release), with a float32 checkpoint of the values it holds. The 4-bit
 copy's routed experts stay packed on the host and cross the link so, each decoded as it lands in
 its slot; the float32 one's cross as float32. Both decode the same held-out prompts with half the
-experts resident over the same emulated link: outputs must be identical, bytes are not. The
-quality line is the original model against the 4-bit copy.
+experts resident over the same emulated link: outputs must be identical, bytes are not. Then the
+4-bit copy runs with every expert resident, its slots decoded or kept packed (`--int4-slots`):
+the memory they take and, on the CPU's torch path, what decoding on every use costs. The quality
+line is the original model against the 4-bit copy.
 
     .venv/bin/python benchmarks/int4_offload.py [--model models/expertflow-demo] [--group 64]
 """
@@ -26,11 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from fp8_offload import agreement, heldout_loss, link_arguments, link_table  # noqa: E402
+from fp8_offload import agreement, decode, heldout_loss, link_arguments, link_table  # noqa: E402
 from offload import heldout_prompts  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
 from tests.engine.test_packed_int import packed_and_reference  # noqa: E402
+
+SLOTS = ("decoded", "packed")  # on the CPU, packed slots are decoded on every use
 
 
 @torch.inference_mode()
@@ -52,6 +56,13 @@ def main() -> None:
     )
     flags = {"expert_cache_ratio": args.ratio, "link_gbps": args.link_gbps}
     link_table(reference, ("4-bit", int4), prompts, args.new_tokens, **flags)
+    runs = {slots: decode(int4, prompts, args.new_tokens, int4_slots=slots) for slots in SLOTS}
+    for slots, s in runs.items():
+        same = s["outputs"] == runs["decoded"]["outputs"]
+        print(
+            f"every expert resident, slots {slots}: {s['resident_expert_bytes'] / 2**20:.1f} MiB of "
+            f"slots, {s['tokens_per_s']:.1f} tok/s, outputs {'identical' if same else 'DIFFERENT'}"
+        )
     original, quantized = heldout_loss(Path(args.model), prompts), heldout_loss(int4, prompts)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     a = LLM(model=args.model, max_model_len=512).generate(prompts, params)

@@ -157,7 +157,7 @@ def main() -> None:
     a = LLM(model=args.model, max_model_len=512).generate(prompts, params)
     b = LLM(model=str(fp8), max_model_len=512).generate(prompts, params)
     rows = [("FP8 copy", quantized, b)]
-    for scheme in ("fp8", "mxfp4"):
+    for scheme in ("fp8", "mxfp4", "int4"):
         loss = heldout_loss(Path(args.model), prompts, expert_quantization=scheme)
         llm = LLM(model=args.model, max_model_len=512, expert_quantization=scheme)
         rows.append((f"experts {scheme} at load", loss, llm.generate(prompts, params)))

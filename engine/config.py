@@ -18,7 +18,7 @@ DEFAULT_MODEL = os.environ.get(
 )
 CACHE_POLICIES = ("lru", "lfu", "expertflow")
 PREDICTORS = ("none", "pregate", "rpp", "hybrid")
-EXPERT_QUANTIZATIONS = ("none", "fp8", "mxfp4")
+EXPERT_QUANTIZATIONS = ("none", "fp8", "mxfp4", "int4")
 PACKED_SLOTS = ("auto", "packed", "decoded")
 DEFAULT_MAX_NUM_SEQS = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -106,8 +106,8 @@ class EngineConfig:
     expert_quantization: str = flag(
         "none",
         "quantize a checkpoint's routed experts as they load: fp8 (block-wise; half of "
-        "bfloat16's host memory and link bytes) or mxfp4 (about a quarter); changes outputs by "
-        "the rounding",
+        "bfloat16's host memory and link bytes), mxfp4 or int4 (about a quarter); changes "
+        "outputs by the rounding",
         choices=EXPERT_QUANTIZATIONS,
     )
     mxfp4_slots: str = flag(

@@ -1,9 +1,11 @@
-"""`--expert-quantization fp8|mxfp4`: a 16 or 32-bit checkpoint's routed experts quantized on the
-host as they load, for families with no such release of their own (Llama 4, Mixtral, ...) and
+"""`--expert-quantization fp8|mxfp4|int4`: a 16 or 32-bit checkpoint's routed experts quantized on
+the host as they load, for families with no such release of their own (Llama 4, Mixtral, ...) and
 without a converted copy on disk (`expertflow quantize-fp8` cannot convert experts stored a
 tensor per layer). FP8 (block-wise, DeepSeek-V3's format) takes half of bfloat16's host memory
-and link bytes; MXFP4 (gpt-oss's format) about a quarter. Either is then served as a release in
-that format is: dequantized as it lands in a slot, or for MXFP4 on CUDA kept packed in the slot.
+and link bytes; MXFP4 (gpt-oss's format) and int4 (4-bit integers with a float16 scale and a
+zero point per group of input channels, kernels/int4.py) about a quarter. Each is then served
+as a release in that format is: dequantized as it lands in a slot, or for MXFP4 and int4 on CUDA
+kept packed in the slot.
 
 Each MoE layer is quantized as soon as its last expert weight lands and its wide copy freed, so
 loading never holds much more than the quantized experts plus the layers still arriving (Llama 4
@@ -16,16 +18,24 @@ import torch
 from engine.config import ConfigError
 from engine.host_experts import HostExperts
 from kernels.fp8 import FP8, quantize_blocks
+from kernels.int4 import quantize_int4
 from kernels.mxfp4 import BLOCK as MXFP4_BLOCK
 from kernels.mxfp4 import quantize_mxfp4
 
 BLOCK = (128, 128)  # FP8's: DeepSeek-V3's and Qwen3-FP8's
-ROWS = 1024  # rows quantized to MXFP4 at a time: bounds its temporaries to ~1 KiB a column
+ROWS = 1024  # rows quantized to MXFP4 or int4 at a time: bounds their temporaries
+INT4_GROUPS = (128, 64, 32)  # the widest that divides both the hidden and the expert size
+
+
+def int4_group(hidden: int, inter: int) -> int | None:
+    """The input channels a scale for `--expert-quantization int4`, None if none fits."""
+    return next((g for g in INT4_GROUPS if hidden % g == 0 and inter % g == 0), None)
 
 
 class ExpertQuantizer:
     """Counts the hub weights landing in each MoE layer's experts (`layer_of`: hub key -> layer)
-    and quantizes a layer, to `scheme` "fp8" or "mxfp4", once all of them have."""
+    and quantizes a layer, to `scheme` "fp8", "mxfp4" or "int4" (in groups of `group`), once
+    all of them have."""
 
     def __init__(
         self,
@@ -33,14 +43,17 @@ class ExpertQuantizer:
         layer_of: dict[str, int],
         scheme: str = "fp8",
         block: tuple[int, int] | None = None,
+        group: int = 128,
     ) -> None:
         self.experts, self.layer_of, self.scheme = experts, layer_of, scheme
-        self.block = block or BLOCK
+        self.block, self.group = block or BLOCK, group
         self.pending: dict[int, set[str]] = {}  # layer -> its expert weights still to land
         for key, layer in layer_of.items():
             self.pending.setdefault(layer, set()).add(key)
         if scheme == "fp8":
             experts.fp8_block = self.block
+        elif scheme == "int4":
+            experts.int4_group = group
         else:
             experts.mxfp4 = True
 
@@ -65,6 +78,8 @@ class ExpertQuantizer:
             wide = parts[name]  # [E, R, C] in the compute dtype
             if self.scheme == "fp8":
                 quantized, scales = self._fp8(wide)
+            elif self.scheme == "int4":
+                quantized, scales, parts[name + "_zero"] = self._int4(wide)
             else:
                 quantized, scales = self._mxfp4(wide)
             parts[name], parts[name + "_scale"] = quantized, scales
@@ -92,3 +107,18 @@ class ExpertQuantizer:
                     wide[e, lo : lo + ROWS]
                 )
         return blocks, scales
+
+    def _int4(self, wide: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> packed [E, R, C/2] uint8, float16 scales and uint8 zero points [E, R, C/group]."""
+        experts, rows, cols = wide.shape
+        groups = cols // self.group
+        packed = torch.empty(experts, rows, cols // 2, dtype=torch.uint8)
+        scales = torch.empty(experts, rows, groups, dtype=torch.float16)
+        zeros = torch.empty(experts, rows, groups, dtype=torch.uint8)
+        for e in range(experts):
+            for lo in range(0, rows, ROWS):
+                rows_of = slice(lo, lo + ROWS)
+                packed[e, rows_of], scales[e, rows_of], zeros[e, rows_of] = quantize_int4(
+                    wide[e, rows_of], self.group
+                )
+        return packed, scales, zeros

@@ -24,7 +24,7 @@ from engine.checkpoint_fp8 import (
 )
 from engine.checkpoint_packed_int import PackedWeights
 from engine.config import ConfigError
-from engine.expert_quantization import ExpertQuantizer
+from engine.expert_quantization import ExpertQuantizer, int4_group
 from engine.host_experts import HostExperts
 from engine.host_layout import allocate, destinations, expert_names
 from engine.model_config import ModelConfig
@@ -61,8 +61,8 @@ def load_model(
 ) -> tuple[MoECausalLM, HostExperts]:
     """Build the model on `device` with its resident weights, and the routed experts on the CPU.
     `fp8_experts`: an FP8 checkpoint's routed experts stay FP8 (else dequantized like the rest);
-    `quantize_experts` "fp8" or "mxfp4": other routed experts are quantized so as they load
-    (engine/expert_quantization.py; "mxfp4" takes an FP8 checkpoint's too)."""
+    `quantize_experts` "fp8", "mxfp4" or "int4": other routed experts are quantized so as they
+    load (engine/expert_quantization.py; "mxfp4" and "int4" take an FP8 checkpoint's too)."""
     path = Path(path)
     with torch.device("meta"):
         model = MoECausalLM(cfg)
@@ -80,7 +80,7 @@ def load_model(
     names = set() if fused else expert_names(spec, cfg)
     fp8 = (
         fp8_experts
-        and quantize_experts != "mxfp4"
+        and quantize_experts not in ("mxfp4", "int4")
         and block is not None
         and not fused
         and I % block[0] == 0  # else a block of rows would mix gate and up
@@ -105,11 +105,14 @@ def load_model(
     quantizer = None
     if quantize_experts and cfg.mxfp4_experts:
         raise ConfigError(f"expert_quantization={quantize_experts!r}: the experts are MXFP4")
-    if quantize_experts == "mxfp4" and (H % BLOCK or I % BLOCK):
-        raise ConfigError("expert_quantization='mxfp4' needs hidden and expert sizes in 32s")
+    if quantize_experts in ("mxfp4", "int4") and (H % BLOCK or I % BLOCK):
+        raise ConfigError(
+            f"expert_quantization={quantize_experts!r} needs hidden and expert sizes in 32s"
+        )
     if quantize_experts and not fp8:  # keys are model.layers.N....
         layer_of = {k: int(k.split(".")[2]) for k in (*expert_keys, *fused_keys)}
-        quantizer = ExpertQuantizer(experts, layer_of, quantize_experts)
+        group = int4_group(H, I) or BLOCK
+        quantizer = ExpertQuantizer(experts, layer_of, quantize_experts, group=group)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     stacked = stacked_keys(model)
     resident: dict[str, torch.Tensor] = {}

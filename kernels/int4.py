@@ -5,6 +5,7 @@ group of g consecutive columns (input channels); a value is (q - zero) * scale. 
 at g = 128: a quarter of bfloat16's bytes to hold and to copy. It is neither checkpoint's layout (both pack eight values into an
 int32, along different axes): the loader repacks each expert once, row-major like the slots, so
 that decoding one expert as it lands is two shifts, a subtraction and a multiply.
+`quantize_int4` rounds a float checkpoint's experts to it (`--expert-quantization int4`).
 """
 
 from __future__ import annotations
@@ -30,3 +31,16 @@ def dequantize_int4(
     q = q.unflatten(-1, (groups, -1)).float()  # [..., R, G, g]
     values = (q - zeros.float()[..., None]) * scales.float()[..., None]
     return values.flatten(-2).to(dtype)
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[..., R, C] (C a multiple of `group`) -> packed [..., R, C/2] uint8, float16 scales and
+    uint8 zero points [..., R, C/group]: each group's range [min, max] (widened to hold 0) in 15
+    steps, each value rounded to the nearest (round-to-nearest, as GPTQ and AWQ start from)."""
+    groups = w.float().unflatten(-1, (-1, group))  # [..., R, G, g]
+    lo = groups.amin(dim=-1).clamp(max=0)  # [..., R, G]
+    hi = groups.amax(dim=-1).clamp(min=0)
+    scales = ((hi - lo) / 15).clamp_min(torch.finfo(torch.float16).tiny).half()
+    zeros = torch.round(-lo / scales.float()).clamp(0, 15)
+    q = torch.round(groups / scales.float()[..., None]) + zeros[..., None]
+    return pack_int4(q.clamp(0, 15).flatten(-2)), scales, zeros.to(torch.uint8)

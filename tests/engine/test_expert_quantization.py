@@ -1,4 +1,4 @@
-"""`--expert-quantization fp8|mxfp4`: routed experts quantized as they load serve exactly as a
+"""`--expert-quantization fp8|mxfp4|int4`: routed experts quantized as they load serve exactly as a
 float checkpoint holding their quantized values, whichever way the hub stores experts (a tensor
 per expert and part, or one per layer and part, with biases), and a layer's wide copy is freed as
 soon as it is quantized."""
@@ -16,6 +16,7 @@ from engine import LLM, ConfigError, SamplingParams
 from engine.expert_quantization import ExpertQuantizer
 from engine.host_experts import HostExperts
 from kernels.fp8 import FP8, dequantize_blocks, quantize_blocks
+from kernels.int4 import dequantize_int4, quantize_int4
 from kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from tests.conftest import save_tiny_checkpoint
 from tests.engine.test_fp8 import fp8_and_reference
@@ -35,10 +36,19 @@ def mxfp4_rounded(w: torch.Tensor) -> torch.Tensor:
     return dequantize_mxfp4(*quantize_mxfp4(w), torch.float32)
 
 
+def int4_rounded(w: torch.Tensor) -> torch.Tensor:
+    """One expert's [R, C] weight as 4-bit integers represent it (the tiny models' sizes, 64 and
+    32, take groups of 32)."""
+    return dequantize_int4(*quantize_int4(w, 32), torch.float32)
+
+
+ROUNDED = {"fp8": fp8_rounded, "mxfp4": mxfp4_rounded, "int4": int4_rounded}
+
+
 def rounded_copy(source: Path, out: Path, scheme: str) -> Path:
     """`source` with every routed expert replaced by its quantized values, each expert's w13
     (gate rows, then up rows, [2I, H]) and w2 ([H, I]) quantized whole, in the hub's layout."""
-    rounded = fp8_rounded if scheme == "fp8" else mxfp4_rounded
+    rounded = ROUNDED[scheme]
     weights = load_file(source / "model.safetensors")
     for key in list(weights):
         if key.endswith(".experts.gate_up_proj") and weights[key].dim() == 3:
@@ -74,7 +84,7 @@ def rounded_copy(source: Path, out: Path, scheme: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("scheme", ["fp8", "mxfp4"])
+@pytest.mark.parametrize("scheme", ["fp8", "mxfp4", "int4"])
 @pytest.mark.parametrize("family", ["mixtral", "llama4", "gpt_oss"])
 @pytest.mark.parametrize(
     "offload",
@@ -94,8 +104,11 @@ def test_quantized_experts_serve_as_their_quantized_values(
     if scheme == "fp8":
         assert parts["w13"].dtype == FP8 and store.fp8_block == BLOCK
         assert parts["w13_scale"].shape[1:] == (-(-parts["w13"].shape[1] // 8), -(-64 // 16))
-    else:
+    elif scheme == "mxfp4":
         assert store.mxfp4 and parts["w13"].shape[2:] == (64 // 32, 16)
+    else:
+        assert store.int4_group == 32 and parts["w13"].shape[2:] == (64 // 2,)
+        assert parts["w13_scale"].dtype == torch.float16 and parts["w13_zero"].shape[2:] == (2,)
     plain = LLM(model=str(source), max_model_len=64).engine.offload.store
     shrink = 3 if scheme == "fp8" else 5  # float32 -> FP8, or MXFP4, and their scales
     assert store.expert_bytes < plain.expert_bytes / shrink
@@ -132,8 +145,9 @@ def test_contradictions_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="MXFP4"):
         LLM(model=str(packed), max_model_len=64, expert_quantization="fp8")
     narrow = save_tiny_checkpoint("glm4_moe", tmp_path / "glm")  # experts 16 wide
-    with pytest.raises(ConfigError, match="in 32s"):
-        LLM(model=str(narrow), max_model_len=64, expert_quantization="mxfp4")
+    for scheme in ("mxfp4", "int4"):
+        with pytest.raises(ConfigError, match="in 32s"):
+            LLM(model=str(narrow), max_model_len=64, expert_quantization=scheme)
 
 
 def test_an_expert_weight_given_twice_is_refused_not_written_into_freed_memory(
@@ -148,7 +162,23 @@ def test_an_expert_weight_given_twice_is_refused_not_written_into_freed_memory(
         LLM(model=str(source), max_model_len=64, expert_quantization="fp8")
 
 
-def test_an_fp8_checkpoints_experts_go_to_mxfp4(tmp_path: Path) -> None:
+@pytest.mark.parametrize("scheme", ["mxfp4", "int4"])
+def test_an_fp8_checkpoints_experts_go_to_4_bits(scheme: str, tmp_path: Path) -> None:
     fp8, _ = fp8_and_reference(save_tiny_checkpoint("qwen3_moe", tmp_path / "src"), tmp_path)
-    store = LLM(model=str(fp8), max_model_len=64, expert_quantization="mxfp4").engine.offload.store
-    assert store.mxfp4 and store.fp8_block is None
+    store = LLM(model=str(fp8), max_model_len=64, expert_quantization=scheme).engine.offload.store
+    assert (store.mxfp4, store.int4_group is not None) == (scheme == "mxfp4", scheme == "int4")
+    assert store.fp8_block is None
+
+
+def test_int4_rounds_each_value_to_its_groups_nearest_step() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 6, 64, generator=gen) * torch.tensor([0.01, 3.0])[:, None, None]
+    w[0, 0] = w[0, 0].abs()  # a group with no negative value: its range still holds 0
+    packed, scales, zeros = quantize_int4(w, 32)
+    assert packed.shape == (2, 6, 32) and scales.shape == zeros.shape == (2, 6, 2)
+    back = dequantize_int4(packed, scales, zeros, torch.float32)
+    step = scales.float().repeat_interleave(32, dim=-1)  # [2, 6, 64]
+    assert ((back - w).abs() <= 0.51 * step).all()
+    assert (back - w).abs().max() > 0.3 * step.min()  # it did round
+    on_grid = dequantize_int4(packed, scales, zeros, torch.float32)
+    assert torch.equal(dequantize_int4(*quantize_int4(on_grid, 32), torch.float32), on_grid)

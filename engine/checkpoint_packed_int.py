@@ -236,8 +236,9 @@ def integers(
         raise ConfigError(
             f"weight {prefix + packed_suffix!r} has no {zeros_key!r} or {scales_key!r}"
         )
-    if packed.dtype != torch.int32 or packed.dim() != 2:
-        raise ConfigError(f"weight {prefix + packed_suffix!r} should be 2-D int32 words")
+    for key, words in ((prefix + packed_suffix, packed), (zeros_key, side.get(zeros_key))):
+        if words is not None and (words.dtype != torch.int32 or words.dim() != 2):
+            raise ConfigError(f"{key!r} should be 2-D int32 words, not {words.dtype}")
     scales = side[scales_key]  # [groups, out]
     if fmt.method == "gptq":
         q = unpack(packed, fmt.bits, dim=0)  # [in, out]
@@ -253,7 +254,10 @@ def integers(
         scales = scales.T
         zeros = torch.full(scales.shape, fmt.zero_offset, dtype=torch.int32)  # signed 0
         if not symmetric:  # stored as values are: the offsets cancel
-            zeros = unpack(side[zeros_key], fmt.bits, dim=0)[: q.shape[1]].T
+            words = side[zeros_key]  # [ceil(out / p), groups]
+            if words.shape[0] != -(-q.shape[1] * fmt.bits // 32):
+                raise ConfigError(f"{zeros_key!r} should pack {q.shape[1]} rows of zero points")
+            zeros = unpack(words, fmt.bits, dim=0)[: q.shape[1]].T
     channels, out = q.shape
     group = fmt.group_size or channels
     g_idx = side.get(prefix + groups_suffix)

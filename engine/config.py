@@ -120,9 +120,10 @@ class EngineConfig:
     )
     int4_slots: str = flag(
         "auto",
-        "how device slots hold 4-bit experts (GPTQ, AWQ, pack-quantized): packed (decoded by the "
-        "kernel as it reads them; 3.8x the experts in the same memory at 128-channel groups), "
-        "decoded, or auto: packed on CUDA, decoded on the CPU",
+        "how device slots hold 4-bit experts (GPTQ, AWQ, pack-quantized, int4): packed "
+        "(decoded by the kernel as it reads them; 3.8x the experts in the same memory at "
+        "128-channel groups; its compiled Triton kernel is not yet measured on a GPU), decoded, "
+        "or auto: decoded for now",
         choices=PACKED_SLOTS,
     )
 
@@ -198,13 +199,14 @@ class EngineConfig:
         return max(1, (self.max_num_seqs or DEFAULT_MAX_NUM_SEQS) // 2)
 
     def packed_slots(self, int4: bool) -> bool:
-        """Whether MXFP4 (or, `int4`, 4-bit integer) experts stay packed in their slots: unless
-        decoded is asked for, or where no Triton kernel would read them (the CPU, or CUDA
-        without triton): the torch path decodes a packed slot on every use."""
+        """Whether MXFP4 (or, `int4`, 4-bit integer) experts stay packed in their slots: as
+        asked; by default MXFP4 unless no Triton kernel would read them (the CPU, or CUDA
+        without triton: the torch path decodes a packed slot on every use), 4-bit integers not
+        until their compiled kernel has been run and timed on a GPU."""
         asked = self.int4_slots if int4 else self.mxfp4_slots
         if asked != "auto":
             return asked == "packed"
-        return self.device == "cuda" and triton_backend() is not None
+        return not int4 and self.device == "cuda" and triton_backend() is not None
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -70,8 +70,8 @@ def fused_moe(
     top_k = topk_ids.shape[1]
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_weights(w13, w2, w13_scale, w2_scale, w13_zero, w2_zero, hidden)
     zeros = None if w13_zero is None or w2_zero is None else (w13_zero, w2_zero)
-    _check_weights(w13, w2, w13_scale, w2_scale, zeros, hidden)
     if topk_ids.shape != (num_tokens, top_k) or topk_weights.shape != topk_ids.shape:
         raise ValueError(
             f"topk_ids and topk_weights must be [{num_tokens}, k], "
@@ -123,37 +123,46 @@ def _check_weights(
     w2: torch.Tensor,
     w13_scale: torch.Tensor | None,
     w2_scale: torch.Tensor | None,
-    zeros: tuple[torch.Tensor, torch.Tensor] | None,
+    w13_zero: torch.Tensor | None,
+    w2_zero: torch.Tensor | None,
     hidden: torch.Tensor,
 ) -> None:
     """Weights of hidden's dtype, w13 [S, 2I, H] and w2 [S, H, I]; or MXFP4 blocks and scales;
     or grouped 4-bit integers, scales and zero points."""
     num_slots, two_inter, hidden_size = w13.shape[0], w13.shape[1], hidden.shape[1]
     inter = two_inter // 2
+    zeros = None if w13_zero is None or w2_zero is None else (w13_zero, w2_zero)
     if (w13_scale is None) != (w2_scale is None) or (zeros is not None and w13_scale is None):
         raise ValueError("w13_scale and w2_scale come together (MXFP4 or 4-bit weights)")
+    if (w13_zero is None) != (w2_zero is None):
+        raise ValueError("w13_zero and w2_zero come together (4-bit weights)")
     if w13_scale is None:
         shapes = ((num_slots, two_inter, hidden_size), (num_slots, hidden_size, inter))
         dtype, layout = hidden.dtype, f"w13 [S, 2I, {hidden_size}] and w2 [S, {hidden_size}, I]"
     elif zeros is not None:
         assert w2_scale is not None
-        inter = w2.shape[2] * 2
         shapes = ((num_slots, two_inter, hidden_size // 2), (num_slots, hidden_size, inter // 2))
         dtype, layout = torch.uint8, "4-bit w13 [S, 2I, H/2] and w2 [S, H, I/2]"
-        for scale, zero in zip((w13_scale, w2_scale), zeros, strict=True):
-            rows, groups = scale.shape[1:]
+        for scale, zero, (rows, cols) in zip(
+            (w13_scale, w2_scale),
+            zeros,
+            ((two_inter, hidden_size), (hidden_size, inter)),
+            strict=True,
+        ):
+            groups = scale.shape[-1]
+            if scale.dim() != 3 or scale.shape[:2] != (num_slots, rows) or cols % max(groups, 1):
+                raise ValueError(
+                    f"4-bit scales must be [{num_slots}, {rows}, groups dividing {cols}], got "
+                    f"{tuple(scale.shape)}"
+                )
+            if not scale.dtype.is_floating_point:
+                raise ValueError(f"4-bit scales must be floats, got {scale.dtype}")
             if (
                 zero.shape != scale.shape
                 or zero.dtype != torch.uint8
                 or zero.stride() != scale.stride()
             ):
                 raise ValueError("4-bit zero points must be uint8, laid out as their scales")
-            if groups < 1 or scale.shape[0] != num_slots:
-                raise ValueError(
-                    f"4-bit scales must be [S, rows, groups], got {tuple(scale.shape)}"
-                )
-        if hidden_size % w13_scale.shape[2] or inter % w2_scale.shape[2]:
-            raise ValueError("4-bit groups must divide the input channels")
     else:
         shapes = (
             (num_slots, two_inter, hidden_size // 32, 16),

@@ -64,12 +64,12 @@ class OffloadRuntime:
                 predictor, self.cache, self.store.layers, horizon, model.cfg.top_k
             )
         logger.info(
-            "expert cache: %d of %d experts resident (%.1f MiB of slots, %.1f%% of the experts' "
-            "device memory saved; %.1f MiB on the host%s), policy=%s, predictor=%s, link=%s",
+            "expert cache: %d of %d experts resident (%.1f MiB of slots, %.1f%% of the decoded "
+            "experts' device memory saved; %.1f MiB on the host%s), policy=%s, predictor=%s, link=%s",
             self.cache.num_slots,
             total,
             self.cache.resident_bytes / 2**20,
-            100 * (1 - self.cache.num_slots / total),
+            100 * (1 - self.cache.resident_bytes / (total * self.store.decoded_expert_bytes)),
             self.store.total_bytes / 2**20,
             self._stored_label(),
             config.cache_policy,

@@ -3,6 +3,8 @@ An FP8 (MXFP4, GPTQ or AWQ 4-bit) checkpoint's experts stay so here, with their 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from engine.host_experts import HostExperts
@@ -40,6 +42,12 @@ class ExpertStore:
     @property
     def num_total_experts(self) -> int:
         return len(self.layers) * self.num_experts
+
+    @property
+    def decoded_expert_bytes(self) -> int:
+        """What one expert takes decoded in a slot (its parts in the compute dtype)."""
+        itemsize = self.dtype.itemsize
+        return sum(math.prod(shape) * itemsize for shape in self.slot_shapes.values())
 
     @property
     def total_bytes(self) -> int:

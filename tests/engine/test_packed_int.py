@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, ConfigError, SamplingParams
+from engine import LLM, ConfigError, EngineConfig, SamplingParams
 from engine.checkpoint_packed_int import PackedIntFormat, dequantize_packed, unpack
 from engine.model_config import ModelConfig
 from engine.quantize import quantize_checkpoint
@@ -394,3 +394,46 @@ def test_quantize_fp8_refuses_packed_checkpoints(tmp_path: Path) -> None:
     packed, _ = packed_and_reference(source, tmp_path, "gptq", 16)
     with pytest.raises(ConfigError, match="already quantized"):
         quantize_checkpoint(packed, tmp_path / "fp8")
+
+
+@pytest.mark.parametrize("group", [0, 10], ids=["channel", "group-10"])
+def test_compressed_tensors_rows_and_columns_that_fill_no_whole_word(group: int) -> None:
+    """13 output rows and 70 input columns: the last word of each row, and of the zero points'
+    columns, is partly padding, cut by `weight_shape` and by the row count."""
+    out, channels = 13, 70
+    groups = channels // group if group else 1
+    gen = torch.Generator().manual_seed(group)
+    q = torch.randint(-8, 8, (out, channels), generator=gen)  # signed, as stored minus 8
+    zero = torch.randint(-8, 8, (out, groups), generator=gen)
+    scale = (torch.rand(out, groups, generator=gen) + 0.1).to(torch.bfloat16)
+
+    def padded(values: torch.Tensor, along: int) -> torch.Tensor:
+        """Pack values plus 8 along `along`, padded with zeros to whole words."""
+        pad = list(values.shape)
+        pad[along] = -values.shape[along] % 8
+        return words(torch.cat((values, values.new_zeros(pad)), along) + 8, 4, along=along)
+
+    side = {
+        "m.weight_scale": scale,
+        "m.weight_zero_point": padded(zero, 0),  # [2, groups]
+        "m.weight_shape": torch.tensor([out, channels]),
+    }
+    fmt = PackedIntFormat("compressed-tensors", 4, group, 8)
+    group_of = torch.arange(channels) // (group or channels)
+    expected = (q - zero[:, group_of]).float() * scale.float()[:, group_of]
+    assert torch.equal(dequantize_packed("m", padded(q, 1), side, fmt), expected)
+    unpacked_zero = {**side, "m.weight_zero_point": (zero + 8).to(torch.int8)}
+    with pytest.raises(ConfigError, match="int32 words"):
+        dequantize_packed("m", padded(q, 1), unpacked_zero, fmt)
+    with pytest.raises(ConfigError, match="13 rows"):
+        dequantize_packed("m", padded(q, 1), {**side, "m.weight_zero_point": words(
+            torch.zeros(24, groups, dtype=torch.long), 4, along=0)}, fmt)  # fmt: skip
+
+
+def test_packed_4bit_slots_are_opt_in() -> None:
+    """Packed 4-bit slots wait for their compiled kernel to be timed on a GPU; MXFP4's default
+    is unchanged (decoded on the CPU)."""
+    assert not EngineConfig().packed_slots(int4=True)
+    assert EngineConfig(int4_slots="packed").packed_slots(int4=True)
+    assert not EngineConfig(int4_slots="packed").packed_slots(int4=False)
+    assert EngineConfig(mxfp4_slots="packed").packed_slots(int4=False)

@@ -334,15 +334,18 @@ def random_int4(
 
 @pytest.mark.parametrize(("device", "backend"), TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(("num_tokens", "top_k", "group"), [(3, 2, 16), (40, 4, 32)])
-def test_int4_weights_decoded_as_read(device, backend, dtype, num_tokens, top_k, group):
+@pytest.mark.parametrize(
+    ("num_tokens", "top_k", "group13", "group2"), [(3, 2, 16, 32), (40, 4, 32, 16)]
+)
+def test_int4_weights_decoded_as_read(device, backend, dtype, num_tokens, top_k, group13, group2):
     """4-bit slots (GPTQ's, AWQ's, kept packed): the output of the same weights decoded first.
-    The hidden size (64) spans several groups, the intermediate size (96) too, neither a tile."""
+    The hidden size (64) spans several groups, the intermediate size (96) too, neither a tile;
+    the two GEMMs' groups differ."""
     hidden_size, inter, slots = 64, 96, 12
     gen = torch.Generator().manual_seed(num_tokens)
     hidden = torch.randn(num_tokens, hidden_size, generator=gen).to(dtype)
-    w13, s13, z13 = random_int4(slots, 2 * inter, hidden_size, group, gen, torch.float16)
-    w2, s2, z2 = random_int4(slots, hidden_size, inter, group, gen, torch.bfloat16)
+    w13, s13, z13 = random_int4(slots, 2 * inter, hidden_size, group13, gen, torch.float16)
+    w2, s2, z2 = random_int4(slots, hidden_size, inter, group2, gen, torch.bfloat16)
     decoded = [dequantize_int4(w, s, z, dtype) for w, s, z in ((w13, s13, z13), (w2, s2, z2))]
     ids = torch.stack([torch.randperm(slots, generator=gen)[:top_k] for _ in range(num_tokens)])
     weights = torch.rand(num_tokens, top_k, generator=gen) + 0.1
@@ -376,6 +379,21 @@ def test_int4_checks_zero_points_and_groups():
             hidden, w13[:, :, :16], w2, weights, ids, w13_scale=s13, w2_scale=s2, w13_zero=z13,
             w2_zero=z2,
         )  # fmt: skip
+    four_bit = dict(w13_scale=s13, w2_scale=s2, w13_zero=z13, w2_zero=z2)
+    bad = [
+        ({"w2_zero": None}, "come together"),  # one zero point tensor
+        ({"w13_scale": s13[:, :8], "w13_zero": z13[:, :8]}, "4-bit scales must be"),  # rows
+        ({"w13_scale": z13, "w13_zero": z13}, "must be floats"),
+        ({"w13_scale": s13[:, :, :1].expand(3, 64, 3), "w13_zero": z13[:, :, :1].expand(3, 64, 3)},
+         "groups dividing"),
+        ({"w13_zero": z13.transpose(1, 2).contiguous().transpose(1, 2)}, "laid out as"),
+    ]  # fmt: skip
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            fused_moe(hidden, w13, w2, weights, ids, **{**four_bit, **change})
+    mismatched_w2 = torch.zeros(3, 64, 32, dtype=torch.uint8)  # I = 64, w13 says 32
+    with pytest.raises(ValueError, match="4-bit w13"):
+        fused_moe(hidden, w13, mismatched_w2, weights, ids, **four_bit)
 
 
 def test_mxfp4_needs_both_scales_and_packed_shapes():

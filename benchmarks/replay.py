@@ -47,11 +47,19 @@ class Cost:
     layer_s: float
 
 
-# Assumptions, stated: bf16 experts; effective PCIe 4.0 x16 ~25 GB/s, PCIe 5.0 x16 ~50 GB/s; batch-1
+# Assumptions, stated: bf16 experts (but for the 4-bit row); effective PCIe 4.0 x16 ~25 GB/s, PCIe 5.0 x16 ~50 GB/s; batch-1
 # decode layer time on an H100 ~ reading the active experts at ~3 TB/s plus ~50 us of attention.
 SCALES = {
     "mixtral-8x7b-pcie4": Cost(
         "Mixtral-8x7B, PCIe 4.0", 3 * 4096 * 14336 * 2, 25e9, 2 * 352e6 / 3e12 + 50e-6
+    ),
+    # A GPTQ/AWQ release kept 4-bit (kernels/int4.py): half a byte a value and 3 bytes (a 16-bit
+    # scale, a zero point) a group of 128 = 67/128 of a byte; the kernel reads that much too
+    "mixtral-8x7b-int4-pcie4": Cost(
+        "Mixtral-8x7B 4-bit (GPTQ/AWQ), PCIe 4.0",
+        3 * 4096 * 14336 * 67 // 128,
+        25e9,
+        2 * (3 * 4096 * 14336 * 67 / 128) / 3e12 + 50e-6,
     ),
     "qwen3-30b-a3b-pcie5": Cost(
         "Qwen3-30B-A3B, PCIe 5.0", 3 * 2048 * 768 * 2, 50e9, 8 * 9.4e6 / 3e12 + 50e-6

@@ -4,7 +4,8 @@ known tokens (prompt + generated) within a token budget, so prefill chunks and d
 Admission needs free KV blocks, and first takes the cached blocks of the sequence's known prefix
 (see blocks.py). A request's later choices (n > 1) wait until its first has computed their shared
 prompt's full blocks, then take them from the cache: the prompt is computed once, not n times.
-Their seats are kept meanwhile, so a later request cannot overtake them.
+Their seats are kept meanwhile, so a later request cannot overtake them; choices that wait for a
+seat after that find the prompt's blocks pinned (`_keep_prompts`), however far their first runs.
 When a running sequence cannot grow, the newest running sequence is preempted (its
 blocks freed, recomputed later, from the prefix cache where its blocks survive). Pure policy over plain data: sequences only need the
 attributes of `SchedulableSeq`.
@@ -66,6 +67,7 @@ class Scheduler:
         self.config, self.blocks, self.selector = config, blocks, selector
         self.waiting: deque[SchedulableSeq] = deque()
         self.running: list[SchedulableSeq] = []
+        self._pins: dict[int, SchedulableSeq] = {}  # pin owner -> the first choice it serves
 
     def add(self, seq: SchedulableSeq) -> None:
         self.waiting.append(seq)
@@ -75,6 +77,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
+        self._keep_prompts()
         budget = self.config.max_num_batched_tokens
         skipped = self._deferred_decodes()
         i = 0
@@ -147,6 +150,33 @@ class Scheduler:
             s.prompt_sibling is seq for s in self.waiting
         )
 
+    def _keep_prompts(self) -> None:
+        """Pin the shared prompt blocks of each first choice whose later choices wait for a seat,
+        unpin them once none waits. Otherwise the first, decoding on, hands a local layer's
+        window blocks back (or, finishing, all of them), and other sequences may reuse them
+        before the later choices start."""
+        firsts = {
+            s.prompt_sibling.seq_id: s.prompt_sibling
+            for s in self.waiting
+            if s.prompt_sibling is not None and s.prefix_cacheable
+        }
+        for owner, first in list(self._pins.items()):
+            if first.seq_id not in firsts:
+                self.blocks.free(owner)
+                del self._pins[owner]
+        pinned = {first.seq_id for first in self._pins.values()}
+        for seq_id, first in firsts.items():
+            shared = self._shareable(first)
+            if (
+                self.blocks.prefix_caching
+                and seq_id not in pinned
+                and first in self.running
+                and 0 < shared <= first.num_computed_tokens
+            ):
+                owner = -1 - seq_id  # no sequence's id
+                self.blocks.pin(owner, seq_id, shared)
+                self._pins[owner] = first
+
     def _deferred_decodes(self) -> set[int]:
         """Decodes the step selector leaves out of this step (none without a selector)."""
         if self.selector is None:
@@ -177,3 +207,4 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq.seq_id)
+        self._keep_prompts()  # an aborted request's pins go with its last waiting choice

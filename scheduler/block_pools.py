@@ -96,6 +96,15 @@ class WindowedBlocks:
             assert self.local.take_window(seq_id, names[:end], first)
         return end * bs
 
+    def pin(self, owner: int, seq_id: int, num_tokens: int) -> None:
+        """Hold the sequence's first `num_tokens` under `owner`: every block in the full pool,
+        the window before their end in the local one (what a sequence resuming there takes)."""
+        end = num_tokens // self.full.block_size
+        names = self.full.chain(seq_id)[:end]
+        self.full.take_window(owner, names, 0)
+        first = max(0, self.window.first_key(end * self.full.block_size)) // self.full.block_size
+        self.local.take_window(owner, names, first)  # nothing if a block was reused already
+
     def computed(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
         """Name both pools' new full blocks, and hand back the local blocks the next token's
         window no longer reaches."""

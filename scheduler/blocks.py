@@ -136,6 +136,11 @@ class BlockAllocator:
             self._chains[seq_id] = list(names)
         return True
 
+    def pin(self, owner: int, seq_id: int, num_tokens: int) -> None:
+        """Hold the sequence's first `num_tokens` (whole blocks, computed) under `owner`, a key
+        no sequence uses, until `free(owner)`: they stay cached whatever the sequence does."""
+        self.take_window(owner, self.chain(seq_id)[: num_tokens // self.block_size], 0)
+
     def match(self, seq_id: int, token_ids: list[int]) -> int:
         """Give a sequence without blocks the cached blocks of its longest known prefix; returns the
         tokens they hold. The last token is always left to compute: its logits are needed."""

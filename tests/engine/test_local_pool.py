@@ -100,3 +100,33 @@ def test_tracing_prefills_a_whole_context_through_the_local_pool(tmp_path: Path)
     sequence = [1, *range(10, 109)]  # 100 tokens, longer than the windows and the step budget
     traces = trace_sequences(llm, [sequence], ["doc"])
     assert len(traces) == len(sequence) and llm.engine.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("family", ["llama4", "gpt_oss"])
+def test_later_choices_waiting_for_a_seat_still_resume_after_the_prompt(
+    family: str, tmp_path: Path
+) -> None:
+    """Two seats, four choices: the last two start only once one of the first two finishes, 60
+    tokens past the prompt, by when their local window has long handed the prompt's blocks back.
+    The prompt's blocks stay pinned for them, so each resumes after the prompt's full blocks;
+    the pins go with the request, finished or aborted."""
+    path = save_tiny_checkpoint(family, tmp_path)
+    prompt = [1, *range(40, 81)]  # 42 tokens: 40 in full blocks of 4
+    params = SamplingParams(n=4, max_tokens=60, temperature=0.8, seed=3, ignore_eos=True)
+    llm, plain = small_pool(path), small_pool(path, enable_prefix_caching=False)
+    engine = llm.engine
+    engine.add_request("r", prompt, params)
+    choices = engine.requests["r"].seqs
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert [s.num_cached_tokens for s in choices] == [0, 40, 40, 40]
+    assert engine.blocks.num_used == 0
+    [expected] = plain.generate([prompt], params)
+    assert [c.token_ids for c in outputs[-1].outputs] == [c.token_ids for c in expected.outputs]
+    engine.add_request("aborted", prompt, params)
+    for _ in range(20):  # the first two choices decode, the last two wait on pinned blocks
+        engine.step()
+    assert engine.scheduler._pins and engine.blocks.num_used > 0
+    engine.abort("aborted")
+    assert engine.blocks.num_used == 0 and not engine.scheduler._pins

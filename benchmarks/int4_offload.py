@@ -32,7 +32,7 @@ from fp8_offload import agreement, decode, heldout_loss, link_arguments, link_ta
 from offload import heldout_prompts  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
-from tests.engine.test_packed_int import packed_and_reference  # noqa: E402
+from tests.packed_checkpoints import packed_and_reference  # noqa: E402
 
 SLOTS = ("decoded", "packed")  # on the CPU, packed slots are decoded on every use
 

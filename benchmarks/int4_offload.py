@@ -2,7 +2,7 @@
 transfers and stall, on the demo model.
 
 A GPTQ-format copy of the demo model is written by round-to-nearest in groups of `--group` input
-channels (tests/engine/test_packed_int.py's packer: no GPTQ calibration, so its quality is a
+channels (tests/packed_checkpoints.py's packer: no GPTQ calibration, so its quality is a
 floor for a real GPTQ or AWQ release), with a float32 checkpoint of the values it holds. The 4-bit
 copy's routed experts stay packed on the host and cross the link so, each decoded as it lands in
 its slot; the float32 one's cross as float32. Both decode the same held-out prompts with half the
@@ -60,7 +60,8 @@ def main() -> None:
     for slots, s in runs.items():
         same = s["outputs"] == runs["decoded"]["outputs"]
         print(
-            f"every expert resident, slots {slots}: {s['resident_expert_bytes'] / 2**20:.1f} MiB of "
+            f"every expert resident, slots {slots}: "
+            f"{s['resident_expert_bytes'] / 2**20:.1f} MiB of "
             f"slots, {s['tokens_per_s']:.1f} tok/s, outputs {'identical' if same else 'DIFFERENT'}"
         )
     original, quantized = heldout_loss(Path(args.model), prompts), heldout_loss(int4, prompts)

@@ -47,8 +47,9 @@ class Cost:
     layer_s: float
 
 
-# Assumptions, stated: bf16 experts (but for the 4-bit row); effective PCIe 4.0 x16 ~25 GB/s, PCIe 5.0 x16 ~50 GB/s; batch-1
-# decode layer time on an H100 ~ reading the active experts at ~3 TB/s plus ~50 us of attention.
+# Assumptions, stated: bf16 experts (but for the 4-bit row); effective PCIe 4.0 x16 ~25 GB/s,
+# PCIe 5.0 x16 ~50 GB/s; batch-1 decode layer time on an H100 ~ reading the active experts at
+# ~3 TB/s plus ~50 us of attention.
 SCALES = {
     "mixtral-8x7b-pcie4": Cost(
         "Mixtral-8x7B, PCIe 4.0", 3 * 4096 * 14336 * 2, 25e9, 2 * 352e6 / 3e12 + 50e-6

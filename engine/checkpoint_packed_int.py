@@ -1,9 +1,9 @@
 """GPTQ, AWQ and compressed-tensors' pack-quantized checkpoints as they lie on disk: each
 quantized linear layer's integer weights packed 32 // bits to an int32, with a scale and an
 integer zero point per group of `group_size` input channels. engine/loader.py dequantizes them
-as they load, into the serving dtype, so every family and path serves them unchanged; routed
-experts can then be quantized again to FP8 or MXFP4 (`--expert-quantization`) to keep their host
-memory small.
+as they load, into the serving dtype, so every family and path serves them unchanged; 4-bit
+routed experts in whole groups of consecutive channels are instead repacked into the host layout
+of kernels/int4.py (`PackedWeights.keeps_packed`, `copy_grouped`) and stay 4-bit.
 
 The formats differ in layout and names, not in arithmetic, w = (q - zero) * scale:
 - GPTQ (AutoGPTQ, GPTQModel): `qweight` [in / p, out] packs input channels, value j of a word in

@@ -120,7 +120,7 @@ class EngineConfig:
     )
     int4_slots: str = flag(
         "auto",
-        "how device slots hold 4-bit experts (GPTQ, AWQ, pack-quantized, int4): packed "
+        "how device slots hold 4-bit experts (GPTQ, AWQ, pack-quantized, int4 at load): packed "
         "(decoded by the kernel as it reads them; 3.8x the experts in the same memory at "
         "128-channel groups; its compiled Triton kernel is not yet measured on a GPU), decoded, "
         "or auto: decoded for now",

@@ -4,8 +4,8 @@ without a converted copy on disk (`expertflow quantize-fp8` cannot convert exper
 tensor per layer). FP8 (block-wise, DeepSeek-V3's format) takes half of bfloat16's host memory
 and link bytes; MXFP4 (gpt-oss's format) and int4 (4-bit integers with a float16 scale and a
 zero point per group of input channels, kernels/int4.py) about a quarter. Each is then served
-as a release in that format is: dequantized as it lands in a slot, or for MXFP4 and int4 on CUDA
-kept packed in the slot.
+as a release in that format is: dequantized as it lands in a slot, or for MXFP4 and int4 kept
+packed in the slot where `--mxfp4-slots` / `--int4-slots` say so.
 
 Each MoE layer is quantized as soon as its last expert weight lands and its wide copy freed, so
 loading never holds much more than the quantized experts plus the layers still arriving (Llama 4

@@ -1,7 +1,8 @@
-"""The parts of a config.json that differ by family, read into ModelConfig's fields: routing,
-local attention windows, DeepSeek's latent attention and GLM's partial rotary, gpt-oss's and
-MiniMax-M2's specifics, and quantized weights (block-wise FP8, MXFP4, GPTQ and AWQ). What transformers assumes
-for fields left out, and scaled rotary frequencies, are in engine/hf_config.py."""
+"""The parts of a config.json that differ by family, read into ModelConfig's fields: routing, local
+attention windows, DeepSeek's latent attention and GLM's partial rotary, gpt-oss's and
+MiniMax-M2's specifics, and quantized weights (block-wise FP8, MXFP4, GPTQ, AWQ, pack-quantized).
+What transformers assumes for fields left out, and scaled rotary frequencies, are in
+engine/hf_config.py."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ class LinearAttentionConfig:
 
     def state_bytes(self, itemsize: int) -> int:
         """One sequence's state over every linear layer: the convolution's last K-1 inputs in
-        the cache dtype (`itemsize` bytes) and the float32 delta-rule matrix."""
+        the serving dtype (`itemsize` bytes) and the float32 delta-rule matrix."""
         conv = self.conv_dim * (self.conv_kernel - 1) * itemsize
         recurrent = self.num_value_heads * self.key_head_dim * self.value_head_dim * 4
         return len(self.layers) * (conv + recurrent)

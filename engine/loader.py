@@ -87,10 +87,12 @@ def load_model(
         and all_e4m3_with_scales(files, names, scales)
     )
     int4 = None  # GPTQ's, AWQ's or pack-quantized 4-bit experts stay so: their scales' dtype
-    if packed is not None and names and not quantize_experts:
+    if packed is not None and names and quantize_experts in (None, "int4"):
         int4 = packed.keeps_packed({n.removesuffix(".weight") for n in names}, (H, I))
-    group = packed.fmt.group_size if packed is not None and int4 is not None else None
-    experts = allocate(cfg, dtype, block if fp8 else None, group, int4 or dtype)
+    if int4 is not None:
+        quantize_experts = None  # int4 already: rounding them again would only lose
+    kept_group = packed.fmt.group_size if packed is not None and int4 is not None else None
+    experts = allocate(cfg, dtype, block if fp8 else None, kept_group, int4 or dtype)
     # fused hub key -> (our part of the layer's experts, its conversion)
     fused_keys = {
         spec.fused_expert_key(layer, hub): (experts.layers[layer][part], convert)
@@ -111,7 +113,7 @@ def load_model(
         )
     if quantize_experts and not fp8:  # keys are model.layers.N....
         layer_of = {k: int(k.split(".")[2]) for k in (*expert_keys, *fused_keys)}
-        group = int4_group(H, I) or BLOCK
+        group = int4_group(H, I) or 0  # sizes in 32s: a group always fits
         quantizer = ExpertQuantizer(experts, layer_of, quantize_experts, group=group)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     stacked = stacked_keys(model)

@@ -94,7 +94,7 @@ class ModelConfig:
     attention_scale: float | None = None  # softmax scale; None: 1/sqrt(query head dim)
     partial_rotary_factor: float = 1.0  # GLM-4.5 turns the first half of each head, not all
     fp8_block: tuple[int, int] | None = None  # block-wise FP8 weights, dequantized at load
-    packed_int: PackedIntFormat | None = None  # GPTQ's or AWQ's integer weights, dequantized so
+    packed_int: PackedIntFormat | None = None  # GPTQ's, AWQ's or pack-quantized integer weights
     o_bias: bool = False  # a bias on the attention's output projection (gpt-oss)
     attention_sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax
     local_attention: LocalAttention | None = None  # a sliding window or chunks, on local_layers

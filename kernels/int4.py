@@ -1,11 +1,11 @@
-"""Grouped 4-bit integers, the layout GPTQ and AWQ routed experts keep in host memory and over the
-link: a weight [R, C] is stored as bytes [R, C/2] (two values a byte, the lower nibble first),
+"""Grouped 4-bit integers, the layout 4-bit routed experts (GPTQ, AWQ, pack-quantized, or
+`--expert-quantization int4`) keep in host memory, over the link and, opted in, in the slots: a weight [R, C] is stored as bytes [R, C/2] (two values a byte, the lower nibble first),
 with a scale (float16 or bfloat16, as the checkpoint has it) and a uint8 zero point [R, C/g] per
 group of g consecutive columns (input channels); a value is (q - zero) * scale. 4.2 bits a value
-at g = 128: a quarter of bfloat16's bytes to hold and to copy. It is neither checkpoint's layout (both pack eight values into an
-int32, along different axes): the loader repacks each expert once, row-major like the slots, so
-that decoding one expert as it lands is two shifts, a subtraction and a multiply.
-`quantize_int4` rounds a float checkpoint's experts to it (`--expert-quantization int4`).
+at g = 128: a quarter of bfloat16's bytes to hold and to copy. It is neither checkpoint's layout
+(both pack eight values into an int32, along different axes): the loader repacks each expert
+once, row-major like the slots, so that decoding one expert as it lands is two shifts, a
+subtraction and a multiply. `quantize_int4` rounds a float checkpoint's experts to it.
 """
 
 from __future__ import annotations

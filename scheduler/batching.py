@@ -5,7 +5,8 @@ Admission needs free KV blocks, and first takes the cached blocks of the sequenc
 (see blocks.py). A request's later choices (n > 1) wait until its first has computed their shared
 prompt's full blocks, then take them from the cache: the prompt is computed once, not n times.
 Their seats are kept meanwhile, so a later request cannot overtake them; choices that wait for a
-seat after that find the prompt's blocks pinned (`_keep_prompts`), however far their first runs.
+seat after that find the prompt's blocks pinned (`_keep_prompts`), however far their first runs,
+unless memory runs short.
 When a running sequence cannot grow, the newest running sequence is preempted (its
 blocks freed, recomputed later, from the prefix cache where its blocks survive). Pure policy over plain data: sequences only need the
 attributes of `SchedulableSeq`.
@@ -19,6 +20,8 @@ from typing import Protocol
 
 from scheduler.blocks import BlockAllocator
 from scheduler.step_selector import StepSelector
+
+PIN_OWNERS = -(1 << 40)  # pins are held under PIN_OWNERS - seq_id: below every borrowed id
 
 
 class SchedulableSeq(Protocol):
@@ -154,26 +157,29 @@ class Scheduler:
         """Pin the shared prompt blocks of each first choice whose later choices wait for a seat,
         unpin them once none waits. Otherwise the first, decoding on, hands a local layer's
         window blocks back (or, finishing, all of them), and other sequences may reuse them
-        before the later choices start."""
+        before the later choices start. Pins give way to memory: a preempted first's, and all
+        of them while nothing runs, go (the blocks stay cached, unpinned). Linear-attention
+        models resume from the first's kept state instead, which a pin would not keep."""
         firsts = {
             s.prompt_sibling.seq_id: s.prompt_sibling
             for s in self.waiting
             if s.prompt_sibling is not None and s.prefix_cacheable
         }
         for owner, first in list(self._pins.items()):
-            if first.seq_id not in firsts:
+            if first.seq_id not in firsts or first in self.waiting or not self.running:
                 self.blocks.free(owner)
                 del self._pins[owner]
+        if not self.blocks.prefix_caching or self.blocks.resumable is not None:
+            return
         pinned = {first.seq_id for first in self._pins.values()}
         for seq_id, first in firsts.items():
             shared = self._shareable(first)
             if (
-                self.blocks.prefix_caching
-                and seq_id not in pinned
+                seq_id not in pinned
                 and first in self.running
                 and 0 < shared <= first.num_computed_tokens
             ):
-                owner = -1 - seq_id  # no sequence's id
+                owner = PIN_OWNERS - seq_id  # no sequence's id, nor one borrowed for tracing
                 self.blocks.pin(owner, seq_id, shared)
                 self._pins[owner] = first
 
@@ -199,6 +205,7 @@ class Scheduler:
         self.blocks.free(seq.seq_id)
         seq.num_computed_tokens = 0
         self.waiting.appendleft(seq)
+        self._keep_prompts()  # a preempted first's pin goes: memory is short
 
     def finish(self, seq: SchedulableSeq) -> None:
         """Drop a finished or aborted sequence from either queue and free its blocks."""

@@ -65,7 +65,8 @@ class OffloadRuntime:
             )
         logger.info(
             "expert cache: %d of %d experts resident (%.1f MiB of slots, %.1f%% of the decoded "
-            "experts' device memory saved; %.1f MiB on the host%s), policy=%s, predictor=%s, link=%s",
+            "experts' device memory saved; %.1f MiB on the host%s), policy=%s, predictor=%s, "
+            "link=%s",
             self.cache.num_slots,
             total,
             self.cache.resident_bytes / 2**20,

@@ -1,5 +1,6 @@
 """ExpertStore: the host tier. Every routed expert's weights, loaded once, pinned when CUDA is used.
-An FP8 (MXFP4, GPTQ or AWQ 4-bit) checkpoint's experts stay so here, with their scales, and cross the link so."""
+FP8, MXFP4 and 4-bit integer experts (a quantized release's, or `--expert-quantization`'s) stay
+so here, with their scales, and cross the link so."""
 
 from __future__ import annotations
 

@@ -130,3 +130,33 @@ def test_later_choices_waiting_for_a_seat_still_resume_after_the_prompt(
     assert engine.scheduler._pins and engine.blocks.num_used > 0
     engine.abort("aborted")
     assert engine.blocks.num_used == 0 and not engine.scheduler._pins
+
+
+def test_pins_give_way_when_memory_runs_short(tmp_path: Path) -> None:
+    """A first choice preempted while its later choices wait drops its pin, and nothing stays
+    pinned while nothing runs: the queue drains (a pin held through that once starved it), with
+    the outputs of an engine without prefix caching. Linear-attention models take no pins."""
+    path = save_tiny_checkpoint("mixtral", tmp_path / "mixtral")
+    flags = dict(max_model_len=64, block_size=4, max_num_seqs=2, max_num_batched_tokens=4)
+    llm = LLM(model=str(path), kv_cache_blocks=16, **flags)
+    plain = LLM(model=str(path), kv_cache_blocks=16, enable_prefix_caching=False, **flags)
+    long = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    pair = SamplingParams(n=2, max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [[1, *range(100, 113)], [1, *range(200, 228)]]
+    engine, outputs = llm.engine, {}
+    engine.add_request("long", prompts[0], long)
+    engine.add_request("pair", prompts[1], pair)
+    for _ in range(500):
+        if not engine.has_unfinished():
+            break
+        outputs.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert not engine.has_unfinished() and engine.blocks.num_used == 0
+    expected = plain.generate(prompts, [long, pair])
+    for request_id, want in zip(("long", "pair"), expected, strict=True):
+        got = [c.token_ids for c in outputs[request_id].outputs]
+        assert got == [c.token_ids for c in want.outputs]
+    hybrid = LLM(model=str(save_tiny_checkpoint("qwen3_next", tmp_path / "next")), **flags)
+    hybrid.engine.add_request("n", prompts[1], SamplingParams(n=3, max_tokens=20))
+    for _ in range(30):
+        hybrid.engine.step()
+        assert not hybrid.engine.scheduler._pins

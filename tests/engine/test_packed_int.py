@@ -171,3 +171,16 @@ def test_quantize_fp8_refuses_packed_checkpoints(tmp_path: Path) -> None:
     packed, _ = packed_and_reference(source, tmp_path, "gptq", 16)
     with pytest.raises(ConfigError, match="already quantized"):
         quantize_checkpoint(packed, tmp_path / "fp8")
+
+
+def test_int4_at_load_keeps_a_4bit_checkpoints_own_integers(tmp_path: Path) -> None:
+    """`--expert-quantization int4` on experts already 4-bit: kept as the checkpoint has them,
+    not dequantized and rounded again."""
+    source = save_tiny_checkpoint("mixtral", tmp_path / "src")
+    packed, reference = packed_and_reference(source, tmp_path, "gptq", 16)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    llm = LLM(model=str(packed), max_model_len=64, expert_quantization="int4")
+    assert llm.engine.offload.store.int4_group == 16  # the checkpoint's groups, not 32
+    ours = llm.generate(PROMPTS, params)
+    theirs = LLM(model=str(reference), max_model_len=64).generate(PROMPTS, params)
+    assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in theirs]

@@ -4,41 +4,18 @@ step's attention reads a run of whole blocks back from it (`gather`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
-from engine.config import DEFAULT_MAX_NUM_SEQS, ConfigError, EngineConfig
+from engine.config import ConfigError, EngineConfig
 from engine.model_config import ModelConfig
 from kernels.fp8 import widen
 
 logger = logging.getLogger(__name__)
 DEFAULT_KV_BYTES = 1 << 30  # KV budget when --kv-cache-blocks is not given
-DEFAULT_STATE_BYTES = 1 << 30  # linear-attention states when --max-num-seqs is not given
-
-
-def with_max_num_seqs(mc: ModelConfig, cfg: EngineConfig) -> EngineConfig:
-    """`cfg` with --max-num-seqs settled: as given, or DEFAULT_MAX_NUM_SEQS, lowered for a
-    linear-attention model to what DEFAULT_STATE_BYTES holds of its states (each running
-    sequence's and, with prefix caching, as many snapshots), allocated at start like the KV."""
-    if cfg.max_num_seqs is not None:
-        return cfg
-    seqs = DEFAULT_MAX_NUM_SEQS
-    if mc.linear_attention is not None:
-        copies = 2 if cfg.enable_prefix_caching else 1
-        per_seq = copies * mc.linear_attention.state_bytes(cfg.torch_dtype.itemsize)
-        seqs = max(1, min(seqs, DEFAULT_STATE_BYTES // per_seq))
-        if seqs < DEFAULT_MAX_NUM_SEQS:
-            logger.warning(
-                "max_num_seqs=%d: %.0f MiB of linear-attention state a sequence; set "
-                "--max-num-seqs for more",
-                seqs,
-                per_seq / 2**20,
-            )
-    return dataclasses.replace(cfg, max_num_seqs=seqs)
 
 
 def num_kv_blocks(mc: ModelConfig, cfg: EngineConfig, max_model_len: int) -> int:

@@ -11,7 +11,8 @@ from transformers import AutoTokenizer
 from engine.config import ConfigError, EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.guided import GrammarCompiler, Guide
-from engine.kv_cache import KVCache, local_kv_blocks, num_kv_blocks, with_max_num_seqs
+from engine.kv_cache import KVCache, local_kv_blocks, num_kv_blocks
+from engine.linear_state import with_max_num_seqs
 from engine.loader import load_model
 from engine.metrics import EngineMetrics
 from engine.model_config import ModelConfig, generation_eos_ids

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine import kv_cache as kv_cache_module
+from engine import linear_state as linear_state_module
 from engine.config import DEFAULT_MAX_NUM_SEQS
-from engine.kv_cache import with_max_num_seqs
-from engine.linear_state import LinearStates
+from engine.linear_state import LinearStates, with_max_num_seqs
 from engine.model_config import ModelConfig
 from tests.conftest import save_tiny_checkpoint
 
@@ -43,12 +42,12 @@ def test_default_seats_fit_the_state_budget(
     assert mc.linear_attention is not None
     per_slot = mc.linear_attention.state_bytes(4)  # float32
     assert with_max_num_seqs(mc, EngineConfig()).max_num_seqs == DEFAULT_MAX_NUM_SEQS  # tiny
-    monkeypatch.setattr(kv_cache_module, "DEFAULT_STATE_BYTES", 7 * per_slot)
+    monkeypatch.setattr(linear_state_module, "DEFAULT_STATE_BYTES", 7 * per_slot)
     assert with_max_num_seqs(mc, EngineConfig()).max_num_seqs == 3  # a state and a snapshot each
     no_snapshots = EngineConfig(enable_prefix_caching=False)
     assert with_max_num_seqs(mc, no_snapshots).max_num_seqs == 7
     assert with_max_num_seqs(mc, EngineConfig(max_num_seqs=12)).max_num_seqs == 12  # as asked
-    monkeypatch.setattr(kv_cache_module, "DEFAULT_STATE_BYTES", per_slot // 2)
+    monkeypatch.setattr(linear_state_module, "DEFAULT_STATE_BYTES", per_slot // 2)
     assert with_max_num_seqs(mc, EngineConfig()).max_num_seqs == 1  # never none
 
 
@@ -64,7 +63,7 @@ def test_engine_runs_more_requests_than_its_budgeted_seats(
     mc = ModelConfig.from_pretrained(next_checkpoint)
     assert mc.linear_attention is not None
     per_seq = 2 * mc.linear_attention.state_bytes(4)
-    monkeypatch.setattr(kv_cache_module, "DEFAULT_STATE_BYTES", 2 * per_seq)
+    monkeypatch.setattr(linear_state_module, "DEFAULT_STATE_BYTES", 2 * per_seq)
     llm = LLM(model=str(next_checkpoint))
     engine = llm.engine
     assert engine.config.max_num_seqs == 2
@@ -90,8 +89,8 @@ def test_token_group_check_waits_for_the_settled_seats(
     mc = ModelConfig.from_pretrained(next_checkpoint)
     assert mc.linear_attention is not None
     per_seq = 2 * mc.linear_attention.state_bytes(4)
-    monkeypatch.setattr(kv_cache_module, "DEFAULT_STATE_BYTES", 4 * per_seq)
+    monkeypatch.setattr(linear_state_module, "DEFAULT_STATE_BYTES", 4 * per_seq)
     assert with_max_num_seqs(mc, EngineConfig(**flags)).max_num_seqs == 4
-    monkeypatch.setattr(kv_cache_module, "DEFAULT_STATE_BYTES", 5 * per_seq)
+    monkeypatch.setattr(linear_state_module, "DEFAULT_STATE_BYTES", 5 * per_seq)
     with pytest.raises(ValueError, match="max_num_seqs=5"):
         with_max_num_seqs(mc, EngineConfig(**flags))

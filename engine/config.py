@@ -30,6 +30,17 @@ KV_CACHE_DTYPES = {  # vLLM's names; "fp8" is e4m3 (more mantissa: what keys and
 }
 
 
+def serving_dtype(requested: str, device: str, checkpoint: str | None) -> str:
+    """--dtype as given; auto: float32 on the CPU (no fast half-precision kernels there, and what
+    the tests compare with transformers in), else the checkpoint's 16-bit dtype (config.json's
+    torch_dtype), bfloat16 for a 32-bit or unnamed one, as vLLM serves them."""
+    if requested != "auto":
+        return requested
+    if device == "cpu":
+        return "float32"
+    return checkpoint if checkpoint in ("bfloat16", "float16") else "bfloat16"
+
+
 class ConfigError(ValueError):
     """A checkpoint or flag we cannot serve; the message names the offending field."""
 
@@ -48,7 +59,12 @@ class EngineConfig:
     )
     tokenizer: str | None = flag(None, "tokenizer folder (default: the model folder)")
     device: str = flag("cpu", "where the model runs", choices=("cpu", "cuda"))
-    dtype: str = flag("float32", "weight and activation dtype", choices=tuple(DTYPES))
+    dtype: str = flag(
+        "auto",
+        "weight and activation dtype; auto: the checkpoint's on CUDA (a 32-bit one in bfloat16), "
+        "float32 on the CPU",
+        choices=("auto", *DTYPES),
+    )
     max_model_len: int | None = flag(None, "context length (default: the model's)")
     max_num_seqs: int | None = flag(
         None,
@@ -128,8 +144,8 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ConfigError(f"dtype={self.dtype!r}: choose auto or one of {', '.join(DTYPES)}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device={self.device!r}: choose cpu or cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -210,7 +226,9 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        """The serving dtype; an unsettled auto (the engine settles it from the checkpoint,
+        engine/settle.py) as if the checkpoint named none."""
+        return DTYPES[serving_dtype(self.dtype, self.device, None)]
 
     @property
     def torch_kv_cache_dtype(self) -> torch.dtype:

@@ -7,8 +7,8 @@ matrix (float32, as transformers keeps it). A slot is zeroed when its sequence c
 position 0 (a new prompt, or one recomputed after preemption) and handed back when the sequence
 finishes, is aborted or is preempted.
 
-Without --max-num-seqs, such a model runs as many sequences as DEFAULT_STATE_BYTES holds of their
-states and snapshots (`with_max_num_seqs`): the pool is allocated at start, outside the KV budget.
+Without --max-num-seqs, such a model runs as many sequences as 1 GiB holds of their states and
+snapshots (engine/settle.py): the pool is allocated at start, outside the KV budget.
 
 Prefix caching needs the state at the end of a cached prefix, which the KV blocks do not hold:
 whenever a step leaves a sequence exactly at a block boundary (a decode that fills a block, a
@@ -24,20 +24,13 @@ second learns where the first diverged from it and keeps a state there too.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from engine.config import DEFAULT_MAX_NUM_SEQS, EngineConfig
 from engine.hybrid_config import LinearAttentionConfig
-from engine.model_config import ModelConfig
-
-logger = logging.getLogger(__name__)
-DEFAULT_STATE_BYTES = 1 << 30  # linear-attention states when --max-num-seqs is not given
 
 
 @dataclass
@@ -177,24 +170,3 @@ class LinearStates:
 
     def _tensor(self, values: list[int]) -> torch.Tensor | None:
         return torch.tensor(values, device=self.device) if values else None
-
-
-def with_max_num_seqs(mc: ModelConfig, cfg: EngineConfig) -> EngineConfig:
-    """`cfg` with --max-num-seqs settled: as given, or DEFAULT_MAX_NUM_SEQS, lowered for a
-    linear-attention model to what DEFAULT_STATE_BYTES holds of its states (each running
-    sequence's and, with prefix caching, as many snapshots), allocated at start like the KV."""
-    if cfg.max_num_seqs is not None:
-        return cfg
-    seqs = DEFAULT_MAX_NUM_SEQS
-    if mc.linear_attention is not None:
-        copies = 2 if cfg.enable_prefix_caching else 1
-        per_seq = copies * mc.linear_attention.state_bytes(cfg.torch_dtype.itemsize)
-        seqs = max(1, min(seqs, DEFAULT_STATE_BYTES // per_seq))
-        if seqs < DEFAULT_MAX_NUM_SEQS:
-            logger.warning(
-                "max_num_seqs=%d: %.0f MiB of linear-attention state a sequence; set "
-                "--max-num-seqs for more",
-                seqs,
-                per_seq / 2**20,
-            )
-    return dataclasses.replace(cfg, max_num_seqs=seqs)

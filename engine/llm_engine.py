@@ -12,7 +12,6 @@ from engine.config import ConfigError, EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.guided import GrammarCompiler, Guide
 from engine.kv_cache import KVCache, local_kv_blocks, num_kv_blocks
-from engine.linear_state import with_max_num_seqs
 from engine.loader import load_model
 from engine.metrics import EngineMetrics
 from engine.model_config import ModelConfig, generation_eos_ids
@@ -22,6 +21,7 @@ from engine.routes import RouteTracker
 from engine.runner import ModelRunner, context_windows
 from engine.sampling import RequestError, SamplingParams
 from engine.sequence import Request, Sequence
+from engine.settle import settled
 from scheduler.batching import BatchingConfig, Scheduler
 from scheduler.block_pools import WindowedBlocks, block_pools
 from scheduler.step_selector import StepSelector
@@ -40,7 +40,7 @@ class EngineStepError(RuntimeError):
 class LLMEngine:
     def __init__(self, config: EngineConfig, model_name: str | None = None) -> None:
         self.model_config = mc = ModelConfig.from_pretrained(config.model)
-        self.config = config = with_max_num_seqs(mc, config)
+        self.config = config = settled(mc, config)
         self.device = torch.device(config.device)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings

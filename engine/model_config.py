@@ -110,6 +110,7 @@ class ModelConfig:
     nope_layers: tuple[int, ...] = ()  # layers without rotary (Llama 4)
     nope_temperature: tuple[float, float] | None = None  # their (floor_scale, attn_scale)
     router_weights_on_input: bool = False  # Llama 4 weighs each expert's input, not its output
+    checkpoint_dtype: str | None = None  # config.json's torch_dtype (or dtype): for --dtype auto
 
     @property
     def top_k(self) -> int:
@@ -254,6 +255,7 @@ class ModelConfig:
             dense_layers=dense_layers,
             eos_token_ids=eos_ids,
             bos_token_id=raw.get("bos_token_id"),
+            checkpoint_dtype=raw.get("torch_dtype") or raw.get("dtype"),
             **quantization_fields(raw),
         )
         cfg = cls(**{**fields_, **family_fields})

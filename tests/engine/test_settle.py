@@ -1,6 +1,7 @@
-"""How many sequences a linear-attention model runs at once when --max-num-seqs is not given:
-its per-sequence states (and as many prefix-caching snapshots) are allocated at start, so the
-default keeps them within a budget, as the default KV budget keeps the attention layers'."""
+"""Defaults that depend on the checkpoint (engine/settle.py): the serving dtype of `--dtype auto`,
+and how many sequences a linear-attention model runs at once when --max-num-seqs is not given
+(its per-sequence states, and as many prefix-caching snapshots, are allocated at start, so the
+default keeps them within a budget, as the default KV budget keeps the attention layers')."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import pytest
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine import linear_state as linear_state_module
-from engine.config import DEFAULT_MAX_NUM_SEQS
-from engine.linear_state import LinearStates, with_max_num_seqs
+from engine import settle as settle_module
+from engine.config import DEFAULT_MAX_NUM_SEQS, serving_dtype
+from engine.linear_state import LinearStates
 from engine.model_config import ModelConfig
+from engine.settle import with_max_num_seqs
 from tests.conftest import save_tiny_checkpoint
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -42,12 +44,12 @@ def test_default_seats_fit_the_state_budget(
     assert mc.linear_attention is not None
     per_slot = mc.linear_attention.state_bytes(4)  # float32
     assert with_max_num_seqs(mc, EngineConfig()).max_num_seqs == DEFAULT_MAX_NUM_SEQS  # tiny
-    monkeypatch.setattr(linear_state_module, "DEFAULT_STATE_BYTES", 7 * per_slot)
+    monkeypatch.setattr(settle_module, "DEFAULT_STATE_BYTES", 7 * per_slot)
     assert with_max_num_seqs(mc, EngineConfig()).max_num_seqs == 3  # a state and a snapshot each
     no_snapshots = EngineConfig(enable_prefix_caching=False)
     assert with_max_num_seqs(mc, no_snapshots).max_num_seqs == 7
     assert with_max_num_seqs(mc, EngineConfig(max_num_seqs=12)).max_num_seqs == 12  # as asked
-    monkeypatch.setattr(linear_state_module, "DEFAULT_STATE_BYTES", per_slot // 2)
+    monkeypatch.setattr(settle_module, "DEFAULT_STATE_BYTES", per_slot // 2)
     assert with_max_num_seqs(mc, EngineConfig()).max_num_seqs == 1  # never none
 
 
@@ -63,7 +65,7 @@ def test_engine_runs_more_requests_than_its_budgeted_seats(
     mc = ModelConfig.from_pretrained(next_checkpoint)
     assert mc.linear_attention is not None
     per_seq = 2 * mc.linear_attention.state_bytes(4)
-    monkeypatch.setattr(linear_state_module, "DEFAULT_STATE_BYTES", 2 * per_seq)
+    monkeypatch.setattr(settle_module, "DEFAULT_STATE_BYTES", 2 * per_seq)
     llm = LLM(model=str(next_checkpoint))
     engine = llm.engine
     assert engine.config.max_num_seqs == 2
@@ -89,8 +91,33 @@ def test_token_group_check_waits_for_the_settled_seats(
     mc = ModelConfig.from_pretrained(next_checkpoint)
     assert mc.linear_attention is not None
     per_seq = 2 * mc.linear_attention.state_bytes(4)
-    monkeypatch.setattr(linear_state_module, "DEFAULT_STATE_BYTES", 4 * per_seq)
+    monkeypatch.setattr(settle_module, "DEFAULT_STATE_BYTES", 4 * per_seq)
     assert with_max_num_seqs(mc, EngineConfig(**flags)).max_num_seqs == 4
-    monkeypatch.setattr(linear_state_module, "DEFAULT_STATE_BYTES", 5 * per_seq)
+    monkeypatch.setattr(settle_module, "DEFAULT_STATE_BYTES", 5 * per_seq)
     with pytest.raises(ValueError, match="max_num_seqs=5"):
         with_max_num_seqs(mc, EngineConfig(**flags))
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "checkpoint", "served"),
+    [
+        ("auto", "cpu", "bfloat16", "float32"),  # no fast half precision on the CPU
+        ("auto", "cuda", "bfloat16", "bfloat16"),
+        ("auto", "cuda", "float16", "float16"),  # GPTQ and AWQ releases
+        ("auto", "cuda", "float32", "bfloat16"),  # a 32-bit checkpoint served in 16 bits
+        ("auto", "cuda", None, "bfloat16"),
+        ("float16", "cpu", "bfloat16", "float16"),  # as asked
+    ],
+)
+def test_auto_dtype_serves_the_checkpoints_on_cuda_float32_on_the_cpu(
+    requested: str, device: str, checkpoint: str | None, served: str
+) -> None:
+    assert serving_dtype(requested, device, checkpoint) == served
+
+
+def test_the_engine_settles_auto_from_config_json(tmp_path: Path) -> None:
+    path = save_tiny_checkpoint("mixtral", tmp_path / "mixtral")
+    assert ModelConfig.from_pretrained(path).checkpoint_dtype == "float32"
+    engine = LLM(model=str(path), max_model_len=64).engine
+    assert engine.config.dtype == "float32" and engine.kv.dtype == torch.float32
+    assert EngineConfig().torch_dtype == torch.float32  # unsettled, on the CPU

@@ -86,9 +86,18 @@ class EngineConfig:
         True, "reuse the KV blocks of prompt prefixes computed before (chat turns, system prompts)"
     )
     seed: int = flag(0, "seed of the engine's sampling generator")
-    expert_cache_ratio: float = flag(1.0, "fraction of all routed experts kept in device slots")
+    expert_cache_ratio: float | None = flag(
+        None,
+        "fraction of all routed experts kept in device slots (default: on CUDA as many as fit "
+        "in --gpu-memory-utilization, on the CPU all)",
+    )
     expert_cache_size: int | None = flag(
         None, "expert cache slots (overrides --expert-cache-ratio)"
+    )
+    gpu_memory_utilization: float = flag(
+        0.9,
+        "fraction of the GPU's memory to use: weights, KV cache, activations, and expert slots "
+        "sized to the rest when neither --expert-cache-ratio nor --expert-cache-size is given",
     )
     cache_policy: str = flag("lru", "expert cache eviction policy", choices=CACHE_POLICIES)
     predictor: str = flag("none", "routing predictor feeding the prefetcher", choices=PREDICTORS)
@@ -170,8 +179,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1")
-        if not 0.0 < self.expert_cache_ratio <= 1.0:
-            raise ConfigError(f"expert_cache_ratio={self.expert_cache_ratio} must be in (0, 1]")
+        for name in ("expert_cache_ratio", "gpu_memory_utilization"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ConfigError(f"{name}={value} must be in (0, 1]")
         if self.expert_cache_size is not None and self.expert_cache_size < 1:
             raise ConfigError(f"expert_cache_size={self.expert_cache_size} must be >= 1")
         if self.cache_policy not in CACHE_POLICIES:

@@ -13,13 +13,14 @@ from engine.detokenizer import Detokenizer
 from engine.guided import GrammarCompiler, Guide
 from engine.kv_cache import KVCache, local_kv_blocks, num_kv_blocks
 from engine.loader import load_model
+from engine.memory import fit_expert_cache, memory_probe, provisional
 from engine.metrics import EngineMetrics
 from engine.model_config import ModelConfig, generation_eos_ids
 from engine.offload.runtime import OffloadRuntime
 from engine.outputs import RequestOutput, RequestTiming
 from engine.routes import RouteTracker
 from engine.runner import ModelRunner, context_windows
-from engine.sampling import RequestError, SamplingParams
+from engine.sampling import RequestError, SamplingParams, checked_max_tokens
 from engine.sequence import Request, Sequence
 from engine.settle import settled
 from scheduler.batching import BatchingConfig, Scheduler
@@ -54,7 +55,9 @@ class LLMEngine:
             config.model, mc, config.torch_dtype, self.device, config.fp8_experts, quantize
         )
         self.model = model
-        self.offload = OffloadRuntime(config, host_experts, model, self.device)
+        probe = memory_probe(config)  # on CUDA with no cache size given: one layer's slots first
+        start = config if probe is None else provisional(config, mc.num_experts)
+        self.offload = OffloadRuntime(start, host_experts, model, self.device)
         num_blocks = num_kv_blocks(mc, config, self.max_model_len)
         local_blocks = local_kv_blocks(mc, config, num_blocks, self.max_model_len)
         self.kv = KVCache.for_model(mc, config, num_blocks, local_blocks, self.device)
@@ -96,6 +99,9 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.detokenizer = Detokenizer(self.tokenizer, tuple(sorted(eos)), self.max_model_len)
         self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, tuple(sorted(eos)))
+        if probe is not None:
+            self.config = config = fit_expert_cache(self, probe)
+        self.offload.log_summary()
         self.metrics = EngineMetrics(model_name or config.model)
         self.metrics.record_offload(self.offload.stats(), None)
         self.requests: dict[str, Request] = {}
@@ -131,28 +137,10 @@ class LLMEngine:
     ) -> Request:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running", param="request_id")
-        if not prompt_token_ids:
-            raise RequestError("the prompt is empty", param="prompt")
-        vocab = self.model_config.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        for name, ids in (
-            ("logit_bias", params.logit_bias),
-            ("stop_token_ids", params.stop_token_ids),
-        ):
-            if ids and max(ids) >= vocab:
-                raise RequestError(f"{name} token ids must be in [0, {vocab})", param=name)
+        max_tokens = checked_max_tokens(
+            prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len
+        )
         num_prompt = len(prompt_token_ids)
-        max_tokens = params.max_tokens or self.max_model_len - num_prompt
-        if num_prompt + max_tokens > self.max_model_len or max_tokens < 1:
-            raise RequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                f"requested {num_prompt + max(max_tokens, 1)} tokens ({num_prompt} in the prompt, "
-                f"{max(max_tokens, 1)} in the completion). Please reduce the length of the prompt or "
-                "completion.",
-                param="max_tokens" if params.max_tokens else "messages",
-                code="context_length_exceeded",
-            )
         eos = () if params.ignore_eos else tuple(self.detokenizer.eos_token_ids)
         stop_ids = tuple(sorted({*eos, *params.stop_token_ids}))
         guides: list[Guide | None] = [None] * params.n

@@ -118,16 +118,23 @@ class ModelRunner:
         lengths: list[int],
         block_tables: list[list[int]],
         local_tables: list[list[int]] | None = None,
+        starts: list[int] | None = None,
+        borrow: list[int] | None = None,
     ) -> AttentionBatch:
-        """A batch of whole prompts outside the schedule (tracing, tests), on the given KV blocks
-        (`LLMEngine.block_tables`); their linear-attention states live in a pool of their own,
-        dropped with the batch."""
-        starts = [0] * len(lengths)
+        """A batch of whole prompts (or, from `starts`, their last tokens) outside the schedule
+        (tracing, the memory profile, tests), on the given KV blocks (`LLMEngine.block_tables`).
+        Their linear-attention states start at zero in a pool of their own, dropped with the
+        batch, or with `borrow` in the runner's pool under those ids, which the caller releases."""
+        starts = starts or [0] * len(lengths)
         batch = self._attention_batch(block_tables, starts, lengths, local_tables)
         linear = self.model.cfg.linear_attention
         if linear is not None:
-            states = LinearStates(linear, len(lengths), self.kv.dtype, self.device)
-            batch.linear = states.batch(list(range(len(lengths))), starts, lengths)
+            states, ids = self.states, borrow
+            if states is None or ids is None:
+                states = LinearStates(linear, len(lengths), self.kv.dtype, self.device)
+                ids = list(range(len(lengths)))
+            states.batch(ids, [0] * len(lengths), lengths)  # zero states, whatever `starts`
+            batch.linear = states.batch(ids, starts, lengths)
         return batch
 
     def _attention_batch(

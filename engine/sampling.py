@@ -125,3 +125,32 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+def checked_max_tokens(
+    prompt_token_ids: list[int], params: SamplingParams, vocab: int, max_model_len: int
+) -> int:
+    """The completion's length limit, once the prompt and token ids are known to be valid for a
+    model of `vocab` tokens and `max_model_len` context (OpenAI's errors otherwise)."""
+    if not prompt_token_ids:
+        raise RequestError("the prompt is empty", param="prompt")
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+        raise RequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+    for name, ids in (
+        ("logit_bias", params.logit_bias),
+        ("stop_token_ids", params.stop_token_ids),
+    ):
+        if ids and max(ids) >= vocab:
+            raise RequestError(f"{name} token ids must be in [0, {vocab})", param=name)
+    num_prompt = len(prompt_token_ids)
+    max_tokens = params.max_tokens or max_model_len - num_prompt
+    if num_prompt + max_tokens > max_model_len or max_tokens < 1:
+        raise RequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {num_prompt + max(max_tokens, 1)} tokens ({num_prompt} in the prompt, "
+            f"{max(max_tokens, 1)} in the completion). Please reduce the length of the prompt or "
+            "completion.",
+            param="max_tokens" if params.max_tokens else "messages",
+            code="context_length_exceeded",
+        )
+    return max_tokens

@@ -47,20 +47,28 @@ class ExpertCache:
         device: torch.device,
         host: HostCompute | None = None,
     ) -> None:
+        self.store, self.transfers, self.host, self.device = store, transfers, host, device
+        self.in_flight: dict[int, Transfer] = {}  # slot -> copy not yet waited on
+        self.resize(num_slots, policy)
+
+    def resize(self, num_slots: int, policy: EvictionPolicy) -> None:
+        """Start afresh with `num_slots` slots (at most every expert) and `policy`: the engine
+        sizes the pool to the GPU's memory after a profile step has run on a provisional one."""
         if num_slots < 1:
             raise ValueError("the expert cache needs at least one slot")
-        self.store, self.policy, self.transfers, self.host = store, policy, transfers, host
-        self.num_slots = min(num_slots, store.num_total_experts)
-        self.device = device
+        for slot in list(self.in_flight):  # nothing may land in a pool being freed
+            self.wait_ready(slot)
+        self.slots: dict[str, torch.Tensor] = {}  # the old pool goes before the new one comes
+        self.policy = policy
+        self.num_slots = min(num_slots, self.store.num_total_experts)
         # part name -> [S, ...]: w13 [S, 2I, H], w2 [S, H, I] (and gpt-oss's b13 [S, 2I], b2 [S, H];
         # packed MXFP4: w13 and w2 as blocks, with their scales)
         self.slots = {
-            name: torch.empty((self.num_slots, *shape), dtype=dtype, device=device)
-            for name, (shape, dtype) in store.slot_layout.items()
+            name: torch.empty((self.num_slots, *shape), dtype=dtype, device=self.device)
+            for name, (shape, dtype) in self.store.slot_layout.items()
         }
         self.slot_of: dict[Key, int] = {}
         self.key_of: list[Key | None] = [None] * self.num_slots
-        self.in_flight: dict[int, Transfer] = {}  # slot -> copy not yet waited on
         self.pins = [0] * self.num_slots
         self.protected: set[Key] = (
             set()

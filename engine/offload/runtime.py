@@ -35,18 +35,24 @@ class OffloadRuntime:
         packed = config.packed_slots(int4=host.int4_group is not None)
         self.store = ExpertStore(host, pin=device.type == "cuda", packed_slots=packed)
         total = self.store.num_total_experts
-        num_slots = config.expert_cache_size or max(
-            1, math.floor(config.expert_cache_ratio * total)
-        )
+        ratio = 1.0 if config.expert_cache_ratio is None else config.expert_cache_ratio
+        num_slots = config.expert_cache_size or max(1, math.floor(ratio * total))
         self.transfers = TransferEngine(device, config.link_gbps)
-        self.cache = ExpertCache(
-            self.store,
-            num_slots,
-            make_policy(config.cache_policy),
-            self.transfers,
-            device,
-            HostCompute() if config.cpu_expert_compute else None,
-        )
+        try:
+            self.cache = ExpertCache(
+                self.store,
+                num_slots,
+                make_policy(config.cache_policy),
+                self.transfers,
+                device,
+                HostCompute() if config.cpu_expert_compute else None,
+            )
+        except torch.OutOfMemoryError as exc:
+            raise ConfigError(
+                f"{num_slots} expert cache slots do not fit in GPU memory: lower "
+                "--expert-cache-ratio or --expert-cache-size, or give neither to size the cache "
+                "to --gpu-memory-utilization"
+            ) from exc
         self.experts = OffloadedExperts(
             self.cache,
             self.store.num_experts,
@@ -63,6 +69,18 @@ class OffloadRuntime:
             self.prefetcher = Prefetcher(
                 predictor, self.cache, self.store.layers, horizon, model.cfg.top_k
             )
+        self.config = config
+
+    def resize(self, num_slots: int) -> None:
+        """The cache pool at `num_slots` slots, every statistic from zero: a profile step run
+        on a provisional pool (engine/memory.py) shows in none."""
+        self.cache.resize(num_slots, make_policy(self.config.cache_policy))
+        self.transfers.reset_stalls()
+        self.experts.activated_per_step.clear()
+
+    def log_summary(self) -> None:
+        total = self.store.num_total_experts
+        config = self.config
         logger.info(
             "expert cache: %d of %d experts resident (%.1f MiB of slots, %.1f%% of the decoded "
             "experts' device memory saved; %.1f MiB on the host%s), policy=%s, predictor=%s, "

@@ -5,7 +5,11 @@ of one layer's worth of slots, runs the largest steps its scheduler can form and
 activations at the peak, as vLLM's profile run does. The slots then take what the allowed share of
 the GPU leaves after the weights, the KV cache, the linear-attention states, those activations and
 whatever else holds device memory (the CUDA context, other processes). The CPU has no such budget:
-its experts all stay resident unless a size is given."""
+its experts all stay resident unless a size is given.
+
+The profile runs each layer's experts as the common path does, in one kernel call over resident
+slots, without copying any (the values go unread). Not counted: the float32 accumulators of the
+split paths (--resident-first, --cpu-expert-compute), the predictor's work and prefetch staging."""
 
 from __future__ import annotations
 
@@ -16,8 +20,13 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+import kernels
 from engine.config import ConfigError, EngineConfig
-from engine.runner import Observers
+from engine.offload.cache import ExpertCache
+from engine.runner import PROMPT_SCORE_ROWS
+from kernels.gating import Gating
+from scheduler.block_pools import WindowedBlocks
+from scheduler.blocks import BlockAllocator
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
@@ -54,13 +63,16 @@ class CudaMemory:
         return total - free, total
 
 
+def unsized(config: EngineConfig) -> bool:
+    """Whether neither --expert-cache-ratio nor --expert-cache-size was given."""
+    return config.expert_cache_ratio is None and config.expert_cache_size is None
+
+
 def memory_probe(config: EngineConfig) -> MemoryProbe | None:
     """How the engine reads its device's memory, when the cache is to be sized to it: on CUDA,
     with no cache size given."""
-    sized = config.expert_cache_ratio is not None or config.expert_cache_size is not None
-    return (
-        CudaMemory(torch.device(config.device)) if config.device == "cuda" and not sized else None
-    )
+    cuda = config.device == "cuda"
+    return CudaMemory(torch.device(config.device)) if cuda and unsized(config) else None
 
 
 def provisional(config: EngineConfig, experts_per_layer: int) -> EngineConfig:
@@ -87,7 +99,13 @@ def fit_expert_cache(engine: LLMEngine, probe: MemoryProbe) -> EngineConfig:
             "GiB: no expert slot fits. Raise --gpu-memory-utilization, or lower --kv-cache-blocks, "
             "--max-num-seqs, --max-num-batched-tokens or --max-model-len"
         )
-    offload.resize(slots)
+    try:
+        offload.resize(slots)
+    except torch.OutOfMemoryError as exc:
+        raise ConfigError(
+            f"{slots} expert cache slots did not fit where the GPU had reported room: lower "
+            "--gpu-memory-utilization or give --expert-cache-ratio"
+        ) from exc
     logger.info(
         "expert cache sized to --gpu-memory-utilization=%.2f of %.1f GiB: %d of %d experts "
         "(%.2f GiB of slots); %.2f GiB held before them, %.0f MiB of activations measured",
@@ -104,39 +122,97 @@ def fit_expert_cache(engine: LLMEngine, probe: MemoryProbe) -> EngineConfig:
 
 @torch.inference_mode()
 def profile_steps(engine: LLMEngine) -> None:
-    """The largest steps the scheduler can form, on borrowed KV blocks: the last prefill chunk of
-    the longest prompt the KV cache holds (max_num_batched_tokens tokens over the context before
-    them), and a decode of every seat with one at that length, the others padded to it."""
-    block_size, capacity = engine.config.block_size, engine.blocks.num_blocks
-    seats = max(1, min(engine.config.max_num_seqs or 1, capacity // 2))
-    longest = min(engine.max_model_len, (capacity - seats + 1) * block_size)
-    chunk = min(engine.config.max_num_batched_tokens, longest)
-    _profile_step(engine, [longest - chunk], [chunk])
-    others = min(block_size, 2)  # a cached token each, so they join the padded decode group
-    _profile_step(engine, [longest - 1] + [others - 1] * (seats - 1), [1] * seats)
+    """The largest steps the scheduler can form, on KV blocks borrowed from an empty cache (local
+    attention layers' own pool holding only windows, as for real sequences):
+    - a full budget of prefill chunks, the first ending the longest prompt, the others after a
+      cached block (the path with a mask and a gathered context);
+    - the same chunks as prompts' first (the path that attends within the chunk);
+    - every seat decoding, padded to the longest context the blocks leave;
+    - all seats but one decoding beside a chunk ending the longest prompt the rest leave;
+    - half the seats decoding beside a chunk after a long context and first chunks filling the
+      budget (each kind's tensors alive together), on a half, a quarter and a quarter of the
+      blocks."""
+    blocks = engine.blocks
+    capacity = blocks.full_free if isinstance(blocks, WindowedBlocks) else blocks.num_free
+    cfg, bs = engine.config, engine.config.block_size
+    seats, budget, longest = cfg.max_num_seqs or 1, cfg.max_num_batched_tokens, engine.max_model_len
+    cached = bs if longest > bs else 0
+    first = min(budget, longest - cached)
+    left = capacity - _blocks(longest, bs)
+    lengths = [first, *_chunks(budget - first, seats - 1, left, cached, longest, bs)]
+    _profile_step(engine, [longest - first] + [cached] * (len(lengths) - 1), lengths)
+    _profile_step(engine, [0] * len(lengths), lengths)
+    _profile_step(engine, *_decodes(capacity, seats, longest, bs))
+    if seats < 2:
+        return
+    n, other = min(budget - (seats - 1), longest - cached), _blocks(2, bs)
+    end = longest if capacity - _blocks(longest, bs) >= (seats - 1) * other else cached + n
+    left = capacity - _blocks(end, bs)
+    if n > 0 and left >= other:
+        starts, lengths = _decodes(left, seats - 1, longest, bs)
+        _profile_step(engine, [*starts, end - n], [*lengths, n])
+    half, quarter = capacity // 2, capacity // 4
+    if half < other:
+        return
+    starts, lengths = _decodes(half, seats // 2, longest, bs)
+    n = min(budget - len(lengths), longest - cached, quarter * bs - cached)
+    if n > 0:
+        end = min(longest, quarter * bs)
+        starts, lengths = [*starts, end - n], [*lengths, n]
+    rest = capacity - half - quarter
+    firsts = _chunks(budget - sum(lengths), seats - len(lengths), rest, 0, longest, bs)
+    _profile_step(engine, starts + [0] * len(firsts), lengths + firsts)
+
+
+def _blocks(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+def _chunks(tokens: int, seats: int, capacity: int, start: int, longest: int, bs: int) -> list[int]:
+    """Lengths of chunks after `start` cached tokens that spend `tokens`, as far as `seats`
+    sequences and `capacity` blocks go."""
+    lengths: list[int] = []
+    while tokens > 0 and len(lengths) < seats:
+        n = min(tokens, longest - start, capacity * bs - start)
+        if n < 1:
+            break
+        lengths.append(n)
+        tokens, capacity = tokens - n, capacity - _blocks(start + n, bs)
+    return lengths
+
+
+def _decodes(capacity: int, seats: int, longest: int, bs: int) -> tuple[list[int], list[int]]:
+    """Starts and new tokens of the decodes whose padded context (seats x the longest one) is
+    largest within `capacity` blocks: one sequence as long as the rest leave, each other holding
+    two tokens (so it joins the padded group rather than attending to itself alone)."""
+    other = _blocks(2, bs)
+
+    def width(n: int) -> int:  # the longest context when n sequences decode
+        return max(2, min(longest, (capacity - (n - 1) * other) * bs))
+
+    most = min(seats, max(1, (capacity - other) // other + 1))  # the longest holds `other` too
+    options = {most, (capacity - _blocks(longest, bs)) // other + 1, (capacity // other + 1) // 2}
+    n = max((min(most, max(1, o)) for o in options), key=lambda o: o * width(o))
+    return [width(n) - 1] + [1] * (n - 1), [1] * n
 
 
 def _profile_step(engine: LLMEngine, starts: list[int], lengths: list[int]) -> None:
-    """One forward of sequences at `starts` with `lengths` new tokens each, and their sampling
-    logits, on KV blocks and linear-attention states the engine holds already (so they do not
-    count as activations), handed back after."""
+    """One forward of sequences at `starts` with `lengths` new tokens each, with the logits a
+    step scores (a block of prompt logprobs, then a sampled row per sequence), on KV blocks and
+    linear-attention states the engine holds already (so they do not count as activations)."""
     seq_ids = [-1 - i for i in range(len(starts))]  # negative: never a scheduler's sequence id
     device, vocab = engine.device, engine.model_config.vocab_size
     try:
         for seq_id, start, n in zip(seq_ids, starts, lengths, strict=True):
-            if not engine.blocks.grow(seq_id, start + n):
+            if not _grow(engine.blocks, seq_id, start, n):
                 raise ConfigError("the KV cache cannot hold the memory profile's sequences")
         tables, local_tables = engine.block_tables(seq_ids)
         batch = engine.runner.prefill_batch(lengths, tables, local_tables, starts, seq_ids)
         positions = [p for a, n in zip(starts, lengths, strict=True) for p in range(a, a + n)]
         ids = torch.tensor(positions, device=device) % vocab  # [T] any ids will do
-        hidden = engine.model(
-            ids,
-            torch.tensor(positions, device=device),
-            batch,
-            engine.offload.experts,
-            Observers([]),
-        )
+        experts = SlotStandIn(engine.offload.cache, engine.model.cfg.gating)
+        hidden = engine.model(ids, torch.tensor(positions, device=device), batch, experts)
+        engine.model.logits(hidden[:PROMPT_SCORE_ROWS]).log_softmax(-1)  # [R, V]
         last = torch.tensor(lengths, device=device).cumsum(0) - 1  # [B]
         logits = engine.model.logits(hidden[last])  # [B, V]
         logits.float().softmax(-1).sort(-1, descending=True)  # the sampler's working copies
@@ -144,3 +220,41 @@ def _profile_step(engine: LLMEngine, starts: list[int], lengths: list[int]) -> N
         for seq_id in seq_ids:
             engine.blocks.free(seq_id)
             engine.runner.release_state(seq_id)
+
+
+def _grow(blocks: BlockAllocator | WindowedBlocks, seq_id: int, start: int, n: int) -> bool:
+    """Blocks for `start` cached and `n` new tokens; in the local pool only the window's, as a
+    sequence that got there step by step holds (none are named: their tokens are not real)."""
+    if isinstance(blocks, WindowedBlocks) and start:
+        if not blocks.grow(seq_id, start):
+            return False
+        blocks.release_behind(seq_id, start)
+    return blocks.grow(seq_id, start + n)
+
+
+class SlotStandIn:
+    """Routed experts run from the provisional pool's slots, expert e from slot e modulo the pool
+    (a layer's worth): the kernel's memory, without the copies. The values go unread."""
+
+    def __init__(self, cache: ExpertCache, gating: Gating) -> None:
+        self.cache, self.gating = cache, gating
+
+    def __call__(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        router_logits: torch.Tensor,
+    ) -> torch.Tensor:
+        """hidden [T, H], topk_ids [T, k], topk_weights [T, k] -> [T, H]."""
+        slots = topk_ids % self.cache.num_slots
+        return kernels.fused_moe(
+            hidden,
+            self.cache.w13,
+            self.cache.w2,
+            topk_weights,
+            slots,
+            gating=self.gating,
+            **self.cache.kernel_extras,
+        )

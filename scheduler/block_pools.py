@@ -110,5 +110,14 @@ class WindowedBlocks:
         window no longer reaches."""
         self.full.computed(seq_id, token_ids, num_computed)
         self.local.computed(seq_id, token_ids, num_computed)
-        first = max(0, self.window.first_key(num_computed)) // self.full.block_size
+        self.release_behind(seq_id, num_computed)
+
+    def release_behind(self, seq_id: int, num_tokens: int) -> None:
+        """Hand back the local blocks that the window of token `num_tokens` no longer reaches."""
+        first = max(0, self.window.first_key(num_tokens)) // self.full.block_size
         self.local.release_before(seq_id, first)
+
+    @property
+    def full_free(self) -> int:
+        """Free blocks of the full pool: what bounds contexts (the local pool holds windows)."""
+        return self.full.num_free

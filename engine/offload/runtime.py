@@ -49,9 +49,9 @@ class OffloadRuntime:
             )
         except torch.OutOfMemoryError as exc:
             raise ConfigError(
-                f"{num_slots} expert cache slots do not fit in GPU memory: lower "
-                "--expert-cache-ratio or --expert-cache-size, or give neither to size the cache "
-                "to --gpu-memory-utilization"
+                f"{num_slots} expert cache slots do not fit in GPU memory beside the model: "
+                "lower --expert-cache-ratio or --expert-cache-size, or give neither to size the "
+                "cache to --gpu-memory-utilization (it starts from one layer's experts)"
             ) from exc
         self.experts = OffloadedExperts(
             self.cache,
@@ -72,11 +72,8 @@ class OffloadRuntime:
         self.config = config
 
     def resize(self, num_slots: int) -> None:
-        """The cache pool at `num_slots` slots, every statistic from zero: a profile step run
-        on a provisional pool (engine/memory.py) shows in none."""
+        """The cache pool at `num_slots` slots, from empty (engine/memory.py sizes it)."""
         self.cache.resize(num_slots, make_policy(self.config.cache_policy))
-        self.transfers.reset_stalls()
-        self.experts.activated_per_step.clear()
 
     def log_summary(self) -> None:
         total = self.store.num_total_experts

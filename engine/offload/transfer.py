@@ -146,10 +146,6 @@ class TransferEngine:
         self._pending_stalls = still
         return self.stall_s
 
-    def reset_stalls(self) -> None:
-        """Count stalls from zero again (those still being timed are dropped too)."""
-        self._pending_stalls, self.stall_s = [], 0.0
-
     def close(self) -> None:
         if not self.cuda:
             with self._cv:

@@ -143,13 +143,25 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
 
 @router.get("/v1/models")
 async def models(request: Request) -> ModelList:
+    return ModelList(data=[model_card(request)])
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    """OpenAI's retrieve: the served model's card, 404 for any other name (ids may hold '/')."""
+    card = model_card(request)
+    if model_id != card.id:
+        raise APIError(404, f"The model `{model_id}` does not exist.", code="model_not_found")
+    return card
+
+
+def model_card(request: Request) -> ModelCard:
     engine: AsyncLLM = request.app.state.engine
-    card = ModelCard(
+    return ModelCard(
         id=request.app.state.settings.served_model_name,
         root=request.app.state.engine_config.model,
         max_model_len=engine.max_model_len,
     )
-    return ModelList(data=[card])
 
 
 @router.get("/health")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -52,6 +53,10 @@ def test_models_and_flag_precedence(server: RunningServer) -> None:
     models = server.client.models.list().data
     assert [m.id for m in models] == ["tiny"]
     assert models[0].model_extra["max_model_len"] == 256  # CLI flag over --config value
+    assert server.client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as missing:
+        server.client.models.retrieve("org/other-model")
+    assert missing.value.code == "model_not_found"
 
 
 def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(server: RunningServer) -> None:

@@ -21,7 +21,8 @@ DEFAULT_KV_BYTES = 1 << 30  # KV budget when --kv-cache-blocks is not given
 def num_kv_blocks(mc: ModelConfig, cfg: EngineConfig, max_model_len: int) -> int:
     """--kv-cache-blocks, or as many as `max_num_seqs` full-length sequences need within
     DEFAULT_KV_BYTES (only the layers that attend over the cache count, local ones at the size
-    of their own pool); at least one sequence. The full-attention layers' pool."""
+    of their own pool); at least one sequence, past the budget on CUDA (whose memory the expert
+    cache's sizing then checks), an error on the CPU. The full-attention layers' pool."""
     min_blocks = -(-max_model_len // cfg.block_size)
     if cfg.kv_cache_blocks is not None:
         if cfg.kv_cache_blocks < min_blocks:
@@ -37,6 +38,15 @@ def num_kv_blocks(mc: ModelConfig, cfg: EngineConfig, max_model_len: int) -> int
     budget = DEFAULT_KV_BYTES - len(local) * block_bytes * _local_need(mc, cfg, max_model_len)
     wanted = -(-cfg.max_num_seqs * max_model_len // cfg.block_size)
     affordable = max(0, budget) // ((len(mc.attention_layers) - len(local)) * block_bytes or 1)
+    if affordable < min_blocks and cfg.device == "cuda":  # the GPU's memory is checked later
+        logger.warning(
+            "the default KV budget holds %d tokens, less than max_model_len=%d: one context's "
+            "%d blocks instead (--kv-cache-blocks sets them)",
+            affordable * cfg.block_size,
+            max_model_len,
+            min_blocks,
+        )
+        return min_blocks
     if affordable < min_blocks:
         raise ConfigError(
             f"the default KV budget holds {affordable * cfg.block_size} tokens, less than "
@@ -133,17 +143,24 @@ class KVCache:
     ) -> KVCache:
         """The engine's cache: `num_blocks` for the full-attention layers, `local_blocks` for the
         local ones, none for linear-attention layers."""
-        return cls.allocate(
-            mc.num_layers,
-            num_blocks,
-            cfg.block_size,
-            mc.kv_cache_geometry,
-            cfg.torch_dtype,
-            device,
-            cfg.torch_kv_cache_dtype,
-            uncached=mc.linear_attention.layers if mc.linear_attention else (),
-            local=(mc.local_layers if local_blocks else (), local_blocks),
-        )
+        try:
+            return cls.allocate(
+                mc.num_layers,
+                num_blocks,
+                cfg.block_size,
+                mc.kv_cache_geometry,
+                cfg.torch_dtype,
+                device,
+                cfg.torch_kv_cache_dtype,
+                uncached=mc.linear_attention.layers if mc.linear_attention else (),
+                local=(mc.local_layers if local_blocks else (), local_blocks),
+            )
+        except torch.OutOfMemoryError as exc:
+            raise ConfigError(
+                f"the KV cache ({num_blocks} blocks of {cfg.block_size} tokens) does not fit in "
+                "GPU memory beside the model: lower --max-model-len, --kv-cache-blocks or "
+                "--max-num-seqs, or use --kv-cache-dtype fp8"
+            ) from exc
 
     @property
     def cache_dtype(self) -> torch.dtype:

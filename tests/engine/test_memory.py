@@ -14,11 +14,14 @@ import torch
 from torch.profiler import ProfilerActivity
 
 import engine.llm_engine as llm_engine
-from engine import LLM, SamplingParams
+from engine import LLM, SamplingParams, kv_cache
 from engine.config import ConfigError, EngineConfig
+from engine.kv_cache import num_kv_blocks
 from engine.memory import CudaMemory, memory_probe, unsized
+from engine.model_config import ModelConfig
 from engine.offload.cache import ExpertCache
 from engine.runner import StepResult
+from engine.settle import settled
 from tests.conftest import save_tiny_checkpoint
 
 if TYPE_CHECKING:
@@ -239,6 +242,31 @@ def test_the_profile_fits_any_kv_cache_that_holds_a_context(
     outputs = llm.generate([[1, *range(2, 60)], [1, 7]], SamplingParams(max_tokens=4))
     assert [len(o.outputs[0].token_ids) for o in outputs] == [4, 4]
     assert llm.engine.blocks.num_used == 0
+
+
+def test_a_context_past_the_default_kv_budget(
+    mixtral_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU refuses it, naming the flags; CUDA takes one context's blocks, its memory checked
+    as the expert cache is sized (or, with a size given, as the blocks are allocated)."""
+    monkeypatch.setattr(kv_cache, "DEFAULT_KV_BYTES", 1 << 10)
+    with pytest.raises(ConfigError, match="lower --max-model-len or set --kv-cache-blocks"):
+        LLM(model=str(mixtral_checkpoint), max_model_len=64)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    mc = ModelConfig.from_pretrained(str(mixtral_checkpoint))
+    cfg = settled(mc, EngineConfig(model=str(mixtral_checkpoint), device="cuda"))
+    assert num_kv_blocks(mc, cfg, 64) == 64 // cfg.block_size
+
+
+def test_a_kv_cache_that_does_not_fit_names_the_flags(
+    mixtral_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(kv_cache.KVCache, "allocate", out_of_memory)
+    with pytest.raises(ConfigError, match="KV cache .* does not fit.*--max-model-len"):
+        LLM(model=str(mixtral_checkpoint), max_model_len=64)
 
 
 @pytest.mark.gpu

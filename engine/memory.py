@@ -9,7 +9,8 @@ its experts all stay resident unless a size is given.
 
 The profile runs each layer's experts as the common path does, in one kernel call over resident
 slots, without copying any (the values go unread). Not counted: the float32 accumulators of the
-split paths (--resident-first, --cpu-expert-compute), the predictor's work and prefetch staging."""
+split paths (--resident-first, --cpu-expert-compute, and streaming when a layer's experts outnumber
+the slots), the predictor's work and prefetch staging."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import kernels
 from engine.config import ConfigError, EngineConfig
 from engine.offload.cache import ExpertCache
 from engine.runner import PROMPT_SCORE_ROWS
+from engine.sampler import scored
+from engine.sampling import MAX_LOGPROBS
 from kernels.gating import Gating
 from scheduler.block_pools import WindowedBlocks
 from scheduler.blocks import BlockAllocator
@@ -124,9 +127,9 @@ def fit_expert_cache(engine: LLMEngine, probe: MemoryProbe) -> EngineConfig:
 def profile_steps(engine: LLMEngine) -> None:
     """The largest steps the scheduler can form, on KV blocks borrowed from an empty cache (local
     attention layers' own pool holding only windows, as for real sequences):
-    - a full budget of prefill chunks, the first ending the longest prompt, the others after a
-      cached block (the path with a mask and a gathered context);
-    - the same chunks as prompts' first (the path that attends within the chunk);
+    - a full budget of prefill chunks after cached context, each as long as the blocks allow
+      (the path with a mask and a gathered context);
+    - a full budget of prompts' first chunks (the path that attends within the chunk);
     - every seat decoding, padded to the longest context the blocks leave;
     - all seats but one decoding beside a chunk ending the longest prompt the rest leave;
     - half the seats decoding beside a chunk after a long context and first chunks filling the
@@ -140,27 +143,32 @@ def profile_steps(engine: LLMEngine) -> None:
     first = min(budget, longest - cached)
     left = capacity - _blocks(longest, bs)
     lengths = [first, *_chunks(budget - first, seats - 1, left, cached, longest, bs)]
-    _profile_step(engine, [longest - first] + [cached] * (len(lengths) - 1), lengths)
-    _profile_step(engine, [0] * len(lengths), lengths)
-    _profile_step(engine, *_decodes(capacity, seats, longest, bs))
+    spare = left - sum(_blocks(cached + n, bs) for n in lengths[1:])  # to push chunks later
+    starts = [longest - first]
+    for n in lengths[1:]:
+        later = min(longest - n - cached, spare * bs) // bs * bs
+        starts, spare = [*starts, cached + later], spare - later // bs
+    _profile_step(engine, starts, lengths)
+    firsts = _chunks(budget, seats, capacity, 0, longest - 1, bs)  # a prompt leaves a token
+    _profile_step(engine, [0] * len(firsts), firsts)
+    _profile_step(engine, *_decodes(capacity, min(seats, budget), longest, bs))
     if seats < 2:
         return
-    n, other = min(budget - (seats - 1), longest - cached), _blocks(2, bs)
-    end = longest if capacity - _blocks(longest, bs) >= (seats - 1) * other else cached + n
-    left = capacity - _blocks(end, bs)
-    if n > 0 and left >= other:
-        starts, lengths = _decodes(left, seats - 1, longest, bs)
+    n = min(budget - (seats - 1), longest - cached)
+    end = longest if capacity - _blocks(longest, bs) >= seats - 1 else cached + n
+    if n > 0 and capacity > _blocks(end, bs):
+        starts, lengths = _decodes(capacity - _blocks(end, bs), seats - 1, longest, bs)
         _profile_step(engine, [*starts, end - n], [*lengths, n])
     half, quarter = capacity // 2, capacity // 4
-    if half < other:
+    if half < 1:
         return
-    starts, lengths = _decodes(half, seats // 2, longest, bs)
+    starts, lengths = _decodes(half, min(seats // 2, budget), longest, bs)
     n = min(budget - len(lengths), longest - cached, quarter * bs - cached)
     if n > 0:
         end = min(longest, quarter * bs)
         starts, lengths = [*starts, end - n], [*lengths, n]
     rest = capacity - half - quarter
-    firsts = _chunks(budget - sum(lengths), seats - len(lengths), rest, 0, longest, bs)
+    firsts = _chunks(budget - sum(lengths), seats - len(lengths), rest, 0, longest - 1, bs)
     _profile_step(engine, starts + [0] * len(firsts), lengths + firsts)
 
 
@@ -170,7 +178,7 @@ def _blocks(tokens: int, block_size: int) -> int:
 
 def _chunks(tokens: int, seats: int, capacity: int, start: int, longest: int, bs: int) -> list[int]:
     """Lengths of chunks after `start` cached tokens that spend `tokens`, as far as `seats`
-    sequences and `capacity` blocks go."""
+    sequences and `capacity` blocks go, each ending by `longest`."""
     lengths: list[int] = []
     while tokens > 0 and len(lengths) < seats:
         n = min(tokens, longest - start, capacity * bs - start)
@@ -183,17 +191,16 @@ def _chunks(tokens: int, seats: int, capacity: int, start: int, longest: int, bs
 
 def _decodes(capacity: int, seats: int, longest: int, bs: int) -> tuple[list[int], list[int]]:
     """Starts and new tokens of the decodes whose padded context (seats x the longest one) is
-    largest within `capacity` blocks: one sequence as long as the rest leave, each other holding
-    two tokens (so it joins the padded group rather than attending to itself alone)."""
-    other = _blocks(2, bs)
+    largest within `capacity` blocks: one sequence as long as the rest leave, each other a
+    one-token prompt (a block; any single new token joins the padded group)."""
 
     def width(n: int) -> int:  # the longest context when n sequences decode
-        return max(2, min(longest, (capacity - (n - 1) * other) * bs))
+        return max(1, min(longest, (capacity - (n - 1)) * bs))
 
-    most = min(seats, max(1, (capacity - other) // other + 1))  # the longest holds `other` too
-    options = {most, (capacity - _blocks(longest, bs)) // other + 1, (capacity // other + 1) // 2}
+    most = max(1, min(seats, capacity))
+    options = {most, capacity - _blocks(longest, bs) + 1, (capacity + 1) // 2}
     n = max((min(most, max(1, o)) for o in options), key=lambda o: o * width(o))
-    return [width(n) - 1] + [1] * (n - 1), [1] * n
+    return [width(n) - 1] + [0] * (n - 1), [1] * n
 
 
 def _profile_step(engine: LLMEngine, starts: list[int], lengths: list[int]) -> None:
@@ -212,7 +219,8 @@ def _profile_step(engine: LLMEngine, starts: list[int], lengths: list[int]) -> N
         ids = torch.tensor(positions, device=device) % vocab  # [T] any ids will do
         experts = SlotStandIn(engine.offload.cache, engine.model.cfg.gating)
         hidden = engine.model(ids, torch.tensor(positions, device=device), batch, experts)
-        engine.model.logits(hidden[:PROMPT_SCORE_ROWS]).log_softmax(-1)  # [R, V]
+        rows = hidden[:PROMPT_SCORE_ROWS]  # prompt logprobs, as the runner scores them
+        scored(engine.model.logits(rows), ids[: len(rows)].tolist(), MAX_LOGPROBS)
         last = torch.tensor(lengths, device=device).cumsum(0) - 1  # [B]
         logits = engine.model.logits(hidden[last])  # [B, V]
         logits.float().softmax(-1).sort(-1, descending=True)  # the sampler's working copies
@@ -224,11 +232,12 @@ def _profile_step(engine: LLMEngine, starts: list[int], lengths: list[int]) -> N
 
 def _grow(blocks: BlockAllocator | WindowedBlocks, seq_id: int, start: int, n: int) -> bool:
     """Blocks for `start` cached and `n` new tokens; in the local pool only the window's, as a
-    sequence that got there step by step holds (none are named: their tokens are not real)."""
+    sequence that got there a block at a time holds (none are named: their tokens are not real)."""
     if isinstance(blocks, WindowedBlocks) and start:
-        if not blocks.grow(seq_id, start):
-            return False
-        blocks.release_behind(seq_id, start)
+        for end in (*range(blocks.block_size, start, blocks.block_size), start):
+            if not blocks.grow(seq_id, end):
+                return False
+            blocks.release_behind(seq_id, end)
     return blocks.grow(seq_id, start + n)
 
 

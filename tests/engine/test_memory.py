@@ -188,19 +188,26 @@ class MeasuringProbe(FakeProbe):
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3", "qwen3_next"])
-@pytest.mark.parametrize("context", [256, 64])  # a budget (128) short of, and above, a context
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"max_model_len": 256, "max_num_seqs": 8, "max_num_batched_tokens": 128},
+        {"max_model_len": 64, "max_num_seqs": 8, "max_num_batched_tokens": 128},  # > a context
+        {"max_model_len": 96, "max_num_seqs": 24, "block_size": 1, "kv_cache_blocks": 120},
+    ],
+    ids=["budget-short-of-context", "budget-past-context", "block-size-1"],
+)
 def test_the_profile_peaks_above_every_real_step(
-    family: str, context: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    family: str, flags: dict[str, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Prompts long and short, chunked, beside decodes with long contexts, sampled with logprobs:
-    no step allocates more than the profile steps measured (plain, local windows with sinks,
-    latent attention, linear attention)."""
+    """Prompts long, short and of one token, chunked, beside decodes with long contexts, n > 1,
+    sampled with logprobs and some prompt logprobs: no step allocates more than the profile
+    steps measured (plain, local windows with sinks, latent attention, linear attention)."""
     checkpoint = save_tiny_checkpoint(family, tmp_path)
     probe = MeasuringProbe(1 << 40, 0, 0, 0)
     install(monkeypatch, probe)
-    llm = LLM(
-        model=str(checkpoint), max_model_len=context, max_num_seqs=8, max_num_batched_tokens=128
-    )
+    llm = LLM(model=str(checkpoint), **flags)
+    context = flags["max_model_len"]
     runner, peaks = llm.engine.runner, []
     execute = runner.execute
 
@@ -211,11 +218,18 @@ def test_the_profile_peaks_above_every_real_step(
 
     monkeypatch.setattr(runner, "execute", measured)
     rng = random.Random(0)
-    lengths = [rng.choice([5, context // 6, context // 2, context - 20]) for _ in range(24)]
+    lengths = [rng.choice([1, 5, context // 6, context // 2, context - 20]) for _ in range(24)]
     prompts = [[rng.randrange(1, 384) for _ in range(n)] for n in lengths]
     params = [
         SamplingParams(
-            max_tokens=8, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True, logprobs=5
+            max_tokens=8,
+            temperature=0.8,
+            top_p=0.9,
+            seed=i,
+            ignore_eos=True,
+            logprobs=5,
+            prompt_logprobs=3 if i % 4 == 0 else None,
+            n=2 if i % 5 == 0 else 1,
         )
         for i in range(len(prompts))
     ]
@@ -232,13 +246,16 @@ def test_the_profile_peaks_above_every_real_step(
         {"block_size": 1, "max_num_seqs": 3},
         {"max_num_batched_tokens": 16},  # chunks shorter than a context
         {"max_num_seqs": 1},
+        {"max_num_seqs": 3, "max_num_batched_tokens": 7, "block_size": 2},  # windows block by block
+        {"max_num_seqs": 3, "max_num_batched_tokens": 7, "block_size": 1},
+        {"max_model_len": 512, "max_num_seqs": 2, "max_num_batched_tokens": 16},
     ],
 )
 def test_the_profile_fits_any_kv_cache_that_holds_a_context(
     tiny_checkpoint: Path, flags: dict[str, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     install(monkeypatch, FakeProbe(1 << 40, 0, 0, 0))
-    llm = LLM(model=str(tiny_checkpoint), max_model_len=64, **flags)
+    llm = LLM(model=str(tiny_checkpoint), **{"max_model_len": 64, **flags})
     outputs = llm.generate([[1, *range(2, 60)], [1, 7]], SamplingParams(max_tokens=4))
     assert [len(o.outputs[0].token_ids) for o in outputs] == [4, 4]
     assert llm.engine.blocks.num_used == 0

@@ -13,7 +13,6 @@ events, on CUDA from the allocator (torch.cuda.max_memory_allocated).
 from __future__ import annotations
 
 import argparse
-import random
 import shlex
 import sys
 import tempfile
@@ -25,9 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import engine.llm_engine as llm_engine  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
+from engine import LLM  # noqa: E402
 from engine.memory import unsized  # noqa: E402
-from tests.allocations import PeakProbe, peak_of  # noqa: E402
+from tests.allocations import PeakProbe, peak_of, step_peaks  # noqa: E402
 from tests.conftest import save_tiny_checkpoint  # noqa: E402
 
 FAMILIES = ("mixtral", "gpt_oss", "deepseek_v3", "qwen3_next", "llama4", "glm4_moe")
@@ -50,32 +49,7 @@ def worst_step(checkpoint: Path, device: str, flags: dict[str, int], seed: int) 
     probe = PeakProbe(measure, 1 << 50)
     llm_engine.memory_probe = lambda config: probe if unsized(config) else None
     llm = LLM(model=str(checkpoint), device=device, **flags)
-    runner, peaks = llm.engine.runner, []
-    execute = runner.execute
-
-    def measured(*args: object, **kwargs: object) -> object:
-        result: list[object] = []
-        peaks.append(measure(lambda: result.append(execute(*args, **kwargs))))
-        return result[0]
-
-    runner.execute = measured  # type: ignore[method-assign]
-    rng, context = random.Random(seed), flags["max_model_len"]
-    lengths = [rng.choice([1, 5, context // 6, context // 2, context - 20]) for _ in range(24)]
-    prompts = [[rng.randrange(1, 384) for _ in range(n)] for n in lengths]
-    params = [
-        SamplingParams(
-            max_tokens=8,
-            temperature=0.8,
-            top_p=0.9,
-            seed=i,
-            ignore_eos=True,
-            logprobs=5,
-            prompt_logprobs=3 if i % 4 == 0 else None,
-            n=2 if i % 5 == 0 else 1,
-        )
-        for i in range(len(prompts))
-    ]
-    llm.generate(prompts, params)
+    peaks = step_peaks(llm, measure, seed)
     return probe.activations, max(peaks)
 
 

@@ -4,12 +4,16 @@ the allocator. The memory profile's tests and benchmark measure real steps with 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from engine import LLM, SamplingParams
 from engine.memory import CudaMemory
+
+Measure = Callable[[Callable[[], object]], int]
 
 
 class AllocationEventsMissing(RuntimeError):
@@ -36,7 +40,7 @@ def cpu_peak(run: Callable[[], object]) -> int:
     return peak
 
 
-def peak_of(device: torch.device) -> Callable[[Callable[[], object]], int]:
+def peak_of(device: torch.device) -> Measure:
     """The measure for `device`: the allocator's own on CUDA, the profiler's on the CPU."""
     if device.type == "cuda":
         return CudaMemory(device).peak_during
@@ -47,7 +51,7 @@ class PeakProbe:
     """A memory probe (engine/memory.py) that measures the profile steps with `measure` and
     reports a device of `total` bytes with nothing else in use."""
 
-    def __init__(self, measure: Callable[[Callable[[], object]], int], total: int) -> None:
+    def __init__(self, measure: Measure, total: int) -> None:
         self.measure, self.total, self.activations = measure, total, 0
 
     def peak_during(self, run: Callable[[], None]) -> int:
@@ -56,3 +60,39 @@ class PeakProbe:
 
     def used_and_total(self) -> tuple[int, int]:
         return 0, self.total
+
+
+def step_peaks(llm: LLM, measure: Measure, seed: int) -> list[int]:
+    """Each step's peak while `llm` serves a mixed workload: prompts long, short and of one token,
+    chunked beside decodes with long contexts, n > 1, sampled with logprobs and some prompt
+    logprobs."""
+    runner, peaks = llm.engine.runner, []
+    execute = runner.execute
+
+    def measured(*args: object, **kwargs: object) -> object:
+        result: list[object] = []
+        peaks.append(measure(lambda: result.append(execute(*args, **kwargs))))
+        return result[0]
+
+    runner.execute = measured  # type: ignore[method-assign]
+    rng, context = random.Random(seed), llm.engine.max_model_len
+    lengths = [rng.choice([1, 5, context // 6, context // 2, context - 20]) for _ in range(24)]
+    prompts = [[rng.randrange(1, 384) for _ in range(n)] for n in lengths]
+    params = [
+        SamplingParams(
+            max_tokens=8,
+            temperature=0.8,
+            top_p=0.9,
+            seed=i,
+            ignore_eos=True,
+            logprobs=5,
+            prompt_logprobs=3 if i % 4 == 0 else None,
+            n=2 if i % 5 == 0 else 1,
+        )
+        for i in range(len(prompts))
+    ]
+    try:
+        llm.generate(prompts, params)
+    finally:
+        runner.execute = execute  # type: ignore[method-assign]
+    return peaks

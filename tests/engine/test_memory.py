@@ -4,7 +4,6 @@ outputs stay those of an all-resident cache."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,9 +18,8 @@ from engine.kv_cache import num_kv_blocks
 from engine.memory import CudaMemory, MemoryProbe, memory_probe, unsized
 from engine.model_config import ModelConfig
 from engine.offload.cache import ExpertCache
-from engine.runner import StepResult
 from engine.settle import settled
-from tests.allocations import AllocationEventsMissing, PeakProbe, cpu_peak
+from tests.allocations import AllocationEventsMissing, PeakProbe, cpu_peak, step_peaks
 from tests.conftest import save_tiny_checkpoint
 
 if TYPE_CHECKING:
@@ -184,33 +182,7 @@ def test_the_profile_peaks_above_every_real_step(
     probe = PeakProbe(measured, 1 << 40)
     install(monkeypatch, probe)
     llm = LLM(model=str(checkpoint), **flags)
-    context = flags["max_model_len"]
-    runner, peaks = llm.engine.runner, []
-    execute = runner.execute
-
-    def execute_measured(*args: object, **kwargs: object) -> StepResult:
-        result: list[StepResult] = []
-        peaks.append(measured(lambda: result.append(execute(*args, **kwargs))))
-        return result[0]
-
-    monkeypatch.setattr(runner, "execute", execute_measured)
-    rng = random.Random(0)
-    lengths = [rng.choice([1, 5, context // 6, context // 2, context - 20]) for _ in range(24)]
-    prompts = [[rng.randrange(1, 384) for _ in range(n)] for n in lengths]
-    params = [
-        SamplingParams(
-            max_tokens=8,
-            temperature=0.8,
-            top_p=0.9,
-            seed=i,
-            ignore_eos=True,
-            logprobs=5,
-            prompt_logprobs=3 if i % 4 == 0 else None,
-            n=2 if i % 5 == 0 else 1,
-        )
-        for i in range(len(prompts))
-    ]
-    llm.generate(prompts, params)
+    peaks = step_peaks(llm, measured, seed=0)
     assert probe.activations > 0 and len(peaks) > 10
     assert max(peaks) <= probe.activations
 

@@ -131,7 +131,8 @@ def profile_steps(engine: LLMEngine) -> None:
       (the path with a mask and a gathered context);
     - a full budget of prompts' first chunks (the path that attends within the chunk);
     - every seat decoding, padded to the longest context the blocks leave;
-    - all seats but one decoding beside a chunk ending the longest prompt the rest leave;
+    - all seats but one decoding beside a chunk ending the longest prompt the rest leave, then
+      beside a prompt's first chunk;
     - half the seats decoding beside a chunk after a long context and first chunks filling the
       budget (each kind's tensors alive together), on a half, a quarter and a quarter of the
       blocks."""
@@ -154,11 +155,13 @@ def profile_steps(engine: LLMEngine) -> None:
     _profile_step(engine, *_decodes(capacity, min(seats, budget), longest, bs))
     if seats < 2:
         return
-    n = min(budget - (seats - 1), longest - cached)
-    end = longest if capacity - _blocks(longest, bs) >= seats - 1 else cached + n
-    if n > 0 and capacity > _blocks(end, bs):
-        starts, lengths = _decodes(capacity - _blocks(end, bs), seats - 1, longest, bs)
-        _profile_step(engine, [*starts, end - n], [*lengths, n])
+    chunk = min(budget - (seats - 1), longest - cached)
+    end = longest if capacity - _blocks(longest, bs) >= seats - 1 else cached + chunk
+    opening = min(budget - (seats - 1), longest - 1, (capacity - 1) * bs)
+    for start, n in ((end - chunk, chunk), (0, opening)):  # after cached context, then as first
+        if n > 0 and capacity > _blocks(start + n, bs):
+            starts, lengths = _decodes(capacity - _blocks(start + n, bs), seats - 1, longest, bs)
+            _profile_step(engine, [*starts, start], [*lengths, n])
     half, quarter = capacity // 2, capacity // 4
     if half < 1:
         return

@@ -5,7 +5,8 @@ the allocator. The memory profile's tests and benchmark measure real steps with 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -62,10 +63,9 @@ class PeakProbe:
         return 0, self.total
 
 
-def step_peaks(llm: LLM, measure: Measure, seed: int) -> list[int]:
-    """Each step's peak while `llm` serves a mixed workload: prompts long, short and of one token,
-    chunked beside decodes with long contexts, n > 1, sampled with logprobs and some prompt
-    logprobs."""
+@contextmanager
+def measured_steps(llm: LLM, measure: Measure) -> Iterator[list[int]]:
+    """Each step's peak while the block runs, in the list it yields."""
     runner, peaks = llm.engine.runner, []
     execute = runner.execute
 
@@ -75,6 +75,16 @@ def step_peaks(llm: LLM, measure: Measure, seed: int) -> list[int]:
         return result[0]
 
     runner.execute = measured  # type: ignore[method-assign]
+    try:
+        yield peaks
+    finally:
+        runner.execute = execute  # type: ignore[method-assign]
+
+
+def step_peaks(llm: LLM, measure: Measure, seed: int) -> list[int]:
+    """Each step's peak while `llm` serves a mixed workload: prompts long, short and of one token,
+    chunked beside decodes with long contexts, n > 1, sampled with logprobs and some prompt
+    logprobs."""
     rng, context = random.Random(seed), llm.engine.max_model_len
     lengths = [rng.choice([1, 5, context // 6, context // 2, context - 20]) for _ in range(24)]
     prompts = [[rng.randrange(1, 384) for _ in range(n)] for n in lengths]
@@ -91,8 +101,6 @@ def step_peaks(llm: LLM, measure: Measure, seed: int) -> list[int]:
         )
         for i in range(len(prompts))
     ]
-    try:
+    with measured_steps(llm, measure) as peaks:
         llm.generate(prompts, params)
-    finally:
-        runner.execute = execute  # type: ignore[method-assign]
     return peaks

@@ -19,7 +19,13 @@ from engine.memory import CudaMemory, MemoryProbe, memory_probe, unsized
 from engine.model_config import ModelConfig
 from engine.offload.cache import ExpertCache
 from engine.settle import settled
-from tests.allocations import AllocationEventsMissing, PeakProbe, cpu_peak, step_peaks
+from tests.allocations import (
+    AllocationEventsMissing,
+    PeakProbe,
+    cpu_peak,
+    measured_steps,
+    step_peaks,
+)
 from tests.conftest import save_tiny_checkpoint
 
 if TYPE_CHECKING:
@@ -169,8 +175,14 @@ def measured(run: Callable[[], object]) -> int:
         {"max_model_len": 256, "max_num_seqs": 8, "max_num_batched_tokens": 128},
         {"max_model_len": 64, "max_num_seqs": 8, "max_num_batched_tokens": 128},  # > a context
         {"max_model_len": 96, "max_num_seqs": 24, "block_size": 1, "kv_cache_blocks": 120},
+        {
+            "max_model_len": 128,
+            "max_num_seqs": 16,
+            "max_num_batched_tokens": 512,
+            "kv_cache_blocks": 10,
+        },
     ],
-    ids=["budget-short-of-context", "budget-past-context", "block-size-1"],
+    ids=["budget-short-of-context", "budget-past-context", "block-size-1", "tight-kv"],
 )
 def test_the_profile_peaks_above_every_real_step(
     family: str, flags: dict[str, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -184,6 +196,32 @@ def test_the_profile_peaks_above_every_real_step(
     llm = LLM(model=str(checkpoint), **flags)
     peaks = step_peaks(llm, measured, seed=0)
     assert probe.activations > 0 and len(peaks) > 10
+    assert max(peaks) <= probe.activations
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_a_prompt_arriving_beside_decodes_stays_within_the_profile(
+    family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shape that outgrew an earlier profile on a tight KV cache: a long prompt's first chunk
+    and a one-token prompt join a running decode."""
+    probe = PeakProbe(measured, 1 << 40)
+    install(monkeypatch, probe)
+    llm = LLM(
+        model=str(save_tiny_checkpoint(family, tmp_path)),
+        max_model_len=128,
+        max_num_seqs=16,
+        max_num_batched_tokens=512,
+        kv_cache_blocks=10,
+    )
+    engine, params = llm.engine, SamplingParams(max_tokens=2, ignore_eos=True)
+    with measured_steps(llm, measured) as peaks:
+        engine.add_request("running", list(range(1, 15)), params)
+        engine.step()
+        engine.add_request("long", list(range(1, 127)), params)
+        engine.add_request("one", [7], params)
+        while engine.has_unfinished():
+            engine.step()
     assert max(peaks) <= probe.activations
 
 

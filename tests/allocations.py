@@ -22,23 +22,29 @@ class AllocationEventsMissing(RuntimeError):
 
 
 def cpu_peak(run: Callable[[], object]) -> int:
+    """The CPU allocator's running total at its highest, less its value before `run`. The total
+    each event reports was read under the allocator's lock, so no ordering of events by their
+    timestamps (which tie on a coarse clock, a free sorting before the allocation it followed)
+    enters; a marker allocated first gives the total before."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        marker = torch.empty(1)
         run()
     allocation = getattr(torch._C._profiler, "_ExtraFields_Allocation", None)
     results = getattr(prof.profiler, "kineto_results", None)
     if allocation is None or results is None:
         raise AllocationEventsMissing("no allocation events in this torch's profiler")
-    events, nodes = [], list(results.experimental_event_tree())
+    totals, before, nodes = [], None, list(results.experimental_event_tree())
     while nodes:
         node = nodes.pop()
         nodes.extend(node.children)
         if isinstance(node.extra_fields, allocation):
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
+            event = node.extra_fields
+            totals.append(event.total_allocated)
+            if event.ptr == marker.data_ptr() and event.alloc_size > 0:
+                before = event.total_allocated  # with the marker, alive throughout
+    if before is None:
+        raise AllocationEventsMissing("the profiler did not report the marker's allocation")
+    return max(totals) - before
 
 
 def peak_of(device: torch.device) -> Measure:

@@ -168,6 +168,18 @@ def measured(run: Callable[[], object]) -> int:
         pytest.skip(str(exc))
 
 
+def test_the_cpu_measure_counts_what_is_alive_together() -> None:
+    held = torch.empty(1 << 20)  # allocated before: not counted, nor its release
+
+    def run() -> None:
+        nonlocal held
+        first, second = torch.empty(1 << 18), torch.empty(1 << 19)  # 1 MiB, 2 MiB
+        del first, second, held
+        torch.empty(1 << 19)
+
+    assert measured(run) == 3 << 20
+
+
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3", "qwen3_next"])
 @pytest.mark.parametrize(
     "flags",

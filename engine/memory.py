@@ -7,10 +7,10 @@ the GPU leaves after the weights, the KV cache, the linear-attention states, tho
 whatever else holds device memory (the CUDA context, other processes). The CPU has no such budget:
 its experts all stay resident unless a size is given.
 
-The profile runs each layer's experts as the common path does, in one kernel call over resident
-slots, without copying any (the values go unread). Not counted: the float32 accumulators of the
-split paths (--resident-first, --cpu-expert-compute, and streaming when a layer's experts outnumber
-the slots), the predictor's work and prefetch staging."""
+The profile runs each layer's experts in one kernel call over resident slots, without copying any
+(the values go unread), adding them up in float32 as the split paths do (--resident-first,
+--cpu-expert-compute, streaming when a layer's experts outnumber the slots). Not counted: the
+predictor's work and prefetch staging."""
 
 from __future__ import annotations
 
@@ -246,7 +246,10 @@ def _grow(blocks: BlockAllocator | WindowedBlocks, seq_id: int, start: int, n: i
 
 class SlotStandIn:
     """Routed experts run from the provisional pool's slots, expert e from slot e modulo the pool
-    (a layer's worth): the kernel's memory, without the copies. The values go unread."""
+    (a layer's worth): the kernel's memory, without the copies. The values go unread. Each layer
+    is added up in float32 as the split paths do (streaming through a pool smaller than a layer's
+    experts, --resident-first, --cpu-expert-compute), which holds more than the common path's one
+    call, so either path fits in what it measures."""
 
     def __init__(self, cache: ExpertCache, gating: Gating) -> None:
         self.cache, self.gating = cache, gating
@@ -260,13 +263,24 @@ class SlotStandIn:
         router_logits: torch.Tensor,
     ) -> torch.Tensor:
         """hidden [T, H], topk_ids [T, k], topk_weights [T, k] -> [T, H]."""
-        slots = topk_ids % self.cache.num_slots
-        return kernels.fused_moe(
-            hidden,
-            self.cache.w13,
-            self.cache.w2,
-            topk_weights,
-            slots,
-            gating=self.gating,
-            **self.cache.kernel_extras,
+        device, num_slots = hidden.device, self.cache.num_slots
+        acc = torch.zeros(hidden.shape, dtype=torch.float32, device=device)  # [T, H]
+        slot_of = torch.arange(router_logits.shape[-1], device=device) % num_slots  # [E]
+        slots = slot_of[topk_ids]  # [T, k]
+        in_group = torch.isin(slots, torch.arange(num_slots, device=device))  # [T, k]
+        weights = torch.where(in_group, topk_weights, torch.zeros_like(topk_weights))  # [T, k]
+        part = torch.empty(hidden.shape, dtype=torch.float32, device=device)  # [T, H]
+        acc.add_(
+            kernels.fused_moe(
+                hidden,
+                self.cache.w13,
+                self.cache.w2,
+                weights,
+                slots,
+                out=part,
+                gating=self.gating,
+                **self.cache.kernel_extras,
+            )
         )
+        del part
+        return acc.to(hidden.dtype)

@@ -127,10 +127,12 @@ class OffloadedExperts:
             rows, cols = (topk_ids == expert).nonzero(as_tuple=True)  # [n] each
             inputs.append((expert, rows, hidden[rows].to(host), topk_weights[rows, cols].to(host)))
         on_device = [e for e in distinct if e not in on_host]
-        if on_device:  # host pairs weigh 0 here, on an expert the device runs anyway
+        if on_device and on_host:  # host pairs weigh 0 here, on an expert the device runs anyway
             is_host = torch.isin(topk_ids, torch.tensor(on_host, device=hidden.device))  # [T, k]
             ids = topk_ids.masked_fill(is_host, on_device[0])
             self._stream(layer, hidden, ids, topk_weights.masked_fill(is_host, 0), on_device, acc)
+        elif on_device:
+            self._stream(layer, hidden, topk_ids, topk_weights, on_device, acc)
         for expert, rows, x, w in inputs:
             acc.index_add_(0, rows, self._host_expert(layer, expert, x, w).to(acc.device))
 

@@ -15,7 +15,7 @@ import engine.llm_engine as llm_engine
 from engine import LLM, SamplingParams, kv_cache
 from engine.config import ConfigError, EngineConfig
 from engine.kv_cache import num_kv_blocks
-from engine.memory import CudaMemory, MemoryProbe, memory_probe, unsized
+from engine.memory import CudaMemory, MemoryProbe, SlotStandIn, memory_probe, unsized
 from engine.model_config import ModelConfig
 from engine.offload.cache import ExpertCache
 from engine.settle import settled
@@ -209,6 +209,56 @@ def test_the_profile_peaks_above_every_real_step(
     peaks = step_peaks(llm, measured, seed=0)
     assert probe.activations > 0 and len(peaks) > 10
     assert max(peaks) <= probe.activations
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("path", ["streaming", "resident-first"])
+def test_the_stand_in_peaks_above_the_split_expert_paths(
+    mixtral_checkpoint: Path, dtype: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer streamed through a pool smaller than its experts, or computed resident experts
+    first while the rest copy in, adds its experts up in float32 over several calls: the
+    profile's stand-in allocates that much for the same tokens, small tables of [T, k] aside."""
+    streaming = path == "streaming"
+    llm = LLM(
+        model=str(mixtral_checkpoint),
+        max_model_len=64,
+        expert_cache_size=2 if streaming else 6,
+        resident_first=not streaming,
+        link_gbps=None if streaming else 0.05,
+        dtype=dtype,
+    )
+    offload, gating = llm.engine.offload, llm.engine.model.cfg.gating
+    experts, layer = offload.experts, offload.store.layers[0]
+    split = []
+    for name in ("_stream", "_resident_first"):
+        monkeypatch.setattr(experts, name, spy(getattr(experts, name), split, name))
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(96, llm.engine.model_config.hidden_size, generator=generator)
+    hidden = hidden.to(getattr(torch, dtype))  # [T, H]
+    logits = torch.randn(96, offload.store.num_experts, generator=generator)  # [T, E]
+    if not streaming:  # four of the six experts used resident, two still to copy
+        warm = torch.arange(4).repeat(96, 1)  # [T, 4]
+        experts(layer, hidden, warm[:, :2], logits[:, :2], logits)
+        experts(layer, hidden, warm[:, 2:], logits[:, :2], logits)
+        logits[:, 6:] = -torch.inf
+    weights, topk_ids = logits.softmax(-1).topk(2)  # [T, k] each
+    split.clear()
+    real = measured(lambda: experts(layer, hidden, topk_ids, weights, logits))
+    assert split == ["_stream" if streaming else "_resident_first"]
+    stand_in = SlotStandIn(offload.cache, gating)
+    bookkeeping = topk_ids.numel() * 8  # an index of [T, k]: the paths' small tables may differ
+    assert (
+        real <= measured(lambda: stand_in(layer, hidden, topk_ids, weights, logits)) + bookkeeping
+    )
+
+
+def spy(method: Callable[..., None], calls: list[str], name: str) -> Callable[..., None]:
+    def called(*args: object) -> None:
+        calls.append(name)
+        method(*args)
+
+    return called
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])

@@ -89,7 +89,7 @@ def fit_expert_cache(engine: LLMEngine, probe: MemoryProbe) -> EngineConfig:
     offload, config = engine.offload, engine.config
     activations = probe.peak_during(lambda: profile_steps(engine))
     used, total = probe.used_and_total()
-    pool = offload.cache.resident_bytes  # the provisional pool, freed by the resize
+    pool = offload.cache.slots.nbytes  # the provisional pool, freed by the resize
     per_slot = pool // offload.cache.num_slots
     allowed = int(config.gpu_memory_utilization * total)
     room = allowed - (used - pool) - activations
@@ -273,13 +273,13 @@ class SlotStandIn:
         acc.add_(
             kernels.fused_moe(
                 hidden,
-                self.cache.w13,
-                self.cache.w2,
+                self.cache.slots.w13,
+                self.cache.slots.w2,
                 weights,
                 slots,
                 out=part,
                 gating=self.gating,
-                **self.cache.kernel_extras,
+                **self.cache.slots.kernel_extras,
             )
         )
         del part

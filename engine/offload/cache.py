@@ -15,6 +15,7 @@ import torch
 
 from engine.offload.host_compute import HostCompute
 from engine.offload.policy import EvictionPolicy, Key
+from engine.offload.slots import SlotPool
 from engine.offload.store import ExpertStore
 from engine.offload.transfer import HIGH, LOW, Transfer, TransferEngine
 
@@ -58,46 +59,20 @@ class ExpertCache:
             raise ValueError("the expert cache needs at least one slot")
         for slot in list(self.in_flight):  # nothing may land in a pool being freed
             self.wait_ready(slot)
-        self.slots: dict[str, torch.Tensor] = {}  # the old pool goes before the new one comes
+        self.slots = SlotPool(self.store, 0, self.device)  # the old pool goes before the new one
         self.policy = policy
         self.num_slots = min(num_slots, self.store.num_total_experts)
-        # part name -> [S, ...]: w13 [S, 2I, H], w2 [S, H, I] (and gpt-oss's b13 [S, 2I], b2 [S, H];
-        # packed MXFP4: w13 and w2 as blocks, with their scales)
-        self.slots = {
-            name: torch.empty((self.num_slots, *shape), dtype=dtype, device=self.device)
-            for name, (shape, dtype) in self.store.slot_layout.items()
-        }
+        self.slots = SlotPool(self.store, self.num_slots, self.device)
         self.slot_of: dict[Key, int] = {}
         self.key_of: list[Key | None] = [None] * self.num_slots
         self.pins = [0] * self.num_slots
-        self.protected: set[Key] = (
-            set()
-        )  # predicted within the horizon: evicted only as a last resort
+        self.protected: set[Key] = set()  # predicted within the horizon: evicted as a last resort
         self.prefetched: set[Key] = set()  # prefetched and not looked up yet
         self.stats = CacheStats()
         self.completed: deque[Transfer] = deque(maxlen=256)  # finished copies, to measure bandwidth
         self._untimed: list[Transfer] = []  # finished copies the HostCompute has not timed yet
         self.tick = 0
         self._warm_start()
-
-    @property
-    def w13(self) -> torch.Tensor:
-        return self.slots["w13"]
-
-    @property
-    def w2(self) -> torch.Tensor:
-        return self.slots["w2"]
-
-    @property
-    def kernel_extras(self) -> dict[str, torch.Tensor]:
-        """The slot parts besides w13 and w2, by the names `fused_moe` takes them: biases (b13,
-        b2), packed MXFP4's scales (w13_scale, w2_scale) and packed 4-bit zero points (w13_zero,
-        w2_zero), where the experts have them."""
-        return {name: t for name, t in self.slots.items() if name not in ("w13", "w2")}
-
-    @property
-    def resident_bytes(self) -> int:
-        return sum(t.nbytes for t in self.slots.values())
 
     @property
     def warm_keys(self) -> list[Key]:
@@ -107,11 +82,10 @@ class ExpertCache:
         return [(layer, e) for e in range(per_layer) for layer in layers][: self.num_slots]
 
     def _warm_start(self) -> None:
-        """Fill the pool before serving (quantized experts decoded on the device, as copies are)."""
+        """Fill the pool before serving."""
         for slot, key in enumerate(self.warm_keys):
             self._place(key, slot)
-            host = self.store.expert(*key)
-            self._fill(slot, {name: t.to(self.device) for name, t in host.items()})
+            self.slots.load_now(key, slot)
 
     def _place(self, key: Key, slot: int) -> None:
         old = self.key_of[slot]
@@ -302,28 +276,13 @@ class ExpertCache:
                 return None
             raise RuntimeError("every expert cache slot is pinned")
         self._place(key, slot)
-        transfer = self._failing(slot, lambda: self._copy_in(key, slot, priority))
+        transfer = self._failing(
+            slot, lambda: self.slots.copy_in(key, slot, self.transfers, priority)
+        )
         self.in_flight[slot] = transfer
         self.stats.transfers += 1
         self.stats.transfer_bytes += transfer.nbytes
         return slot
-
-    def _copy_in(self, key: Key, slot: int, priority: int) -> Transfer:
-        """Queue the copy of `key` into `slot`. FP8 experts cross the link as they are stored (half
-        of bfloat16's bytes) into a staging buffer and are dequantized into the slot as they land,
-        on the copy's own stream or worker: the kernel always reads the compute dtype."""
-        host = self.store.expert(*key)
-        if not self.store.quantized:
-            pairs = [(self.slots[name][slot], t) for name, t in host.items()]
-            return self.transfers.submit(pairs, priority)
-        staging = {name: torch.empty_like(t, device=self.device) for name, t in host.items()}
-        pairs = [(staging[name], t) for name, t in host.items()]
-        return self.transfers.submit(pairs, priority, lambda: self._fill(slot, staging))
-
-    def _fill(self, slot: int, parts: dict[str, torch.Tensor]) -> None:
-        """One expert's stored parts, on the device -> the slot, as it holds them."""
-        for name, part in self.store.to_slot(parts).items():
-            self.slots[name][slot].copy_(part)
 
     def _drain_one_prefetch(self) -> int | None:
         """A miss found every unpinned slot still being written by prefetches: wait for one and

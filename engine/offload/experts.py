@@ -71,12 +71,12 @@ class OffloadedExperts:
                     self.cache.wait_ready(slots[i])
                 out = kernels.fused_moe(  # the common path: one kernel call, rounded once
                     hidden,
-                    self.cache.w13,
-                    self.cache.w2,
+                    self.cache.slots.w13,
+                    self.cache.slots.w2,
                     topk_weights,
                     slot_of[topk_ids],
                     gating=self.gating,
-                    **self.cache.kernel_extras,
+                    **self.cache.slots.kernel_extras,
                 )
                 self.cache.release(slots)
                 return out
@@ -99,13 +99,13 @@ class OffloadedExperts:
         out = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
         return kernels.fused_moe(
             hidden,
-            self.cache.w13,
-            self.cache.w2,
+            self.cache.slots.w13,
+            self.cache.slots.w2,
             weights,
             slot_ids,
             out=out,
             gating=self.gating,
-            **self.cache.kernel_extras,
+            **self.cache.slots.kernel_extras,
         )
 
     def _with_host(

@@ -47,7 +47,7 @@ def test_slots_hold_the_right_weights() -> None:
     for layer, expert in [(0, 3), (1, 2), (0, 1)]:
         (slot,) = cache.ensure(layer, [expert])
         w13, w2 = cache.store.expert(layer, expert).values()
-        assert torch.equal(cache.w13[slot], w13) and torch.equal(cache.w2[slot], w2)
+        assert torch.equal(cache.slots.w13[slot], w13) and torch.equal(cache.slots.w2[slot], w2)
         cache.release([slot])
 
 
@@ -196,6 +196,6 @@ def test_a_failed_copy_empties_its_slot_and_fails_loudly(monkeypatch: pytest.Mon
     monkeypatch.setattr(cache.store, "expert", expert)
     (slot,) = cache.ensure(0, [3])
     cache.wait_ready(slot)
-    assert torch.equal(cache.w13[slot], expert(0, 3)["w13"])
+    assert torch.equal(cache.slots.w13[slot], expert(0, 3)["w13"])
     finished = cache.completed[-1]
     assert finished.pairs == [] and finished.then is None  # no buffers kept for its timing

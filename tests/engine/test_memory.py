@@ -64,7 +64,7 @@ def slot_bytes(checkpoint: Path) -> tuple[int, int, int]:
     """One slot's bytes, the experts of one layer and of all layers."""
     engine = LLM(model=str(checkpoint), max_model_len=64, expert_cache_size=1).engine
     store = engine.offload.store
-    return engine.offload.cache.resident_bytes, store.num_experts, store.num_total_experts
+    return engine.offload.cache.slots.nbytes, store.num_experts, store.num_total_experts
 
 
 def test_only_an_unsized_cuda_cache_is_probed(monkeypatch: pytest.MonkeyPatch) -> None:

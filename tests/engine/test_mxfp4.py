@@ -165,11 +165,11 @@ def test_offloaded_mxfp4_experts_keep_outputs(
     assert [o.token_ids for o in llm.generate(prompts, params)] == expected
     cache, decoded = llm.engine.offload.cache, full.engine.offload.cache
     if flags.get("mxfp4_slots") == "packed":
-        assert cache.w13.dtype == torch.uint8 and "w13_scale" in cache.slots
-        per_slot = cache.resident_bytes / cache.num_slots
-        assert per_slot < decoded.resident_bytes / decoded.num_slots / 3
+        assert cache.slots.w13.dtype == torch.uint8 and "w13_scale" in cache.slots.parts
+        per_slot = cache.slots.nbytes / cache.num_slots
+        assert per_slot < decoded.slots.nbytes / decoded.num_slots / 3
     else:
-        assert cache.w13.dtype == torch.float32  # auto on the CPU: decoded
+        assert cache.slots.w13.dtype == torch.float32  # auto on the CPU: decoded
     if flags.get("expert_cache_ratio") != 1.0:
         assert llm.offload_stats()["misses"] > 0
     if flags.get("cpu_expert_compute"):
@@ -189,6 +189,6 @@ def test_cuda_packed_slots_keep_outputs(checkpoints: tuple[Path, Path], dtype: s
     decoded = LLM(**flags, mxfp4_slots="decoded").generate(prompts, params)
     for ratio in (1.0, 0.25):
         llm = LLM(**flags, expert_cache_ratio=ratio)
-        assert llm.engine.offload.cache.w13.dtype == torch.uint8
+        assert llm.engine.offload.cache.slots.w13.dtype == torch.uint8
         outs = llm.generate(prompts, params)  # the same operands, decoded in the tile
         assert [o.token_ids for o in outs] == [o.token_ids for o in decoded]

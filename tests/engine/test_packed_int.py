@@ -116,7 +116,7 @@ def test_4bit_experts_in_slots_change_nothing(method: str, slots: str, tmp_path:
     stats = offloaded.offload_stats()
     store = offloaded.engine.offload.store
     assert store.int4_group == 16 and stats["misses"] > 0
-    slot_dtype = offloaded.engine.offload.cache.w13.dtype
+    slot_dtype = offloaded.engine.offload.cache.slots.w13.dtype
     assert slot_dtype == (torch.uint8 if slots == "packed" else torch.float32)
     expected = LLM(model=str(reference), max_model_len=64).generate(PROMPTS, params)
     assert ours == [o.outputs[0].token_ids for o in expected]

@@ -44,6 +44,17 @@ def default_config(m: int) -> dict[str, int]:
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+def smaller(config: dict[str, int]) -> dict[str, int] | None:
+    """The config to try when `config` needs more shared memory than the GPU has (a table tuned
+    on a larger GPU, float32 tiles on a 99 KiB one): fewer pipeline stages, then half the K tile,
+    then half the N tile; None when nothing is left to shrink."""
+    for key, least in (("num_stages", 1), ("BLOCK_K", 16), ("BLOCK_N", 16)):
+        if config[key] > least:
+            step = config[key] - 1 if key == "num_stages" else config[key] // 2
+            return {**config, key: step}
+    return None
+
+
 @functools.cache
 def load_table(path: Path) -> dict[int, dict[str, int]] | None:
     """The {M: config} table in `path`, or None when there is no such file."""

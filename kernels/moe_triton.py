@@ -14,37 +14,19 @@ such call, per program.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from kernels.gating import SILU, Gating
+from kernels.moe_align import align_by_slot
+from kernels.moe_config import smaller
 
-
-def align_by_slot(
-    topk_ids: torch.Tensor, block_m: int, num_slots: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sort (token, k) pairs by slot, padding each slot's run to a multiple of block_m.
-
-    Returns sorted_ids [max_padded] (pair index t*k+j, pad = T*k), block_slots [max_padded/block_m]
-    (the slot of each M tile) and num_padded [1] (used length). All on device, no host sync: the
-    launch grid uses the bound max_padded and tiles past num_padded exit at once.
-    """
-    flat = topk_ids.reshape(-1).long()  # [P]
-    num_pairs, device = flat.numel(), flat.device
-    max_padded = num_pairs + min(num_pairs, num_slots) * (block_m - 1)
-    counts = torch.zeros(num_slots, dtype=torch.long, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))  # [S]
-    padded = (counts + block_m - 1) // block_m * block_m  # [S]
-    padded_end = padded.cumsum(0)  # [S]
-    sorted_slot, order = flat.sort(stable=True)  # [P]
-    rank = torch.arange(num_pairs, device=device) - (counts.cumsum(0) - counts)[sorted_slot]
-    pos = (padded_end - padded)[sorted_slot] + rank  # [P] row of each sorted pair
-    sorted_ids = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
-    sorted_ids[pos] = order.to(torch.int32)
-    tile_start = torch.arange(0, max_padded, block_m, device=device)  # [max_padded / block_m]
-    block_slots = torch.searchsorted(padded_end, tile_start, right=True)
-    return sorted_ids, block_slots.clamp_(max=num_slots - 1).to(torch.int32), padded_end[-1:]
+logger = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -185,6 +167,20 @@ def _mxfp4(byte, scale, shift):
 INTERPRET = not isinstance(_moe_gemm_kernel, triton.runtime.JITFunction)
 
 
+# (device, dtypes, expert format, tile config) -> the smaller config that fitted the GPU's memory
+_fitted: dict[tuple[object, ...], dict[str, int]] = {}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One launch of `_moe_gemm_kernel`: its grid, its positional arguments, and its constexprs
+    with the compile options (num_warps, num_stages) as keywords."""
+
+    grid: tuple[int]
+    args: tuple[object, ...]
+    constants: dict[str, object]
+
+
 def fused_moe_triton(
     hidden: torch.Tensor,
     w13: torch.Tensor,
@@ -207,14 +203,51 @@ def fused_moe_triton(
             "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment before "
             "kernels.moe_triton is first imported"
         )
+    variant = (hidden.device, hidden.dtype, w13.dtype, b13 is None, scales is None, zeros is None)
+    key = (*variant, tuple(config.items()))
+    config = _fitted.get(key, config)
+    while True:
+        launches, y = plan(hidden, w13, w2, topk_weights, topk_ids, out, config, b13, b2, gating,
+                           scales, zeros, upcast=INTERPRET)  # fmt: skip
+        try:
+            for launch in launches:
+                _moe_gemm_kernel[launch.grid](*launch.args, **launch.constants)
+            break
+        except OutOfResources as exc:  # before that launch ran; the retry redoes both
+            fallback = smaller(config)
+            if fallback is None:
+                raise
+            logger.warning("fused MoE tiles %s: %s; using %s", config, exc, fallback)
+            config = _fitted[key] = fallback
+    if y is not out:
+        out.copy_(y.view(*hidden.shape[:1], topk_ids.shape[1], -1).sum(dim=1))
+    return out
+
+
+def plan(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    out: torch.Tensor,
+    config: dict[str, int],
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    gating: Gating = SILU,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    zeros: tuple[torch.Tensor, torch.Tensor] | None = None,
+    upcast: bool = False,
+) -> tuple[list[Launch], torch.Tensor]:
+    """The gate/up and down launches of `fused_moe_triton` (`upcast`: tiles to float32, as the
+    interpreter needs), and the float32 [P, H] tensor the second writes (`out` itself for top-1
+    into a float32 out). scripts/compile_kernels.py compiles these ahead of time."""
     (num_tokens, hidden_size), top_k = hidden.shape, topk_ids.shape[1]
     num_slots, inter = w13.shape[0], w13.shape[1] // 2
     num_pairs = num_tokens * top_k
     bm, bn, bk, group_m = (config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
     launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
-    flags = dict(
-        UPCAST=INTERPRET, DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32"
-    )
+    flags = dict(UPCAST=upcast, DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32")
     sorted_ids, block_slots, num_padded = align_by_slot(topk_ids, bm, num_slots)
     max_padded = sorted_ids.numel()
     route_w = topk_weights.reshape(-1).contiguous()  # [P]
@@ -237,18 +270,18 @@ def fused_moe_triton(
         w13, w2 = w13.flatten(2), w2.flatten(2)
     group13 = hidden_size // s13.shape[2] if int4 else 1  # input channels a scale
     group2 = inter // s2.shape[2] if int4 else 1
-    _moe_gemm_kernel[(triton.cdiv(max_padded, bm) * triton.cdiv(inter, bn),)](
-        hidden, w13, act, bias13, route_w, sorted_ids, block_slots, num_padded, max_padded,
-        num_pairs, inter, hidden_size, *hidden.stride(), *w13.stride(), *act.stride(),
-        bias13.stride(0), s13, *s13.stride(), z13, GROUP_K=group13, PAIRS_PER_A_ROW=top_k,
-        GATED=True, **packed, **act_flags, **tiles,
+    gate_up = Launch(
+        (triton.cdiv(max_padded, bm) * triton.cdiv(inter, bn),),
+        (hidden, w13, act, bias13, route_w, sorted_ids, block_slots, num_padded, max_padded,
+         num_pairs, inter, hidden_size, *hidden.stride(), *w13.stride(), *act.stride(),
+         bias13.stride(0), s13, *s13.stride(), z13),
+        dict(GROUP_K=group13, PAIRS_PER_A_ROW=top_k, GATED=True, **packed, **act_flags, **tiles),
     )  # fmt: skip
-    _moe_gemm_kernel[(triton.cdiv(max_padded, bm) * triton.cdiv(hidden_size, bn),)](
-        act, w2, y, bias2, route_w, sorted_ids, block_slots, num_padded, max_padded, num_pairs,
-        hidden_size, inter, *act.stride(), *w2.stride(), *y.stride(), bias2.stride(0),
-        s2, *s2.stride(), z2, GROUP_K=group2, PAIRS_PER_A_ROW=1, GATED=False, **packed,
-        **act_flags, **tiles,
+    down = Launch(
+        (triton.cdiv(max_padded, bm) * triton.cdiv(hidden_size, bn),),
+        (act, w2, y, bias2, route_w, sorted_ids, block_slots, num_padded, max_padded, num_pairs,
+         hidden_size, inter, *act.stride(), *w2.stride(), *y.stride(), bias2.stride(0),
+         s2, *s2.stride(), z2),
+        dict(GROUP_K=group2, PAIRS_PER_A_ROW=1, GATED=False, **packed, **act_flags, **tiles),
     )  # fmt: skip
-    if not direct:
-        out.copy_(y.view(num_tokens, top_k, hidden_size).sum(dim=1))
-    return out
+    return [gate_up, down], y

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from kernels import fused_moe
 from kernels.gating import SILU, Gating
 from kernels.int4 import dequantize_int4, pack_int4
+from kernels.moe_align import align_by_slot
 from kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
 dispatch = importlib.import_module(
@@ -157,11 +158,43 @@ def test_tiny_tiles_cover_every_tile_and_k_step(device):
     assert ((out.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-4
 
 
+@interpreted
+def test_a_config_past_the_gpus_shared_memory_shrinks_once(monkeypatch, caplog):
+    """A GPU refuses tiles that need more shared memory than it has (Triton's OutOfResources, as
+    a table tuned on a larger GPU or float32 tiles on a 99 KiB one would): the call retries with
+    fewer stages, then smaller tiles, and later calls start from what fitted."""
+    kernel, launched = moe_triton._moe_gemm_kernel, []
+
+    class SmallGPU:  # as much shared memory as one stage of 32-wide K tiles
+        def __getitem__(self, grid):
+            def launch(*args, **constants):
+                launched.append((constants["num_stages"], constants["BLOCK_K"]))
+                need = constants["num_stages"] * constants["BLOCK_K"]
+                if need > 32:
+                    raise moe_triton.OutOfResources(need, 32, "shared memory")
+                kernel[grid](*args, **constants)
+
+            return launch
+
+    monkeypatch.setattr(moe_triton, "_moe_gemm_kernel", SmallGPU())
+    monkeypatch.setattr(moe_triton, "_fitted", {})
+    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)
+    hidden, w13, w2, weights, ids = make_inputs(8, 2, torch.float32, "cpu", seed=3)
+    for _ in range(2):
+        out = torch.full_like(hidden, float("nan"))
+        moe_triton.fused_moe_triton(hidden, w13, w2, weights, ids, out, dict(config))
+        ref = reference(hidden, w13, w2, weights, ids)
+        assert ((out.double() - ref).abs().max() / ref.abs().max()).item() <= 1e-4
+    shrinking = [(3, 64), (2, 64), (1, 64)]  # refused; then both kernels at (1, 32), twice
+    assert launched == shrinking + [(1, 32)] * 4
+    assert "fused MoE tiles" in caplog.text
+
+
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("block_m", [16, 64])
 def test_align_by_slot_pads_each_slot_run(device, block_m):
     topk_ids = make_inputs(50, 4, torch.float32, device, seed=5)[4]
-    sorted_ids, block_slots, num_padded = moe_triton.align_by_slot(topk_ids, block_m, SLOTS)
+    sorted_ids, block_slots, num_padded = align_by_slot(topk_ids, block_m, SLOTS)
     num_pairs, flat = topk_ids.numel(), topk_ids.reshape(-1)
     used = int(num_padded)
     assert used % block_m == 0 and (sorted_ids[used:] == num_pairs).all()

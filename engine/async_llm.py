@@ -132,7 +132,7 @@ class AsyncLLM:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
-                    stream.put(out)
+                    stream.put(out if out.error is None else RequestError(out.error))
                     if out.finished:
                         del self._streams[out.request_id]
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionOutput, TokenLogprob
-from engine.sampling import SamplingParams
+from engine.sampling import RequestError, SamplingParams
 
 
 @dataclass
@@ -86,6 +86,10 @@ class LLM:
         with tqdm(total=len(order), desc="generating", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished():
                 for out in self.engine.step():
+                    if out.error is not None:
+                        for request_id in order:
+                            self.engine.abort(request_id)
+                        raise RequestError(out.error)
                     if out.finished:
                         results[out.request_id].outputs = out.outputs
                         results[out.request_id].prompt_logprobs = out.prompt_logprobs

@@ -20,6 +20,7 @@ from engine.offload.runtime import OffloadRuntime
 from engine.outputs import RequestOutput, RequestTiming
 from engine.routes import RouteTracker
 from engine.runner import ModelRunner, context_windows
+from engine.sampler import NO_TOKEN_ALLOWED
 from engine.sampling import RequestError, SamplingParams, checked_max_tokens
 from engine.sequence import Request, Sequence
 from engine.settle import settled
@@ -238,7 +239,10 @@ class LLMEngine:
                 entries[position] = self.detokenizer.token_logprob(seq.token_ids[position], score)
         now = time.monotonic()
         changed: dict[str, Request] = {}
+        blocked = {seq.request_id for seq in result.blocked}
         for seq, token, logprob in zip(result.sampled, result.tokens, result.logprobs, strict=True):
+            if seq.request_id in blocked:
+                continue
             self.detokenizer.append(seq, token, logprob)
             request = changed[seq.request_id] = self.requests[seq.request_id]
             if request.timing.first_token_s is None:
@@ -254,6 +258,11 @@ class LLMEngine:
                 self.requests.pop(request.request_id)
                 self._finish(request, now)
             outputs.append(request.to_output())
+        for request_id in sorted(blocked):  # the request's own fault: the others carry on
+            output = self.abort(request_id)
+            assert output is not None
+            output.error = NO_TOKEN_ALLOWED
+            outputs.append(output)
         self._record_step(new_prompt_tokens, len(result.sampled))
         self.metrics.record_offload(
             self.offload.stats(), self.offload.experts.activated_per_step[-1]

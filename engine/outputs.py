@@ -48,6 +48,9 @@ class RequestOutput:
     # nothing precedes it. Filled as the prompt's prefill chunks run.
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # Set when the engine ended the request for the request's own fault (its structured output
+    # allows no token): the server answers 400 with it.
+    error: str | None = None
 
     @property
     def num_generated_tokens(self) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,7 @@ class StepResult:
     logprobs: list[Logprob | None]  # its logprobs, where the sequence asked for them
     # (sequence, first prompt position scored, one score per position) for prompt logprobs
     prompt_logprobs: list[tuple[Sequence, int, list[Logprob]]]
+    blocked: list[Sequence] = field(default_factory=list)  # no token may follow (`sample`)
 
 
 class ModelRunner:
@@ -108,10 +109,13 @@ class ModelRunner:
         if not sampling:
             return StepResult([], [], [], prompt_logprobs)
         logits = self.model.logits(hidden[last_rows])  # [B, V]
-        tokens = sample(logits, sampling, self.generator)
-        return StepResult(
-            sampling, tokens, token_logprobs(logits, tokens, sampling), prompt_logprobs
-        )
+        drawn = sample(logits, sampling, self.generator)
+        rows = [i for i, token in enumerate(drawn) if token is not None]
+        tokens = [token for token in drawn if token is not None]
+        sampled = [sampling[i] for i in rows]
+        blocked = [seq for seq, token in zip(sampling, drawn, strict=True) if token is None]
+        logprobs = token_logprobs(logits[rows], tokens, sampled)
+        return StepResult(sampled, tokens, logprobs, prompt_logprobs, blocked)
 
     def prefill_batch(
         self,

@@ -63,14 +63,26 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return logits
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], default: torch.Generator) -> list[int]:
-    """logits [B, V] float32 (raw) -> one token per sequence."""
+NO_TOKEN_ALLOWED = (
+    "The structured output allows no token at this point of the answer (with min_tokens, EOS "
+    "is not allowed either): its grammar cannot be completed."
+)
+
+
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], default: torch.Generator
+) -> list[int | None]:
+    """logits [B, V] float32 (raw) -> one token per sequence; None where nothing may follow (a
+    structured output's grammar, with min_tokens' masks, excludes every token)."""
     logits = apply_logit_bias(apply_penalties(logits.clone(), seqs), seqs)
     mask_disallowed(logits, [s.guide for s in seqs])
-    tokens = logits.argmax(dim=-1).tolist()
+    tokens: list[int | None] = logits.argmax(dim=-1).tolist()
+    blocked = torch.isneginf(logits).all(dim=-1).tolist()  # [B] (NaN rows are the model's fault)
     for row, seq in enumerate(seqs):
         p = seq.params
-        if p.greedy:
+        if blocked[row]:
+            tokens[row] = None
+        if p.greedy or blocked[row]:
             continue
         row_logits = filter_logits(logits[row] / p.temperature, p.top_k, p.top_p, p.min_p)
         probs = torch.softmax(row_logits, dim=-1)

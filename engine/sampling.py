@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 MAX_LOGPROBS = 20
 
 
+GREEDY_BELOW = 1e-5  # a temperature this low samples as temperature 0
+
+
 class RequestError(ValueError):
     """A request the engine refuses; `param` names the field, as in OpenAI error bodies."""
 
@@ -124,7 +127,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """Temperatures below 1e-5 are greedy, as in vLLM: dividing by a far smaller one
+        overflows the logits to infinity."""
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 def checked_max_tokens(

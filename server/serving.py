@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
-from engine import AsyncLLM, RequestOutput, SamplingParams
+from engine import AsyncLLM, RequestError, RequestOutput, SamplingParams
 from server.api_requests import SamplingRequest
 from server.api_responses import Usage
 from server.errors import APIError, error_body
@@ -42,6 +42,8 @@ def stream_error(exc: Exception) -> str:
     """Headers are gone once a stream starts, so a late failure travels as an error event."""
     if isinstance(exc, APIError):
         return sse(error_body(exc.status, exc.message, exc.param, exc.code))
+    if isinstance(exc, RequestError):  # the request's own fault, found as it ran
+        return sse(error_body(400, exc.message, exc.param, exc.code))
     return sse(error_body(500, f"Internal server error: {exc!r}"))
 
 

@@ -153,6 +153,35 @@ def test_grammar_state_survives_preemption(
         assert_matches_schema(choice.text)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_grammar_that_allows_no_token_fails_its_request_alone(
+    llm: LLM, temperature: float
+) -> None:
+    """A regex no text matches leaves its row no token: that request ends with an error for its
+    client (400 on the server), its neighbours' outputs stay what they are alone, and its KV
+    blocks are freed."""
+    free = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    alone = [o.token_ids for o in llm.generate(PROMPTS[1:], free)]
+    engine, never = llm.engine, GuidedDecoding(regex=r"[^\s\S]")
+    engine.add_request("never", [1, 5, 9], SamplingParams(temperature=temperature, guided=never))
+    for i, prompt in enumerate(PROMPTS[1:]):
+        engine.add_request(f"free-{i}", llm.tokenizer.encode(prompt), free)
+    finished: dict[str, list[int]] = {}
+    errors = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.error is not None:
+                errors.append((out.request_id, out.finished, out.outputs[0].finish_reason))
+            elif out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+    assert errors == [("never", True, "abort")]
+    assert [finished[f"free-{i}"] for i in range(len(alone))] == alone
+    assert engine.blocks.num_used == 0
+    with pytest.raises(RequestError, match="allows no token"):
+        llm.generate(PROMPTS[:2], [SamplingParams(guided=never), free])
+    assert not engine.has_unfinished() and engine.blocks.num_used == 0
+
+
 def test_a_schema_xgrammar_cannot_take_is_refused(llm: LLM) -> None:
     bad = GuidedDecoding(json.dumps({"properties": {"a": {"$ref": "#/nowhere"}}}))
     with pytest.raises(RequestError) as info:

@@ -93,12 +93,14 @@ def test_same_seed_same_output_alone_and_batched_in_any_order(llm: LLM) -> None:
     assert any(a != greedy(llm, p, 16) for a, p in zip(alone, PROMPTS, strict=True))
 
 
-def test_top_k_1_tiny_top_p_and_min_p_1_equal_greedy(llm: LLM) -> None:
+def test_top_k_1_tiny_top_p_min_p_1_and_tiny_temperatures_equal_greedy(llm: LLM) -> None:
     reference = [greedy(llm, p, 16) for p in PROMPTS]
     for params in (
         SamplingParams(temperature=1.0, top_k=1, max_tokens=16, ignore_eos=True),
         SamplingParams(temperature=1.5, top_p=1e-6, max_tokens=16, ignore_eos=True, seed=5),
         SamplingParams(temperature=1.5, min_p=1.0, max_tokens=16, ignore_eos=True, seed=7),
+        SamplingParams(temperature=1e-45, max_tokens=16, ignore_eos=True),  # below 1e-5: greedy
+        SamplingParams(temperature=5e-6, max_tokens=16, ignore_eos=True, seed=3),
     ):
         assert [o.token_ids for o in llm.generate(PROMPTS, params)] == reference
 

@@ -477,6 +477,25 @@ def test_vllm_structured_outputs_choice_regex_and_json(server: RunningServer) ->
     assert isinstance(json.loads(as_json.choices[0].text, strict=False)["ok"], bool)
 
 
+def test_a_grammar_nothing_can_complete_fails_its_own_request(server: RunningServer) -> None:
+    """A 400 when its first token has no choice (a stream has not started), a 400 error event
+    when a later one has none; the server answers the next request."""
+    body = {"model": "tiny", "max_tokens": 5, "prompt": "x", **GREEDY}
+    with server.http() as http:
+        never = {"structured_outputs": {"regex": "[^\\s\\S]"}}
+        refused = http.post("/v1/completions", json={**body, **never})
+        streamed = http.post("/v1/completions", json={**body, **never, "stream": True})
+    for response in (refused, streamed):
+        error = response.json()["error"]
+        assert response.status_code == 400 and "allows no token" in error["message"], error
+    late = {"structured_outputs": {"regex": "ab[^\\s\\S]"}, "stream": True}
+    events = sse_events(server, "/v1/completions", {**body, **late})
+    assert json.loads(events[0])["choices"][0]["text"] == "a"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == 400 and "allows no token" in error["message"] and events[-1] == "[DONE]"
+    assert server.client.completions.create(**body).choices[0].finish_reason in ("stop", "length")
+
+
 def test_tokenize_counts_what_generation_counts(server: RunningServer, tokenizer) -> None:
     with server.http() as http:
         by_prompt = http.post("/tokenize", json={"prompt": "def add(a, b):"}).json()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
@@ -90,7 +91,11 @@ class SamplingParams:
                 -2.0 <= self.frequency_penalty <= 2.0,
                 "must be between -2 and 2",
             ),
-            ("repetition_penalty", self.repetition_penalty > 0.0, "must be above 0"),
+            (
+                "repetition_penalty",
+                0.0 < self.repetition_penalty < math.inf,
+                "must be above 0 and finite",
+            ),
             (
                 "min_tokens",
                 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),

@@ -24,6 +24,15 @@ def refuse_if_set(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+def valid_unicode(text: str) -> str:
+    """JSON can carry a lone surrogate ("\\ud800"), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds text that is not valid Unicode (a lone surrogate)") from None
+    return text
+
+
 class StreamOptions(RequestModel):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False  # extension (vLLM): usage in every chunk
@@ -244,7 +253,7 @@ class CompletionRequest(SamplingRequest):
             )
         if not texts and not all(value):
             raise ValueError("a prompt is empty")
-        return value
+        return [valid_unicode(p) for p in value] if texts else value
 
     @property
     def prompts(self) -> list[str] | list[list[int]]:

@@ -11,7 +11,7 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_
 
 from engine import GuidedDecoding, SamplingParams
 from engine.sampling import MAX_LOGPROBS
-from server.api_requests import SamplingRequest, refuse_if_set
+from server.api_requests import SamplingRequest, refuse_if_set, valid_unicode
 from server.chat_template import TemplateOptions
 from server.request_model import RequestModel
 from server.tool_calls import (
@@ -216,6 +216,8 @@ class TokenizeRequest(ChatTemplateFields):
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)  # rendered with the messages
     add_special_tokens: bool = True  # for a prompt; the chat template places its own
+
+    _prompt_is_text = field_validator("prompt")(lambda text: text and valid_unicode(text))
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:

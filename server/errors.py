@@ -115,5 +115,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        # Starlette re-raises after this response, so uvicorn logs the traceback; the server lives on.
-        return error_response(500, f"Internal server error: {exc!r}")
+        # Starlette re-raises after this response, so uvicorn logs the traceback and closes the
+        # connection: the header tells a keep-alive client not to send its next request on it.
+        response = error_response(500, f"Internal server error: {exc!r}")
+        response.headers["connection"] = "close"
+        return response

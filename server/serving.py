@@ -89,7 +89,9 @@ class OpenAIServing(ABC, Generic[RequestT, ChoiceT]):
 
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested != self.model_name:
-            raise APIError(404, f"The model `{requested}` does not exist.", param="model")
+            raise APIError(
+                404, f"The model `{requested}` does not exist.", "model", code="model_not_found"
+            )
 
     def new_request(self) -> tuple[str, int]:
         """A fresh (id, created) pair; the id is also the engine's request id."""

@@ -443,6 +443,7 @@ def test_min_tokens_holds_back_eos_stop_tokens_and_stop_strings(llm: LLM) -> Non
         ("logprobs", -1),
         ("prompt_logprobs", 21),
         ("repetition_penalty", 0.0),
+        ("repetition_penalty", math.inf),
         ("min_tokens", -1),
         ("stop", [""]),
         ("logit_bias", {5: 100.5}),

@@ -53,6 +53,7 @@ def client(monkeypatch: pytest.MonkeyPatch, mixtral_checkpoint: Path) -> Iterato
 def test_non_streaming_failure_is_a_500(client: TestClient) -> None:
     response = client.post("/v1/completions", json={"prompt": "hi"})
     assert response.status_code == 500
+    assert response.headers["connection"] == "close"  # uvicorn closes it after a 500
     error = response.json()["error"]
     assert error["type"] == "InternalServerError" and "engine exploded" in error["message"]
     assert client.get("/v1/models").status_code == 200

@@ -70,8 +70,9 @@ def answer(
     request: ChatCompletionRequest, formats: ChatFormats, text: str, finish_reason: str | None
 ) -> Answer:
     """A finished choice. Calls end it with "tool_calls", except a named forced call, which ends
-    as generated ("stop"), as on OpenAI. Reasoning is dropped when the request says
-    `include_reasoning: false`."""
+    as generated ("stop"), as on OpenAI, and an answer cut short by max_tokens, which ends with
+    "length" so the client knows a call after the parsed ones may be missing. Reasoning is
+    dropped when the request says `include_reasoning: false`."""
     reasoning, content = split_reasoning(request, formats, text, finished=True)
     shown = (reasoning or None) if request.include_reasoning else None
     choice = request.effective_tool_choice
@@ -92,8 +93,8 @@ def answer(
     tool_calls = [
         ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls
     ]
-    named = isinstance(choice, NamedToolChoice)
-    return Answer(shown, content, tool_calls, finish_reason if named else "tool_calls")
+    kept = isinstance(choice, NamedToolChoice) or finish_reason == "length"
+    return Answer(shown, content, tool_calls, finish_reason if kept else "tool_calls")
 
 
 class ChoiceStream:

@@ -71,6 +71,18 @@ def test_hermes_calls_are_parsed_out_of_text() -> None:
         assert hermes_calls(broken) == (broken, [])  # a malformed call stays text
 
 
+def test_calls_cut_short_by_max_tokens_end_with_length() -> None:
+    """The parsed calls are returned; "length" tells the client the answer was cut (a call after
+    them may be missing), as a plain answer cut short says."""
+    request = ChatCompletionRequest(messages=MESSAGES, tools=[WEATHER, TIME])
+    formats = ChatFormats(TOOL_CALL_PARSERS["hermes"])
+    text = '<tool_call>{"name": "get_time"}</tool_call>\n<tool_call>\n{"name": "get_weather", "ar'
+    for finish_reason, shown in (("length", "length"), ("stop", "tool_calls")):
+        result = answer(request, formats, text, finish_reason)
+        assert [c.function.name for c in result.tool_calls or ()] == ["get_time"]
+        assert result.finish_reason == shown
+
+
 def test_mistral_calls_are_parsed_out_of_text() -> None:
     text = 'Sure. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_time", "arguments": {}}]'
     content, calls = mistral_calls(text)

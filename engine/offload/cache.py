@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
+from engine.offload.cache_stats import CacheStats
 from engine.offload.host_compute import HostCompute
 from engine.offload.policy import EvictionPolicy, Key
 from engine.offload.slots import SlotPool
@@ -21,21 +21,6 @@ from engine.offload.transfer import HIGH, LOW, Transfer, TransferEngine
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass
-class CacheStats:
-    """Counters since start; a lookup is one (step, layer, distinct expert)."""
-
-    hits: int = 0
-    misses: int = 0
-    transfers: int = 0
-    transfer_bytes: int = 0
-    prefetch_issued: int = 0
-    prefetch_used: int = 0
-    prefetch_wasted: int = 0  # prefetched, then evicted unused
-    prefetch_late: int = 0  # prefetched, still copying when its layer needed it
-    host_computes: int = 0  # misses computed on the host instead of waiting for a copy
 
 
 class ExpertCache:
@@ -70,7 +55,6 @@ class ExpertCache:
         self.prefetched: set[Key] = set()  # prefetched and not looked up yet
         self.stats = CacheStats()
         self.completed: deque[Transfer] = deque(maxlen=256)  # finished copies, to measure bandwidth
-        self._untimed: list[Transfer] = []  # finished copies the HostCompute has not timed yet
         self.tick = 0
         self._warm_start()
 
@@ -103,10 +87,12 @@ class ExpertCache:
         nor in `keep`. Experts predicted within the horizon are spared; a prefetch never evicts
         one, a miss only when nothing else is left."""
         candidates, spared = [], []
-        for slot, key in enumerate(self.key_of):
+        for slot in range(self.num_slots):
+            writing = self._writing(slot)  # may drop a failed copy, emptying the slot
+            key = self.key_of[slot]
             if key is None:
                 return slot
-            if not self.pins[slot] and not self._writing(slot) and key not in keep:
+            if not self.pins[slot] and not writing and key not in keep:
                 (spared if key in self.protected else candidates).append(key)
         if not candidates and not for_prefetch:
             candidates = spared
@@ -114,17 +100,29 @@ class ExpertCache:
 
     def _writing(self, slot: int) -> bool:
         transfer = self.in_flight.get(slot)
-        if transfer is not None and self._failing(slot, transfer.is_done):
-            self._finished(self.in_flight.pop(slot))
+        if transfer is None:
             return False
-        return transfer is not None
+        done = self._failing(slot, transfer.is_done, waited=self.pins[slot] > 0)
+        if done is None:  # failed, with nobody waiting: dropped, the slot is empty
+            return False
+        if done:
+            self._finished(self.in_flight.pop(slot))
+        return not done
 
-    def _failing(self, slot: int, step: Callable[[], T]) -> T:
+    def _ready(self, key: Key) -> bool:
+        """Whether `key` is resident with its copy complete (a failed copy of it that nobody
+        waited on is dropped here: then it is not resident)."""
+        slot = self.slot_of.get(key)
+        return slot is not None and not self._writing(slot) and key in self.slot_of
+
+    def _failing(self, slot: int, step: Callable[[], T], waited: bool) -> T | None:
         """Run a step that may report a failed copy into `slot`; if it does, the slot is emptied
-        (it holds nothing usable) before the error goes on to fail the step's requests."""
+        (it holds nothing usable). A copy a layer waits on (`waited`) fails that layer's step, so
+        its requests; one nobody waits on (a prefetch, or a copy a failed step left behind) is
+        dropped with a warning and None returned: no other request fails for it."""
         try:
             return step()
-        except RuntimeError:
+        except RuntimeError as exc:
             self.in_flight.pop(slot, None)
             key = self.key_of[slot]
             if key is not None:
@@ -133,23 +131,15 @@ class ExpertCache:
                 self.prefetched.discard(key)
                 self.protected.discard(key)
                 self.key_of[slot] = None
-            raise
+            if waited:
+                raise
+            logger.warning("an expert copy nobody was waiting for failed; dropped: %s", exc)
+            return None
 
     def _finished(self, transfer: Transfer) -> None:
         self.completed.append(transfer)
         if self.host is not None:  # timed once its duration is known (CUDA: when its event is)
-            self._untimed.append(transfer)
-
-    def _time_copies(self) -> None:
-        assert self.host is not None
-        waiting = []
-        for transfer in self._untimed:
-            seconds = self.transfers.measured_duration(transfer)
-            if seconds is None:
-                waiting.append(transfer)
-            else:
-                self.host.record_copy(seconds)
-        self._untimed = waiting
+            self.host.untimed.append(transfer)
 
     def begin_step(self) -> None:
         """Pins last one layer call; a step that failed mid-layer leaves none behind."""
@@ -170,8 +160,9 @@ class ExpertCache:
         slots, pending = [], []
         for i, expert in enumerate(experts):
             key = (layer, expert)
+            ready = self._ready(key)
             slot = self.slot_of.get(key)
-            if not self._count_lookup(key, slot is not None and not self._writing(slot)):
+            if not self._count_lookup(key, ready):
                 if slot is None:
                     slot = self._load(key, HIGH)
                     assert slot is not None
@@ -192,15 +183,15 @@ class ExpertCache:
         the cache still learns what is in use, at the pace the link allows."""
         if self.host is None:
             return []
-        self._time_copies()
+        self.host.time_copies(self.transfers)
         layer_keys = frozenset((layer, e) for e in experts)
         taken: list[int] = []
         probing: set[int] = set()
         for expert, n in zip(experts, rows, strict=True):
             key = (layer, expert)
-            slot = self.slot_of.get(key)
-            if slot is not None and not self._writing(slot):
+            if self._ready(key):
                 continue
+            slot = self.slot_of.get(key)
             if not self.host.prefer_host(n, probing):
                 continue
             self._count_lookup(key, hit=False)
@@ -228,16 +219,12 @@ class ExpertCache:
         """Block compute until the copy into `slot` has landed (the stall)."""
         transfer = self.in_flight.pop(slot, None)
         if transfer is not None:
-            self._failing(slot, lambda: self.transfers.wait(transfer))
+            self._failing(slot, lambda: self.transfers.wait(transfer), waited=True)
             self._finished(transfer)
 
     def resident_mask(self, layer: int, num_experts: int) -> list[bool]:
         """Which experts of `layer` are resident with their copy complete."""
-        mask = [False] * num_experts
-        for e in range(num_experts):
-            slot = self.slot_of.get((layer, e))
-            mask[e] = slot is not None and not self._writing(slot)
-        return mask
+        return [self._ready((layer, e)) for e in range(num_experts)]
 
     def copying(self) -> bool:
         """Whether any copy is queued or on the link now."""
@@ -245,7 +232,8 @@ class ExpertCache:
 
     def outstanding_prefetches(self) -> int:
         """Prefetch copies queued or on the link now."""
-        return sum(1 for key in self.prefetched if self._writing(self.slot_of[key]))
+        keys = [key for key in self.prefetched if key in self.slot_of]
+        return sum(1 for key in keys if self._writing(self.slot_of[key]))
 
     def prefetch(self, layer: int, experts: list[int], limit: int | None = None) -> int:
         """Start low-priority copies of the experts not resident yet, into free or evictable slots
@@ -276,9 +264,10 @@ class ExpertCache:
                 return None
             raise RuntimeError("every expert cache slot is pinned")
         self._place(key, slot)
-        transfer = self._failing(
-            slot, lambda: self.slots.copy_in(key, slot, self.transfers, priority)
-        )
+        copy = lambda: self.slots.copy_in(key, slot, self.transfers, priority)  # noqa: E731
+        transfer = self._failing(slot, copy, waited=priority == HIGH)
+        if transfer is None:  # a prefetch that could not start (no staging memory, say)
+            return None
         self.in_flight[slot] = transfer
         self.stats.transfers += 1
         self.stats.transfer_bytes += transfer.nbytes
@@ -289,8 +278,9 @@ class ExpertCache:
         take its slot (the wait counts as stall)."""
         for slot, transfer in list(self.in_flight.items()):
             if not self.pins[slot]:
-                self._failing(slot, lambda: self.transfers.wait(transfer))  # noqa: B023 (called now)
-                self._finished(self.in_flight.pop(slot))
+                wait = lambda: self.transfers.wait(transfer) is None  # noqa: B023, E731 (True: landed)
+                if self._failing(slot, wait, waited=False):  # else dropped: the slot is empty
+                    self._finished(self.in_flight.pop(slot))
                 return self._free_slot(for_prefetch=False)
         return None
 

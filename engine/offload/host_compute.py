@@ -16,6 +16,10 @@ allows (filling behind a busy link would only queue ever older copies).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.offload.transfer import Transfer, TransferEngine
 
 MAX_BUCKET = 12  # token counts of 2048 and more share one estimate
 
@@ -32,6 +36,7 @@ class HostCompute:
     host_s: dict[int, float] = field(default_factory=dict)  # token-count bucket -> seconds
     warmed: set[int] = field(default_factory=set)  # buckets whose first (discarded) run is done
     computed: int = 0  # experts computed on the host so far
+    untimed: list[Transfer] = field(default_factory=list)  # finished copies, not timed yet
 
     def prefer_host(self, rows: int, probing: set[int]) -> bool:
         """Whether a missing expert with `rows` tokens should run on the host rather than be
@@ -45,6 +50,18 @@ class HostCompute:
             probing.add(b)
             return True
         return self.host_s[b] < self.copy_s
+
+    def time_copies(self, transfers: TransferEngine) -> None:
+        """Record the finished copies whose duration is known by now (on CUDA: once their end
+        event has been reached)."""
+        waiting = []
+        for transfer in self.untimed:
+            seconds = transfers.measured_duration(transfer)
+            if seconds is None:
+                waiting.append(transfer)
+            else:
+                self.record_copy(seconds)
+        self.untimed = waiting
 
     def record_copy(self, seconds: float) -> None:
         self.copy_s = self._average(self.copy_s, seconds)

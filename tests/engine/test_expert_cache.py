@@ -199,3 +199,32 @@ def test_a_failed_copy_empties_its_slot_and_fails_loudly(monkeypatch: pytest.Mon
     assert torch.equal(cache.slots.w13[slot], expert(0, 3)["w13"])
     finished = cache.completed[-1]
     assert finished.pairs == [] and finished.then is None  # no buffers kept for its timing
+
+
+def test_a_failed_copy_nobody_waits_for_is_dropped_quietly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A prefetch whose copy fails (here, a source of the wrong shape) fails no lookup of other
+    experts, not even one whose eviction scan finds its slot: the slot is emptied and reused,
+    and a later miss of that expert copies it again."""
+    cache = make_cache(3)  # warm: (0,0), (1,0), (0,1)
+    expert = cache.store.expert
+
+    def broken(layer: int, e: int) -> dict[str, torch.Tensor]:
+        parts = expert(layer, e)
+        return {n: t.flatten()[:3] for n, t in parts.items()} if (layer, e) == (1, 3) else parts
+
+    monkeypatch.setattr(cache.store, "expert", broken)
+    cache.begin_step()
+    assert cache.prefetch(1, [3]) == 1
+    failed = cache.in_flight[cache.slot_of[(1, 3)]]
+    assert failed.done.wait(5) and failed.error is not None  # failed on the link's worker
+    for layer, e in [(1, 1), (1, 2), (0, 3)]:  # misses: each scan passes the failed slot
+        (slot,) = cache.ensure(layer, [e])
+        assert torch.equal(cache.slots.w13[slot], expert(layer, e)["w13"])
+        cache.release([slot])
+    assert (1, 3) not in cache.slot_of and "nobody was waiting for failed" in caplog.text
+    assert cache.resident_mask(1, 4)[3] is False and cache.outstanding_prefetches() == 0
+    monkeypatch.setattr(cache.store, "expert", expert)
+    (slot,) = cache.ensure(1, [3])
+    assert torch.equal(cache.slots.w13[slot], expert(1, 3)["w13"])

@@ -15,6 +15,7 @@ from engine.offload.cache import ExpertCache
 from engine.offload.horizon import HorizonController
 from engine.offload.policy import ExpertFlowPolicy
 from engine.offload.prefetch import Prefetcher
+from engine.offload.transfer import LOW, Transfer, TransferEngine
 
 if TYPE_CHECKING:
     from tests.conftest import GreedyRun
@@ -47,6 +48,31 @@ def test_prefetching_keeps_outputs_identical(
     assert stats["prefetch_used"] <= stats["prefetch_issued"]
     assert stats["transfers"] <= stats["misses"] + stats["prefetch_issued"]
     assert 1 <= stats["prefetch_horizon"] <= len(llm.engine.model_config.moe_layers) - 1
+
+
+def test_failing_prefetches_fail_no_request(
+    mixtral_checkpoint: Path, greedy_run: GreedyRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every prefetch copy fails on the link's worker: each is dropped, the experts are copied
+    again when a layer needs them, and no request fails or changes."""
+    reference, _ = greedy_run(mixtral_checkpoint)
+    submit, failed = TransferEngine.submit, []
+
+    def flaky(self: TransferEngine, pairs: list, priority: int, then: object = None) -> Transfer:
+        if priority != LOW:
+            return submit(self, pairs, priority, then)
+
+        def fail() -> None:
+            failed.append(1)
+            raise OSError("a prefetch copy failed")
+
+        return submit(self, pairs, priority, fail)
+
+    monkeypatch.setattr(TransferEngine, "submit", flaky)
+    flags = {"expert_cache_size": 4, "predictor": "pregate", "prefetch_horizon": "1"}
+    tokens, llm = greedy_run(mixtral_checkpoint, **flags)
+    assert tokens == reference and len(failed) > 0
+    assert llm.offload_stats()["misses"] > 0 and not llm.engine.has_unfinished()
 
 
 def test_prefetcher_never_evicts_a_slot_in_use(

@@ -8,14 +8,24 @@ sequence's text is decoded once in full, so final text is exactly `tokenizer.dec
 from __future__ import annotations
 
 import functools
+import re
 
 from tokenizers.decoders import DecodeStream
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from engine.outputs import TokenLogprob
 from engine.sampler import Logprob
 from engine.sequence import Sequence
 
 REPLACEMENT_CHAR = "\ufffd"
+BYTE_OF = {char: byte for byte, char in bytes_to_unicode().items()}  # byte-level BPE's alphabet
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
+
+
+def byte_level(backend: object) -> bool:
+    """Whether a `tokenizers` tokenizer's decoder maps characters back to bytes (GPT-2's BPE)."""
+    decoder = getattr(backend, "decoder", None)
+    return decoder is not None and '"ByteLevel"' in decoder.__getstate__().decode()
 
 
 class Detokenizer:
@@ -24,6 +34,7 @@ class Detokenizer:
         self.backend = getattr(tokenizer, "backend_tokenizer", None)  # None: a slow tokenizer
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = max_model_len
+        self.byte_level = byte_level(self.backend)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(
@@ -38,10 +49,31 @@ class Detokenizer:
             [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
 
+    @functools.cache  # noqa: B019
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The token's own bytes (OpenAI's logprob `bytes`, which rebuild a character split
+        across tokens): a byte-level BPE token's characters mapped back to their bytes, a
+        byte-fallback token's byte, else its text's UTF-8."""
+        piece = self.tokenizer.convert_ids_to_tokens(token_id) or ""
+        if self.byte_level and all(char in BYTE_OF for char in piece):
+            return [BYTE_OF[char] for char in piece]
+        if match := BYTE_FALLBACK.fullmatch(piece):
+            return [int(match.group(1), 16)]
+        return list(self.token_text(token_id).encode("utf-8"))
+
     def token_logprob(self, token: int, logprob: Logprob) -> TokenLogprob:
         chosen, rank, top = logprob
         top_texts = [(i, self.token_text(i), lp) for i, lp in top]
-        return TokenLogprob(token, self.token_text(token), chosen, top_texts, rank)
+        top_bytes = [self.token_bytes(i) for i, _ in top]
+        return TokenLogprob(
+            token,
+            self.token_text(token),
+            chosen,
+            top_texts,
+            rank,
+            self.token_bytes(token),
+            top_bytes,
+        )
 
     def append(self, seq: Sequence, token: int, logprob: Logprob | None) -> None:
         seq.token_ids.append(token)

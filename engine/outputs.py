@@ -14,6 +14,8 @@ class TokenLogprob:
         default_factory=list
     )  # (id, text, logprob), best first
     rank: int = 0  # of the token in the vocabulary, 1 = the likeliest (0: not computed)
+    token_bytes: list[int] = field(default_factory=list)  # its own bytes (OpenAI's `bytes`)
+    top_bytes: list[list[int]] = field(default_factory=list)  # each of `top`'s
 
 
 @dataclass

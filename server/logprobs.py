@@ -16,19 +16,16 @@ from server.api_responses import (
 )
 
 
-def _utf8(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-
 def chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
     return ChatLogprobs(
         content=[
             ChatTokenLogprob(
                 token=e.token,
                 logprob=e.logprob,
-                bytes=_utf8(e.token),
+                bytes=e.token_bytes,
                 top_logprobs=[
-                    TopLogprob(token=t, logprob=lp, bytes=_utf8(t)) for _, t, lp in e.top
+                    TopLogprob(token=t, logprob=lp, bytes=b)
+                    for (_, t, lp), b in zip(e.top, e.top_bytes, strict=True)
                 ],
             )
             for e in entries

@@ -72,3 +72,18 @@ def test_special_tokens_are_text_when_not_skipped(
     texts = feed(tokenizer, [], output, params)
     assert ("<|pad|>" in texts[-2]) is not skip  # streamed (incremental) text
     assert texts[-1] == tokenizer.decode(output, skip_special_tokens=skip)  # final text
+
+
+def test_byte_fallback_tokens_carry_their_byte() -> None:
+    """A SentencePiece tokenizer's byte tokens (Llama's, Mixtral's) give their byte for a
+    logprob's `bytes`, where their text alone is U+FFFD; other tokens give their text's."""
+
+    class SentencePieceLike:
+        def convert_ids_to_tokens(self, token_id: int) -> str:
+            return {0: "<0xE2>", 1: "\u2581the"}[token_id]
+
+        def decode(self, token_ids: list[int], **kwargs: object) -> str:
+            return {0: "\ufffd", 1: "the"}[token_ids[0]]
+
+    detokenizer = Detokenizer(SentencePieceLike(), (), 64)
+    assert detokenizer.token_bytes(0) == [0xE2] and detokenizer.token_bytes(1) == list(b"the")

@@ -268,9 +268,30 @@ def test_chat_logprobs(server: RunningServer) -> None:
     content = out.choices[0].logprobs.content
     assert len(content) == out.usage.completion_tokens
     for entry in content:
-        assert entry.bytes == list(entry.token.encode()) and entry.logprob <= 0
-        assert len(entry.top_logprobs) == 3
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy: the best
+
+
+def test_chat_logprob_bytes_rebuild_characters_split_across_tokens(server: RunningServer) -> None:
+    """OpenAI's `bytes` are each token's own: joined, they give the text back even where one
+    character's bytes fall in several tokens (each of which shows as U+FFFD on its own)."""
+    word = "\U0001f600\u4e2d\u6587\u00e9"
+    schema = {"name": "w", "schema": {"type": "string", "enum": [word]}}
+    out = server.client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=40,
+        logprobs=True,
+        top_logprobs=2,
+        response_format={"type": "json_schema", "json_schema": schema},
+        **GREEDY,
+    )
+    text, content = out.choices[0].message.content, out.choices[0].logprobs.content
+    joined = b"".join(bytes(entry.bytes) for entry in content).decode()
+    assert json.loads(text) == word and joined.startswith(text), (joined, text)
+    assert any(entry.token == "\ufffd" for entry in content)  # a character split across tokens
+    for top in (top for entry in content for top in entry.top_logprobs):  # whole characters
+        assert top.token == "\ufffd" or top.bytes == list(top.token.encode())
 
 
 def test_completion_logprobs(server: RunningServer) -> None:

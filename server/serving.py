@@ -122,7 +122,7 @@ class OpenAIServing(ABC, Generic[RequestT, ChoiceT]):
                 yield event
             if request.include_usage:
                 yield self.chunk(request_id, created, [], generations.usage())
-        except APIError as exc:  # a timeout or shutdown: the client is told why, no traceback
+        except (APIError, RequestError) as exc:  # a timeout, a shutdown, the request's fault
             logger.warning("stream %s ended early: %s", request_id, exc.message)
             yield stream_error(exc)
         except Exception as exc:

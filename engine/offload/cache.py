@@ -42,8 +42,9 @@ class ExpertCache:
         sizes the pool to the GPU's memory after a profile step has run on a provisional one."""
         if num_slots < 1:
             raise ValueError("the expert cache needs at least one slot")
-        for slot in list(self.in_flight):  # nothing may land in a pool being freed
-            self.wait_ready(slot)
+        for slot, transfer in list(self.in_flight.items()):  # nothing lands in a freed pool
+            self._failing(slot, lambda: self.transfers.wait(transfer), waited=False)  # noqa: B023
+        self.in_flight.clear()
         self.slots = SlotPool(self.store, 0, self.device)  # the old pool goes before the new one
         self.policy = policy
         self.num_slots = min(num_slots, self.store.num_total_experts)
@@ -65,8 +66,7 @@ class ExpertCache:
         layers, per_layer = self.store.layers, self.store.num_experts
         return [(layer, e) for e in range(per_layer) for layer in layers][: self.num_slots]
 
-    def _warm_start(self) -> None:
-        """Fill the pool before serving."""
+    def _warm_start(self) -> None:  # fill the pool before serving
         for slot, key in enumerate(self.warm_keys):
             self._place(key, slot)
             self.slots.load_now(key, slot)
@@ -83,9 +83,8 @@ class ExpertCache:
         self.slot_of[key] = slot
 
     def _free_slot(self, for_prefetch: bool, keep: frozenset[Key] = frozenset()) -> int | None:
-        """An empty slot, else the policy's victim among slots neither pinned nor being written
-        nor in `keep`. Experts predicted within the horizon are spared; a prefetch never evicts
-        one, a miss only when nothing else is left."""
+        """An empty slot, else the policy's victim among slots not pinned, written or in `keep`;
+        experts predicted within the horizon go only to a miss with nothing else left."""
         candidates, spared = [], []
         for slot in range(self.num_slots):
             writing = self._writing(slot)  # may drop a failed copy, emptying the slot
@@ -110,16 +109,14 @@ class ExpertCache:
         return not done
 
     def _ready(self, key: Key) -> bool:
-        """Whether `key` is resident with its copy complete (a failed copy of it that nobody
-        waited on is dropped here: then it is not resident)."""
+        """Whether `key` is resident with its copy complete (not if that copy failed)."""
         slot = self.slot_of.get(key)
         return slot is not None and not self._writing(slot) and key in self.slot_of
 
     def _failing(self, slot: int, step: Callable[[], T], waited: bool) -> T | None:
-        """Run a step that may report a failed copy into `slot`; if it does, the slot is emptied
-        (it holds nothing usable). A copy a layer waits on (`waited`) fails that layer's step, so
-        its requests; one nobody waits on (a prefetch, or a copy a failed step left behind) is
-        dropped with a warning and None returned: no other request fails for it."""
+        """Run a step that may report a failed copy into `slot`; if it does, the slot is emptied.
+        A copy a layer waits on (`waited`) fails that layer's step; one nobody waits on (a
+        prefetch, say) is dropped with a warning and None returned: no request fails for it."""
         try:
             return step()
         except RuntimeError as exc:
@@ -215,12 +212,22 @@ class ExpertCache:
             self.stats.prefetch_late += was_prefetched
         return hit
 
-    def wait_ready(self, slot: int) -> None:
-        """Block compute until the copy into `slot` has landed (the stall)."""
-        transfer = self.in_flight.pop(slot, None)
-        if transfer is not None:
+    def wait_ready(self, slot: int, retry: bool = True) -> None:
+        """Block compute until the copy into `slot` has landed (the stall). A failed copy is made
+        once more, at high priority (a prefetch may have met a passing shortage of memory)."""
+        transfer, key = self.in_flight.pop(slot, None), self.key_of[slot]
+        if transfer is None:
+            return
+        try:
             self._failing(slot, lambda: self.transfers.wait(transfer), waited=True)
-            self._finished(transfer)
+        except RuntimeError:
+            if not retry or key is None:
+                raise
+            logger.warning("the copy of expert %s failed; copying it again", key)
+            self._copy(key, slot, HIGH)
+            self.wait_ready(slot, retry=False)
+            return
+        self._finished(transfer)
 
     def resident_mask(self, layer: int, num_experts: int) -> list[bool]:
         """Which experts of `layer` are resident with their copy complete."""
@@ -263,15 +270,19 @@ class ExpertCache:
             if priority == LOW:
                 return None
             raise RuntimeError("every expert cache slot is pinned")
+        return slot if self._copy(key, slot, priority) is not None else None
+
+    def _copy(self, key: Key, slot: int, priority: int) -> Transfer | None:
+        """Place `key` in `slot` and queue its copy; None for a prefetch that could not start
+        (no staging memory, say)."""
         self._place(key, slot)
         copy = lambda: self.slots.copy_in(key, slot, self.transfers, priority)  # noqa: E731
         transfer = self._failing(slot, copy, waited=priority == HIGH)
-        if transfer is None:  # a prefetch that could not start (no staging memory, say)
-            return None
-        self.in_flight[slot] = transfer
-        self.stats.transfers += 1
-        self.stats.transfer_bytes += transfer.nbytes
-        return slot
+        if transfer is not None:
+            self.in_flight[slot] = transfer
+            self.stats.transfers += 1
+            self.stats.transfer_bytes += transfer.nbytes
+        return transfer
 
     def _drain_one_prefetch(self) -> int | None:
         """A miss found every unpinned slot still being written by prefetches: wait for one and

@@ -39,9 +39,11 @@ class Transfer:
     def is_done(self) -> bool:
         if self.cuda_event is not None:
             return self.cuda_event.query()
+        if not self.done.is_set():  # first: the worker sets `error` before `done`
+            return False
         if self.error is not None:
             raise RuntimeError(f"expert copy failed: {self.error!r}") from self.error
-        return self.done.is_set()
+        return True
 
 
 class TransferEngine:

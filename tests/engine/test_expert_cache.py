@@ -12,7 +12,7 @@ from engine.offload.cache import ExpertCache
 from engine.offload.host_compute import HostCompute
 from engine.offload.policy import LFUPolicy, LRUPolicy
 from engine.offload.store import ExpertStore
-from engine.offload.transfer import HIGH, TransferEngine
+from engine.offload.transfer import HIGH, LOW, Transfer, TransferEngine
 
 CPU = torch.device("cpu")
 
@@ -228,3 +228,36 @@ def test_a_failed_copy_nobody_waits_for_is_dropped_quietly(
     monkeypatch.setattr(cache.store, "expert", expert)
     (slot,) = cache.ensure(1, [3])
     assert torch.equal(cache.slots.w13[slot], expert(1, 3)["w13"])
+
+
+def test_a_prefetch_failing_while_its_layer_waits_is_copied_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Still on the link when its layer needs it, then failed: the layer does not fail, the
+    expert is copied once more at high priority (a second failure would fail the step)."""
+    cache = make_cache(3, link_gbps=2e-6)  # about 0.2 s a copy
+    submit = cache.transfers.submit
+
+    def failing_once(pairs: list, priority: int, then: object = None) -> object:
+        def fail() -> None:
+            raise OSError("out of staging memory")
+
+        return submit(pairs, priority, fail if priority == LOW else then)
+
+    monkeypatch.setattr(cache.transfers, "submit", failing_once)
+    cache.begin_step()
+    assert cache.prefetch(1, [3]) == 1
+    (slot,) = cache.ensure(1, [3])  # waits on the prefetch, which fails, then on its retry
+    assert torch.equal(cache.slots.w13[slot], cache.store.expert(1, 3)["w13"])
+    assert cache.stats.transfers == 2 and "copying it again" in caplog.text
+
+
+def test_a_copy_counts_as_done_only_once_the_worker_says_so() -> None:
+    """The worker records an error before it sets `done`: a copy whose error is set but not
+    yet `done` is still under way (never reported landed), and a done one with an error raises."""
+    transfer = Transfer(pairs=[], nbytes=0, priority=HIGH)
+    transfer.error = OSError("failed")
+    assert transfer.is_done() is False
+    transfer.done.set()
+    with pytest.raises(RuntimeError, match="expert copy failed"):
+        transfer.is_done()

@@ -37,9 +37,10 @@ def config_file_name(hidden: int, inter: int, top_k: int, dtype: torch.dtype, de
 
 def default_config(m: int) -> dict[str, int]:
     """Untuned fallback: small M tiles for decode (few tokens per slot), wide tiles for prefill.
-    Untimed (no GPU yet), but picked so that, by ptxas, no bfloat16 variant spills registers on
-    an H100 (scripts/compile_kernels.py; the gate/up kernel keeps two accumulators and two weight
-    tiles live): a K step of 128 at 4 warps, or of 64 under a 64 x 128 tile, spilled."""
+    Untimed (no GPU yet), but picked so that, by ptxas, no half-precision variant spills
+    registers on sm_80, sm_89 or sm_90 (scripts/compile_kernels.py): with a K step of 128 at 4
+    warps, or of 64 under a 64 x 128 tile, the MXFP4 and 4-bit gate/up kernels, which decode
+    their weights inline beside two accumulators, spilled up to 508 bytes."""
     if m <= 32:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)
     if m <= 512:

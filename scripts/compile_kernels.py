@@ -32,6 +32,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from kernels.gating import SILU, Gating  # noqa: E402
 from kernels.moe_config import default_config, smaller  # noqa: E402
@@ -43,14 +45,6 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 FORMATS = ("plain", "bias", "mxfp4", "int4")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TIERS = (16, 256, 4096)  # token counts that pick each default tile config
-POINTER = {
-    torch.bfloat16: "*bf16",
-    torch.float16: "*fp16",
-    torch.float32: "*fp32",
-    torch.uint8: "*u8",
-    torch.int32: "*i32",
-    torch.int64: "*i64",
-}
 
 
 def launches(
@@ -66,8 +60,7 @@ def launches(
     if weights == "mxfp4":  # blocks of 32 values in 16 bytes, a uint8 scale each
         w13 = torch.zeros(slots, 2 * inter, hidden // 32, 16, dtype=torch.uint8)
         w2 = torch.zeros(slots, hidden, inter // 32, 16, dtype=torch.uint8)
-        scales = (w13[..., 0], w2[..., 0])
-        extra = dict(scales=scales)
+        extra = dict(scales=(w13[..., 0].contiguous(), w2[..., 0].contiguous()))  # as slots hold
     elif weights == "int4":  # two values a byte, float16 scales and uint8 zeros per 32 inputs
         w13 = torch.zeros(slots, 2 * inter, hidden // 2, dtype=torch.uint8)
         w2 = torch.zeros(slots, hidden, inter // 2, dtype=torch.uint8)
@@ -90,18 +83,20 @@ def launches(
 
 
 def compile_launch(launch: Launch, arch: int) -> triton.compiler.CompiledKernel:
-    """Compile `launch`'s specialization of the kernel for sm_`arch`."""
-    constants = dict(launch.constants)
-    options = {key: constants.pop(key) for key in ("num_warps", "num_stages")}
-    params = [p for p in _moe_gemm_kernel.params if not p.is_constexpr]
-    signature: dict[str, str] = {p.name: "constexpr" for p in _moe_gemm_kernel.params}
-    for param, arg in zip(params, launch.args, strict=True):
-        if isinstance(arg, torch.Tensor):
-            signature[param.name] = POINTER[arg.dtype]
-        else:
-            signature[param.name] = "i32" if -(2**31) <= int(arg) < 2**31 else "i64"
-    source = ASTSource(fn=_moe_gemm_kernel, signature=signature, constexprs=constants)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    """Compile `launch` for sm_`arch` as Triton's JIT would at that launch: the same binder
+    specializes its arguments (an int equal to 1, a unit stride, becomes a constant; pointers
+    and ints divisible by 16 are marked aligned, which vectorizes loads and sets how deep they
+    pipeline), so shared memory, registers and spills are the launched kernel's."""
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kernel = _moe_gemm_kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*launch.args, **launch.constants)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, options, bound, specialization, options
+    )
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=target, options=options.__dict__)
 
 
 def ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
@@ -120,34 +115,32 @@ def ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
 def check(
     arch: int, dtype: torch.dtype, weights: str, config: dict[str, int], registers: bool
 ) -> bool:
-    """Print one row per kernel of the variant; whether both compiled and fit, the config
-    shrunk as the server shrinks one that needs more shared memory than the GPU has."""
-    limit, ok = SHARED_LIMIT[arch], True
-    for kernel, launch in zip(("gate/up", "down"), launches(dtype, weights, config), strict=True):
-        tiles = "{BLOCK_M},{BLOCK_N},{BLOCK_K} / {num_warps} / {num_stages}".format(**config)
-        row = f"| {arch} | {str(dtype)[6:]} | {weights} | {tiles} | {kernel} "
-        fitted: dict[str, int] | None = config
-        try:
-            compiled = compile_launch(launch, arch)
-            while compiled.metadata.shared > limit and fitted is not None:
-                fitted = smaller(fitted)
-                if fitted is not None:
-                    index = 0 if kernel == "gate/up" else 1
-                    compiled = compile_launch(launches(dtype, weights, fitted)[index], arch)
-        except Exception as exc:  # any compile error fails the check
-            print(f"{row}| - | - | - | FAILED: {str(exc).splitlines()[0]} |")
-            ok = False
-            continue
-        shared = f"{compiled.metadata.shared / 1024:.0f} ({limit / 1024:.0f})"
-        regs, spills = ptxas_report(compiled.asm["ptx"], arch) if registers else ("-", "-")
-        if fitted is None:
-            status, ok = "TOO MUCH SHARED MEMORY", False
-        elif fitted is config:
-            status = "ok"
-        else:
-            status = "ok as {BLOCK_M},{BLOCK_N},{BLOCK_K} / {num_stages} stages".format(**fitted)
-        print(f"{row}| {shared} | {regs} | {spills} | {status} |")
-    return ok
+    """Print a row per kernel of the variant; whether both compiled and fit. As the server does,
+    a config one of the two kernels cannot fit is shrunk for both (`smaller`)."""
+    limit, fitted = SHARED_LIMIT[arch], config
+    tiles = "{BLOCK_M},{BLOCK_N},{BLOCK_K} / {num_warps} / {num_stages}".format(**config)
+    row = f"| {arch} | {str(dtype)[6:]} | {weights} | {tiles} "
+    try:
+        compiled = [compile_launch(launch, arch) for launch in launches(dtype, weights, config)]
+        while max(k.metadata.shared for k in compiled) > limit:
+            fitted = smaller(fitted)
+            if fitted is None:
+                break
+            compiled = [compile_launch(launch, arch) for launch in launches(dtype, weights, fitted)]
+    except Exception as exc:  # any compile error fails the check
+        print(f"{row}| both | - | - | - | FAILED: {str(exc).splitlines()[0]} |")
+        return False
+    if fitted is None:
+        status = "TOO MUCH SHARED MEMORY"
+    elif fitted is config:
+        status = "ok"
+    else:
+        status = "ok as {BLOCK_M},{BLOCK_N},{BLOCK_K} / {num_stages} stages".format(**fitted)
+    for kernel, binary in zip(("gate/up", "down"), compiled, strict=True):
+        shared = f"{binary.metadata.shared / 1024:.0f} ({limit / 1024:.0f})"
+        regs, spills = ptxas_report(binary.asm["ptx"], arch) if registers else ("-", "-")
+        print(f"{row}| {kernel} | {shared} | {regs} | {spills} | {status} |")
+    return fitted is not None
 
 
 def main() -> int:

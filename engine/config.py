@@ -175,7 +175,7 @@ class EngineConfig:
             raise ConfigError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r}: choose one of {', '.join(KV_CACHE_DTYPES)}"
             )
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1")
@@ -194,6 +194,10 @@ class EngineConfig:
         if self.predictor in ("rpp", "hybrid") and not self.predictor_path:
             raise ConfigError(
                 f"predictor={self.predictor!r} needs --predictor-path (train-predictor's output)"
+            )
+        if self.predictor_path and self.predictor not in ("rpp", "hybrid"):
+            raise ConfigError(
+                f"predictor_path is read by the rpp and hybrid predictors, not {self.predictor!r}"
             )
         group = self.step_group_size
         if group is not None and (group < 1 or self.max_defer_steps < 0):

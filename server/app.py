@@ -53,7 +53,9 @@ class ServerSettings:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ServerSettings = app.state.settings
-    engine = AsyncLLM(app.state.engine_config, model_name=settings.served_model_name)
+    engine = app.state.loaded_engine or AsyncLLM(
+        app.state.engine_config, model_name=settings.served_model_name
+    )
     try:
         renderer = ChatRenderer(engine.tokenizer, settings.chat_template)
         renderer.check()
@@ -78,9 +80,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.shutdown()
 
 
-def build_app(engine_config: EngineConfig, settings: ServerSettings) -> FastAPI:
+def build_app(
+    engine_config: EngineConfig, settings: ServerSettings, engine: AsyncLLM | None = None
+) -> FastAPI:
+    """The app; it serves `engine` if given (loaded already), else loads one at startup."""
     app = FastAPI(title="ExpertFlow", version=version("expertflow"), lifespan=lifespan)
-    app.state.engine_config = engine_config
+    app.state.engine_config, app.state.loaded_engine = engine_config, engine
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(router)

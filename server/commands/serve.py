@@ -8,10 +8,11 @@ import os
 from pathlib import Path
 
 import uvicorn
+from safetensors import SafetensorError
 
-from engine import ConfigError, EngineConfig, ModelConfig
+from engine import AsyncLLM, ConfigError, EngineConfig, ModelConfig
 from server.app import ServerSettings, abort_requests, build_app
-from server.chat_template import ChatTemplateError, load_chat_template
+from server.chat_template import ChatRenderer, ChatTemplateError, load_chat_template
 from server.commands import Command
 from server.config_args import add_config_args, config_from_args
 from server.limits import add_limit_arguments, limits_from_args
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    group.add_argument("--port", type=int, default=8000, help="port to listen on")
+    group.add_argument("--port", type=port, default=8000, help="port to listen on")
     group.add_argument(
         "--served-model-name",
         help="the model name clients send and /v1/models lists (default: the model folder's name)",
@@ -67,6 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser, EngineConfig, "engine")
 
 
+def port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0-65535)")
+    return number
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         engine_config = config_from_args(EngineConfig, args)
@@ -76,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         chat_template = load_chat_template(args.chat_template)
         if args.enable_auto_tool_choice and args.tool_call_parser is None:
             raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser")
+        if args.tool_call_parser and not args.enable_auto_tool_choice:
+            logger.warning("--tool-call-parser parses only with --enable-auto-tool-choice")
         if args.tool_call_parser == "openai" and args.reasoning_parser != "openai_gptoss":
             raise ConfigError(
                 "--tool-call-parser openai reads the calls that --reasoning-parser openai_gptoss "
@@ -92,9 +102,22 @@ def run(args: argparse.Namespace) -> int:
         reasoning_parser=args.reasoning_parser,
         limits=limits_from_args(args),
     )
-    app = build_app(engine_config, settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
-    DrainingServer(config, settings.limits.graceful_shutdown_s, lambda: abort_requests(app)).run()
+    try:  # loaded before the port is bound: a bad file is one line of error, not a traceback
+        engine = AsyncLLM(engine_config, model_name=settings.served_model_name)
+    except (ValueError, OSError, SafetensorError) as exc:  # ConfigError is a ValueError
+        logger.error("%s", exc)
+        return 2
+    try:
+        ChatRenderer(engine.tokenizer, chat_template).check()
+        app = build_app(engine_config, settings, engine)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+        drain = settings.limits.graceful_shutdown_s
+        DrainingServer(config, drain, lambda: abort_requests(app)).run()
+    except ChatTemplateError as exc:
+        logger.error("%s", exc)
+        return 2
+    finally:
+        engine.shutdown()
     return 0
 
 

@@ -1,0 +1,58 @@
+"""`expertflow serve` refuses what it cannot load before it binds its port: one line naming the
+problem and exit status 2, not a traceback from the app's startup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.cli import main
+from server.shutdown import DrainingServer
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--predictor", "rpp", "--predictor-path", "{missing}"],
+        ["--predictor", "rpp", "--predictor-path", "{text}"],
+        ["--tokenizer", "{missing}"],
+        ["--chat-template", "{% if %}"],
+        ["--max-model-len", "100000"],
+        ["--max-model-len", "0"],
+        ["--predictor-path", "{text}"],  # read by no predictor but rpp and hybrid
+    ],
+    ids=[
+        "missing-predictor",
+        "text-as-predictor",
+        "missing-tokenizer",
+        "bad-template",
+        "too-long",
+        "zero-length",
+        "unread-predictor-path",
+    ],
+)
+def test_what_cannot_load_is_one_line_and_status_2(
+    flags: list[str],
+    mixtral_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def started(self: DrainingServer) -> None:
+        raise AssertionError("it started serving")
+
+    monkeypatch.setattr(DrainingServer, "run", started)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a predictor")
+    paths = {"{missing}": str(tmp_path / "missing"), "{text}": str(text)}
+    argv = ["serve", "--model", str(mixtral_checkpoint), *[paths.get(f, f) for f in flags]]
+    assert main(argv) == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is None and "\n" not in errors[0].getMessage()
+
+
+def test_a_port_out_of_range_is_refused_before_loading(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--port", "99999"])
+    assert exc.value.code == 2 and "99999 is not a port" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 from safetensors import safe_open
@@ -52,7 +53,30 @@ def quantize_checkpoint(source: Path, out: Path, block: tuple[int, int] = (128, 
         for part in parts
     }
     files = safetensors_files(source)
-    shutil.copytree(source, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:  # written aside, renamed to `out` once whole: an interrupted run leaves no half a copy
+        quantized = _write_fp8_copy(source, partial, files, experts, block)
+        for path in [partial, *partial.rglob("*")]:  # readable by all, as a copied model is
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    logger.info("quantized %d weights of %s to FP8 in %s", quantized, source.name, out)
+    return quantized
+
+
+def _write_fp8_copy(
+    source: Path, out: Path, files: list[Path], experts: set[str], block: tuple[int, int]
+) -> int:
+    """The copy's files into folder `out`; returns the number of weights quantized."""
+    shutil.copytree(
+        source,
+        out,
+        ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"),
+        dirs_exist_ok=True,
+    )
     weight_map, quantized, kept = {}, 0, set()
     for file in tqdm(files, desc="quantizing", unit="shard"):
         tensors = {}
@@ -80,5 +104,4 @@ def quantize_checkpoint(source: Path, out: Path, block: tuple[int, int] = (128, 
         "modules_to_not_convert": sorted(kept),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    logger.info("quantized %d weights of %s to FP8 in %s", quantized, source.name, out)
     return quantized

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
-from engine import LLM, ConfigError, SamplingParams
+from engine import LLM, ConfigError, SamplingParams, quantize
 from engine.checkpoint_fp8 import dequantize_fp8
 from kernels import fp8 as fp8_kernels
 from kernels.fp8 import dequantize_blocks, widen
@@ -219,6 +219,26 @@ def test_quantize_fp8_keeps_shards_and_refuses_to_overwrite(tmp_path: Path) -> N
     assert main(["quantize-fp8", "--model", str(source), "--out", str(fp8)]) == 2  # exists
     again = ["quantize-fp8", "--model", str(fp8), "--out", str(tmp_path / "twice")]
     assert main(again) == 2  # already FP8
+
+
+def test_an_interrupted_quantize_fp8_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written aside and renamed once whole: an interrupted run leaves neither the output folder
+    (which a rerun would refuse, and a server would half-load) nor its partial copy; a whole one
+    is readable by all, as the Docker image's user needs."""
+    source, fp8 = save_tiny_checkpoint("mixtral", tmp_path / "src"), tmp_path / "out" / "fp8"
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(quantize, "save_file", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            main(["quantize-fp8", "--model", str(source), "--out", str(fp8), "--block", "8", "8"])
+    assert list(fp8.parent.iterdir()) == []
+    assert main(["quantize-fp8", "--model", str(source), "--out", str(fp8)]) == 0
+    assert {p.stat().st_mode & 0o777 for p in fp8.iterdir()} == {0o644}
 
 
 def test_quantize_fp8_names_what_it_kept(tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-import kernels
 from engine.config import ConfigError, EngineConfig
 from engine.offload.cache import ExpertCache
 from engine.runner import PROMPT_SCORE_ROWS
@@ -269,18 +268,5 @@ class SlotStandIn:
         slots = slot_of[topk_ids]  # [T, k]
         in_group = torch.isin(slots, torch.arange(num_slots, device=device))  # [T, k]
         weights = torch.where(in_group, topk_weights, torch.zeros_like(topk_weights))  # [T, k]
-        part = torch.empty(hidden.shape, dtype=torch.float32, device=device)  # [T, H]
-        acc.add_(
-            kernels.fused_moe(
-                hidden,
-                self.cache.slots.w13,
-                self.cache.slots.w2,
-                weights,
-                slots,
-                out=part,
-                gating=self.gating,
-                **self.cache.slots.kernel_extras,
-            )
-        )
-        del part
+        acc.add_(self.cache.slots.run(hidden, weights, slots, self.gating, float32=True))
         return acc.to(hidden.dtype)

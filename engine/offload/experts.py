@@ -69,15 +69,8 @@ class OffloadedExperts:
             if not self.resident_first or not pending or len(pending) == len(distinct):
                 for i in pending:
                     self.cache.wait_ready(slots[i])
-                out = kernels.fused_moe(  # the common path: one kernel call, rounded once
-                    hidden,
-                    self.cache.slots.w13,
-                    self.cache.slots.w2,
-                    topk_weights,
-                    slot_of[topk_ids],
-                    gating=self.gating,
-                    **self.cache.slots.kernel_extras,
-                )
+                # the common path: one kernel call, rounded once
+                out = self.cache.slots.run(hidden, topk_weights, slot_of[topk_ids], self.gating)
                 self.cache.release(slots)
                 return out
         # Split over several calls (resident-first, streaming, the host): each part is added up
@@ -91,22 +84,6 @@ class OffloadedExperts:
         else:
             self._with_host(layer, hidden, topk_ids, topk_weights, distinct, on_host, acc)
         return acc.to(hidden.dtype)
-
-    def _part(
-        self, hidden: torch.Tensor, weights: torch.Tensor, slot_ids: torch.Tensor
-    ) -> torch.Tensor:
-        """One kernel call over the slots, in float32: hidden [n, H] -> [n, H]."""
-        out = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
-        return kernels.fused_moe(
-            hidden,
-            self.cache.slots.w13,
-            self.cache.slots.w2,
-            weights,
-            slot_ids,
-            out=out,
-            gating=self.gating,
-            **self.cache.slots.kernel_extras,
-        )
 
     def _with_host(
         self,
@@ -171,13 +148,21 @@ class OffloadedExperts:
         ready_slot = slots[next(i for i in range(len(distinct)) if i not in waiting)]
         weights = topk_weights.masked_fill(is_missing, 0)
         ids = torch.where(is_missing, torch.full_like(topk_ids, ready_slot), slot_of[topk_ids])
-        acc.add_(self._part(hidden, weights, ids))
+        acc.add_(self.cache.slots.run(hidden, weights, ids, self.gating, float32=True))
         for i in pending:  # each missing expert, as its copy lands
             self.cache.wait_ready(slots[i])
             rows, cols = (topk_ids == distinct[i]).nonzero(as_tuple=True)
             slot_ids = torch.full_like(rows, slots[i])[:, None]
             acc.index_add_(
-                0, rows, self._part(hidden[rows], topk_weights[rows, cols, None], slot_ids)
+                0,
+                rows,
+                self.cache.slots.run(
+                    hidden[rows],
+                    topk_weights[rows, cols, None],
+                    slot_ids,
+                    self.gating,
+                    float32=True,
+                ),
             )
 
     def _stream(
@@ -198,7 +183,9 @@ class OffloadedExperts:
             slot_of = self._slot_table(group, slots, hidden.device, fill=slots[0])
             in_group = torch.isin(topk_ids, torch.tensor(group, device=hidden.device))
             weights = torch.where(in_group, topk_weights, torch.zeros_like(topk_weights))
-            acc.add_(self._part(hidden, weights, slot_of[topk_ids]))
+            acc.add_(
+                self.cache.slots.run(hidden, weights, slot_of[topk_ids], self.gating, float32=True)
+            )
             self.cache.release(slots)
 
     def _slot_table(

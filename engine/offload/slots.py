@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import torch
 
+import kernels
 from engine.offload.policy import Key
 from engine.offload.store import ExpertStore
 from engine.offload.transfer import Transfer, TransferEngine
+from kernels.gating import Gating
 
 
 class SlotPool:
@@ -39,6 +41,33 @@ class SlotPool:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.parts.values())
+
+    def run(
+        self,
+        hidden: torch.Tensor,
+        weights: torch.Tensor,
+        slot_ids: torch.Tensor,
+        gating: Gating,
+        float32: bool = False,
+    ) -> torch.Tensor:
+        """hidden [T, H] through the experts in slots `slot_ids` [T, k], weighed by `weights`
+        [T, k], in one kernel call -> [T, H]: in hidden's dtype, or unrounded float32 for a
+        layer added up over several calls."""
+        out = (
+            torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+            if float32
+            else None
+        )
+        return kernels.fused_moe(
+            hidden,
+            self.w13,
+            self.w2,
+            weights,
+            slot_ids,
+            out=out,
+            gating=gating,
+            **self.kernel_extras,
+        )
 
     def load_now(self, key: Key, slot: int) -> None:
         """Copy `key` into `slot` before serving (quantized experts decoded on the device, as

@@ -50,19 +50,35 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Parses twice when --config is given: the file's values go in right after the command name,
-    so the same flags on the command line come later and override them."""
+    """The --config file's values go in after the command name, before the user's own flags, so that
+    argparse counts them like typed flags (required ones too) and the command line overrides them."""
     parser, parsers = build_parser()
-    args = parser.parse_args(argv)
-    if args.config:
-        sub = parsers[args.command]
-        try:
-            tokens = config_file_tokens(sub, args.config)
-        except ConfigFileError as exc:
-            sub.error(str(exc))
-        at = argv.index(args.command) + 1
-        args = parser.parse_args(argv[:at] + tokens + argv[at:])
-    return args
+    at = next((i for i, token in enumerate(argv) if not token.startswith("-")), len(argv))
+    sub = parsers.get(argv[at]) if at < len(argv) else None
+    rest = argv[at + 1 :]
+    path = _config_path(sub, rest) if sub is not None else None
+    if sub is None or path is None:
+        return parser.parse_args(argv)
+    try:
+        tokens = config_file_tokens(sub, path)
+    except ConfigFileError as exc:
+        sub.error(str(exc))
+    # before the user's first flag, so that no stray word becomes a value of the file's last flag
+    first_flag = next((i for i, token in enumerate(rest) if token.startswith("-")), len(rest))
+    return parser.parse_args(argv[: at + 1 + first_flag] + tokens + rest[first_flag:])
+
+
+def _config_path(sub: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """--config's value, read as the full parse reads it (abbreviated, repeated) but before it, with
+    required flags waived for this pass: the file may be what supplies them."""
+    required = [action for action in sub._actions if action.required]
+    for action in required:
+        action.required = False
+    try:
+        return sub.parse_known_args(argv)[0].config
+    finally:
+        for action in required:
+            action.required = True
 
 
 def main(argv: list[str] | None = None) -> int:

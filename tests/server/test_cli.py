@@ -102,6 +102,34 @@ def test_config_file_booleans(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("argv", "text", "wanted"),
+    [
+        (["trace"], "corpus: a.txt\nout: t.st\n", {"corpus": [Path("a.txt")], "out": Path("t.st")}),
+        (["train-predictor"], "kind: rpp\ntraces: t.st\nout: p.st\n", {"kind": "rpp"}),
+        (["quantize-fp8", "--out", "cli"], "model: m\nout: o\n", {"model": Path("m"), "out": Path("cli")}),
+    ],
+)  # fmt: skip
+def test_config_file_supplies_required_flags(
+    tmp_path: Path, argv: list[str], text: str, wanted: dict[str, object]
+) -> None:
+    config = tmp_path / "command.yaml"
+    config.write_text(text)
+    for flag in ("--config", "--conf"):  # an abbreviation argparse accepts finds the file too
+        args = parse_args([*argv, flag, str(config)])
+        assert {name: getattr(args, name) for name in wanted} == wanted
+
+
+def test_stray_word_is_not_a_config_file_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "trace.yaml"
+    config.write_text("out: t.st\ncorpus: a.txt\n")  # a list last, which takes any word after it
+    with pytest.raises(SystemExit):
+        parse_args(["trace", "b.txt", "--config", str(config)])
+    assert "unrecognized arguments: b.txt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     ("text", "words"),
     [
         ("max_num_sequences: 8\n", "unknown key 'max_num_sequences'"),

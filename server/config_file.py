@@ -35,17 +35,17 @@ def config_file_tokens(parser: argparse.ArgumentParser, path: str) -> list[str]:
                 f"--config {path}: unknown key {key!r} (keys are flag names with underscores, "
                 f"e.g. {next(iter(actions), 'max_num_seqs')})"
             )
-        tokens += _tokens(action, value, path)
+        tokens += _tokens(parser, action, value, f"--config {path}: {key}")
     return tokens
 
 
-def _tokens(action: argparse.Action, value: Any, path: str) -> list[str]:
+def _tokens(
+    parser: argparse.ArgumentParser, action: argparse.Action, value: Any, where: str
+) -> list[str]:
     flag = action.option_strings[0]
     switch = isinstance(action, argparse.BooleanOptionalAction)
     if (switch or action.nargs == 0) and not isinstance(value, bool):  # store_true / _false too
-        raise ConfigFileError(
-            f"--config {path}: {action.dest} must be true or false, got {value!r}"
-        )
+        raise ConfigFileError(f"{where} must be true or false, got {value!r}")
     if switch:
         return [flag] if value else [f"--no-{flag.removeprefix('--')}"]
     if action.nargs == 0:  # a flag without --no- form: given when the file asks for its value
@@ -53,5 +53,17 @@ def _tokens(action: argparse.Action, value: Any, path: str) -> list[str]:
     if value is None:  # an explicit null keeps the flag's default
         return []
     if isinstance(value, dict | list):
-        raise ConfigFileError(f"--config {path}: {action.dest} takes one value, got {value!r}")
-    return [flag, str(value)]
+        raise ConfigFileError(f"{where} takes one value, got {value!r}")
+    _check(parser, action, [str(value)], where)
+    return [f"{flag}={value}"]  # one token, so that a value such as "-my-model" is not a flag
+
+
+def _check(
+    parser: argparse.ArgumentParser, action: argparse.Action, texts: list[str], where: str
+) -> None:
+    """argparse's own conversion (type, choices), run here so that an error names the file and
+    the key instead of a flag the user never typed."""
+    try:
+        parser._get_values(action, list(texts))
+    except argparse.ArgumentError as exc:
+        raise ConfigFileError(f"{where}: {exc.message}") from exc

@@ -81,11 +81,17 @@ def test_config_file_values_and_command_line_override(tmp_path: Path) -> None:
     )  # fmt: skip
 
 
+def test_config_file_value_may_start_with_a_dash(tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text('served_model_name: "-my-model"\n')
+    assert parse_args(["serve", "--config", str(config)]).served_model_name == "-my-model"
+
+
 def test_config_file_booleans(tmp_path: Path) -> None:
     parser = toy_parser()
     config = tmp_path / "toy.yaml"
     config.write_text("fast: true\nhorizon: 2\nratio: null\n")
-    assert config_file_tokens(parser, str(config)) == ["--fast", "--horizon", "2"]
+    assert config_file_tokens(parser, str(config)) == ["--fast", "--horizon=2"]
     config.write_text("fast: false\n")
     assert config_file_tokens(parser, str(config)) == ["--no-fast"]
     config.write_text("fast: yes please\n")
@@ -133,7 +139,8 @@ def test_stray_word_is_not_a_config_file_value(
     ("text", "words"),
     [
         ("max_num_sequences: 8\n", "unknown key 'max_num_sequences'"),
-        ("dtype: int8\n", "invalid choice"),
+        ("dtype: int8\n", "bad.yaml: dtype: invalid choice: 'int8'"),
+        ("max_num_seqs: abc\n", "bad.yaml: max_num_seqs: invalid int value: 'abc'"),
         ("- 1\n- 2\n", "mapping"),
         ("max_num_seqs: [1, 2]\n", "one value"),
         ("max_num_seqs: 8\n  bad: indent\n", "--config"),

@@ -1,16 +1,19 @@
 """`--config X.yaml`: a file of flag values (keys are flag names with underscores). Its entries are
 turned back into command-line tokens placed before the user's own flags, so argparse checks them
-exactly like typed flags (types, choices) and a flag on the command line overrides the file."""
+exactly like typed flags (types, choices) and a flag on the command line overrides the file. A value
+is the text as written, as the command line would read it: YAML's own typing would turn
+`api_key: 0123` into 83 and `served_model_name: yes` into True."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 import yaml
+from yaml.constructor import SafeConstructor
 
 NOT_IN_FILE = frozenset({"help", "config"})
+NULL, BOOL = "tag:yaml.org,2002:null", "tag:yaml.org,2002:bool"
 
 
 class ConfigFileError(ValueError):
@@ -19,43 +22,45 @@ class ConfigFileError(ValueError):
 
 def config_file_tokens(parser: argparse.ArgumentParser, path: str) -> list[str]:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        root = yaml.compose(Path(path).read_text(), Loader=yaml.SafeLoader)
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigFileError(f"--config {path}: {exc}") from exc
-    if data is None:
+    if root is None:
         return []
-    if not isinstance(data, dict):
+    if not isinstance(root, yaml.MappingNode):
         raise ConfigFileError(f"--config {path}: expected a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in NOT_IN_FILE}
     tokens: list[str] = []
-    for key, value in data.items():
-        action = actions.get(str(key).replace("-", "_"))
+    for key_node, node in root.value:
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+        action = actions.get(key.replace("-", "_"))
         if action is None:
             raise ConfigFileError(
                 f"--config {path}: unknown key {key!r} (keys are flag names with underscores, "
                 f"e.g. {next(iter(actions), 'max_num_seqs')})"
             )
-        tokens += _tokens(parser, action, value, f"--config {path}: {key}")
+        tokens += _tokens(parser, action, node, f"--config {path}: {key}")
     return tokens
 
 
 def _tokens(
-    parser: argparse.ArgumentParser, action: argparse.Action, value: Any, where: str
+    parser: argparse.ArgumentParser, action: argparse.Action, node: yaml.Node, where: str
 ) -> list[str]:
     flag = action.option_strings[0]
     switch = isinstance(action, argparse.BooleanOptionalAction)
-    if (switch or action.nargs == 0) and not isinstance(value, bool):  # store_true / _false too
-        raise ConfigFileError(f"{where} must be true or false, got {value!r}")
-    if switch:
-        return [flag] if value else [f"--no-{flag.removeprefix('--')}"]
-    if action.nargs == 0:  # a flag without --no- form: given when the file asks for its value
-        return [flag] if value == action.const else []
-    if value is None:  # an explicit null keeps the flag's default
+    if switch or action.nargs == 0:  # store_true / _false too
+        if node.tag != BOOL:
+            raise ConfigFileError(f"{where} must be true or false, got {_shown(node)}")
+        value = SafeConstructor.bool_values[node.value.lower()]
+        if switch:
+            return [flag] if value else [f"--no-{flag.removeprefix('--')}"]
+        return [flag] if value == action.const else []  # no --no- form: given for its value only
+    if node.tag == NULL:  # an explicit null keeps the flag's default
         return []
-    if isinstance(value, dict | list):
-        raise ConfigFileError(f"{where} takes one value, got {value!r}")
-    _check(parser, action, [str(value)], where)
-    return [f"{flag}={value}"]  # one token, so that a value such as "-my-model" is not a flag
+    if not isinstance(node, yaml.ScalarNode):
+        raise ConfigFileError(f"{where} takes one value, got {_shown(node)}")
+    _check(parser, action, [node.value], where)
+    return [f"{flag}={node.value}"]  # one token, so that a value such as "-my-model" is not a flag
 
 
 def _check(
@@ -67,3 +72,9 @@ def _check(
         parser._get_values(action, list(texts))
     except argparse.ArgumentError as exc:
         raise ConfigFileError(f"{where}: {exc.message}") from exc
+
+
+def _shown(node: yaml.Node) -> str:
+    if isinstance(node, yaml.ScalarNode):
+        return repr(node.value)
+    return "a list" if isinstance(node, yaml.SequenceNode) else "a mapping"

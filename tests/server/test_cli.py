@@ -87,6 +87,16 @@ def test_config_file_value_may_start_with_a_dash(tmp_path: Path) -> None:
     assert parse_args(["serve", "--config", str(config)]).served_model_name == "-my-model"
 
 
+def test_config_file_values_are_the_text_as_written(tmp_path: Path) -> None:
+    """As on the command line: YAML would read 0123 as octal 83 and yes as True."""
+    config = tmp_path / "serve.yaml"
+    config.write_text("api_key: 0123\nserved_model_name: yes\nmax_num_seqs: 010\nport: null\n")
+    args = parse_args(["serve", "--config", str(config)])
+    assert (args.api_key, args.served_model_name, args.max_num_seqs, args.port) == (
+        "0123", "yes", 10, 8000,
+    )  # fmt: skip
+
+
 def test_config_file_booleans(tmp_path: Path) -> None:
     parser = toy_parser()
     config = tmp_path / "toy.yaml"

@@ -2,7 +2,8 @@
 turned back into command-line tokens placed before the user's own flags, so argparse checks them
 exactly like typed flags (types, choices) and a flag on the command line overrides the file. A value
 is the text as written, as the command line would read it: YAML's own typing would turn
-`api_key: 0123` into 83 and `served_model_name: yes` into True."""
+`api_key: 0123` into 83 and `served_model_name: yes` into True. A flag of several values (nargs)
+takes a YAML list."""
 
 from __future__ import annotations
 
@@ -57,10 +58,30 @@ def _tokens(
         return [flag] if value == action.const else []  # no --no- form: given for its value only
     if node.tag == NULL:  # an explicit null keeps the flag's default
         return []
-    if not isinstance(node, yaml.ScalarNode):
-        raise ConfigFileError(f"{where} takes one value, got {_shown(node)}")
-    _check(parser, action, [node.value], where)
-    return [f"{flag}={node.value}"]  # one token, so that a value such as "-my-model" is not a flag
+    texts = _texts(action, node, where)
+    _check(parser, action, texts, where)
+    if action.nargs is None:  # one token, so that a value such as "-my-model" is not a flag
+        return [f"{flag}={texts[0]}"]
+    if any(text.startswith("-") for text in texts):
+        raise ConfigFileError(
+            f"{where}: list items cannot start with '-' (they would read as flags)"
+        )
+    return [flag, *texts]
+
+
+def _texts(action: argparse.Action, node: yaml.Node, where: str) -> list[str]:
+    """One text per value: the scalar, or a list's items for a flag that takes several (nargs)."""
+    several = action.nargs is not None
+    items = node.value if several and isinstance(node, yaml.SequenceNode) else [node]
+    if not all(isinstance(item, yaml.ScalarNode) and item.tag != NULL for item in items):
+        wanted = "a value or a list of values" if several else "one value"
+        raise ConfigFileError(f"{where} takes {wanted}, got {_shown(node)}")
+    if (isinstance(action.nargs, int) and len(items) != action.nargs) or (
+        action.nargs == "+" and not items
+    ):
+        count = "one or more" if action.nargs == "+" else action.nargs
+        raise ConfigFileError(f"{where} takes {count} values, got {len(items)}")
+    return [item.value for item in items]
 
 
 def _check(

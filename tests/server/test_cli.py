@@ -135,6 +135,23 @@ def test_config_file_supplies_required_flags(
         assert {name: getattr(args, name) for name in wanted} == wanted
 
 
+def test_config_file_lists_for_flags_of_several_values(tmp_path: Path) -> None:
+    config = tmp_path / "command.yaml"
+    config.write_text("corpus: [a.txt, b.txt]\nout: t.st\n")
+    assert parse_args(["trace", "--config", str(config)]).corpus == [Path("a.txt"), Path("b.txt")]
+    args = parse_args(["trace", "--config", str(config), "--corpus", "c.txt"])
+    assert args.corpus == [Path("c.txt")]  # the command line's list replaces the file's
+    config.write_text("corpus: [a.txt, -b.txt]\nout: t.st\n")
+    with pytest.raises(ConfigFileError, match="cannot start with '-'"):
+        config_file_tokens(build_parser()[1]["trace"], str(config))
+    config.write_text("model: m\nout: o\nblock: [64, 32]\n")
+    assert parse_args(["quantize-fp8", "--config", str(config)]).block == [64, 32]
+    for block, words in [("64", "takes 2 values, got 1"), ("[64, x]", "invalid int value: 'x'")]:
+        config.write_text(f"model: m\nout: o\nblock: {block}\n")
+        with pytest.raises(ConfigFileError, match=words):
+            config_file_tokens(build_parser()[1]["quantize-fp8"], str(config))
+
+
 def test_stray_word_is_not_a_config_file_value(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

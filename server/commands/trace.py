@@ -22,11 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         required=True,
         type=Path,
-        help="text files; each is one document (held-out splits never cut a document)",
+        help="UTF-8 text files; each is one document (held-out splits never cut a document)",
     )
     parser.add_argument("--out", required=True, type=Path, help="trace file to write (safetensors)")
     parser.add_argument(
-        "--max-tokens", type=int, default=None, help="stop after this many tokens (default: all)"
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="trace this many tokens at most, shared evenly over the files (default: all)",
     )
     parser.add_argument(
         "--seq-len",

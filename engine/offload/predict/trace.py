@@ -24,11 +24,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
 from engine.models.model import MoECausalLM
+from engine.offload.predict.corpus import read_corpus
 from engine.offload.predict.pregate import PreGatePredictor
 from engine.offload.predict.rpp import routing_dims
 
@@ -201,36 +201,12 @@ class _RouteRecorder:
         )
 
 
-def _chunks(
-    tokenizer: PreTrainedTokenizerBase, files: list[Path], seq_len: int, max_tokens: int | None
-) -> tuple[list[str], list[tuple[int, list[int]]]]:
-    """(documents, [(doc_id, chunk of <= seq_len ids)]). `max_tokens` is shared out over the files,
-    at least one chunk each, so a held-out split by document has documents to hold out."""
-    budget = per_file = float("inf")
-    if max_tokens is not None:
-        budget, per_file = max_tokens, max(seq_len, -(-max_tokens // max(1, len(files))))
-    documents: list[str] = []
-    chunks: list[tuple[int, list[int]]] = []
-    for file in files:
-        if budget <= 0:
-            break
-        ids = tokenizer(file.read_text(errors="replace"), verbose=False)["input_ids"]
-        ids = ids[: int(min(len(ids), budget, per_file))]
-        if not ids:
-            continue
-        budget -= len(ids)
-        doc = len(documents)
-        documents.append(str(file))
-        chunks.extend((doc, ids[s : s + seq_len]) for s in range(0, len(ids), seq_len))
-    return documents, chunks
-
-
 def record_traces(
     llm: LLM, files: list[Path], seq_len: int, max_tokens: int | None = None
 ) -> TraceSet:
     """Prefill the corpus in chunks of `seq_len` tokens and record every token's routing. Under
     teacher forcing a causal model routes each token exactly as decoding the same text would."""
-    documents, chunks = _chunks(llm.tokenizer, files, seq_len, max_tokens)
+    documents, chunks = read_corpus(llm.tokenizer, files, seq_len, max_tokens)
     return _trace_chunks(llm, documents, chunks, seq_len)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from engine import ConfigError, ModelConfig
 from engine.offload.predict.evaluate import evaluate
+from engine.offload.predict.files import reading
 from engine.offload.predict.hybrid import HybridNet
 from engine.offload.predict.rpp import RPPNet, check_dims, model_dims, read_predictor_header
 from engine.offload.predict.trace import TraceSet
@@ -49,10 +50,11 @@ def run(args: argparse.Namespace) -> int:
         holdout, seed = TrainConfig.holdout, TrainConfig.seed
         if args.predictor is not None:
             header = read_predictor_header(args.predictor)
-            training = header["info"]["training"]
-            holdout, seed = training["holdout"], training["seed"]
-            loader = {"rpp": RPPNet, "hybrid": HybridNet}[header["kind"]]
-            predictor = loader.load(args.predictor)
+            with reading(args.predictor, "predictor"):
+                training = header["info"]["training"]
+                holdout, seed = float(training["holdout"]), int(training["seed"])
+            loader = HybridNet if header.get("kind") == "hybrid" else RPPNet
+            predictor = loader.load(args.predictor)  # refuses a kind that is neither
         train, test = traces.split(
             holdout if args.holdout is None else args.holdout,
             seed if args.seed is None else args.seed,

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from engine.model_config import ModelConfig
+from engine.offload.predict.files import reading
 
 PREDICTOR_FORMAT = 1
 METADATA_KEY = "expertflow_predictor"
@@ -68,8 +69,9 @@ class PredictorNet(nn.Module):
     @classmethod
     def load(cls, path: str | Path) -> Self:
         header, state = read_predictor_file(path, cls.kind)
-        net = cls(cls.config_type(**header["config"]))
-        net.load_state_dict(state)
+        with reading(path, "predictor"):  # a hand-edited config or weights that do not fit it
+            net = cls(cls.config_type(**header["config"]))
+            net.load_state_dict(state)
         return net.eval()
 
 
@@ -149,13 +151,16 @@ def save_predictor_file(
 def read_predictor_header(path: str | Path) -> dict[str, Any]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"predictor file {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(METADATA_KEY)
-    if raw is None:
-        raise ValueError(f"{path}: not a trained predictor (no {METADATA_KEY!r} metadata)")
-    header = json.loads(raw)
-    if header.get("format") != PREDICTOR_FORMAT:
-        raise ValueError(f"{path}: predictor format is not {PREDICTOR_FORMAT}; retrain it")
+    with reading(path, "predictor"):
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+        if raw is None:
+            raise ValueError(f"{path}: not a trained predictor (no {METADATA_KEY!r} metadata)")
+        header = json.loads(raw)
+        if header.get("format") != PREDICTOR_FORMAT:
+            raise ValueError(f"{path}: predictor format is not {PREDICTOR_FORMAT}; retrain it")
+        if not all(isinstance(header.get(key), dict) for key in ("config", "info")):
+            raise TypeError("its header's config and info must be JSON objects")
     return header
 
 
@@ -164,9 +169,9 @@ def read_predictor_file(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(header, weights) of a predictor file that must hold a `kind` predictor."""
     header = read_predictor_header(path)
-    if header["kind"] != kind:
-        raise ValueError(f"{path} holds a {header['kind']!r} predictor, not {kind!r}")
-    with safe_open(str(path), framework="pt") as f:
+    if header.get("kind") != kind:
+        raise ValueError(f"{path} holds a {header.get('kind')!r} predictor, not {kind!r}")
+    with reading(path, "predictor"), safe_open(str(path), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     return header, state
 

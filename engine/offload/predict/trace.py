@@ -29,6 +29,7 @@ from engine.llm import LLM
 from engine.llm_engine import LLMEngine
 from engine.models.model import MoECausalLM
 from engine.offload.predict.corpus import read_corpus
+from engine.offload.predict.files import check_tensors, reading
 from engine.offload.predict.pregate import PreGatePredictor
 from engine.offload.predict.rpp import routing_dims
 
@@ -134,22 +135,34 @@ class TraceSet:
             raise FileNotFoundError(
                 f"trace file {path} does not exist (record one: expertflow trace)"
             )
-        with safe_open(str(path), framework="pt") as f:
-            header = (f.metadata() or {}).get(METADATA_KEY)
-            if header is None:
-                raise ValueError(f"{path}: not a routing trace (no {METADATA_KEY!r} metadata)")
-            raw = json.loads(header)
-            if raw.pop("format") != TRACE_FORMAT:
-                raise ValueError(f"{path}: trace format is not {TRACE_FORMAT}; re-record it")
-            tensors = {name: f.get_tensor(name) for name in TENSORS}
-        meta = TraceMeta(
-            **{
-                **raw,
-                "moe_layers": tuple(raw["moe_layers"]),
-                "documents": tuple(raw["documents"]),
+        with reading(path, "trace"):
+            with safe_open(str(path), framework="pt") as f:
+                header = (f.metadata() or {}).get(METADATA_KEY)
+                if header is None:
+                    raise ValueError(f"{path}: not a routing trace (no {METADATA_KEY!r} metadata)")
+                raw = json.loads(header)
+                if raw.pop("format") != TRACE_FORMAT:
+                    raise ValueError(f"{path}: trace format is not {TRACE_FORMAT}; re-record it")
+                raw = {
+                    **raw,
+                    "moe_layers": tuple(raw["moe_layers"]),
+                    "documents": tuple(raw["documents"]),
+                }
+                traces = cls(
+                    meta=TraceMeta(**raw), **{name: f.get_tensor(name) for name in TENSORS}
+                )
+            m, n = traces.meta, len(traces)
+            L, E, P = m.num_layers, m.num_experts, len(m.pairs)
+            wanted = {  # name: shape, dtype, bound of its values (None: any)
+                "token_ids": ((n,), torch.int32, m.vocab_size),
+                "positions": ((n,), torch.int32, m.seq_len),
+                "doc_ids": ((n,), torch.int32, len(m.documents)),
+                "topk_ids": ((n, L, m.top_k), torch.int16, E),
+                "probs": ((n, L, E), torch.float16, None),
+                "pregate": ((n, P, E), torch.float16, None),
             }
-        )
-        return cls(meta=meta, **tensors)
+            check_tensors(path, traces.tensors(), wanted, "re-record the trace")
+        return traces
 
     @classmethod
     def concat(cls, meta: TraceMeta, parts: list[TraceSet]) -> TraceSet:

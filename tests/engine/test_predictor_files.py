@@ -3,49 +3,16 @@ by the commands in one line naming the file, exit 2, on small synthetic traces."
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.offload.predict.trace import TraceMeta, TraceSet
 from engine.offload.predict.train import TrainConfig, train_predictor
 from server.cli import main
-
-L, E, K, VOCAB, SEQ = 3, 4, 2, 50, 16
-
-
-def synthetic_traces(num_docs: int, tokens_per_doc: int = 20, seed: int = 0) -> TraceSet:
-    """Random routing of random tokens: `num_docs` documents of one or two sequences each."""
-    g = torch.Generator().manual_seed(seed)
-    n = num_docs * tokens_per_doc
-    documents = tuple(f"doc{i}" for i in range(num_docs))
-    meta = TraceMeta("tiny-model", tuple(range(L)), E, K, VOCAB, SEQ, documents)
-    probs = torch.rand(n, L, E, generator=g).softmax(-1)
-    pairs = len(meta.pairs)
-    return TraceSet(
-        meta=meta,
-        token_ids=torch.randint(0, VOCAB, (n,), generator=g, dtype=torch.int32),
-        positions=(torch.arange(n) % tokens_per_doc % SEQ).to(torch.int32),
-        doc_ids=(torch.arange(n) // tokens_per_doc).to(torch.int32),
-        topk_ids=probs.topk(K, -1).indices.to(torch.int16),
-        probs=probs.half(),
-        pregate=torch.rand(n, pairs, E, generator=g).softmax(-1).half(),
-    )
-
-
-def rewrite_header(path: Path, key: str, edit: Callable[[dict[str, Any]], None]) -> None:
-    """Hand-edit the JSON under metadata `key` of a safetensors file."""
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        header = json.loads(f.metadata()[key])
-    edit(header)
-    save_file(tensors, str(path), metadata={key: json.dumps(header)})
+from tests.synthetic_traces import E, rewrite_header, synthetic_traces
 
 
 @pytest.fixture
@@ -124,8 +91,10 @@ def damage_predictor(path: Path, how: str) -> None:
         save_file({"w": torch.zeros(1)}, str(path), metadata={key: "[1]"})
     elif how == "no info":
         rewrite_header(path, key, lambda h: h.pop("info"))
-    elif how == "no training":
-        rewrite_header(path, key, lambda h: h["info"].pop("training"))
+    elif how == "no trained documents":
+        rewrite_header(path, key, lambda h: h["info"].pop("trained_documents"))
+    elif how == "bad trained documents":
+        rewrite_header(path, key, lambda h: h["info"].update(trained_documents={"names": [1]}))
     elif how == "no kind":
         rewrite_header(path, key, lambda h: h.pop("kind"))
     elif how == "wider":
@@ -140,7 +109,8 @@ PREDICTOR_DAMAGE = (
     "not json",
     "not an object",
     "no info",
-    "no training",
+    "no trained documents",
+    "bad trained documents",
     "no kind",
     "wider",
     "unknown config",

@@ -5,7 +5,7 @@ EF-24 used a T5 encoder-decoder (7 MB); ours is lighter: embeddings of the token
 W previous tokens, concatenated, through a two-layer MLP to [L, E] logits, trained with BCE against
 the 0/1 top-k routes. A trained predictor (rpp or hybrid) is one safetensors file: the weights plus,
 under the metadata key "expertflow_predictor", JSON {format, kind, config (dims), info (provenance:
-traces, model, training settings including the held-out split)}.
+traces, model, training settings and the documents it was trained on)}.
 """
 
 from __future__ import annotations

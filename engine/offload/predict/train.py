@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from engine.config import flag
 from engine.model_config import ModelConfig
+from engine.offload.predict.documents import INFO_KEY, TrainedDocuments
 from engine.offload.predict.evaluate import horizon_recall
 from engine.offload.predict.hybrid import HybridConfig, HybridNet
 from engine.offload.predict.rpp import UNSEEN_ROW, RPPConfig, RPPNet, check_dims, model_dims
@@ -207,7 +208,7 @@ def train_predictor(
     model: ModelConfig | None = None,
 ) -> None:
     """Train a `kind` predictor on the training split of a trace file and write it to `out`; the
-    file records the split, so evaluation holds out the same documents. With `model`, first check
+    file records which documents it saw, so evaluation holds out only the others. With `model`, first check
     that the traces are of a model with the same routing dims."""
     traces = TraceSet.load(traces_path)
     if model is not None:
@@ -216,6 +217,7 @@ def train_predictor(
     if trainer is None:
         raise ValueError(f"cannot train a {kind!r} predictor; choose rpp or hybrid")
     train, held_out = traces.split(cfg.holdout, cfg.seed)
+    trained = TrainedDocuments.of(train)  # validation documents too: they pick the epoch
     validation = None
     if cfg.validation > 0:
         num_docs = int(torch.unique(train.doc_ids).numel())
@@ -242,6 +244,7 @@ def train_predictor(
             max(report.validation_recall),
         )
     info = {"traces": str(traces_path), "model": traces.meta.model, "train_tokens": len(train)}
-    net.save(out, {**info, "training": asdict(cfg), **report.as_info()})
+    info |= {INFO_KEY: trained.as_info(), "training": asdict(cfg), **report.as_info()}
+    net.save(out, info)
     size_bytes = sum(t.numel() * t.element_size() for t in net.state_dict().values())
     logger.info("wrote %s predictor to %s (%.2f MB)", kind, out, size_bytes / 1e6)

@@ -11,6 +11,7 @@ from engine import LLM, ConfigError
 from engine.config import DEFAULT_MODEL, DTYPES
 from engine.offload.predict.trace import record_traces
 from server.commands import Command
+from server.commands.outputs import prepare_out
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +53,15 @@ def run(args: argparse.Namespace) -> int:
         logger.error("--seq-len and --max-tokens must be >= 1")
         return 2
     try:
+        prepare_out(args.out, list(args.corpus))
         llm = LLM(
             model=args.model, max_model_len=args.seq_len, device=args.device, dtype=args.dtype
         )
         traces = record_traces(llm, list(args.corpus), args.seq_len, args.max_tokens)
-    except (ConfigError, ValueError) as exc:
+        traces.save(args.out)
+    except (ConfigError, ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 2
-    traces.save(args.out)
     logger.info("wrote %d tokens of routing to %s", len(traces), args.out)
     return 0
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from engine import ConfigError, ModelConfig
 from engine.offload.predict.train import TrainConfig, train_predictor
 from server.commands import Command
+from server.commands.outputs import prepare_out
 from server.config_args import add_config_args, config_from_args
 
 logger = logging.getLogger(__name__)
@@ -30,8 +31,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(TrainConfig, args)
         model = ModelConfig.from_pretrained(args.model) if args.model else None
+        prepare_out(args.out, [args.traces])
         train_predictor(args.kind, args.traces, args.out, cfg, model)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 2
     return 0

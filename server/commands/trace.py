@@ -10,6 +10,7 @@ from pathlib import Path
 from engine import LLM, ConfigError
 from engine.config import DEFAULT_MODEL, DTYPES
 from engine.offload.predict.trace import record_traces
+from engine.offload.predict.train import MIN_DOCUMENTS
 from server.commands import Command
 from server.commands.outputs import prepare_out
 
@@ -63,6 +64,13 @@ def run(args: argparse.Namespace) -> int:
         logger.error("%s", exc)
         return 2
     logger.info("wrote %d tokens of routing to %s", len(traces), args.out)
+    if len(traces.meta.documents) < MIN_DOCUMENTS:
+        logger.warning(
+            "traced %d documents, and train-predictor needs %d (one corpus file is one document: "
+            "one held out, one to pick the epoch, the rest to train on): trace more files",
+            len(traces.meta.documents),
+            MIN_DOCUMENTS,
+        )
     return 0
 
 

@@ -1,12 +1,19 @@
-"""The predictor commands' --out handling."""
+"""The predictor commands' --out handling, trace's warning on too few documents, and README's
+predictor example (its corpus must hold enough documents on a fresh checkout)."""
 
 from __future__ import annotations
 
+import glob
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 
+from engine.offload.predict.train import MIN_DOCUMENTS
 from server.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_corpus(root: Path, count: int) -> list[Path]:
@@ -49,3 +56,24 @@ def test_bad_out_is_refused_before_the_model_loads(
     argv = ["train-predictor", "--kind", "rpp", "--traces", str(a_file)]
     assert main([*argv, "--out", str(tmp_path / "corpus" / ".." / "corpus" / "doc0.txt")]) == 2
     assert "is one of the inputs" in caplog.text and a_file.read_bytes() == before
+
+
+def test_trace_warns_when_train_predictor_needs_more_documents(
+    mixtral_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    corpus = write_corpus(tmp_path / "corpus", MIN_DOCUMENTS)
+    assert trace(mixtral_checkpoint, corpus, tmp_path / "enough.safetensors") == 0
+    assert "train-predictor needs" not in caplog.text
+    assert trace(mixtral_checkpoint, corpus[:2], tmp_path / "two.safetensors") == 0
+    assert f"traced 2 documents, and train-predictor needs {MIN_DOCUMENTS}" in caplog.text
+
+
+def test_readme_predictor_example_has_enough_documents() -> None:
+    """On a fresh checkout, the example's --corpus names files of the repository itself."""
+    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")  # continued lines joined
+    line = next(x for x in readme.splitlines() if re.match(r"\.venv/bin/expertflow trace ", x))
+    argv = shlex.split(line)
+    assert Path(ROOT, argv[argv.index("--model") + 1], "config.json").is_file()
+    patterns = argv[argv.index("--corpus") + 1 : argv.index("--out")]
+    files = [f for p in patterns for f in glob.glob(p, root_dir=ROOT)]
+    assert len(files) >= MIN_DOCUMENTS and all(Path(ROOT, f).is_file() for f in files)

@@ -28,6 +28,9 @@ from engine.offload.predict.trace import TraceSet
 logger = logging.getLogger(__name__)
 
 
+# documents a trace needs for the default split: one held out, one to pick the epoch, one to train
+MIN_DOCUMENTS = 3
+
 # MLP width of each kind, picked on validation recall of the demo model's traces: the RPP, one
 # sample per token, overfits at 256 (val 0.844 vs 0.850 at 128); the hybrid, one per layer pair, not.
 HIDDEN_DIM = {"rpp": 128, "hybrid": 256}

@@ -62,7 +62,7 @@ class OffloadRuntime:
             model.cfg.gating,
         )
         self.prefetcher: Prefetcher | None = None
-        predictor = make_predictor(config.predictor, model, config.predictor_path)
+        predictor = make_predictor(config.predictor, model, config.predictor_path, config.model)
         if predictor is not None:
             fixed = None if str(config.prefetch_horizon) == "auto" else int(config.prefetch_horizon)
             horizon = HorizonController(len(self.store.layers) - 1, self.store.expert_bytes, fixed)

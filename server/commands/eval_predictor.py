@@ -11,7 +11,13 @@ from engine import ConfigError, ModelConfig
 from engine.offload.predict.documents import TrainedDocuments
 from engine.offload.predict.evaluate import evaluate
 from engine.offload.predict.hybrid import HybridNet
-from engine.offload.predict.rpp import RPPNet, check_dims, model_dims, read_predictor_header
+from engine.offload.predict.rpp import (
+    RPPNet,
+    check_dims,
+    model_dims,
+    read_predictor_header,
+    warn_if_other_model,
+)
 from engine.offload.predict.trace import TraceSet
 from engine.offload.predict.train import TrainConfig
 from server.commands import Command
@@ -52,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         if args.model:
             model = ModelConfig.from_pretrained(args.model)
             check_dims(f"trace {args.traces}", traces.meta.dims, model_dims(model), args.model)
+            warn_if_other_model(f"trace {args.traces}", traces.meta.model, args.model)
         if args.predictor is None:
             predictor = None
             train, test = traces.split(args.holdout, args.seed)
@@ -75,6 +82,7 @@ def _unseen(
     trained = TrainedDocuments.from_info(header["info"], path)
     loader = HybridNet if header.get("kind") == "hybrid" else RPPNet
     predictor = loader.load(path)  # refuses a kind that is neither
+    warn_if_other_model(f"predictor {path}", header["info"].get("model"), traces.meta.model)
     seen, unseen = trained.split(traces)
     if len(unseen) == 0:
         raise ValueError(

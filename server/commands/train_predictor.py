@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from engine import ConfigError, ModelConfig
+from engine import ConfigError
 from engine.offload.predict.train import TrainConfig, train_predictor
 from server.commands import Command
 from server.commands.outputs import prepare_out
@@ -30,9 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(TrainConfig, args)
-        model = ModelConfig.from_pretrained(args.model) if args.model else None
         prepare_out(args.out, [args.traces])
-        train_predictor(args.kind, args.traces, args.out, cfg, model)
+        train_predictor(args.kind, args.traces, args.out, cfg, args.model)
     except (ConfigError, ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 2

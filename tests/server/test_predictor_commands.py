@@ -1,15 +1,17 @@
-"""The predictor commands' --out handling, trace's warning on too few documents, and README's
-predictor example (its corpus must hold enough documents on a fresh checkout)."""
+"""The predictor commands' --out handling, their warnings (too few documents, another model), and
+README's predictor example (its corpus must hold enough documents on a fresh checkout)."""
 
 from __future__ import annotations
 
 import glob
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
 
+from engine import LLM
 from engine.offload.predict.train import MIN_DOCUMENTS
 from server.cli import main
 
@@ -77,3 +79,33 @@ def test_readme_predictor_example_has_enough_documents() -> None:
     patterns = argv[argv.index("--corpus") + 1 : argv.index("--out")]
     files = [f for p in patterns for f in glob.glob(p, root_dir=ROOT)]
     assert len(files) >= MIN_DOCUMENTS and all(Path(ROOT, f).is_file() for f in files)
+
+
+def test_another_model_with_the_same_dims_is_warned_about(
+    mixtral_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = Path(shutil.copytree(mixtral_checkpoint, tmp_path / "other-model"))
+    corpus = write_corpus(tmp_path / "corpus", 3)
+    traces, other_traces = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert trace(mixtral_checkpoint, corpus, traces) == 0
+    assert trace(other, corpus, other_traces) == 0
+    predictor = tmp_path / "rpp.safetensors"
+    train = ["train-predictor", "--kind", "rpp", "--traces", str(traces), "--epochs", "1"]
+    same = f"{mixtral_checkpoint.parent}/./{mixtral_checkpoint.name}"  # one model, other spelling
+    caplog.clear()
+    assert main([*train, "--out", str(predictor), "--model", same]) == 0
+    assert main(["eval-predictor", "--traces", str(traces), "--predictor", str(predictor)]) == 0
+    LLM(model=same, predictor="rpp", predictor_path=str(predictor))
+    assert "was recorded on model" not in caplog.text
+    warning = f"was recorded on model {mixtral_checkpoint.resolve()}, not"
+    for argv in (
+        [*train, "--out", str(tmp_path / "p2.safetensors"), "--model", str(other)],
+        ["eval-predictor", "--traces", str(traces), "--kind", "pregate", "--model", str(other)],
+        ["eval-predictor", "--traces", str(other_traces), "--predictor", str(predictor)],
+    ):
+        caplog.clear()
+        assert main(argv) == 0
+        assert warning in caplog.text
+    caplog.clear()
+    LLM(model=str(other), predictor="rpp", predictor_path=str(predictor))
+    assert f"predictor {predictor} {warning} {other}" in caplog.text

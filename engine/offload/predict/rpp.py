@@ -11,6 +11,7 @@ traces, model, training settings and the documents it was trained on)}.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -22,6 +23,8 @@ from torch import nn
 
 from engine.model_config import ModelConfig
 from engine.offload.predict.files import reading
+
+logger = logging.getLogger(__name__)
 
 PREDICTOR_FORMAT = 1
 METADATA_KEY = "expertflow_predictor"
@@ -195,3 +198,18 @@ def check_dims(what: str, have: dict[str, Any], wanted: dict[str, int], other: s
     wrong = [f"{k}={have[k]} ({other}: {v})" for k, v in wanted.items() if have[k] != v]
     if wrong:
         raise ValueError(f"{what} belongs to another model: {', '.join(wrong)}")
+
+
+def model_name(model: str) -> str:
+    """How traces and predictors record their model: a folder by its resolved path, so that one
+    folder reached by two relative paths is one model."""
+    return str(Path(model).resolve()) if Path(model).is_dir() else model
+
+
+def warn_if_other_model(what: str, recorded: Any, model: str) -> None:
+    """Two models with the same routing dims pass `check_dims` yet route differently: a predictor
+    or trace of another one is allowed (outputs never depend on the predictor), with a warning."""
+    if isinstance(recorded, str) and model_name(recorded) != model_name(model):
+        logger.warning(
+            "%s was recorded on model %s, not %s: its routing may not match", what, recorded, model
+        )

@@ -31,7 +31,7 @@ from engine.models.model import MoECausalLM
 from engine.offload.predict.corpus import read_corpus
 from engine.offload.predict.files import check_tensors, reading
 from engine.offload.predict.pregate import PreGatePredictor
-from engine.offload.predict.rpp import routing_dims
+from engine.offload.predict.rpp import model_name, routing_dims
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def _trace_chunks(
         raise ValueError("the corpus holds no tokens")
     cfg = engine.model_config
     meta = TraceMeta(
-        model=str(engine.config.model),
+        model=model_name(str(engine.config.model)),
         moe_layers=tuple(cfg.moe_layers),
         num_experts=cfg.num_experts,
         top_k=cfg.top_k,

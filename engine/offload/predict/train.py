@@ -22,7 +22,14 @@ from engine.model_config import ModelConfig
 from engine.offload.predict.documents import INFO_KEY, TrainedDocuments
 from engine.offload.predict.evaluate import horizon_recall
 from engine.offload.predict.hybrid import HybridConfig, HybridNet
-from engine.offload.predict.rpp import UNSEEN_ROW, RPPConfig, RPPNet, check_dims, model_dims
+from engine.offload.predict.rpp import (
+    UNSEEN_ROW,
+    RPPConfig,
+    RPPNet,
+    check_dims,
+    model_dims,
+    warn_if_other_model,
+)
 from engine.offload.predict.trace import TraceSet
 
 logger = logging.getLogger(__name__)
@@ -208,14 +215,20 @@ def train_predictor(
     traces_path: str | Path,
     out: str | Path,
     cfg: TrainConfig,
-    model: ModelConfig | None = None,
+    model: str | None = None,
 ) -> None:
     """Train a `kind` predictor on the training split of a trace file and write it to `out`; the
-    file records which documents it saw, so evaluation holds out only the others. With `model`, first check
-    that the traces are of a model with the same routing dims."""
+    file records which documents it saw, so evaluation holds out only the others. With `model` (a
+    checkpoint folder), first check that the traces are of a model with the same routing dims."""
     traces = TraceSet.load(traces_path)
     if model is not None:
-        check_dims(f"trace {traces_path}", traces.meta.dims, model_dims(model), "the model")
+        check_dims(
+            f"trace {traces_path}",
+            traces.meta.dims,
+            model_dims(ModelConfig.from_pretrained(model)),
+            model,
+        )
+        warn_if_other_model(f"trace {traces_path}", traces.meta.model, model)
     trainer = {"rpp": train_rpp, "hybrid": train_hybrid}.get(kind)
     if trainer is None:
         raise ValueError(f"cannot train a {kind!r} predictor; choose rpp or hybrid")

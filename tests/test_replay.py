@@ -12,7 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
-from replay import Cost, SimLink, replay, stream_steps, wave_steps  # noqa: E402
+from replay import Cost, replay, stream_steps, wave_steps  # noqa: E402
+from sim_link import SimLink  # noqa: E402
 
 from engine.offload.transfer import HIGH, LOW  # noqa: E402
 

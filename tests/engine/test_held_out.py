@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.offload.predict import documents
 from engine.offload.predict.documents import TrainedDocuments
 from engine.offload.predict.rpp import read_predictor_header
 from engine.offload.predict.trace import TraceSet
@@ -103,3 +104,18 @@ def test_a_predictor_without_its_documents_is_refused(
     rewrite_header(predictor, "expertflow_predictor", lambda h: h["info"].pop("trained_documents"))
     assert main(["eval-predictor", "--traces", str(traces), "--predictor", str(predictor)]) == 2
     assert "does not record the documents it was trained on" in caplog.text
+
+
+def test_copies_cut_by_another_budget_are_known_by_their_opening(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A copy of the corpus elsewhere (other names) traced with another --max-tokens (other cut
+    lengths) is still recognised: the digest covers a document's first PREFIX tokens only."""
+    monkeypatch.setattr(documents, "PREFIX", 5)  # the synthetic documents are 12-21 tokens
+    full = synthetic_traces(NUM_DOCS)
+    recorded = TrainedDocuments.of(full.select_documents(torch.arange(4)))  # doc0 .. doc3
+    copies = reorder(full, list(range(NUM_DOCS)), [f"copy{i}" for i in range(NUM_DOCS)])
+    cut = replace(copies, **{n: t[copies.positions < 7] for n, t in copies.tensors().items()})
+    seen, unseen = recorded.split(cut)
+    assert names(seen) == {f"copy{i}" for i in range(4)}
+    assert len(unseen.doc_ids.unique()) == NUM_DOCS - 4

@@ -21,17 +21,19 @@ def read_corpus(
     special = set(tokenizer.all_special_ids)
     documents: list[str] = []
     token_ids: list[list[int]] = []
+    seen: set[str] = set()
     for file in files:
         path = str(file.resolve())
-        if path in documents:
+        if path in seen:
             logger.warning("corpus file %s is given more than once; it is traced once", file)
             continue
+        seen.add(path)
         ids = tokenizer(read_text(file), verbose=False)["input_ids"]
         if all(i in special for i in ids):
             logger.warning("corpus file %s holds no text; skipped", file)
             continue
         documents.append(path)
-        token_ids.append(ids)
+        token_ids.append(ids if max_tokens is None else ids[:max_tokens])  # no document needs more
     if not documents:
         raise ValueError("the corpus holds no text: every corpus file is empty")
     if max_tokens is not None:

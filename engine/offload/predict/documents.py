@@ -1,8 +1,10 @@
 """Which documents a predictor was trained on, recorded by identity in its file: a trace of the
 same corpus in another order, or split with another seed, must not pass trained text off as
 held out. A document is known by its name (a corpus file's resolved path) and by the SHA-256 of
-its token ids: the name still matches a file traced with another --max-tokens, the tokens a file
-copied elsewhere. Either match counts it as trained on, so a false match only shrinks the test set."""
+its first PREFIX token ids (a --max-tokens budget cuts documents at other lengths, never that
+short): the name still matches a file traced with another budget, the tokens a file copied
+elsewhere, traced with any budget. Either match counts it as trained on, so a false match (two
+files that open alike) only shrinks the test set."""
 
 from __future__ import annotations
 
@@ -17,16 +19,18 @@ from engine.offload.predict.files import reading
 from engine.offload.predict.trace import TraceSet
 
 INFO_KEY = "trained_documents"  # where a predictor file's info keeps them
+PREFIX = 32  # tokens of a document its digest covers
 
 
 def document_keys(traces: TraceSet) -> dict[int, tuple[str, str]]:
-    """doc id -> (name, SHA-256 of its token ids, in order) of every document in the traces."""
+    """doc id -> (name, SHA-256 of its first PREFIX token ids) of every document in the traces."""
     order = torch.argsort(traces.doc_ids, stable=True)  # each document's rows, in order
     docs, counts = torch.unique_consecutive(traces.doc_ids[order], return_counts=True)
     ids = traces.token_ids[order].to(torch.int32).numpy().astype("<i4")
     keys, start = {}, 0
     for doc, count in zip(docs.tolist(), counts.tolist(), strict=True):
-        digest = hashlib.sha256(ids[start : start + count].tobytes()).hexdigest()[:32]
+        prefix = ids[start : start + min(count, PREFIX)]
+        digest = hashlib.sha256(prefix.tobytes()).hexdigest()[:32]
         keys[doc] = (traces.meta.documents[doc], digest)
         start += count
     return keys

@@ -84,15 +84,12 @@ class TracePredictor:
     def ahead(self, index: int, residual, token_ids, topk_ids, horizon: int) -> torch.Tensor:  # noqa: ANN001
         targets = range(index + 1, min(index + 1 + horizon, self.traces.meta.num_layers))
         if self.routes is not None:
-            return (
-                torch.stack([self.routes[self.rows, j] for j in targets])
-                if targets
-                else torch.zeros(0)
-            )
-        rows = [
-            self.traces.pregate[self.rows, self.traces.pair_index(index, j)].float()
-            for j in targets
-        ]
+            rows = [self.routes[self.rows, j] for j in targets]
+        else:
+            rows = [
+                self.traces.pregate[self.rows, self.traces.pair_index(index, j)].float()
+                for j in targets
+            ]
         return (
             torch.stack(rows)
             if rows

@@ -3,6 +3,9 @@ the production ExpertCache and Prefetcher run unchanged while copies take modell
 
 from __future__ import annotations
 
+import heapq
+from collections import deque
+
 from engine.offload.transfer import HIGH
 
 
@@ -18,33 +21,45 @@ class SimTransfer:
 
 
 class SimLink:
-    """TransferEngine's interface on a simulated clock: one link, priority order, no preemption."""
+    """TransferEngine's interface on a simulated clock: one link, priority order, no preemption.
+    The link catches up to the clock before its queue changes, so what it did does not depend on
+    how often the cache happened to look at it. Copies wait in submission order until the link
+    could start them, then in a heap by (priority, order): a poll costs O(log n), not O(n)."""
 
     def __init__(self, expert_bytes: int, bps: float) -> None:
         self.expert_bytes, self.bps = expert_bytes, bps
         self.now, self.free_at, self.stall_s = 0.0, 0.0, 0.0
-        self.queue: list[SimTransfer] = []
+        self.waiting: deque[SimTransfer] = deque()  # submitted, by submission time
+        self.ready: list[tuple[int, int, SimTransfer]] = []  # startable; a promotion adds an entry
         self.submitted = 0
 
     def submit(self, pairs: list, priority: int) -> SimTransfer:  # noqa: ARG002
+        self.advance(self.now)  # what the link started before this copy came does not wait on it
         self.submitted += 1
         transfer = SimTransfer(self, priority, self.submitted)
-        self.queue.append(transfer)
+        self.waiting.append(transfer)
         return transfer
 
     def promote(self, transfer: SimTransfer) -> None:
-        if transfer.end_s is None:
+        self.advance(self.now)  # a promotion moves nothing the link already started
+        if transfer.end_s is None and transfer.priority != HIGH:
             transfer.priority = HIGH
+            if transfer not in self.waiting:  # already in the heap: a second, earlier entry
+                heapq.heappush(self.ready, (HIGH, transfer.order, transfer))
 
     def advance(self, until: float, target: SimTransfer | None = None) -> None:
-        """Start queued copies in priority order while the link frees up before `until`."""
-        while self.queue:
-            start = max(self.free_at, min(t.submit_s for t in self.queue))
+        """Start queued copies in priority order while the link frees up before `until` (and,
+        with a `target`, until that copy has started)."""
+        while self.ready or self.waiting:
+            start = self.free_at if self.ready else max(self.free_at, self.waiting[0].submit_s)
             if start > until and target is None:
                 return
-            ready = [t for t in self.queue if t.submit_s <= start]
-            nxt = min(ready, key=lambda t: (t.priority, t.order))
-            self.queue.remove(nxt)
+            while self.waiting and self.waiting[0].submit_s <= start:
+                t = self.waiting.popleft()
+                heapq.heappush(self.ready, (t.priority, t.order, t))
+            nxt = heapq.heappop(self.ready)[2]
+            if nxt.end_s is not None:
+                continue  # the entry a promotion left behind
             nxt.end_s = self.free_at = start + nxt.duration_s
             if nxt is target:
                 return

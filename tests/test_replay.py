@@ -41,10 +41,27 @@ def test_a_finished_copy_costs_no_stall() -> None:
 
 def test_promotion_moves_a_queued_prefetch_ahead() -> None:
     link = SimLink(expert_bytes=100, bps=100.0)
-    a, b = link.submit([], LOW), link.submit([], LOW)
+    running, a, b = link.submit([], LOW), link.submit([], LOW), link.submit([], LOW)
     link.promote(b)
     link.wait(b)
-    assert b.end_s == pytest.approx(1.0) and a.end_s is None
+    assert running.end_s == pytest.approx(1.0) and b.end_s == pytest.approx(2.0)
+    assert a.end_s is None
+
+
+def test_what_the_link_did_does_not_depend_on_how_often_it_was_asked() -> None:
+    """A copy starts when the link frees up, whether or not anybody looked at the link then."""
+    ends = []
+    for poll in (False, True):
+        link = SimLink(expert_bytes=100, bps=100.0)  # 1 s per copy
+        low, later = link.submit([], LOW), link.submit([], LOW)
+        link.now = 1.5  # `later` started at 1.0
+        if poll:
+            low.is_done()
+        miss = link.submit([], HIGH)
+        link.promote(later)  # too late: it is already on the link
+        link.wait(miss)
+        ends.append((later.end_s, miss.end_s))
+    assert ends[0] == ends[1] == (pytest.approx(2.0), pytest.approx(3.0))
 
 
 def test_wave_steps_follow_the_live_schedule() -> None:

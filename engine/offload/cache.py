@@ -51,25 +51,23 @@ class ExpertCache:
         self.slots = SlotPool(self.store, self.num_slots, self.device)
         self.slot_of: dict[Key, int] = {}
         self.key_of: list[Key | None] = [None] * self.num_slots
+        self.empty = set(range(self.num_slots))  # slots holding no expert
         self.pins = [0] * self.num_slots
         self.protected: set[Key] = set()  # predicted within the horizon: evicted as a last resort
         self.prefetched: set[Key] = set()  # prefetched and not looked up yet
         self.stats = CacheStats()
         self.completed: deque[Transfer] = deque(maxlen=256)  # finished copies, to measure bandwidth
         self.tick = 0
-        self._warm_start()
+        for slot, key in enumerate(self.warm_keys):  # fill the pool before serving
+            self._place(key, slot)
+            self.slots.load_now(key, slot)
 
     @property
     def warm_keys(self) -> list[Key]:
-        """What `_warm_start` loads, slot by slot: expert 0 of every layer, then expert 1, ... so each
+        """What `resize` loads, slot by slot: expert 0 of every layer, then expert 1, ... so each
         layer gets the same share (all of them at ratio 1). Belady's reference starts from it too."""
         layers, per_layer = self.store.layers, self.store.num_experts
         return [(layer, e) for e in range(per_layer) for layer in layers][: self.num_slots]
-
-    def _warm_start(self) -> None:  # fill the pool before serving
-        for slot, key in enumerate(self.warm_keys):
-            self._place(key, slot)
-            self.slots.load_now(key, slot)
 
     def _place(self, key: Key, slot: int) -> None:
         old = self.key_of[slot]
@@ -81,21 +79,24 @@ class ExpertCache:
                 self.stats.prefetch_wasted += 1
         self.key_of[slot] = key
         self.slot_of[key] = slot
+        self.empty.discard(slot)
+        self.policy.on_place(key)
 
     def _free_slot(self, for_prefetch: bool, keep: frozenset[Key] = frozenset()) -> int | None:
         """An empty slot, else the policy's victim among slots not pinned, written or in `keep`;
         experts predicted within the horizon go only to a miss with nothing else left."""
-        candidates, spared = [], []
-        for slot in range(self.num_slots):
-            writing = self._writing(slot)  # may drop a failed copy, emptying the slot
-            key = self.key_of[slot]
-            if key is None:
-                return slot
-            if not self.pins[slot] and not writing and key not in keep:
-                (spared if key in self.protected else candidates).append(key)
-        if not candidates and not for_prefetch:
-            candidates = spared
-        return self.slot_of[self.policy.victim(candidates)] if candidates else None
+
+        def evictable(key: Key) -> bool:  # asks after a copy last: a query may cost a syscall
+            slot = self.slot_of[key]
+            return not self.pins[slot] and key not in keep and not self._writing(slot)
+
+        if not self.empty:
+            victim = self.policy.victim(lambda key: key not in self.protected and evictable(key))
+            if victim is None and not for_prefetch:
+                victim = self.policy.victim(evictable)
+            if victim is not None and victim in self.slot_of:  # else its failed copy was dropped
+                return self.slot_of[victim]
+        return min(self.empty) if self.empty else None
 
     def _writing(self, slot: int) -> bool:
         transfer = self.in_flight.get(slot)
@@ -128,6 +129,7 @@ class ExpertCache:
                 self.prefetched.discard(key)
                 self.protected.discard(key)
                 self.key_of[slot] = None
+                self.empty.add(slot)
             if waited:
                 raise
             logger.warning("an expert copy nobody was waiting for failed; dropped: %s", exc)
@@ -140,8 +142,7 @@ class ExpertCache:
 
     def begin_step(self) -> None:
         """Pins last one layer call; a step that failed mid-layer leaves none behind."""
-        self.tick += 1
-        self.pins = [0] * self.num_slots
+        self.tick, self.pins = self.tick + 1, [0] * self.num_slots
 
     def ensure(self, layer: int, experts: list[int]) -> list[int]:
         """Make `experts` of `layer` resident and pin them; returns their slots. At most `num_slots`
@@ -239,8 +240,8 @@ class ExpertCache:
 
     def outstanding_prefetches(self) -> int:
         """Prefetch copies queued or on the link now."""
-        keys = [key for key in self.prefetched if key in self.slot_of]
-        return sum(1 for key in keys if self._writing(self.slot_of[key]))
+        slots = [slot for slot in self.in_flight if self.key_of[slot] in self.prefetched]
+        return sum(1 for slot in slots if self._writing(slot))
 
     def prefetch(self, layer: int, experts: list[int], limit: int | None = None) -> int:
         """Start low-priority copies of the experts not resident yet, into free or evictable slots
@@ -285,8 +286,7 @@ class ExpertCache:
         return transfer
 
     def _drain_one_prefetch(self) -> int | None:
-        """A miss found every unpinned slot still being written by prefetches: wait for one and
-        take its slot (the wait counts as stall)."""
+        """Every unpinned slot is being written by a prefetch: wait for one (a stall), take it."""
         for slot, transfer in list(self.in_flight.items()):
             if not self.pins[slot]:
                 wait = lambda: self.transfers.wait(transfer) is None  # noqa: B023, E731 (True: landed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from itertools import repeat
 
 import torch
 
@@ -79,69 +80,76 @@ class Prefetcher:
                 now - self._layer_start_s - (stall_s - self._stall_at_start_s)
             )
         self._layer_start_s, self._stall_at_start_s = now, stall_s
-        self._score(index, topk_ids)
+        distinct = topk_ids.unique().tolist()
+        self._score(index, topk_ids, distinct)
         self._measure_bandwidth()
-        distinct_now = int(topk_ids.unique().numel())
-        self.current_horizon = self.horizon.horizon(distinct_now)
+        self.current_horizon = self.horizon.horizon(len(distinct))
         ahead = self.predictor.ahead(
             index, residual, self.token_ids, topk_ids, self.current_horizon
         )
         self.next_layer_probs = ahead[0] if ahead.shape[0] else None
-        in_use = {(layer, e): 0 for e in topk_ids.unique().tolist()}  # this layer's, about to run
-        self._prefetch(ahead, first_index=index + 1, next_use=in_use)
+        in_use = frozenset((layer, e) for e in distinct)  # this layer's, about to run
+        self._prefetch(ahead, first_index=index + 1, in_use=in_use)
 
     def _prefetch(
-        self, probs: torch.Tensor, first_index: int, next_use: dict[Key, int] | None = None
+        self, probs: torch.Tensor, first_index: int, in_use: frozenset[Key] = frozenset()
     ) -> None:
         """probs [h, T, E] for MoE layers first_index.. : protect and prefetch the likeliest experts,
         nearest layer first, until the protected tier holds half the slots (EF-25's high tier; the
         rest follows the policy, so far, unsure guesses never crowd out what is actually reused).
         An idle link that lands a copy within a layer also takes one guess beyond the top-k for
-        the next layer. `next_use` holds experts to protect first (the current layer's, about to
+        the next layer. `in_use` holds experts to protect first (the current layer's, about to
         run)."""
-        next_use = dict(next_use or {})
-        tier = self.cache.num_slots // 2 + len(next_use)  # the layer running now is pinned anyway
-        wanted: list[tuple[int, list[int]]] = []
-        for s in range(probs.shape[0]):
+        room = self.cache.num_slots // 2  # the layer running now is pinned anyway
+        protected, wanted = set(in_use), []
+        for s, ranked in enumerate(self._ranked(probs)):
             index, layer = first_index + s, self.moe_layers[first_index + s]
-            room = tier - len(next_use)
-            experts = [e for e in self._ranked(probs[s]) if (layer, e) not in next_use][:room]
+            experts = ranked[:room]
             if not experts:
                 break
+            room -= len(experts)
             self.predicted[index] = set(experts)
-            next_use.update(((layer, e), s + 1) for e in experts)
+            protected.update(zip(repeat(layer), experts))
             wanted.append((layer, experts))
-        self.cache.protected = set(next_use)
+        self.cache.protected = protected
         if isinstance(self.cache.policy, ExpertFlowPolicy):
-            self.cache.policy.predict(next_use)
+            self.cache.policy.predict(frozenset(protected))
+        outstanding = self.cache.outstanding_prefetches() if wanted else 0
         for distance, (layer, experts) in enumerate(wanted, start=1):
             if not self.horizon.pays(distance, self.precision):
                 continue  # a wrong guess would cost the link more than a right one saves
             budget = self.horizon.link_budget(distance)
-            room = None if budget is None else budget - self.cache.outstanding_prefetches()
+            room = None if budget is None else budget - outstanding
             if room is None or room > 0:
-                self.cache.prefetch(layer, experts, room)
+                outstanding += self.cache.prefetch(layer, experts, room)
         # Nothing waits behind such a guess, and it lands before the next layer's lookups: on the
         # demo model (1x link) it cut misses by 10-25% and stall by a third or more.
         if wanted and (self.horizon.copies_within(1) or 0) >= 1 and not self.cache.copying():
             layer = wanted[0][0]
-            runner_up = [
-                e for e in self._ranked(probs[0], self.top_k + 1) if (layer, e) not in next_use
-            ]
-            self.cache.prefetch(layer, runner_up[:1], 1)
+            (runner_up,) = self._ranked(probs[:1], self.top_k + 1)
+            self.cache.prefetch(layer, [e for e in runner_up if e not in wanted[0][1]][:1], 1)
 
-    def _ranked(self, probs: torch.Tensor, depth: int | None = None) -> list[int]:
-        """probs [T, E] -> the union of each token's top-k (or top-`depth`), by summed probability,
-        highest first."""
-        top = probs.topk(min(depth or self.top_k, probs.shape[1]), dim=-1)  # [T, k]
-        mass = torch.zeros(probs.shape[1], device=probs.device).index_add_(
-            0, top.indices.flatten(), top.values.flatten().float()
-        )  # [E]
-        chosen = mass.nonzero().flatten()
-        return chosen[mass[chosen].argsort(descending=True)].tolist()
+    def _ranked(self, probs: torch.Tensor, depth: int | None = None) -> list[list[int]]:
+        """probs [h, T, E] -> for each layer ahead, the union of each token's top-k (or
+        top-`depth`) experts by summed probability, highest first (ties: lowest id first). Sorted
+        where the tensors are and read back once: the horizon may reach dozens of layers."""
+        top = probs.topk(min(depth or self.top_k, probs.shape[-1]), dim=-1)  # [h, T, k]
+        mass = torch.zeros(probs.shape[0], probs.shape[-1], device=probs.device)  # [h, E]
+        mass.scatter_add_(1, top.indices.flatten(1), top.values.flatten(1).float())
+        rows, experts = mass.nonzero(as_tuple=True)  # [n] each, by row, then by expert
+        order = torch.sort(-mass[rows, experts], stable=True).indices  # [n]
+        order = order[torch.sort(rows[order], stable=True).indices]  # by row, then mass
+        counts = torch.bincount(rows, minlength=probs.shape[0])  # [h]
+        flat = torch.cat((counts, experts[order])).tolist()
+        ranked, start = [], probs.shape[0]
+        for count in flat[: probs.shape[0]]:
+            ranked.append(flat[start : start + count])
+            start += count
+        return ranked
 
-    def _score(self, index: int, topk_ids: torch.Tensor) -> None:
-        """Compare what was predicted for this layer with its actual routing."""
+    def _score(self, index: int, topk_ids: torch.Tensor, distinct: list[int]) -> None:
+        """Compare what was predicted for this layer with its actual routing (`distinct`: the
+        experts it uses)."""
         if (
             self.next_layer_probs is not None
             and self.next_layer_probs.shape[0] == topk_ids.shape[0]
@@ -155,7 +163,7 @@ class Prefetcher:
         stalled, self._late_seen = late > self._late_seen, late
         overfetched = False
         if predicted is not None:
-            used = set(topk_ids.unique().tolist())
+            used = set(distinct)
             unused = predicted - used
             self.predicted_count += len(predicted)
             self.predicted_used += len(predicted & used)

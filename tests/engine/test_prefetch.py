@@ -109,29 +109,39 @@ def test_prefetcher_never_evicts_a_slot_in_use(
 
 def test_expertflow_policy_order() -> None:
     policy = ExpertFlowPolicy()
-    for tick, key in enumerate([(0, 0), (0, 1), (0, 2), (0, 3)]):
+    candidates = [(1, 0), (3, 1), (0, 2), (0, 3)]
+    for tick, key in enumerate(candidates):
+        policy.on_place(key)
         policy.on_access(key, tick)
-    policy.predict({(0, 0): 1, (0, 1): 3})
+    policy.predict(frozenset({(1, 0), (3, 1)}))  # for MoE layers 1 and 3
     policy.demote((0, 3))
-    candidates = [(0, 0), (0, 1), (0, 2), (0, 3)]
-    assert policy.victim(candidates) == (0, 3)  # predicted but unused goes first
-    assert policy.victim(candidates[:3]) == (0, 2)  # then no predicted use
-    assert policy.victim(candidates[:2]) == (0, 1)  # then the furthest predicted use
+    assert policy.victim(candidates.__contains__) == (0, 3)  # predicted but unused goes first
+    assert policy.victim(candidates[:3].__contains__) == (0, 2)  # then no predicted use
+    assert policy.victim(candidates[:2].__contains__) == (3, 1)  # then the furthest predicted use
+    policy.predict(frozenset({(1, 0)}))
+    assert policy.victim(candidates[:2].__contains__) == (3, 1)  # no longer predicted
     policy.on_access((0, 3), 10)
     assert (0, 3) not in policy.demoted
+    assert policy.victim(lambda key: False) is None
 
 
 def test_expertflow_policy_falls_back_to_frequency_not_recency() -> None:
     policy = ExpertFlowPolicy()
+    unpredicted = [(0, 0), (0, 1), (0, 2)]
+    for key in unpredicted:
+        policy.on_place(key)
     for tick, key in enumerate([(0, 0), (0, 0), (0, 0), (0, 1), (0, 2), (0, 2)]):
         policy.on_access(key, tick)
-    unpredicted = [(0, 0), (0, 1), (0, 2)]
-    assert policy.victim(unpredicted) == (0, 1)  # used once; (0, 0) is older but used 3 times
+    anyone = unpredicted.__contains__
+    assert policy.victim(anyone) == (0, 1)  # used once; (0, 0) is older but used 3 times
     policy.on_access((0, 1), 9)
     policy.on_access((0, 1), 10)
-    assert policy.victim(unpredicted) == (0, 2)  # a tie on count goes to the least recent
+    assert policy.victim(anyone) == (0, 2)  # a tie on count goes to the least recent
+    policy.on_evict((0, 2))
     policy.on_evict((0, 0))
-    assert policy.victim(unpredicted) != (0, 0)  # counts survive eviction
+    policy.on_place((0, 0))
+    assert policy.count[(0, 0)] == 3  # counts survive eviction
+    assert policy.victim(anyone) == (0, 0)  # back with its 3 uses: the tie goes by recency
 
 
 class _Stalls:
@@ -154,9 +164,14 @@ class _NoPrediction:
 
 def _prefetcher(policy: ExpertFlowPolicy, clock: list[float]) -> tuple[Prefetcher, SimpleNamespace]:
     issued: list[tuple[int, list[int], int | None]] = []
+
+    def prefetch(layer: int, experts: list[int], limit: int | None = None) -> int:
+        issued.append((layer, list(experts), limit))
+        return len(experts[:limit])
+
     cache = SimpleNamespace(
         issued=issued,
-        prefetch=lambda layer, experts, limit=None: issued.append((layer, list(experts), limit)),
+        prefetch=prefetch,
         copying=lambda: False,
         outstanding_prefetches=lambda: 0,
         num_slots=4,
@@ -189,9 +204,24 @@ def test_only_prefetched_experts_are_demoted_when_unused() -> None:
     prefetcher, cache = _prefetcher(policy, [0.0])
     prefetcher.predicted[1] = {1, 2, 3}  # 1 was copied in for layer 1; 2 and 3 were resident
     cache.prefetched.add((1, 1))
-    prefetcher._score(1, torch.tensor([[0, 3]]))  # layer 1 used experts 0 and 3
+    prefetcher._score(1, torch.tensor([[0, 3]]), [0, 3])  # layer 1 used experts 0 and 3
     assert policy.demoted == {(1, 1)}
     assert prefetcher.precision == pytest.approx(1 / 3)
+
+
+def test_predictions_rank_each_layer_by_summed_probability() -> None:
+    prefetcher, _ = _prefetcher(ExpertFlowPolicy(), [0.0])
+    probs = torch.tensor(
+        [
+            [[0.5, 0.3, 0.1, 0.1], [0.1, 0.3, 0.5, 0.1]],  # top-2 {0, 1} and {2, 1}
+            [[0.0, 0.1, 0.4, 0.5], [0.4, 0.1, 0.0, 0.5]],  # {3, 2} and {3, 0}: 2 and 0 tie
+            [[0.2, 0.2, 0.3, 0.3], [0.2, 0.2, 0.3, 0.3]],  # {2, 3}, twice: another tie
+        ]
+    )  # [h=3, T=2, E=4]
+    assert prefetcher._ranked(probs) == [[1, 0, 2], [3, 0, 2], [2, 3]]
+    deeper = torch.tensor([[[0.1, 0.4, 0.2, 0.3]]])
+    assert prefetcher._ranked(deeper, depth=3) == [[1, 3, 2]]
+    assert prefetcher._ranked(probs[:0]) == []
 
 
 def test_an_idle_fast_link_takes_one_guess_beyond_the_top_k() -> None:

@@ -97,3 +97,11 @@ def test_host_compute_takes_misses_only_while_it_beats_the_link() -> None:
     )  # 1 and 2 tokens each probed twice (the first run is not kept)
     assert quick["misses"] >= quick["host_computes"]
     assert copies["lookups"] == quick["lookups"] == slow["lookups"] == lookups
+
+
+def test_offload_overhead_runs_the_real_cache_at_deepseek_scale() -> None:
+    from offload_overhead import MODELS, measure
+
+    r = measure(MODELS["deepseek-v3"], batch=8, ratio=0.25, policy="expertflow", steps=2)
+    assert r["slots"] == 3712 and 0.0 < r["hit_rate"] < 1.0
+    assert r["cache_us"] > 0 and r["prefetch_us"] > 0 and r["horizon"] >= 1

@@ -83,6 +83,10 @@ class Scheduler:
         self._keep_prompts()
         budget = self.config.max_num_batched_tokens
         skipped = self._deferred_decodes()
+        # A chunk that ends short of its sequence's tokens with budget left (at a shared prefix's
+        # end, `_chunk`) admits no one: its next chunks, ahead in the running order, could take
+        # the whole budget for as long as its prefill lasts, and a newcomer would not advance.
+        stopped_short = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -94,6 +98,7 @@ class Scheduler:
                 batch.seqs.append(seq)
                 batch.num_new_tokens.append(n)
                 budget -= n
+                stopped_short |= seq.num_computed_tokens + n < seq.num_tokens
                 i += 1
         # Seats and blocks kept for later choices waiting on their first: later requests cannot
         # take them. A block each: the prompt's last block, the one block a choice computes
@@ -103,6 +108,7 @@ class Scheduler:
             if (
                 batch.preempted  # memory is short: admitting now would only preempt again
                 or budget <= 0
+                or stopped_short
                 or len(self.running) + held >= self.config.max_num_seqs
             ):
                 break
@@ -125,6 +131,7 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             batch.admitted.append((seq, cached))
             budget -= n
+            stopped_short |= seq.num_computed_tokens + n < seq.num_tokens
         return batch
 
     def _chunk(self, seq: SchedulableSeq, budget: int) -> int:

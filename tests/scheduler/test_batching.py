@@ -136,6 +136,27 @@ def test_long_prompt_is_prefilled_in_chunks() -> None:
     assert sched.schedule().num_new_tokens == [1]
 
 
+def test_no_one_is_admitted_behind_a_prefill_that_stopped_short_of_the_budget() -> None:
+    """A linear-attention prefill ends a chunk where a later sequence will resume (`divergence`),
+    leaving budget over. A sequence admitted into it would then wait, running, behind that
+    prefill's next chunks, each taking the whole budget, for as long as the prefill lasts."""
+    blocks = BlockAllocator(32, BLOCK, prefix_caching=True, resumable=lambda name: False)
+    sched = Scheduler(BatchingConfig(max_num_seqs=8, max_num_batched_tokens=6), blocks)
+    prompt = list(range(40))
+    blocks.grow(-1, 8)  # an earlier request computed two blocks of this prompt, kept no state
+    blocks.computed(-1, prompt, 8)
+    blocks.free(-1)
+    long = FakeSeq(0, 40, token_ids=prompt, prefix_cacheable=True, num_prompt_tokens=40)
+    short = FakeSeq(1, 2, token_ids=[50, 51], prefix_cacheable=True, num_prompt_tokens=2)
+    sched.add(long)
+    sched.add(short)
+    while long.num_computed_tokens < 40:
+        batch = sched.schedule()
+        assert set(batch.seqs) == set(sched.running)  # every running sequence advances
+        execute(sched, batch)
+    assert short in sched.running  # admitted with the budget the prefill's end left
+
+
 def test_admission_waits_for_free_blocks() -> None:
     sched = make(num_blocks=4)  # 16 tokens of KV
     a, b, c = FakeSeq(0, 10, target=12), FakeSeq(1, 8, target=10), FakeSeq(2, 2, target=3)

@@ -83,18 +83,21 @@ class LLM:
             for request_id in order:  # a refused prompt refuses the whole batch
                 self.engine.abort(request_id)
             raise
-        with tqdm(total=len(order), desc="generating", disable=not use_tqdm) as bar:
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    if out.error is not None:
-                        for request_id in order:
-                            self.engine.abort(request_id)
-                        raise RequestError(out.error)
-                    if out.finished:
-                        results[out.request_id].outputs = out.outputs
-                        results[out.request_id].prompt_logprobs = out.prompt_logprobs
-                        results[out.request_id].num_cached_tokens = out.num_cached_tokens
-                        bar.update(1)
+        try:
+            with tqdm(total=len(order), desc="generating", disable=not use_tqdm) as bar:
+                while self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        if out.error is not None:
+                            raise RequestError(out.error)
+                        if out.finished:
+                            results[out.request_id].outputs = out.outputs
+                            results[out.request_id].prompt_logprobs = out.prompt_logprobs
+                            results[out.request_id].num_cached_tokens = out.num_cached_tokens
+                            bar.update(1)
+        except BaseException:  # a failed step, a request's error, ^C: the call's requests all go
+            for request_id in order:  # (else the next call runs them and finds no result slot)
+                self.engine.abort(request_id)
+            raise
         return [results[r] for r in order]
 
     def chat(

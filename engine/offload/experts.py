@@ -11,6 +11,7 @@ whose router logit is within a margin: the only path that changes outputs.
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 
@@ -18,6 +19,8 @@ import kernels
 from engine.models.router import Router, route_weights
 from engine.offload.cache import ExpertCache
 from kernels.gating import SILU, Gating
+
+STEP_HISTORY = 1 << 16  # latest steps `activated_per_step` keeps (a benchmark reads its run's)
 
 
 class OffloadedExperts:
@@ -35,7 +38,10 @@ class OffloadedExperts:
         self.cache, self.num_experts, self.routers = cache, num_experts, routers
         self.gating = gating
         self.resident_first, self.routing_margin = resident_first, routing_margin
-        self.activated_per_step: list[int] = []  # distinct experts summed over layers, per step
+        # distinct experts summed over layers, per step: a server steps for ever, so the record is
+        # bounded and the running totals (read every step by the stats) cover every step
+        self.activated_per_step: deque[int] = deque(maxlen=STEP_HISTORY)
+        self.activated_total, self.active_steps = 0, 0
         self.rerouted = 0  # (token, k) pairs moved to a resident expert by cache-aware routing
 
     def begin_step(self) -> None:
@@ -57,7 +63,9 @@ class OffloadedExperts:
             )
         distinct = topk_ids.unique().tolist()  # the host must know which experts to make resident
         if self.activated_per_step:
+            self.active_steps += self.activated_per_step[-1] == 0
             self.activated_per_step[-1] += len(distinct)
+            self.activated_total += len(distinct)
         on_host = []
         if self.cache.host is not None:  # tokens per expert: the host's cost depends on them
             rows = torch.bincount(topk_ids.flatten(), minlength=self.num_experts)[distinct]

@@ -107,7 +107,7 @@ class OffloadRuntime:
     def stats(self) -> dict[str, float]:
         s = self.cache.stats
         lookups = s.hits + s.misses
-        steps = [n for n in self.experts.activated_per_step if n]
+        experts = self.experts
         return {
             "hits": s.hits,
             "misses": s.misses,
@@ -123,7 +123,9 @@ class OffloadRuntime:
             "resident_expert_bytes": self.cache.slots.nbytes,
             "total_expert_bytes": self.store.total_bytes,
             "expert_cache_slots": self.cache.num_slots,
-            "mean_activated_experts_per_step": sum(steps) / len(steps) if steps else 0.0,
+            "mean_activated_experts_per_step": (
+                experts.activated_total / experts.active_steps if experts.active_steps else 0.0
+            ),
         }
 
     def close(self) -> None:

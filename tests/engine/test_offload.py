@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from engine.offload import experts as experts_module
+
 if TYPE_CHECKING:
     from tests.conftest import GreedyRun
 
@@ -49,3 +51,18 @@ def test_stats_are_consistent(
     assert stats["resident_expert_bytes"] <= ratio * stats["total_expert_bytes"] + one_layer
     assert stats["mean_activated_experts_per_step"] > 0
     assert all(p == 0 for p in offload.cache.pins), "a slot stayed pinned after its layer ran"
+
+
+def test_step_history_is_bounded_and_stats_cover_every_step(
+    mixtral_checkpoint: Path, greedy_run: GreedyRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server steps for ever: the per-step record keeps only the latest steps, while the stats
+    (read every step) still cover every step since start, from running totals."""
+    _, whole = greedy_run(mixtral_checkpoint, expert_cache_ratio=0.25)
+    monkeypatch.setattr(experts_module, "STEP_HISTORY", 3)
+    _, llm = greedy_run(mixtral_checkpoint, expert_cache_ratio=0.25)
+    experts, stats = llm.engine.offload.experts, llm.offload_stats()
+    assert len(whole.engine.offload.experts.activated_per_step) > 3
+    assert len(experts.activated_per_step) == 3
+    assert stats == whole.offload_stats() | {"stall_seconds": stats["stall_seconds"]}
+    assert stats["hits"] + stats["misses"] == experts.activated_total

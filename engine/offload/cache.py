@@ -84,7 +84,8 @@ class ExpertCache:
 
     def _free_slot(self, for_prefetch: bool, keep: frozenset[Key] = frozenset()) -> int | None:
         """An empty slot, else the policy's victim among slots not pinned, written or in `keep`;
-        experts predicted within the horizon go only to a miss with nothing else left."""
+        experts predicted within the horizon go only to a miss with nothing else left. A pinned
+        slot's copy is not asked after: if it failed, its layer's `wait_ready` copies it again."""
 
         def evictable(key: Key) -> bool:  # asks after a copy last: a query may cost a syscall
             slot = self.slot_of[key]
@@ -189,12 +190,11 @@ class ExpertCache:
             key = (layer, expert)
             if self._ready(key):
                 continue
-            slot = self.slot_of.get(key)
             if not self.host.prefer_host(n, probing):
                 continue
             self._count_lookup(key, hit=False)
             self.stats.host_computes += 1
-            if slot is None and not self.copying():  # a busy link would only fall behind
+            if key not in self.slot_of and not self.copying():  # a busy link would only fall behind
                 self._load(key, LOW, keep=layer_keys)
             taken.append(expert)
         return taken

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -250,6 +251,40 @@ def test_a_prefetch_failing_while_its_layer_waits_is_copied_again(
     (slot,) = cache.ensure(1, [3])  # waits on the prefetch, which fails, then on its retry
     assert torch.equal(cache.slots.w13[slot], cache.store.expert(1, 3)["w13"])
     assert cache.stats.transfers == 2 and "copying it again" in caplog.text
+
+
+def test_a_prefetch_failing_while_its_layer_loads_another_expert_is_copied_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A layer pins an expert still being prefetched, and that copy fails while the layer's next
+    miss scans the slots for a victim: the scan leaves the pinned slot to the layer's wait, which
+    copies it again, as when the failure shows in the wait; the layer does not fail."""
+    cache = make_cache(3)
+    submit, gate = cache.transfers.submit, threading.Event()
+
+    def held_then_failing(pairs: list, priority: int, then: object = None) -> object:
+        def fail() -> None:
+            gate.wait(5)
+            raise OSError("out of staging memory")
+
+        return submit(pairs, priority, fail if priority == LOW else then)
+
+    monkeypatch.setattr(cache.transfers, "submit", held_then_failing)
+    cache.begin_step()
+    assert cache.prefetch(1, [3]) == 1
+    prefetch = cache.in_flight[cache.slot_of[(1, 3)]]
+    load = cache._load
+
+    def failing_first(key: tuple[int, int], priority: int, keep: frozenset = frozenset()) -> object:
+        gate.set()  # (1, 3) is pinned, not landed: its copy fails before the scan for (1, 2)
+        assert prefetch.done.wait(5) and prefetch.error is not None
+        return load(key, priority, keep)
+
+    monkeypatch.setattr(cache, "_load", failing_first)
+    slots = cache.ensure(1, [3, 2])
+    for slot, e in zip(slots, [3, 2], strict=True):
+        assert torch.equal(cache.slots.w13[slot], cache.store.expert(1, e)["w13"])
+    assert "copying it again" in caplog.text
 
 
 def test_a_copy_counts_as_done_only_once_the_worker_says_so() -> None:

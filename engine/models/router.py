@@ -104,9 +104,20 @@ class Router(nn.Module):
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [T, E] -> float32 [T, E] summing to 1, ranked as the router picks (before any
         group limit): what predictors and traces learn from."""
-        scores = router_scores(logits, self.cfg)
-        if self.cfg.correction_bias:  # V3's sigmoid, ERNIE 4.5's softmax: ranked with the bias
-            scores = (scores + self.e_score_correction_bias).clamp_min(0)
-        elif self.cfg.scoring == "softmax":
-            return scores
-        return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return routing_probabilities(
+            logits, self.cfg, getattr(self, "e_score_correction_bias", None)
+        )
+
+
+def routing_probabilities(
+    logits: torch.Tensor, cfg: RouterConfig, correction: torch.Tensor | None
+) -> torch.Tensor:
+    """`Router.probabilities` for logits [..., E] of one or several layers (`correction`: their
+    `e_score_correction_bias`, broadcast against the logits, for the routers that have one)."""
+    scores = router_scores(logits, cfg)
+    if cfg.correction_bias:  # V3's sigmoid, ERNIE 4.5's softmax: ranked with the bias
+        assert correction is not None
+        scores = (scores + correction).clamp_min(0)
+    elif cfg.scoring == "softmax":
+        return scores
+    return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from engine import LLM
 from engine.config import DEFAULT_MODEL
+from engine.models.model import MoECausalLM
 from engine.offload.predict import PreGatePredictor, make_predictor
 from engine.offload.predict import train as train_module
 from engine.offload.predict.evaluate import evaluate, horizon_recall
@@ -265,6 +266,47 @@ def test_pregate_one_layer_ahead_shapes(mixtral_checkpoint: Path) -> None:
     assert ahead.shape == (1, 5, 8)
     torch.testing.assert_close(ahead.sum(-1), torch.ones(1, 5))
     assert pregate.ahead(1, residual, ids, topk, horizon=1).shape == (0, 5, 8)
+
+
+def _per_layer_pregate(model: MoECausalLM, residual: torch.Tensor, targets: range) -> torch.Tensor:
+    """The pre-gate as each layer computes it: its norm, its router, its probabilities."""
+    layers = [model.model.layers[i] for i in model.cfg.moe_layers]
+    return torch.stack(
+        [
+            layers[j].ffn.gate.probabilities(
+                layers[j].ffn.gate(layers[j].post_attention_layernorm(residual))[0]
+            )
+            for j in targets
+        ]
+    )  # [h, T, E]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stacked_pregate_equals_each_layers_router(tiny_checkpoint: Path, dtype: str) -> None:
+    """One batched GEMM over the layers ahead scores as each layer's own norm and router would,
+    for every family's router (biases, corrections, float32 logits) and norm."""
+    model = LLM(model=str(tiny_checkpoint), max_model_len=SEQ_LEN, dtype=dtype).engine.model
+    hidden = model.cfg.hidden_size
+    residual = torch.randn(5, hidden, generator=torch.Generator().manual_seed(0))
+    residual = residual.to(model.model.embed_tokens.weight.dtype)
+    ids, topk = torch.arange(5), torch.zeros(5, 2, dtype=torch.long)
+    with torch.no_grad():  # norms that scale: checkpoints start them at one
+        for layer in model.model.layers:
+            weight = layer.post_attention_layernorm.weight
+            weight.copy_(torch.rand(weight.shape, generator=torch.Generator().manual_seed(2)) + 0.5)
+    pregate = PreGatePredictor(model)
+    expected = _per_layer_pregate(model, residual, range(1, pregate.num_layers))
+    tolerance = {"atol": 1e-5, "rtol": 1e-4} if dtype == "float32" else {"atol": 2e-2, "rtol": 0}
+    torch.testing.assert_close(pregate.ahead(0, residual, ids, topk, 8), expected, **tolerance)
+
+
+def test_stacked_pregate_reaches_several_layers_ahead() -> None:
+    model = LLM(enable_prefix_caching=False).engine.model  # the demo model: 6 MoE layers
+    residual = torch.randn(3, model.cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    pregate = PreGatePredictor(model)
+    ahead = pregate.ahead(1, residual, torch.arange(3), torch.zeros(3, 2, dtype=torch.long), 3)
+    expected = _per_layer_pregate(model, residual, range(2, 5))
+    torch.testing.assert_close(ahead, expected, atol=1e-5, rtol=1e-4)
 
 
 def _run_cli(

@@ -99,6 +99,8 @@ class AsyncLLM:
             self._stopped = True
             self._inbox.put(None)
             self._thread.join(timeout=30)
+            if not self._thread.is_alive():  # a step still running keeps its link
+                self.engine.offload.close()
 
     # ---- engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:

@@ -15,6 +15,7 @@ import heapq
 import itertools
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -58,12 +59,10 @@ class TransferEngine:
                 LOW: torch.cuda.Stream(device),
             }
             return
-        self._queue: list[tuple[int, int, Transfer]] = []
-        self._order = itertools.count()
-        self._cv = threading.Condition()
-        self._closed = False
-        self._worker = threading.Thread(target=self._run, name="expertflow-link", daemon=True)
-        self._worker.start()
+        self._link = CpuLink(link_gbps)
+        # The link's thread holds no reference to this engine: once nobody uses it, it is
+        # collected and this stops the thread (so does the interpreter's exit).
+        self._close = weakref.finalize(self, self._link.close)
 
     def submit(
         self,
@@ -92,20 +91,13 @@ class TransferEngine:
                 transfer.cuda_event.record(stream)
             transfer.pairs, transfer.then = [], None  # record_stream keeps the memory until done
             return transfer
-        with self._cv:
-            heapq.heappush(self._queue, (priority, next(self._order), transfer))
-            self._cv.notify()
+        self._link.put(transfer, priority)
         return transfer
 
     def promote(self, transfer: Transfer) -> None:
         """A miss now waits on this queued prefetch: move it ahead of the other prefetches."""
-        if self.cuda or transfer.priority == HIGH:
-            return
-        with self._cv:
-            if not transfer.started:
-                transfer.priority = HIGH
-                heapq.heappush(self._queue, (HIGH, next(self._order), transfer))
-                self._cv.notify()
+        if not self.cuda and transfer.priority != HIGH:
+            self._link.promote(transfer)
 
     def measured_duration(self, transfer: Transfer) -> float | None:
         """Seconds the copy took on the link, once it has completed (None before)."""
@@ -149,10 +141,52 @@ class TransferEngine:
         return self.stall_s
 
     def close(self) -> None:
+        """Stop the CPU link: copies still queued fail (their waiters raise), none hangs."""
         if not self.cuda:
-            with self._cv:
-                self._closed = True
+            self._close()
+
+
+class CpuLink:
+    """The CPU's link: one worker thread copying queued transfers one at a time, misses first; with
+    `link_gbps`, each copy takes bytes / (G * 1e9) seconds."""
+
+    def __init__(self, link_gbps: float | None) -> None:
+        self.link_gbps = link_gbps
+        self._queue: list[tuple[int, int, Transfer]] = []
+        self._order = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="expertflow-link", daemon=True)
+        self._thread.start()
+
+    def put(self, transfer: Transfer, priority: int) -> None:
+        with self._cv:
+            if self._closed:
+                transfer.error = RuntimeError("the expert link was closed")
+                transfer.done.set()
+                return
+            heapq.heappush(self._queue, (priority, next(self._order), transfer))
+            self._cv.notify()
+
+    def promote(self, transfer: Transfer) -> None:
+        with self._cv:
+            if not transfer.started:
+                transfer.priority = HIGH
+                heapq.heappush(self._queue, (HIGH, next(self._order), transfer))
                 self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            queued, self._queue = self._queue, []
+            self._cv.notify()
+        for _, _, transfer in queued:
+            if not transfer.started:
+                transfer.started = True
+                transfer.error = RuntimeError("the expert link was closed")
+                transfer.done.set()
+        if threading.current_thread() is not self._thread:  # a collection may run anywhere
+            self._thread.join(timeout=5)  # out of torch before the interpreter goes
 
     def _run(self) -> None:
         while True:

@@ -241,6 +241,7 @@ def test_shutdown_returns_and_refuses_new_requests(mixtral_checkpoint: Path) -> 
     started = time.monotonic()
     llm.shutdown()
     assert time.monotonic() - started < 5
+    assert not llm.engine.offload.transfers._link._thread.is_alive()  # the link stopped too
     llm.shutdown()  # idempotent
     with pytest.raises(RuntimeError, match="shut down"):
         run(collect(llm, prompt(1), params))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -296,3 +298,29 @@ def test_a_copy_counts_as_done_only_once_the_worker_says_so() -> None:
     transfer.done.set()
     with pytest.raises(RuntimeError, match="expert copy failed"):
         transfer.is_done()
+
+
+def test_a_closed_link_fails_what_it_had_queued_and_stops_its_thread() -> None:
+    transfers = TransferEngine(CPU, link_gbps=5e-6)  # a 1 KiB copy holds the link for 0.2 s
+    src, dst = torch.ones(256), torch.zeros(256)
+    running = transfers.submit([(dst, src)], LOW)
+    while not running.started:
+        time.sleep(0.001)
+    queued = transfers.submit([(dst, src)], HIGH)
+    thread = transfers._link._thread
+    transfers.close()  # waits for the running copy, fails the queued one
+    with pytest.raises(RuntimeError, match="closed"):
+        transfers.wait(queued)
+    assert not thread.is_alive()
+    late = transfers.submit([(dst, src)], LOW)
+    assert late.done.is_set() and late.error is not None  # after close: failed, not lost
+
+
+def test_an_engine_nobody_holds_stops_its_link_thread() -> None:
+    transfers = TransferEngine(CPU)
+    thread, alive = transfers._link._thread, weakref.ref(transfers)
+    del transfers
+    gc.collect()
+    assert alive() is None
+    thread.join(timeout=5)
+    assert not thread.is_alive()

@@ -71,6 +71,8 @@ class AsyncLLM:
             await asyncio.to_thread(self.engine.grammars.compile, params.guided)
         stream = _Stream(asyncio.get_running_loop())
         self._inbox.put(_Add(request_id, prompt_token_ids, params, stream))
+        if self._stopped:  # shut down while the grammar compiled: nobody may read the request
+            raise RuntimeError("the engine is shut down")
         finished = False
         try:
             while not finished:

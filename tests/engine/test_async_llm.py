@@ -14,6 +14,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine import LLM, AsyncLLM, EngineConfig, RequestError, RequestOutput, SamplingParams
+from engine.sampling import GuidedDecoding
 
 if TYPE_CHECKING:
     from tests.conftest import Preemptions
@@ -231,6 +232,18 @@ def test_preemptions_are_counted(
         if s.name == "expertflow_num_preemptions_total"
     )
     assert watched.count > 0 and counted == watched.count
+
+
+def test_a_shutdown_while_a_grammar_compiles_fails_the_request(
+    mixtral_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request reaches the engine's inbox after its thread has gone: it fails, not hangs."""
+    config = EngineConfig(model=str(mixtral_checkpoint), max_model_len=MAX_MODEL_LEN)
+    llm = AsyncLLM(config, model_name="tiny")
+    monkeypatch.setattr(llm.engine.grammars, "compile", lambda guided: llm.shutdown())
+    params = SamplingParams(max_tokens=3, guided=GuidedDecoding(regex="[ab]+"))
+    with pytest.raises(RuntimeError, match="shut down"):
+        run(collect(llm, prompt(1), params), timeout_s=10)
 
 
 def test_shutdown_returns_and_refuses_new_requests(mixtral_checkpoint: Path) -> None:

@@ -55,6 +55,14 @@ class RankedPolicy:
             if old is not None and (rank := self.rank(key)) != old:
                 self._rank[key] = rank
                 heapq.heappush(self._heap, (rank, key))
+        self._compact()
+
+    def _compact(self) -> None:
+        """Drop the stale entries once they outnumber the current ones: a cache that never
+        evicts (every expert resident) re-ranks on every lookup, and never asks for a victim."""
+        if len(self._heap) > 2 * len(self._rank) + 64:
+            self._heap = [(rank, key) for key, rank in self._rank.items()]
+            heapq.heapify(self._heap)
 
     def victim(self, evictable: Callable[[Key], bool]) -> Key | None:
         """Pop entries until one is current and evictable; the current ones passed over (pinned,
@@ -72,9 +80,7 @@ class RankedPolicy:
                 break
         for entry in passed:  # the victim's entry too: stale once it is evicted
             heapq.heappush(self._heap, entry)
-        if len(self._heap) > 2 * len(self._rank) + 64:  # drop stale entries now and then
-            self._heap = [(rank, key) for key, rank in self._rank.items()]
-            heapq.heapify(self._heap)
+        self._compact()
         return found
 
 

@@ -47,3 +47,15 @@ def test_the_victim_is_the_first_evictable_key_in_the_policys_order(name: str) -
         expected = min(evictable, key=lambda k: rule(policy, k)) if evictable else None
         assert policy.victim(evictable.__contains__) == expected
     assert len(policy._heap) <= 2 * len(resident) + 64 + len(keys)  # stale entries are dropped
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "expertflow"])
+def test_a_cache_that_never_evicts_keeps_its_heap_bounded(name: str) -> None:
+    policy = make_policy(name)
+    keys = [(0, expert) for expert in range(10)]
+    for key in keys:
+        policy.on_place(key)
+    for tick in range(10_000):  # every lookup a hit: ranks change, no victim is ever asked for
+        policy.on_access(keys[tick % 10], tick)
+    assert len(policy._heap) <= 2 * len(keys) + 64
+    assert policy.victim(keys.__contains__) == (0, 0)  # equal counts: the least recent

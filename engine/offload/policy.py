@@ -45,6 +45,7 @@ class RankedPolicy:
     def on_place(self, key: Key) -> None:
         self._rank[key] = rank = self.rank(key)
         heapq.heappush(self._heap, (rank, key))
+        self._compact()
 
     def on_evict(self, key: Key) -> None:
         self._rank.pop(key, None)
@@ -65,8 +66,9 @@ class RankedPolicy:
             heapq.heapify(self._heap)
 
     def victim(self, evictable: Callable[[Key], bool]) -> Key | None:
-        """Pop entries until one is current and evictable; the current ones passed over (pinned,
-        in flight, protected: a few at most) go back."""
+        """Pop entries until one is current and evictable; the current ones passed over go back
+        (pinned or in flight: a few; protected: up to half the slots when a predictor guards
+        experts that lru or lfu rank low)."""
         passed: list[tuple[Rank, Key]] = []
         found = None
         while self._heap:

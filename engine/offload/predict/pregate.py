@@ -65,8 +65,10 @@ class PreGatePredictor:
             x = scales[:, None, :] * normed.to(residual.dtype)
         if self.cfg.float32_logits:
             x, weights = x.float(), weights.float()
-        logits = torch.bmm(x, weights.transpose(1, 2))  # [h, T, E]
-        if self.biases is not None:
-            logits = logits + self.biases[ahead, None, :].to(logits.dtype)
+        if self.biases is None:
+            logits = torch.bmm(x, weights.transpose(1, 2))  # [h, T, E]
+        else:  # added inside the GEMM, before it rounds, as `F.linear` does
+            bias = self.biases[ahead, None, :].to(x.dtype)  # [h, 1, E]
+            logits = torch.baddbmm(bias, x, weights.transpose(1, 2))
         correction = None if self.corrections is None else self.corrections[ahead, None, :]
         return routing_probabilities(logits, self.cfg, correction)  # [h, T, E] float32

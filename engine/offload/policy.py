@@ -31,38 +31,36 @@ class EvictionPolicy(Protocol):
 
 
 class RankedPolicy:
-    """The resident keys in a heap by `rank` (lowest goes first). An entry whose key's rank has
-    changed since it was pushed is stale and skipped; a policy calls `_rerank` whenever a
-    resident key's rank may have changed."""
+    """The resident keys in a heap by `rank` (lowest goes first), lazily: each has an entry no
+    higher than its rank. A rank that rises (a use) pushes nothing, so a hit costs what it did
+    before the heap; its old entry, popped early, goes back at the new rank. A rank that falls
+    (a demotion) must be pushed at once, through `_lowered`."""
 
     def __init__(self) -> None:
-        self._rank: dict[Key, Rank] = {}  # resident key -> its current rank
+        self._resident: set[Key] = set()
         self._heap: list[tuple[Rank, Key]] = []
 
     def rank(self, key: Key) -> Rank:
         raise NotImplementedError
 
     def on_place(self, key: Key) -> None:
-        self._rank[key] = rank = self.rank(key)
-        heapq.heappush(self._heap, (rank, key))
+        self._resident.add(key)
+        heapq.heappush(self._heap, (self.rank(key), key))
         self._compact()
 
     def on_evict(self, key: Key) -> None:
-        self._rank.pop(key, None)
+        self._resident.discard(key)
 
-    def _rerank(self, keys: Iterable[Key]) -> None:
+    def _lowered(self, keys: Iterable[Key]) -> None:
         for key in keys:
-            old = self._rank.get(key)
-            if old is not None and (rank := self.rank(key)) != old:
-                self._rank[key] = rank
-                heapq.heappush(self._heap, (rank, key))
+            if key in self._resident:
+                heapq.heappush(self._heap, (self.rank(key), key))
         self._compact()
 
     def _compact(self) -> None:
-        """Drop the stale entries once they outnumber the current ones: a cache that never
-        evicts (every expert resident) re-ranks on every lookup, and never asks for a victim."""
-        if len(self._heap) > 2 * len(self._rank) + 64:
-            self._heap = [(rank, key) for key, rank in self._rank.items()]
+        """Rebuild once the entries outnumber twice the resident keys (old ranks, evicted keys)."""
+        if len(self._heap) > 2 * len(self._resident) + 64:
+            self._heap = [(self.rank(key), key) for key in self._resident]
             heapq.heapify(self._heap)
 
     def victim(self, evictable: Callable[[Key], bool]) -> Key | None:
@@ -74,13 +72,18 @@ class RankedPolicy:
         while self._heap:
             entry = heapq.heappop(self._heap)
             rank, key = entry
-            if self._rank.get(key) != rank:
-                continue  # stale
+            if key not in self._resident:
+                continue
+            current = self.rank(key)
+            if rank != current:
+                if rank < current:  # risen since it was pushed: back in at its rank
+                    heapq.heappush(self._heap, (current, key))
+                continue  # else fallen, and pushed again then: this entry is a leftover
             passed.append(entry)
             if evictable(key):
                 found = key
                 break
-        for entry in passed:  # the victim's entry too: stale once it is evicted
+        for entry in passed:  # the victim's entry too: a leftover once it is evicted
             heapq.heappush(self._heap, entry)
         self._compact()
         return found
@@ -98,7 +101,6 @@ class LRUPolicy(RankedPolicy):
 
     def on_access(self, key: Key, tick: int) -> None:
         self.last_use[key] = tick
-        self._rerank((key,))
 
     def on_evict(self, key: Key) -> None:
         super().on_evict(key)
@@ -120,7 +122,6 @@ class LFUPolicy(RankedPolicy):
         """Counts survive eviction: a popular expert comes back with its history."""
         self.count[key] += 1
         self.last_use[key] = tick
-        self._rerank((key,))
 
 
 class ExpertFlowPolicy(LFUPolicy):
@@ -145,11 +146,11 @@ class ExpertFlowPolicy(LFUPolicy):
 
     def predict(self, predicted: frozenset[Key]) -> None:
         before, self.predicted = self.predicted, predicted
-        self._rerank(before ^ predicted)
+        self._lowered(before - predicted)  # no longer predicted: down from the last tier
 
     def demote(self, key: Key) -> None:
         self.demoted.add(key)
-        self._rerank((key,))
+        self._lowered((key,))
 
     def on_access(self, key: Key, tick: int) -> None:
         self.demoted.discard(key)

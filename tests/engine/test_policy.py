@@ -57,5 +57,8 @@ def test_a_cache_that_never_evicts_keeps_its_heap_bounded(name: str) -> None:
         policy.on_place(key)
     for tick in range(10_000):  # every lookup a hit: ranks change, no victim is ever asked for
         policy.on_access(keys[tick % 10], tick)
+        if isinstance(policy, ExpertFlowPolicy):  # predictions come and go, demotions happen
+            policy.predict(frozenset(keys[tick % 7 : tick % 7 + 3]))
+            policy.demote(keys[tick % 9])
     assert len(policy._heap) <= 2 * len(keys) + 64
     assert policy.victim(keys.__contains__) == (0, 0)  # equal counts: the least recent

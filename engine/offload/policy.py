@@ -8,6 +8,7 @@ heap operations instead of a pass over every slot: a real model's pool holds tho
 from __future__ import annotations
 
 import heapq
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -30,7 +31,7 @@ class EvictionPolicy(Protocol):
         ...
 
 
-class RankedPolicy:
+class RankedPolicy(ABC):
     """The resident keys in a heap by `rank` (lowest goes first), lazily: each has an entry no
     higher than its rank. A rank that rises (a use) pushes nothing, so a hit costs what it did
     before the heap; its old entry, popped early, goes back at the new rank. A rank that falls
@@ -40,8 +41,9 @@ class RankedPolicy:
         self._resident: set[Key] = set()
         self._heap: list[tuple[Rank, Key]] = []
 
+    @abstractmethod
     def rank(self, key: Key) -> Rank:
-        raise NotImplementedError
+        """The order in which `key` goes: the lowest first; a use may only raise it."""
 
     def on_place(self, key: Key) -> None:
         self._resident.add(key)

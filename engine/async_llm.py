@@ -8,6 +8,7 @@ import asyncio
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -60,6 +61,10 @@ class AsyncLLM:
         self.num_running = 0  # requests in the running batch, set by the engine thread each turn
         self._thread = threading.Thread(target=self._loop, name="expertflow-engine", daemon=True)
         self._thread.start()
+        # At the interpreter's exit too: a daemon thread still inside a torch op when Python
+        # finalizes is unwound through C++ frames that may not unwind, and the process aborts
+        # ("terminate called without an active exception").
+        self._stop_thread = weakref.finalize(self, _stop_engine_thread, self._inbox, self._thread)
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
@@ -99,8 +104,7 @@ class AsyncLLM:
     def shutdown(self) -> None:
         if not self._stopped:
             self._stopped = True
-            self._inbox.put(None)
-            self._thread.join(timeout=30)
+            self._stop_thread()
             if not self._thread.is_alive():  # a step still running keeps its link
                 self.engine.offload.close()
 
@@ -163,3 +167,9 @@ class AsyncLLM:
             self.engine.abort(request_id)
             stream.put(error)
         self._streams.clear()
+
+
+def _stop_engine_thread(inbox: queue.Queue[_Add | _Abort | None], thread: threading.Thread) -> None:
+    """Let the engine thread finish its step and fail what is left, then wait for it."""
+    inbox.put(None)
+    thread.join(timeout=30)

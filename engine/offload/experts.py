@@ -23,6 +23,26 @@ from kernels.gating import SILU, Gating
 STEP_HISTORY = 1 << 16  # latest steps `activated_per_step` keeps (a benchmark reads its run's)
 
 
+class DistinctExperts:
+    """A layer's distinct expert ids, read back to the host once: the prefetcher (routing observer)
+    and the experts both need them, and on a GPU each read-back is a sync. Holding the last ids
+    keeps their memory alive, so ids at the same address with as many elements are the same ids,
+    or a view of them (Llama 4's [T*k, 1]); nothing writes routing ids in place."""
+
+    def __init__(self) -> None:
+        self._ids: torch.Tensor | None = None
+        self._distinct: list[int] = []
+
+    def __call__(self, topk_ids: torch.Tensor) -> list[int]:
+        last = self._ids
+        if last is None or (last.data_ptr(), last.numel()) != (
+            topk_ids.data_ptr(),
+            topk_ids.numel(),
+        ):
+            self._ids, self._distinct = topk_ids, topk_ids.unique().tolist()
+        return self._distinct
+
+
 class OffloadedExperts:
     def __init__(
         self,
@@ -43,6 +63,7 @@ class OffloadedExperts:
         self.activated_per_step: deque[int] = deque(maxlen=STEP_HISTORY)
         self.activated_total, self.active_steps = 0, 0
         self.rerouted = 0  # (token, k) pairs moved to a resident expert by cache-aware routing
+        self.distinct = DistinctExperts()
 
     def begin_step(self) -> None:
         self.cache.begin_step()
@@ -61,7 +82,7 @@ class OffloadedExperts:
             topk_ids, topk_weights = self._prefer_resident(
                 layer, topk_ids, router_logits, hidden.dtype
             )
-        distinct = topk_ids.unique().tolist()  # the host must know which experts to make resident
+        distinct = self.distinct(topk_ids)  # the host must know which experts to make resident
         if self.activated_per_step:
             self.active_steps += self.activated_per_step[-1] == 0
             self.activated_per_step[-1] += len(distinct)

@@ -16,6 +16,7 @@ from itertools import repeat
 import torch
 
 from engine.offload.cache import ExpertCache
+from engine.offload.experts import DistinctExperts
 from engine.offload.horizon import HorizonController
 from engine.offload.policy import ExpertFlowPolicy, Key
 from engine.offload.predict.base import RoutingPredictor, recall_at_k
@@ -30,8 +31,11 @@ class Prefetcher:
         horizon: HorizonController,
         top_k: int,
         clock: Callable[[], float] = time.perf_counter,
+        distinct: DistinctExperts | None = None,
     ) -> None:
+        """`distinct`: the experts' own reader of a layer's expert ids, so both share one read-back."""
         self.predictor, self.cache, self.horizon, self.clock = predictor, cache, horizon, clock
+        self.distinct = distinct or DistinctExperts()
         self.moe_layers, self.top_k = moe_layers, top_k
         self.index_of = {layer: i for i, layer in enumerate(moe_layers)}
         self.token_ids = torch.empty(0, dtype=torch.long)
@@ -80,7 +84,7 @@ class Prefetcher:
                 now - self._layer_start_s - (stall_s - self._stall_at_start_s)
             )
         self._layer_start_s, self._stall_at_start_s = now, stall_s
-        distinct = topk_ids.unique().tolist()
+        distinct = self.distinct(topk_ids)
         self._score(index, topk_ids, distinct)
         self._measure_bandwidth()
         self.current_horizon = self.horizon.horizon(len(distinct))

@@ -67,7 +67,12 @@ class OffloadRuntime:
             fixed = None if str(config.prefetch_horizon) == "auto" else int(config.prefetch_horizon)
             horizon = HorizonController(len(self.store.layers) - 1, self.store.expert_bytes, fixed)
             self.prefetcher = Prefetcher(
-                predictor, self.cache, self.store.layers, horizon, model.cfg.top_k
+                predictor,
+                self.cache,
+                self.store.layers,
+                horizon,
+                model.cfg.top_k,
+                distinct=self.experts.distinct,
             )
         self.config = config
 

@@ -50,6 +50,28 @@ def test_prefetching_keeps_outputs_identical(
     assert 1 <= stats["prefetch_horizon"] <= len(llm.engine.model_config.moe_layers) - 1
 
 
+def test_each_layer_reads_its_expert_ids_back_once(
+    mixtral_checkpoint: Path, greedy_run: GreedyRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prefetcher and the experts share one read-back a layer (a GPU sync each); a clone of
+    the ids, as cache-aware routing makes, is read again."""
+    unique, reads = torch.Tensor.unique, []
+
+    def counted(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        reads.append(self.shape)
+        return unique(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "unique", counted)
+    _, llm = greedy_run(mixtral_checkpoint, expert_cache_size=4, predictor="pregate")
+    assert reads and llm.engine.offload.experts.distinct is llm.engine.offload.prefetcher.distinct
+    steps = llm.engine.offload.experts.active_steps
+    assert len(reads) == steps * len(llm.engine.model_config.moe_layers)
+    ids = torch.tensor([[3, 1], [1, 2]])
+    distinct = llm.engine.offload.experts.distinct
+    assert distinct(ids) == [1, 2, 3] and distinct(ids.view(-1, 1)) == [1, 2, 3]
+    assert distinct(ids.clone().fill_(0)) == [0]
+
+
 def test_failing_prefetches_fail_no_request(
     mixtral_checkpoint: Path, greedy_run: GreedyRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -51,6 +51,10 @@ def damage_trace(path: Path, how: str) -> None:
         rewrite_header(path, "expertflow_trace", lambda h: h.update(documents=["d0"]))
     elif how == "string dims":
         rewrite_header(path, "expertflow_trace", lambda h: h.update(moe_layers=7))
+    elif how == "older format":
+        rewrite_header(path, "expertflow_trace", lambda h: h.update(format=0))
+    elif how == "no metadata":
+        save_file({"token_ids": torch.zeros(1)}, str(path))
 
 
 TRACE_DAMAGE = (
@@ -63,6 +67,8 @@ TRACE_DAMAGE = (
     "more experts",
     "fewer documents",
     "string dims",
+    "older format",
+    "no metadata",
 )
 
 
@@ -101,6 +107,10 @@ def damage_predictor(path: Path, how: str) -> None:
         rewrite_header(path, key, lambda h: h["config"].update(hidden_dim=9))
     elif how == "unknown config":
         rewrite_header(path, key, lambda h: h["config"].update(depth=3))
+    elif how == "older format":
+        rewrite_header(path, key, lambda h: h.update(format=0))
+    elif how == "no metadata":
+        save_file({"w": torch.zeros(1)}, str(path))
 
 
 PREDICTOR_DAMAGE = (
@@ -114,6 +124,8 @@ PREDICTOR_DAMAGE = (
     "no kind",
     "wider",
     "unknown config",
+    "older format",
+    "no metadata",
 )
 
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 # What reading a damaged file raises: safetensors' parser, a bad JSON header, a header missing a
 # key or with a wrong type, weights that do not fit the header's config.
@@ -33,6 +33,24 @@ def reading(path: str | Path, what: str) -> Iterator[None]:
     except DAMAGED as exc:
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
         raise ValueError(f"{path} is not a readable {what} file ({reason})") from exc
+
+
+def read_header(
+    path: str | Path, what: str, key: str, version: int, make_one: str, fix: str
+) -> dict:
+    """The JSON header that a `what` file of format `version` keeps under metadata `key`, or a
+    ValueError naming the file (FileNotFoundError if it is missing). `make_one` says how to
+    produce such a file, `fix` what to do about an older format."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist ({make_one})")
+    with reading(path, what), safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(key)
+        if raw is None:
+            raise ValueError(f"{path}: not a {what} file (no {key!r} metadata)")
+        header = json.loads(raw)
+        if not isinstance(header, dict) or header.get("format") != version:
+            raise ValueError(f"{path}: {what} format is not {version}; {fix}")
+    return header
 
 
 def check_tensors(

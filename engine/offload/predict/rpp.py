@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from engine.model_config import ModelConfig
-from engine.offload.predict.files import reading
+from engine.offload.predict.files import read_header, reading
 
 logger = logging.getLogger(__name__)
 
@@ -152,18 +152,10 @@ def save_predictor_file(
 
 
 def read_predictor_header(path: str | Path) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"predictor file {path} does not exist")
-    with reading(path, "predictor"):
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-        if raw is None:
-            raise ValueError(f"{path}: not a trained predictor (no {METADATA_KEY!r} metadata)")
-        header = json.loads(raw)
-        if header.get("format") != PREDICTOR_FORMAT:
-            raise ValueError(f"{path}: predictor format is not {PREDICTOR_FORMAT}; retrain it")
-        if not all(isinstance(header.get(key), dict) for key in ("config", "info")):
-            raise TypeError("its header's config and info must be JSON objects")
+    make_one = "train one: expertflow train-predictor"
+    header = read_header(path, "predictor", METADATA_KEY, PREDICTOR_FORMAT, make_one, "retrain it")
+    if not all(isinstance(header.get(key), dict) for key in ("config", "info")):
+        raise ValueError(f"{path}: its header's config and info must be JSON objects")
     return header
 
 

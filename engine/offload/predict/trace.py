@@ -29,7 +29,7 @@ from engine.llm import LLM
 from engine.llm_engine import LLMEngine
 from engine.models.model import MoECausalLM
 from engine.offload.predict.corpus import read_corpus
-from engine.offload.predict.files import check_tensors, reading
+from engine.offload.predict.files import check_tensors, read_header, reading
 from engine.offload.predict.pregate import PreGatePredictor
 from engine.offload.predict.rpp import model_name, routing_dims
 
@@ -131,23 +131,22 @@ class TraceSet:
 
     @classmethod
     def load(cls, path: str | Path) -> TraceSet:
-        if not Path(path).is_file():
-            raise FileNotFoundError(
-                f"trace file {path} does not exist (record one: expertflow trace)"
-            )
+        raw = read_header(
+            path,
+            "trace",
+            METADATA_KEY,
+            TRACE_FORMAT,
+            "record one: expertflow trace",
+            "re-record it",
+        )
         with reading(path, "trace"):
+            del raw["format"]
+            raw = {
+                **raw,
+                "moe_layers": tuple(raw["moe_layers"]),
+                "documents": tuple(raw["documents"]),
+            }
             with safe_open(str(path), framework="pt") as f:
-                header = (f.metadata() or {}).get(METADATA_KEY)
-                if header is None:
-                    raise ValueError(f"{path}: not a routing trace (no {METADATA_KEY!r} metadata)")
-                raw = json.loads(header)
-                if raw.pop("format") != TRACE_FORMAT:
-                    raise ValueError(f"{path}: trace format is not {TRACE_FORMAT}; re-record it")
-                raw = {
-                    **raw,
-                    "moe_layers": tuple(raw["moe_layers"]),
-                    "documents": tuple(raw["documents"]),
-                }
                 traces = cls(
                     meta=TraceMeta(**raw), **{name: f.get_tensor(name) for name in TENSORS}
                 )

@@ -63,7 +63,9 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[GenerationResult]:
         """Run every prompt through continuous batching; results come back in prompt order.
-        `params` is one SamplingParams for all prompts or a list with one per prompt (as in vLLM)."""
+        `params` is one SamplingParams for all prompts or a list with one per prompt (as in vLLM).
+        As in vLLM, a completion stops where the context ends (finish reason "length"); only a
+        prompt that fills the context is refused."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         if not isinstance(params, list):
@@ -76,7 +78,7 @@ class LLM:
             for prompt, prompt_params in zip(prompts, params, strict=True):
                 ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
                 request_id = f"offline-{next(self._ids)}"
-                self.engine.add_request(request_id, ids, prompt_params)
+                self.engine.add_request(request_id, ids, prompt_params, fit_to_context=True)
                 order.append(request_id)
                 results[request_id] = GenerationResult(prompt, ids, [])
         except Exception:

@@ -134,12 +134,21 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        fit_to_context: bool = False,
     ) -> Request:
+        """`fit_to_context`: cut a completion the context has no room for (see checked_max_tokens)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running", param="request_id")
         max_tokens = checked_max_tokens(
-            prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len
+            prompt_token_ids,
+            params,
+            self.model_config.vocab_size,
+            self.max_model_len,
+            fit_to_context,
         )
         num_prompt = len(prompt_token_ids)
         eos = () if params.ignore_eos else tuple(self.detokenizer.eos_token_ids)

@@ -138,10 +138,16 @@ class SamplingParams:
 
 
 def checked_max_tokens(
-    prompt_token_ids: list[int], params: SamplingParams, vocab: int, max_model_len: int
+    prompt_token_ids: list[int],
+    params: SamplingParams,
+    vocab: int,
+    max_model_len: int,
+    fit_to_context: bool = False,
 ) -> int:
     """The completion's length limit, once the prompt and token ids are known to be valid for a
-    model of `vocab` tokens and `max_model_len` context (OpenAI's errors otherwise)."""
+    model of `vocab` tokens and `max_model_len` context (OpenAI's errors otherwise).
+    `fit_to_context` (offline, as vLLM's LLM): a completion longer than the context has room for
+    is cut to it (finish reason "length"), not refused."""
     if not prompt_token_ids:
         raise RequestError("the prompt is empty", param="prompt")
     if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
@@ -154,6 +160,8 @@ def checked_max_tokens(
             raise RequestError(f"{name} token ids must be in [0, {vocab})", param=name)
     num_prompt = len(prompt_token_ids)
     max_tokens = params.max_tokens or max_model_len - num_prompt
+    if fit_to_context and num_prompt < max_model_len:
+        max_tokens = min(max_tokens, max_model_len - num_prompt)
     if num_prompt + max_tokens > max_model_len or max_tokens < 1:
         raise RequestError(
             f"This model's maximum context length is {max_model_len} tokens. However, you "

@@ -464,24 +464,23 @@ def test_boundary_parameters_are_accepted() -> None:
     assert SamplingParams(stop="x").stop == ["x"]
 
 
-def test_prompt_plus_max_tokens_over_context_is_refused(llm: LLM) -> None:
+def test_offline_completions_stop_where_the_context_ends(llm: LLM) -> None:
+    """As in vLLM's LLM: a completion longer than the context has room for is cut (the server
+    refuses it with OpenAI's error instead: tests/engine/test_async_llm.py); a prompt that fills
+    the context is refused."""
     prompt_ids = list(range(10, 110))  # 100 tokens
+    (out,) = llm.generate([prompt_ids], SamplingParams(max_tokens=40, temperature=0.0))
+    assert len(out.token_ids) == MAX_MODEL_LEN - 100 and out.outputs[0].finish_reason == "length"
     with pytest.raises(RequestError) as info:
-        llm.generate([prompt_ids], SamplingParams(max_tokens=40))
-    message = str(info.value)
-    assert str(MAX_MODEL_LEN) in message and "140" in message
-    assert info.value.param == "max_tokens" and info.value.code == "context_length_exceeded"
-    with pytest.raises(RequestError, match=str(MAX_MODEL_LEN)):
         llm.generate([list(range(10, 10 + MAX_MODEL_LEN))], SamplingParams(max_tokens=None))
-    # the engine keeps serving, and the refused requests left nothing behind
+    assert str(MAX_MODEL_LEN) in str(info.value) and info.value.code == "context_length_exceeded"
+    # the engine keeps serving, and the refused request left nothing behind
     assert not llm.engine.has_unfinished() and llm.engine.stats()["kv_blocks_used"] == 0
-    out = llm.generate([prompt_ids], SamplingParams(max_tokens=28, temperature=0.0))
-    assert len(out[0].token_ids) == 28
 
 
 def test_a_refused_prompt_in_a_batch_leaves_nothing_queued(mixtral_checkpoint: Path) -> None:
     llm = LLM(model=str(mixtral_checkpoint), max_model_len=MAX_MODEL_LEN)
-    ok, too_long = list(range(10, 20)), list(range(10, 110))
+    ok, too_long = list(range(10, 20)), list(range(10, 10 + MAX_MODEL_LEN))  # fills the context
     with pytest.raises(RequestError):
         llm.generate([ok, too_long], SamplingParams(max_tokens=40))
     assert not llm.engine.has_unfinished()

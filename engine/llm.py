@@ -6,11 +6,10 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from tqdm import tqdm
-
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionOutput, TokenLogprob
+from engine.progress import progress
 from engine.sampling import RequestError, SamplingParams
 
 
@@ -86,7 +85,7 @@ class LLM:
                 self.engine.abort(request_id)
             raise
         try:
-            with tqdm(total=len(order), desc="generating", disable=not use_tqdm) as bar:
+            with progress(total=len(order), desc="generating", disable=not use_tqdm) as bar:
                 while self.engine.has_unfinished():
                     for out in self.engine.step():
                         if out.error is not None:

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from tqdm import tqdm
 
 from engine.checkpoint_fp8 import (
     FLOAT8_DTYPES,
@@ -33,6 +32,7 @@ from engine.models.gated_delta import GatedDeltaNet
 from engine.models.layers import Attention, RMSNorm
 from engine.models.mla import MLAttention
 from engine.models.model import MoECausalLM
+from engine.progress import progress
 from kernels.mxfp4 import BLOCK
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def load_model(
     ignored += packed.fmt.side_suffixes if packed else ()
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for hub_key in tqdm(
+            for hub_key in progress(
                 list(f.keys()), desc=f"loading {file.name}", unit="tensor", leave=False
             ):
                 key = spec.our_key(hub_key)

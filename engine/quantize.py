@@ -18,13 +18,13 @@ from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from engine.checkpoint_fp8 import FP8_SCALE_SUFFIX
 from engine.config import ConfigError
 from engine.loader import safetensors_files
 from engine.model_config import ModelConfig
 from engine.models.model import FAMILIES
+from engine.progress import progress
 from kernels.fp8 import quantize_blocks
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def _write_fp8_copy(
         dirs_exist_ok=True,
     )
     weight_map, quantized, kept = {}, 0, set()
-    for file in tqdm(files, desc="quantizing", unit="shard"):
+    for file in progress(files, desc="quantizing", unit="shard"):
         tensors = {}
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from demo_data import BOS, EOS, PAD, REPORT, SPECIAL_TOKENS, TrainConfig
-from tqdm import tqdm
 from transformers import MixtralForCausalLM
+
+from engine.progress import progress
 
 
 @torch.no_grad()
@@ -52,7 +53,7 @@ def evaluate(model: MixtralForCausalLM, stream: torch.Tensor, cfg: TrainConfig) 
     losses: list[float] = []
     routes: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     hits = torch.zeros(n_layers, n_layers)  # [target layer, horizon]
-    for chunk in tqdm(starts.split(8), desc="eval", unit="batch"):
+    for chunk in progress(starts.split(8), desc="eval", unit="batch"):
         batch = stream[chunk[:, None] + torch.arange(cfg.seq_len)]  # [B, T]
         loss, residuals = forward(batch)
         losses.append(loss)

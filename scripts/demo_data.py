@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
+
+from engine.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def build_corpus(cfg: TrainConfig) -> Corpus:
         p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1])
     )
     corpus = Corpus([], [], [], [], [])
-    for path in tqdm(files, desc="read stdlib", unit="file"):
+    for path in progress(files, desc="read stdlib", unit="file"):
         rel = path.relative_to(root).as_posix()
         text = path.read_text(encoding="utf-8", errors="replace")
         module = rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")

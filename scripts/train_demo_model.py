@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import save_file
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -36,6 +35,8 @@ from transformers import (
     MixtralForCausalLM,
     PreTrainedTokenizerFast,
 )
+
+from engine.progress import progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for the siblings, however loaded
 
@@ -99,7 +100,7 @@ def train(model: MixtralForCausalLM, stream: torch.Tensor, cfg: TrainConfig) -> 
     model.train()
     lm_ema, start_s, cpu_start_s = float("nan"), time.perf_counter(), time.process_time()
     step_s: list[float] = []  # the fastest steps estimate an idle machine's speed
-    bar = tqdm(range(cfg.steps), desc="train", unit="step")
+    bar = progress(range(cfg.steps), desc="train", unit="step")
     for step in bar:
         step_start_s = time.perf_counter()
         starts = torch.randint(0, len(stream) - cfg.seq_len, (cfg.batch_size,), generator=gen)

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
@@ -32,6 +31,7 @@ from engine.offload.predict.corpus import read_corpus
 from engine.offload.predict.files import check_tensors, read_header, reading
 from engine.offload.predict.pregate import PreGatePredictor
 from engine.offload.predict.rpp import model_name, routing_dims
+from engine.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def _trace_chunks(
     )
     parts: list[TraceSet] = []
     total = sum(len(c) for _, c in chunks)
-    with tqdm(total=total, desc="tracing", unit="tok") as bar:
+    with progress(total=total, desc="tracing", unit="tok") as bar:
         for start in range(0, len(chunks), per_step):
             group = chunks[start : start + per_step]
             parts.append(_trace_step(engine, group, meta))

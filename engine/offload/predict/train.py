@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from engine.config import flag
 from engine.model_config import ModelConfig
@@ -31,6 +30,7 @@ from engine.offload.predict.rpp import (
     warn_if_other_model,
 )
 from engine.offload.predict.trace import TraceSet
+from engine.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _fit(
     recalls: list[float] = []
     best_state: dict[str, torch.Tensor] = {}
     net.train()
-    with tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, unit="batch") as bar:
+    with progress(total=cfg.epochs * steps_per_epoch, desc=desc, unit="batch") as bar:
         for epoch in range(cfg.epochs):
             order = torch.randperm(num_samples, generator=generator)
             total = 0.0

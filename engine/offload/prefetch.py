@@ -19,7 +19,7 @@ from engine.offload.cache import ExpertCache
 from engine.offload.experts import DistinctExperts
 from engine.offload.horizon import HorizonController
 from engine.offload.policy import ExpertFlowPolicy, Key
-from engine.offload.predict.base import RoutingPredictor, recall_at_k
+from engine.offload.predict.base import RoutingPredictor, found_at_k
 
 
 class Prefetcher:
@@ -41,7 +41,10 @@ class Prefetcher:
         self.token_ids = torch.empty(0, dtype=torch.long)
         self.predicted: dict[int, set[int]] = {}  # moe index -> experts prefetched/predicted for it
         self.next_layer_probs: torch.Tensor | None = None  # [T, E] one-layer-ahead prediction
-        self.recall_sum, self.recall_count = 0.0, 0
+        # summed where the routing is, read back only with the stats: scoring every layer must
+        # not cost a GPU sync
+        self.recall_sum: torch.Tensor | float = 0.0
+        self.recall_count = 0
         self.predicted_count, self.predicted_used = 0, 0  # for the precision of what we fetch
         self.current_horizon = horizon.horizon(top_k)
         self._layer_start_s = self._stall_at_start_s = 0.0
@@ -50,7 +53,7 @@ class Prefetcher:
     @property
     def recall(self) -> float:
         """Mean recall@k of the one-layer-ahead prediction so far."""
-        return self.recall_sum / self.recall_count if self.recall_count else 0.0
+        return float(self.recall_sum) / self.recall_count if self.recall_count else 0.0
 
     @property
     def precision(self) -> float:
@@ -137,19 +140,15 @@ class Prefetcher:
         """probs [h, T, E] -> for each layer ahead, the union of each token's top-k (or
         top-`depth`) experts by summed probability, highest first (ties: lowest id first). Sorted
         where the tensors are and read back once: the horizon may reach dozens of layers."""
-        top = probs.topk(min(depth or self.top_k, probs.shape[-1]), dim=-1)  # [h, T, k]
-        mass = torch.zeros(probs.shape[0], probs.shape[-1], device=probs.device)  # [h, E]
+        h, tokens, num_experts = probs.shape
+        k = min(depth or self.top_k, num_experts)
+        top = probs.topk(k, dim=-1)  # [h, T, k]
+        mass = torch.zeros(h, num_experts, device=probs.device)  # [h, E]
         mass.scatter_add_(1, top.indices.flatten(1), top.values.flatten(1).float())
-        rows, experts = mass.nonzero(as_tuple=True)  # [n] each, by row, then by expert
-        order = torch.sort(-mass[rows, experts], stable=True).indices  # [n]
-        order = order[torch.sort(rows[order], stable=True).indices]  # by row, then mass
-        counts = torch.bincount(rows, minlength=probs.shape[0])  # [h]
-        flat = torch.cat((counts, experts[order])).tolist()
-        ranked, start = [], probs.shape[0]
-        for count in flat[: probs.shape[0]]:
-            ranked.append(flat[start : start + count])
-            start += count
-        return ranked
+        width = min(num_experts, tokens * k)  # no layer has more experts with mass
+        order = mass.argsort(dim=1, descending=True, stable=True)[:, :width]  # [h, width]
+        flat = torch.cat(((mass > 0).sum(dim=1), order.flatten())).tolist()
+        return [flat[h + i * width : h + i * width + n] for i, n in enumerate(flat[:h])]
 
     def _score(self, index: int, topk_ids: torch.Tensor, distinct: list[int]) -> None:
         """Compare what was predicted for this layer with its actual routing (`distinct`: the
@@ -158,7 +157,8 @@ class Prefetcher:
             self.next_layer_probs is not None
             and self.next_layer_probs.shape[0] == topk_ids.shape[0]
         ):
-            self.recall_sum += recall_at_k(self.next_layer_probs.cpu(), topk_ids.cpu())
+            probs = self.next_layer_probs.to(topk_ids.device)
+            self.recall_sum = self.recall_sum + found_at_k(probs, topk_ids)
             self.recall_count += 1
         predicted = self.predicted.pop(index, None)
         # A stall on a prefetch still in flight says "look further ahead"; a stall on an expert

@@ -231,6 +231,19 @@ def test_only_prefetched_experts_are_demoted_when_unused() -> None:
     assert prefetcher.precision == pytest.approx(1 / 3)
 
 
+def test_recall_scores_the_one_layer_ahead_guess_against_the_routing() -> None:
+    prefetcher, _ = _prefetcher(ExpertFlowPolicy(), [0.0])
+    assert prefetcher.recall == 0.0  # nothing scored yet
+    guess = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.1, 0.3, 0.5, 0.1]])  # top-2 {0, 1}, {2, 1}
+    for actual in ([[0, 2], [2, 1]], [[1, 0], [1, 2]]):  # 3 of 4 found, then all 4
+        prefetcher.next_layer_probs = guess
+        prefetcher._score(1, torch.tensor(actual), sorted({e for row in actual for e in row}))
+    assert prefetcher.recall == pytest.approx((0.75 + 1.0) / 2)
+    prefetcher.next_layer_probs = guess[:1]  # a guess for other tokens is not scored
+    prefetcher._score(1, torch.tensor([[3, 2], [3, 2]]), [2, 3])
+    assert prefetcher.recall == pytest.approx(0.875) and prefetcher.recall_count == 2
+
+
 def test_predictions_rank_each_layer_by_summed_probability() -> None:
     prefetcher, _ = _prefetcher(ExpertFlowPolicy(), [0.0])
     probs = torch.tensor(

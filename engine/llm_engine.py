@@ -140,16 +140,10 @@ class LLMEngine:
         params: SamplingParams,
         fit_to_context: bool = False,
     ) -> Request:
-        """`fit_to_context`: cut a completion the context has no room for (see checked_max_tokens)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already running", param="request_id")
-        max_tokens = checked_max_tokens(
-            prompt_token_ids,
-            params,
-            self.model_config.vocab_size,
-            self.max_model_len,
-            fit_to_context,
-        )
+        vocab, context = self.model_config.vocab_size, self.max_model_len
+        max_tokens = checked_max_tokens(prompt_token_ids, params, vocab, context, fit_to_context)
         num_prompt = len(prompt_token_ids)
         eos = () if params.ignore_eos else tuple(self.detokenizer.eos_token_ids)
         stop_ids = tuple(sorted({*eos, *params.stop_token_ids}))

@@ -18,9 +18,12 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(seq.token_ids, device=logits.device).unique()
             values = logits[row, seen]
-            logits[row, seen] = torch.where(
-                values > 0, values / p.repetition_penalty, values * p.repetition_penalty
-            )
+            # Kept in the logits' normal range, where it never rounds to 0 or inf (1e-300 did:
+            # x / 0; 1e300 made a zero logit 0 * inf, NaN). A positive logit may still
+            # overflow to +inf, which `probabilities` reads as its limit.
+            finfo = torch.finfo(logits.dtype)
+            penalty = min(max(p.repetition_penalty, finfo.tiny), finfo.max)
+            logits[row, seen] = torch.where(values > 0, values / penalty, values * penalty)
         if len(seq.output_token_ids) < p.min_tokens and seq.stop_token_ids:
             logits[row, list(seq.stop_token_ids)] = float("-inf")
         if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
@@ -58,9 +61,20 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
         drop = (
             cum - torch.softmax(sorted_logits, dim=-1) >= top_p
         )  # keep the first token crossing top_p
+        # and always the likeliest: a top_p that rounds to 0 in float32 (1e-300) dropped all
+        drop[0] = False
         logits = logits.clone()
         logits[order[drop]] = float("-inf")
     return logits
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """softmax of logits [V], or its limit where some are +inf (a repetition penalty near 0, a
+    tiny temperature): those share all of it evenly, where softmax gives NaN, which the draw
+    refuses, failing the whole step and every request in it."""
+    top = torch.isposinf(logits)
+    limit = top.to(logits.dtype) / top.sum().clamp(min=1)
+    return torch.where(top.any(), limit, torch.softmax(logits, dim=-1))  # no device sync
 
 
 NO_TOKEN_ALLOWED = (
@@ -85,7 +99,7 @@ def sample(
         if p.greedy or blocked[row]:
             continue
         row_logits = filter_logits(logits[row] / p.temperature, p.top_k, p.top_p, p.min_p)
-        probs = torch.softmax(row_logits, dim=-1)
+        probs = probabilities(row_logits)
         gen = seq.generator or default
         tokens[row] = int(torch.multinomial(probs.cpu(), 1, generator=gen).item())
     return tokens

@@ -3,6 +3,7 @@ so clients built for OpenAI or vLLM can read it; nothing reaches the client as F
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -57,10 +58,18 @@ def error_body(
     }
 
 
+class ErrorResponse(JSONResponse):
+    """JSON in ASCII: a message may quote the request (an unknown `model`), whose JSON can carry a
+    lone surrogate ("\\ud800") that UTF-8 cannot encode, which made the refusal itself a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(
     status: int, message: str, param: str | None = None, code: str | int | None = None
 ) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+    return ErrorResponse(error_body(status, message, param, code), status_code=status)
 
 
 def field_path(loc: tuple[int | str, ...]) -> str | None:

@@ -221,7 +221,7 @@ BAD_REQUESTS = [
     (COMPLETIONS, completion(logprobs=99), 400, "logprobs", "between 0 and 20"),
     (COMPLETIONS, completion(model="nope"), 404, "model", "The model `nope` does not exist."),
     ("/tokenize", {"prompt": "x", "messages": MESSAGES}, 400, None, "either"),
-    ("/tokenize", {"prompt": "x", "model": "nope"}, 404, "model", "does not exist"),
+    ("/tokenize", {"prompt": "x", "model": "no\ud800"}, 404, "model", "`no\ud800` does not exist"),
     ("/detokenize", {"tokens": [1, 10**6]}, 400, "tokens", "token ids must be in"),
     ("/detokenize", {"tokens": "abc"}, 400, "tokens", "list"),
     (CHAT, chat(model="nope", stream=True), 404, "model", "The model `nope` does not exist."),

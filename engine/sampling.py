@@ -168,7 +168,7 @@ def checked_max_tokens(
             f"requested {num_prompt + max(max_tokens, 1)} tokens ({num_prompt} in the prompt, "
             f"{max(max_tokens, 1)} in the completion). Please reduce the length of the prompt or "
             "completion.",
-            param="max_tokens" if params.max_tokens else "messages",
+            param="max_tokens" if params.max_tokens else "prompt",
             code="context_length_exceeded",
         )
     return max_tokens

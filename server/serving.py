@@ -53,6 +53,7 @@ class OpenAIServing(ABC, Generic[RequestT, ChoiceT]):
     how its answer and its chunks look."""
 
     id_prefix = "req"
+    prompt_field = "prompt"  # the request field the engine's prompt comes from, for its refusals
     chunk_type: ClassVar[type[BaseModel]]  # what one stream event carries
 
     def __init__(self, engine: AsyncLLM, model_name: str, policy: RequestPolicy) -> None:
@@ -103,7 +104,14 @@ class OpenAIServing(ABC, Generic[RequestT, ChoiceT]):
         """Start the engine requests, one per prompt (their refusals raise here, as 400s, before
         any byte is sent), then answer whole or stream."""
         request_id, created = self.new_request()
-        generations = await Generations.start(self.engine, prompts, params, request_id, self.policy)
+        try:
+            generations = await Generations.start(
+                self.engine, prompts, params, request_id, self.policy
+            )
+        except RequestError as exc:  # a prompt the context has no room for: chat's `messages`
+            if exc.param == "prompt":
+                exc.param = self.prompt_field
+            raise
         if not request.stream:
             finals = await generations.finals()
             return self.whole(request, finals, generations.usage(), request_id, created)

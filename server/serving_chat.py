@@ -30,6 +30,7 @@ from server.serving import OpenAIServing
 
 class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
     id_prefix = "chatcmpl"
+    prompt_field = "messages"
     chunk_type = ChatCompletionChunk
 
     def __init__(

@@ -256,9 +256,12 @@ def test_context_length(server: RunningServer, path: str, stream: bool) -> None:
     server.assert_alive()
 
 
-def test_prompt_longer_than_context(server: RunningServer) -> None:
-    with pytest.raises(openai.BadRequestError, match=str(MAX_MODEL_LEN)):
-        server.client.completions.create(model="tiny", prompt=[5] * (MAX_MODEL_LEN + 1))
+@pytest.mark.parametrize(("path", "field"), [(CHAT, "messages"), (COMPLETIONS, "prompt")])
+def test_prompt_longer_than_context(server: RunningServer, path: str, field: str) -> None:
+    prompt = [{"role": "user", "content": "hi " * MAX_MODEL_LEN}] if path == CHAT else [5] * 200
+    with pytest.raises(openai.BadRequestError, match=str(MAX_MODEL_LEN)) as no_room:
+        server.client.post(path[3:], body={field: prompt, "max_tokens": None}, cast_to=dict)
+    assert no_room.value.code == "context_length_exceeded" and no_room.value.param == field
     server.assert_alive()
 
 

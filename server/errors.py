@@ -4,6 +4,7 @@ so clients built for OpenAI or vLLM can read it; nothing reaches the client as F
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -72,10 +73,18 @@ def error_response(
     return ErrorResponse(error_body(status, message, param, code), status_code=status)
 
 
+# What pydantic puts in an error's location for the member of a union that refused the value
+# ("literal['none','auto','required']", "dict[str,any]", "NamedToolChoice", "str"): no field.
+UNION_MEMBER = re.compile(r".*[\[(].*|[A-Z]\w*|str|int|float|bool")
+
+
 def field_path(loc: tuple[int | str, ...]) -> str | None:
-    """("body", "messages", 0, "content") -> "messages[0].content"."""
+    """("body", "messages", 0, "content") -> "messages[0].content"; ("body", "tool_choice",
+    "literal['none','auto','required']") -> "tool_choice"."""
     path = ""
     for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, str) and UNION_MEMBER.fullmatch(part):
+            continue
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return path or None
 

@@ -83,7 +83,7 @@ class Detokenizer:
         p = seq.params
         if not p.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
-        elif token in p.stop_token_ids:
+        elif token in seq.stop_token_ids:  # a set: the request's list may be long
             seq.finish_reason, seq.stop_reason = "stop", token
         elif len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"

@@ -146,7 +146,7 @@ class LLMEngine:
         max_tokens = checked_max_tokens(prompt_token_ids, params, vocab, context, fit_to_context)
         num_prompt = len(prompt_token_ids)
         eos = () if params.ignore_eos else tuple(self.detokenizer.eos_token_ids)
-        stop_ids = tuple(sorted({*eos, *params.stop_token_ids}))
+        stop_ids = frozenset({*eos, *params.stop_token_ids})
         guides: list[Guide | None] = [None] * params.n
         if params.guided is not None:  # compiled here, so a bad schema is refused up front
             guides = [self.grammars.guide(params.guided) for _ in range(params.n)]

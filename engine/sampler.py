@@ -38,11 +38,12 @@ def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
     """OpenAI logit_bias: each request's per-token bias added to its row before sampling. logits [B, V]."""
     for row, seq in enumerate(seqs):
         bias = seq.params.logit_bias
-        if bias:
+        if bias and seq.logit_bias is None:
             ids = torch.tensor(list(bias), device=logits.device)
-            logits[row, ids] += torch.tensor(
-                list(bias.values()), dtype=logits.dtype, device=logits.device
-            )
+            seq.logit_bias = ids, torch.tensor(list(bias.values()), device=logits.device)
+        if seq.logit_bias is not None:
+            ids, values = seq.logit_bias
+            logits[row, ids] += values.to(logits.dtype)
     return logits
 
 

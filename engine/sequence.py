@@ -36,7 +36,10 @@ class Sequence:
     logprobs: list[TokenLogprob] | None = None
     decode_stream: DecodeStream | None = None  # the detokenizer's incremental state
     guide: Guide | None = None  # its place in the grammar, for structured outputs
-    stop_token_ids: tuple[int, ...] = ()  # EOS (unless ignored) and the request's stop tokens
+    stop_token_ids: frozenset[int] = frozenset()  # EOS (unless ignored), the request's stop ids
+    # (token ids [n], biases [n]) of the request's logit_bias, made on its first draw: a bias may
+    # name most of the vocabulary, too much to rebuild every step
+    logit_bias: tuple[torch.Tensor, torch.Tensor] | None = None
     num_cached_tokens: int | None = (
         None  # prompt tokens found in the prefix cache when first admitted
     )

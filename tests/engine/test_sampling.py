@@ -17,7 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import LLM, RequestError, RequestOutput, SamplingParams, runner
-from engine.sampler import scored
+from engine.sampler import apply_logit_bias, scored
+from engine.sequence import Sequence
 
 if TYPE_CHECKING:
     from tests.conftest import Preemptions
@@ -376,6 +377,23 @@ def test_logit_bias_forces_and_bans_tokens_in_a_mixed_batch(llm: LLM) -> None:
     # logprobs stay the model's own: the first forced token keeps its unbiased log-probability
     assert forced_out.logprobs is not None and plain.logprobs is not None
     assert forced_out.logprobs[0].logprob < plain.logprobs[0].logprob
+
+
+def test_a_long_bias_is_built_once_and_repeated_stop_ids_count_once(llm: LLM) -> None:
+    """A request's logit_bias may name most of the vocabulary and its stop ids may repeat: both
+    are turned into tensors and a set once, not each step, which slowed every request."""
+    seq = Sequence("r", 0, [1, 2], 1, SamplingParams(logit_bias={3: 5.0, 7: -5.0}), 4, None)
+    first = apply_logit_bias(torch.zeros(1, 10), [seq])
+    made = seq.logit_bias
+    assert apply_logit_bias(torch.zeros(1, 10), [seq]).tolist() == first.tolist()
+    assert made is not None and seq.logit_bias is made
+    assert first[0, 3] == 5.0 and first[0, 7] == -5.0
+    forced = 42
+    params = SamplingParams(
+        temperature=0.0, max_tokens=5, logit_bias={forced: 100.0}, stop_token_ids=[forced] * 10**5
+    )
+    (out,) = llm.generate([encode(llm, PROMPTS[0])], params)[0].outputs
+    assert out.token_ids == [forced] and out.finish_reason == "stop" and out.stop_reason == forced
 
 
 def test_logit_bias_token_outside_the_vocabulary_is_refused(llm: LLM) -> None:

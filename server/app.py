@@ -4,6 +4,7 @@ on exit). Handlers reach the engine only through the serving objects kept on `ap
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,7 +32,7 @@ from server.errors import APIError, install_error_handlers
 from server.generations import RequestPolicy
 from server.limits import LIMITER, Limits, RequestLimitMiddleware
 from server.reasoning import REASONING_PARSERS
-from server.serving import until_disconnected
+from server.serving import PromptWorker, until_disconnected
 from server.serving_chat import ChatServing
 from server.serving_completion import CompletionServing
 from server.tool_parsers import TOOL_CALL_PARSERS
@@ -56,6 +57,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = app.state.loaded_engine or AsyncLLM(
         app.state.engine_config, model_name=settings.served_model_name
     )
+    prompts = app.state.prompts = PromptWorker()
     try:
         renderer = ChatRenderer(engine.tokenizer, settings.chat_template)
         renderer.check()
@@ -69,14 +71,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             if settings.reasoning_parser is None
             else REASONING_PARSERS[settings.reasoning_parser],
         )
-        app.state.chat = ChatServing(engine, settings.served_model_name, policy, renderer, formats)
-        app.state.completion = CompletionServing(engine, settings.served_model_name, policy)
+        name = settings.served_model_name
+        app.state.chat = ChatServing(engine, name, policy, prompts, renderer, formats)
+        app.state.completion = CompletionServing(engine, name, policy, prompts)
         app.state.renderer = renderer
         logger.info(
             "serving %s (max_model_len=%d)", settings.served_model_name, engine.max_model_len
         )
         yield
     finally:
+        prompts.close()
         engine.shutdown()
 
 
@@ -127,12 +131,17 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     """vLLM's: count a prompt's tokens against the context before sending it."""
     request.app.state.completion.check_model(body.model)
     engine: AsyncLLM = request.app.state.engine
+    prompts: PromptWorker = request.app.state.prompts
     if body.messages is not None:
         tools = [t.model_dump(exclude_none=True) for t in body.tools or ()] or None
         messages = [m.template_dict() for m in body.messages]
-        ids = request.app.state.renderer.render(messages, tools, body.template_options()).token_ids
+        render = request.app.state.renderer.render
+        ids = (await prompts.run(render, messages, tools, body.template_options())).token_ids
     else:
-        ids = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        encode = functools.partial(
+            engine.tokenizer.encode, add_special_tokens=body.add_special_tokens
+        )
+        ids = await prompts.run(encode, body.prompt)
     return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids)
 
 

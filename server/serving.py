@@ -6,12 +6,14 @@ answer and its chunks look like."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Generic, TypeVar
 
 from fastapi import Request, Response
@@ -47,6 +49,23 @@ def stream_error(exc: Exception) -> str:
     return sse(error_body(500, f"Internal server error: {exc!r}"))
 
 
+class PromptWorker:
+    """Prepares prompts (chat templates, tokenizing) off the event loop: a long prompt keeps the
+    tokenizer busy for a while (0.7 s for 1 MiB of text), and on the loop that stalled every
+    stream and every other request. One thread, so the tokenizer still serves one call at a time."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="expertflow-prompts")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, functools.partial(fn, *args)
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class OpenAIServing(ABC, Generic[RequestT, ChoiceT]):
     """Base of the endpoint handlers: the served model's identity and the request's life, from the
     engine's first output to a whole answer or an SSE stream ending in [DONE]. An endpoint says
@@ -56,10 +75,13 @@ class OpenAIServing(ABC, Generic[RequestT, ChoiceT]):
     prompt_field = "prompt"  # the request field the engine's prompt comes from, for its refusals
     chunk_type: ClassVar[type[BaseModel]]  # what one stream event carries
 
-    def __init__(self, engine: AsyncLLM, model_name: str, policy: RequestPolicy) -> None:
+    def __init__(
+        self, engine: AsyncLLM, model_name: str, policy: RequestPolicy, prompts: PromptWorker
+    ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.policy = policy
+        self.prompts = prompts
 
     @abstractmethod
     def whole(

@@ -25,7 +25,7 @@ from server.chat_template import ChatRenderer
 from server.errors import APIError
 from server.generations import Generations, RequestPolicy
 from server.logprobs import chat_logprobs, prompt_logprobs
-from server.serving import OpenAIServing
+from server.serving import OpenAIServing, PromptWorker
 
 
 class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
@@ -38,10 +38,11 @@ class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
         engine: AsyncLLM,
         model_name: str,
         policy: RequestPolicy,
+        prompts: PromptWorker,
         renderer: ChatRenderer,
         formats: ChatFormats = ChatFormats(),
     ) -> None:
-        super().__init__(engine, model_name, policy)
+        super().__init__(engine, model_name, policy, prompts)
         self.renderer, self.formats = renderer, formats
 
     async def create(self, request: ChatCompletionRequest) -> Response | ChatCompletion:
@@ -58,9 +59,11 @@ class ChatServing(OpenAIServing[ChatCompletionRequest, ChatChunkChoice]):
         tools = [t.model_dump(exclude_none=True) for t in request.tools or ()] or None
         messages = [m.template_dict() for m in request.messages]
         options = request.template_options()
-        prompt = self.renderer.render(messages, tools, options)
+        prompt = await self.prompts.run(self.renderer.render, messages, tools, options)
         if self.formats.reasoning is not None:
-            start = self.renderer.answer_start(messages, tools, options, prompt.text)
+            start = await self.prompts.run(
+                self.renderer.answer_start, messages, tools, options, prompt.text
+            )
             request.reasoning_open = self.formats.reasoning.starts_open(start)
             params = grammar_after_reasoning(params, request, self.formats.reasoning)
         return await self.respond(request, [prompt.token_ids], params)

@@ -55,7 +55,9 @@ class CompletionServing(OpenAIServing[CompletionRequest, CompletionChoice]):
         self.check_model(request.model)
         params = request.to_sampling_params()
         encode = self.engine.tokenizer.encode
-        prompts = [encode(p) if isinstance(p, str) else p for p in request.prompts]
+        prompts = [
+            await self.prompts.run(encode, p) if isinstance(p, str) else p for p in request.prompts
+        ]
         return await self.respond(request, prompts, params)
 
     def echo(self, request: CompletionRequest, output: RequestOutput, p: int) -> Echo | None:

@@ -114,10 +114,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, exc.message, exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI answers 422 with a list of errors; OpenAI clients expect 400 and one message.
         errors = exc.errors()
         message, param = validation_message(errors[0]) if errors else ("Invalid request", None)
+        content_type = request.headers.get("content-type", "")
+        if param is None and "json" not in content_type:  # `curl -d` sends a form by default
+            message = (
+                "The request body must be JSON, sent with the header Content-Type: "
+                f"application/json (this request's: {content_type or 'none'})"
+            )
         return error_response(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)

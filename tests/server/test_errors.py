@@ -279,6 +279,8 @@ def test_malformed_bodies(server: RunningServer) -> None:
                 "error"
             ]["message"]
         )
+        form = http.post(COMPLETIONS, content=b'{"prompt": "hi"}', headers={"content-type": ""})
+        assert form.status_code == 400 and "Content-Type: application/json" in form.text
         assert http.get(COMPLETIONS).status_code == 405
         missing = http.get("/v1/nothing")
         assert missing.status_code == 404 and missing.json()["error"]["type"] == "NotFoundError"

@@ -158,7 +158,8 @@ class Prefetcher:
             and self.next_layer_probs.shape[0] == topk_ids.shape[0]
         ):
             probs = self.next_layer_probs.to(topk_ids.device)
-            self.recall_sum = self.recall_sum + found_at_k(probs, topk_ids)
+            # float64: a server scores millions of layers, past float32's integer precision
+            self.recall_sum = self.recall_sum + found_at_k(probs, topk_ids).double()
             self.recall_count += 1
         predicted = self.predicted.pop(index, None)
         # A stall on a prefetch still in flight says "look further ahead"; a stall on an expert

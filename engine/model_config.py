@@ -57,6 +57,8 @@ MODEL_TYPE_ALIASES = {
     "qwen3_5_moe_text": "qwen3_5_moe",
     "llama4_text": "llama4",
 }
+POSITIVE_SIZES = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads")
+POSITIVE_SIZES += ("head_dim", "moe_intermediate_size", "max_position_embeddings", "top_k")
 
 
 @dataclass(frozen=True)
@@ -141,17 +143,24 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        """A bad config.json (not JSON, wrong types, sizes < 1) is a ConfigError naming it."""
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise ConfigError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
-        raw = json.loads(config_file.read_text())
-        gptq_file = Path(path) / "quantize_config.json"  # AutoGPTQ's, beside a plain config.json
-        if "quantization_config" not in raw and gptq_file.is_file():
-            raw["quantization_config"] = {
-                "quant_method": "gptq",
-                **json.loads(gptq_file.read_text()),
-            }
-        return cls.from_dict(raw)
+        try:
+            raw = json.loads(config_file.read_text())
+            gptq = Path(path) / "quantize_config.json"  # AutoGPTQ's, beside config.json
+            if "quantization_config" not in raw and gptq.is_file():
+                quant = json.loads(gptq.read_text())
+                raw["quantization_config"] = {"quant_method": "gptq", **quant}
+            cfg = cls.from_dict(raw)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError, ArithmeticError, AttributeError, KeyError, OSError) as e:
+            raise ConfigError(f"{config_file}: malformed ({type(e).__name__}: {e})") from e
+        if small := next((k for k in POSITIVE_SIZES if getattr(cfg, k) < 1), None):
+            raise ConfigError(f"{config_file}: {small}={getattr(cfg, small)} must be >= 1")
+        return cfg
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:

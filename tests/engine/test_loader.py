@@ -132,6 +132,32 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
         LLM(model=str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"model_type": "mixtral",', "malformed .JSONDecodeError"),
+        ("[1, 2]", "malformed .AttributeError"),
+        ('{"hidden_size": "abc"}', "malformed .ValueError: invalid literal"),
+        ('{"hidden_size": [64]}', "malformed .TypeError"),
+        ('{"num_attention_heads": 0}', "malformed .ZeroDivisionError"),
+        ('{"eos_token_id": "x"}', "malformed .ValueError"),
+        ('{"max_position_embeddings": -1}', "max_position_embeddings=-1 must be >= 1"),
+    ],
+)
+def test_hand_edited_config_json_is_named(
+    mixtral_checkpoint: Path, tmp_path: Path, text: str, message: str
+) -> None:
+    """Not JSON, wrong types or a size below 1: a ConfigError naming the file (one line of error
+    from the commands), where these raised JSONDecodeError, ValueError or a torch error."""
+    path = copy_checkpoint(mixtral_checkpoint, tmp_path / "ckpt")
+    if text.startswith("{") and text.endswith("}"):
+        edit_config(path, **json.loads(text))
+    else:
+        (path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=f"{path / 'config.json'}: {message}"):
+        ModelConfig.from_pretrained(path)
+
+
 def test_missing_or_misshapen_attention_part_is_named(
     mixtral_checkpoint: Path, tmp_path: Path
 ) -> None:

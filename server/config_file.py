@@ -23,15 +23,18 @@ class ConfigFileError(ValueError):
 
 def config_file_tokens(parser: argparse.ArgumentParser, path: str) -> list[str]:
     try:
-        root = yaml.compose(Path(path).read_text(), Loader=yaml.SafeLoader)
-    except (OSError, yaml.YAMLError) as exc:
+        root = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigFileError(f"--config {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigFileError(f"--config {path}: {_one_line(exc)}") from exc
     if root is None:
         return []
     if not isinstance(root, yaml.MappingNode):
         raise ConfigFileError(f"--config {path}: expected a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in NOT_IN_FILE}
     tokens: list[str] = []
+    seen: dict[str, str] = {}
     for key_node, node in root.value:
         key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
         action = actions.get(key.replace("-", "_"))
@@ -40,6 +43,11 @@ def config_file_tokens(parser: argparse.ArgumentParser, path: str) -> list[str]:
                 f"--config {path}: unknown key {key!r} (keys are flag names with underscores, "
                 f"e.g. {next(iter(actions), 'max_num_seqs')})"
             )
+        if action.dest in seen:  # YAML keeps the last silently; max-num-seqs too is max_num_seqs
+            raise ConfigFileError(
+                f"--config {path}: {key!r} sets the same flag as {seen[action.dest]!r} before it"
+            )
+        seen[action.dest] = key
         tokens += _tokens(parser, action, node, f"--config {path}: {key}")
     return tokens
 
@@ -93,6 +101,14 @@ def _check(
         parser._get_values(action, list(texts))
     except argparse.ArgumentError as exc:
         raise ConfigFileError(f"{where}: {exc.message}") from exc
+
+
+def _one_line(exc: yaml.YAMLError) -> str:
+    """PyYAML's message spans lines and quotes the text; the problem and where it is suffice."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    return " ".join(str(exc).split())
 
 
 def _shown(node: yaml.Node) -> str:

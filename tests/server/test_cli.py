@@ -170,17 +170,24 @@ def test_stray_word_is_not_a_config_file_value(
         ("max_num_seqs: abc\n", "bad.yaml: max_num_seqs: invalid int value: 'abc'"),
         ("- 1\n- 2\n", "mapping"),
         ("max_num_seqs: [1, 2]\n", "one value"),
-        ("max_num_seqs: 8\n  bad: indent\n", "--config"),
+        ("max_num_seqs: 8\n  bad: indent\n", "bad.yaml: line 2, column 6: mapping values"),
+        ("a: [\n", "bad.yaml: line 2, column 1: expected the node content"),
+        ("max_num_seqs: 8\nmax_num_seqs: 4\n", "'max_num_seqs' sets the same flag as"),
+        ("max_num_seqs: 8\nmax-num-seqs: 4\n", "'max-num-seqs' sets the same flag as 'max_num"),
+        ("max_num_seqs: \xff8\n".encode("latin-1"), "bad.yaml: 'utf-8' codec can't decode"),
     ],
 )
 def test_config_file_errors(
-    tmp_path: Path, text: str, words: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, text: str | bytes, words: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """One line naming the file: a YAML error's own message spans lines and quotes the text, a
+    file that is not UTF-8 raised UnicodeDecodeError, and a key given twice (or spelled both
+    ways) kept its last value silently."""
     config = tmp_path / "bad.yaml"
-    config.write_text(text)
-    with pytest.raises(SystemExit):
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(SystemExit) as exc:
         parse_args(["serve", "--config", str(config)])
-    assert words in capsys.readouterr().err
+    assert exc.value.code == 2 and words in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_chat_template_file_or_inline(tmp_path: Path) -> None:

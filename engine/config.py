@@ -3,6 +3,7 @@ checkpoint says is `engine.model_config.ModelConfig`."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -200,7 +201,7 @@ class EngineConfig:
                 f"predictor_path is read by the rpp and hybrid predictors, not {self.predictor!r}"
             )
         group = self.step_group_size
-        if group is not None and (group < 1 or self.max_defer_steps < 0):
+        if (group is not None and group < 1) or self.max_defer_steps < 0:
             raise ConfigError("token_group_size must be >= 1 and max_defer_steps >= 0")
         seqs = self.max_num_seqs  # None: the engine settles it for the model, then checks again
         if group is not None and seqs is not None and seqs > group * (self.max_defer_steps + 1):
@@ -209,16 +210,19 @@ class EngineConfig:
                 f"{self.max_defer_steps} steps in groups of {group}: raise token_group_size or "
                 "max_defer_steps, or lower max_num_seqs"
             )
-        if self.cache_aware_routing_margin < 0:
-            raise ConfigError("cache_aware_routing_margin must be >= 0")
+        if not 0 <= self.cache_aware_routing_margin < math.inf:  # NaN compared false: off
+            raise ConfigError("cache_aware_routing_margin must be a finite number >= 0")
         if self.prefetch_horizon != "auto" and not (
             str(self.prefetch_horizon).isdigit() and int(self.prefetch_horizon) >= 1
         ):
             raise ConfigError(
                 f"prefetch_horizon={self.prefetch_horizon!r}: use auto or a positive integer"
             )
-        if self.link_gbps is not None and (self.link_gbps <= 0 or self.device != "cpu"):
-            raise ConfigError("link_gbps must be > 0 and is only emulated with device='cpu'")
+        link = self.link_gbps  # NaN or inf compared false: no delay, logged as emulated
+        if link is not None and (not 0 < link < math.inf or self.device != "cpu"):
+            raise ConfigError(
+                "link_gbps must be a finite number > 0 and is only emulated with device='cpu'"
+            )
 
     @property
     def step_group_size(self) -> int | None:

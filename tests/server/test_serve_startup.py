@@ -21,6 +21,10 @@ from server.shutdown import DrainingServer
         ["--max-model-len", "100000"],
         ["--max-model-len", "0"],
         ["--predictor-path", "{text}"],  # read by no predictor but rpp and hybrid
+        ["--cache-aware-routing-margin", "nan"],  # compared false: routing silently off
+        ["--link-gbps", "nan"],  # compared false: no delay, logged as an emulated link
+        ["--link-gbps", "inf"],
+        ["--max-defer-steps", "-1"],  # was checked only with a token group
     ],
     ids=[
         "missing-predictor",
@@ -30,6 +34,10 @@ from server.shutdown import DrainingServer
         "too-long",
         "zero-length",
         "unread-predictor-path",
+        "nan-margin",
+        "nan-link",
+        "inf-link",
+        "negative-defer",
     ],
 )
 def test_what_cannot_load_is_one_line_and_status_2(

@@ -6,6 +6,7 @@ any JSON is parsed; the time limit is enforced where generations are followed (s
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,8 +67,8 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
 def _at_least(low: float, kind: type[int] | type[float]) -> Callable[[str], float]:
     def parse(text: str) -> float:
         value = kind(text)
-        if not value >= low:  # also refuses NaN
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        if not low <= value < math.inf:  # NaN too; an infinite grace crashed DrainingServer's int()
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {low}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its errors

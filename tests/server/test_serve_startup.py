@@ -64,3 +64,24 @@ def test_a_port_out_of_range_is_refused_before_loading(capsys: pytest.CaptureFix
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--port", "99999"])
     assert exc.value.code == 2 and "99999 is not a port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--graceful-shutdown-timeout", "inf"],  # crashed DrainingServer's int() at startup
+        ["--graceful-shutdown-timeout", "nan"],
+        ["--request-timeout", "inf"],
+    ],
+)
+def test_time_limits_are_finite(
+    flags: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def started(self: DrainingServer) -> None:
+        raise AssertionError("it started serving")
+
+    monkeypatch.setattr(DrainingServer, "run", started)
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", *flags])
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert exc.value.code == 2 and f"argument {flags[0]}: must be a finite number" in error

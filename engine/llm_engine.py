@@ -6,7 +6,6 @@ import logging
 import time
 
 import torch
-from transformers import AutoTokenizer
 
 from engine.config import ConfigError, EngineConfig
 from engine.detokenizer import Detokenizer
@@ -24,6 +23,7 @@ from engine.sampler import NO_TOKEN_ALLOWED
 from engine.sampling import RequestError, SamplingParams, checked_max_tokens
 from engine.sequence import Request, Sequence
 from engine.settle import settled
+from engine.tokenizer import load_tokenizer
 from scheduler.batching import BatchingConfig, Scheduler
 from scheduler.block_pools import WindowedBlocks, block_pools
 from scheduler.step_selector import StepSelector
@@ -44,7 +44,7 @@ class LLMEngine:
         self.model_config = mc = ModelConfig.from_pretrained(config.model)
         self.config = config = settled(mc, config)
         self.device = torch.device(config.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:
             raise ConfigError(

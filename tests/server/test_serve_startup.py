@@ -17,6 +17,8 @@ from server.shutdown import DrainingServer
         ["--predictor", "rpp", "--predictor-path", "{missing}"],
         ["--predictor", "rpp", "--predictor-path", "{text}"],
         ["--tokenizer", "{missing}"],
+        ["--tokenizer", "{folder}"],  # no tokenizer files: transformers' message spans lines
+        ["--tokenizer", "{text}"],  # not a folder: was looked up on the Hub as a repo id
         ["--chat-template", "{% if %}"],
         ["--max-model-len", "100000"],
         ["--max-model-len", "0"],
@@ -30,6 +32,8 @@ from server.shutdown import DrainingServer
         "missing-predictor",
         "text-as-predictor",
         "missing-tokenizer",
+        "folder-without-tokenizer",
+        "file-as-tokenizer",
         "bad-template",
         "too-long",
         "zero-length",
@@ -53,7 +57,9 @@ def test_what_cannot_load_is_one_line_and_status_2(
     monkeypatch.setattr(DrainingServer, "run", started)
     text = tmp_path / "notes.txt"
     text.write_text("not a predictor")
+    (tmp_path / "folder").mkdir()
     paths = {"{missing}": str(tmp_path / "missing"), "{text}": str(text)}
+    paths["{folder}"] = str(tmp_path / "folder")
     argv = ["serve", "--model", str(mixtral_checkpoint), *[paths.get(f, f) for f in flags]]
     assert main(argv) == 2
     errors = [r for r in caplog.records if r.levelname == "ERROR"]

@@ -4,6 +4,7 @@ be written fails in a second, not after the whole corpus has been traced or trai
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -20,3 +21,8 @@ def prepare_out(out: Path, inputs: list[Path]) -> None:
         raise ValueError(f"cannot create the folder of --out {out}: {exc}") from exc
     if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise ValueError(f"--out {out} cannot be written (permission denied)")
+    try:  # os.access says yes to root anywhere, even on a read-only or virtual file system
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out {out} cannot be written: {exc.strerror or exc}") from exc

@@ -7,6 +7,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from engine import LLM, ConfigError
 from engine.config import DEFAULT_MODEL, DTYPES
 from engine.offload.predict.trace import record_traces
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         )
         traces = record_traces(llm, list(args.corpus), args.seq_len, args.max_tokens)
         traces.save(args.out)
-    except (ConfigError, ValueError, OSError) as exc:
+    except (ConfigError, ValueError, OSError, SafetensorError) as exc:  # a full disk
         logger.error("%s", exc)
         return 2
     logger.info("wrote %d tokens of routing to %s", len(traces), args.out)

@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from engine import ConfigError
 from engine.offload.predict.train import TrainConfig, train_predictor
 from server.commands import Command
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(TrainConfig, args)
         prepare_out(args.out, [args.traces])
         train_predictor(args.kind, args.traces, args.out, cfg, args.model)
-    except (ConfigError, ValueError, OSError) as exc:
+    except (ConfigError, ValueError, OSError, SafetensorError) as exc:  # a full disk
         logger.error("%s", exc)
         return 2
     return 0

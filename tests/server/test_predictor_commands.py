@@ -60,6 +60,17 @@ def test_bad_out_is_refused_before_the_model_loads(
     assert "is one of the inputs" in caplog.text and a_file.read_bytes() == before
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_out_on_a_file_system_that_takes_no_files_is_refused_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """/proc passes os.access for root: the trace or training ran to its end and then died in
+    safetensors' save with a SafetensorError traceback. A file made and dropped there says so."""
+    corpus, nowhere = write_corpus(tmp_path / "corpus", 3), tmp_path / "no-model"
+    assert trace(nowhere, corpus, Path("/proc/expertflow-traces.safetensors")) == 2
+    assert "cannot be written" in caplog.text and "no config.json" not in caplog.text
+
+
 def test_trace_warns_when_train_predictor_needs_more_documents(
     mixtral_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from engine import ConfigError
 from engine.quantize import quantize_checkpoint
 from server.commands import Command
@@ -34,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
         quantize_checkpoint(args.model, args.out, tuple(args.block))
     except ConfigError as exc:
         logger.error("%s", exc)
+        return 2
+    except (OSError, SafetensorError) as exc:  # an --out that cannot be made, an unreadable shard
+        logger.error("copying --model %s to --out %s: %s", args.model, args.out, exc)
         return 2
     return 0
 

@@ -221,6 +221,18 @@ def test_quantize_fp8_keeps_shards_and_refuses_to_overwrite(tmp_path: Path) -> N
     assert main(again) == 2  # already FP8
 
 
+def test_quantize_fp8_refuses_an_out_it_cannot_make_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An --out under a file (its folder cannot be made) raised FileExistsError with a
+    traceback, exit 1; it is one line naming --out, exit 2."""
+    source = save_tiny_checkpoint("mixtral", tmp_path / "src")
+    out = source / "config.json" / "fp8"
+    assert main(["quantize-fp8", "--model", str(source), "--out", str(out)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"--out {out}" in errors[0]
+
+
 def test_an_interrupted_quantize_fp8_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

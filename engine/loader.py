@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engine.checkpoint_fp8 import (
@@ -41,13 +41,25 @@ FLOAT32_SUFFIXES = ("e_score_correction_bias",)
 
 
 def safetensors_files(path: Path) -> list[Path]:
+    """The checkpoint's shards, each header read once here: a truncated or corrupt shard, or a
+    malformed index, is named (safetensors' own error names no file)."""
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
-    files = sorted(path.glob("*.safetensors"))
+    try:
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = [path / n for n in names]
+        else:
+            files = sorted(path.glob("*.safetensors"))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"{index}: malformed ({type(exc).__name__}: {exc})") from exc
     if not files:
         raise ConfigError(f"{path}: no *.safetensors weights found")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (OSError, SafetensorError) as exc:
+            raise ConfigError(f"{file}: not a readable safetensors file ({exc})") from exc
     return files
 
 

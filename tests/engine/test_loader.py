@@ -158,6 +158,25 @@ def test_hand_edited_config_json_is_named(
         ModelConfig.from_pretrained(path)
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("model.safetensors", "hello", "model.safetensors: not a readable safetensors file"),
+        ("model.safetensors.index.json", '{"map": {}}', "index.json: malformed .KeyError"),
+        ("model.safetensors.index.json", "{", "index.json: malformed .JSONDecodeError"),
+    ],
+)
+def test_corrupt_shard_or_index_is_named(
+    mixtral_checkpoint: Path, tmp_path: Path, name: str, text: str, message: str
+) -> None:
+    """safetensors' 'Error while deserializing header' named no file, and a malformed index
+    raised KeyError with a traceback."""
+    path = copy_checkpoint(mixtral_checkpoint, tmp_path / "ckpt")
+    (path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        LLM(model=str(path))
+
+
 def test_missing_or_misshapen_attention_part_is_named(
     mixtral_checkpoint: Path, tmp_path: Path
 ) -> None:

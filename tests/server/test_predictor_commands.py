@@ -120,3 +120,14 @@ def test_another_model_with_the_same_dims_is_warned_about(
     caplog.clear()
     LLM(model=str(other), predictor="rpp", predictor_path=str(predictor))
     assert f"predictor {predictor} {warning} {other}" in caplog.text
+
+
+@pytest.mark.parametrize("lr", ["inf", "nan", "0"])
+def test_train_predictor_needs_a_finite_positive_lr(
+    lr: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--lr inf passed the `lr <= 0` check and trained to NaN weights, written as a predictor;
+    NaN failed only later, in torch's words."""
+    argv = ["train-predictor", "--kind", "rpp", "--traces", str(tmp_path / "t.safetensors")]
+    assert main([*argv, "--out", str(tmp_path / "p.safetensors"), "--lr", lr]) == 2
+    assert f"lr={float(lr)} must be > 0" in caplog.text

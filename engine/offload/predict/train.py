@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,7 +74,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.lr <= 0 or not 0.0 < self.holdout < 1.0:
+        if not 0 < self.lr < math.inf or not 0.0 < self.holdout < 1.0:  # inf trained to NaNs
             raise ValueError(f"lr={self.lr} must be > 0 and holdout={self.holdout} in (0, 1)")
         if not 0.0 <= self.validation < 1.0:
             raise ValueError(f"validation={self.validation} must be in [0, 1)")

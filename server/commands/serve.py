@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 from pathlib import Path
 
 import uvicorn
@@ -75,6 +76,20 @@ def port(value: str) -> int:
     return number
 
 
+def check_address(host: str, port: int) -> None:
+    """Bind the address once, as uvicorn will, before the model loads: a host that does not resolve
+    or a port in use failed only after loading (minutes for a large model), in uvicorn's words
+    without the flag, exit 3."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({reason})") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         engine_config = config_from_args(EngineConfig, args)
@@ -91,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
                 "--tool-call-parser openai reads the calls that --reasoning-parser openai_gptoss "
                 "leaves in the content: give both"
             )
+        check_address(args.host, args.port)  # last: the flags' own errors come first
     except (ConfigError, ChatTemplateError) as exc:
         logger.error("%s", exc)
         return 2

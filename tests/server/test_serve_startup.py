@@ -3,6 +3,7 @@ problem and exit status 2, not a traceback from the app's startup."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,8 @@ def test_what_cannot_load_is_one_line_and_status_2(
     (tmp_path / "folder").mkdir()
     paths = {"{missing}": str(tmp_path / "missing"), "{text}": str(text)}
     paths["{folder}"] = str(tmp_path / "folder")
-    argv = ["serve", "--model", str(mixtral_checkpoint), *[paths.get(f, f) for f in flags]]
+    argv = ["serve", "--model", str(mixtral_checkpoint), "--port", "0"]
+    argv += [paths.get(f, f) for f in flags]
     assert main(argv) == 2
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].exc_info is None and "\n" not in errors[0].getMessage()
@@ -91,3 +93,21 @@ def test_time_limits_are_finite(
         main(["serve", *flags])
     error = capsys.readouterr().err.splitlines()[-1]
     assert exc.value.code == 2 and f"argument {flags[0]}: must be a finite number" in error
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "no-such-host.invalid"])
+def test_an_address_it_cannot_listen_on_is_refused_before_loading(
+    host: str, mixtral_checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A port in use or a host that does not resolve failed in uvicorn's words, naming no flag,
+    with exit 3, and only once the model had loaded."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        assert (
+            main(["serve", "--model", str(mixtral_checkpoint), "--host", host, "--port", port]) == 2
+        )
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"--host {host} --port {port}: cannot listen there" in errors[0]
+    assert "engine.loader" not in {r.name for r in caplog.records}

@@ -25,6 +25,7 @@ def feed(
     """Append `output` one token at a time; the sequence's text after each step."""
     detok = Detokenizer(tokenizer, eos_token_ids=(1,), max_model_len=10_000)
     seq = Sequence("r", 0, list(prompt), len(prompt), params, params.max_tokens, None)
+    seq.stop_token_ids = frozenset(params.stop_token_ids)  # as the engine sets them (EOS aside)
     texts = []
     for token in output:
         detok.append(seq, token, None)

@@ -3,7 +3,9 @@
 The emulated link is set from the measured per-layer compute time T_l, in two regimes: one expert's
 copy takes ~1x T_l (fine-grained experts over a 64 GB/s link, EF-25's setting) or ~20x T_l
 (Mixtral-8x7B's 336 MiB experts over PCIe 4.0 at batch 1). Every system decodes the same held-out
-prompts; misses are compared with Belady's optimum on the routing sequence actually looked up.
+prompts; misses are compared with Belady's optimum on the routing sequence actually looked up, and
+stall with the least the link's capacity allows (`stall_bound.py`): given the run's own compute
+times, and given the all-resident run's (a system with no host overhead).
 
     python benchmarks/offload.py --batch-sizes 1 8 --ratios 0.25 0.5
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import itertools
 import subprocess
 import sys
 import time
@@ -22,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from belady import belady_misses  # noqa: E402
+from stall_bound import stall_lower_bound  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.config import DEFAULT_MODEL  # noqa: E402
@@ -98,10 +102,12 @@ def trained_predictor(model: str, kind: str, workdir: Path) -> Path:
 def run(model: str, prompts: list[list[int]], new_tokens: int, batch: int, **flags: object) -> dict:
     llm = LLM(model=model, max_num_seqs=batch, **flags)
     lookups: list[tuple[int, list[int]]] = []
+    clock: list[tuple[float, float]] = []  # (time, stall so far) at each lookup
     acquire = ExpertCache.acquire
 
     def recording(self: ExpertCache, layer: int, experts: list[int]):  # noqa: ANN202
         lookups.append((layer, list(experts)))
+        clock.append((time.perf_counter(), self.transfers.resolve_stalls()))
         return acquire(self, layer, experts)
 
     ExpertCache.acquire = recording  # type: ignore[method-assign]
@@ -110,7 +116,8 @@ def run(model: str, prompts: list[list[int]], new_tokens: int, batch: int, **fla
         outs = llm.generate(
             prompts, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         )
-        elapsed = time.perf_counter() - start
+        clock.append((time.perf_counter(), llm.engine.offload.cache.transfers.resolve_stalls()))
+        elapsed = clock[-1][0] - start
     finally:
         ExpertCache.acquire = acquire  # type: ignore[method-assign]
     stats = llm.offload_stats()
@@ -122,6 +129,17 @@ def run(model: str, prompts: list[list[int]], new_tokens: int, batch: int, **fla
     stats["expert_bytes"] = cache.store.expert_bytes
     stats["elapsed_s"] = elapsed
     stats["outputs"] = [o.token_ids for o in outs]
+    stats["lookups"] = lookups
+    # each layer call's compute up to the next one, its stall taken out
+    stats["compute_s"] = [(t1 - t0) - (s1 - s0) for (t0, s0), (t1, s1) in itertools.pairwise(clock)]
+    link = flags.get("link_gbps")
+    stats["stall_bound"] = (
+        stall_lower_bound(
+            lookups, stats["compute_s"], cache.num_slots, cache.store.expert_bytes / link / 1e9
+        )
+        if isinstance(link, float)
+        else 0.0
+    )
     llm.engine.offload.close()
     return stats
 
@@ -200,8 +218,8 @@ def main() -> None:
         )
     print(f"command: {' '.join(sys.argv)}")
     header = (
-        "| system | ratio | hit rate | misses | Belady | transfers | MiB moved | stall s | tok/s "
-        "| recall | S |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| system | ratio | hit rate | misses | Belady | transfers | MiB moved | stall s "
+        "| stall bound | tok/s | recall | S |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     for batch in args.batch_sizes:
         # T_l from the fastest of three all-resident runs: a transient load on the machine while
@@ -235,25 +253,31 @@ def main() -> None:
                     streaming,
                 )
             )
+            baselines = []
             for ratio in args.ratios:
                 for name, flags in systems(ratio, rpp, hybrid):
-                    print(
-                        _row(
-                            name,
-                            ratio,
-                            run(
-                                args.model, prompts, args.new_tokens, batch, link_gbps=gbps, **flags
-                            ),
-                        ),
-                        flush=True,
+                    stats = run(
+                        args.model, prompts, args.new_tokens, batch, link_gbps=gbps, **flags
                     )
+                    print(_row(name, ratio, stats), flush=True)
+                    if name == "lru on demand":
+                        baselines.append((ratio, stats))
+            copy_s = regime * layer_s
+            for ratio, lru in baselines:  # the same lookups: outputs never depend on the cache
+                slots = lru["expert_cache_slots"]
+                bound = stall_lower_bound(base["lookups"], base["compute_s"], slots, copy_s)
+                print(
+                    f"\nratio {ratio:.2f} ({slots} slots): no system computing at the all-resident "
+                    f"speed stalls less than {bound:.3f} s, {bound / lru['stall_seconds']:.1%} of "
+                    "lru on demand's stall (the link's capacity)"
+                )
 
 
 def _row(name: str, ratio: float, s: dict) -> str:
     return (
         f"| {name} | {ratio:.2f} | {s['hit_rate']:.3f} | {s['misses']} | {s['belady_misses']} | "
         f"{s['transfers']} | {s['transfer_bytes'] / 2**20:.1f} | {s['stall_seconds']:.3f} | "
-        f"{s['tokens_per_s']:.1f} | {s['predictor_recall']:.3f} | {s['prefetch_horizon']} |"
+        f"{s['stall_bound']:.3f} | {s['tokens_per_s']:.1f} | {s['predictor_recall']:.3f} | {s['prefetch_horizon']} |"
     )
 
 

@@ -76,7 +76,7 @@ class EngineConfig:
     kv_cache_blocks: int | None = flag(
         None, "KV cache blocks (default: enough for max_num_seqs full contexts, capped)"
     )
-    block_size: int = flag(16, "tokens per KV cache block")
+    block_size: int = flag(16, "tokens per KV cache block (at most --max-model-len)")
     kv_cache_dtype: str = flag(
         "auto",
         "what the KV cache holds: auto (the model's dtype) or FP8 (half of bfloat16's bytes: twice "

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from engine.config import ConfigError, EngineConfig
+from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer
 from engine.guided import GrammarCompiler, Guide
 from engine.kv_cache import KVCache, local_kv_blocks, num_kv_blocks
@@ -22,7 +22,7 @@ from engine.runner import ModelRunner, context_windows
 from engine.sampler import NO_TOKEN_ALLOWED
 from engine.sampling import RequestError, SamplingParams, checked_max_tokens
 from engine.sequence import Request, Sequence
-from engine.settle import settled
+from engine.settle import context_length, settled
 from engine.tokenizer import load_tokenizer
 from scheduler.batching import BatchingConfig, Scheduler
 from scheduler.block_pools import WindowedBlocks, block_pools
@@ -45,12 +45,7 @@ class LLMEngine:
         self.config = config = settled(mc, config)
         self.device = torch.device(config.device)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
-        self.max_model_len = config.max_model_len or mc.max_position_embeddings
-        if self.max_model_len > mc.max_position_embeddings:
-            raise ConfigError(
-                f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
-                f"{mc.max_position_embeddings}"
-            )
+        self.max_model_len = context_length(mc, config)
         quantize = None if config.expert_quantization == "none" else config.expert_quantization
         model, host_experts = load_model(
             config.model, mc, config.torch_dtype, self.device, config.fp8_experts, quantize

@@ -12,10 +12,10 @@ import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine import settle as settle_module
-from engine.config import DEFAULT_MAX_NUM_SEQS, serving_dtype
+from engine.config import DEFAULT_MAX_NUM_SEQS, ConfigError, serving_dtype
 from engine.linear_state import LinearStates
 from engine.model_config import ModelConfig
-from engine.settle import with_max_num_seqs
+from engine.settle import context_length, with_max_num_seqs
 from tests.conftest import save_tiny_checkpoint
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -121,3 +121,17 @@ def test_the_engine_settles_auto_from_config_json(tmp_path: Path) -> None:
     engine = LLM(model=str(path), max_model_len=64).engine
     assert engine.config.dtype == "float32" and engine.kv.dtype == torch.float32
     assert EngineConfig().torch_dtype == torch.float32  # unsettled, on the CPU
+
+
+def test_the_context_is_the_models_and_holds_a_block(tmp_path: Path) -> None:
+    """A block larger than the context is never filled, yet each sequence holds a whole one: the
+    default cache fitted 4 of 64 sequences at once and every step attended over the empty rest."""
+    mc = ModelConfig.from_pretrained(save_tiny_checkpoint("mixtral", tmp_path / "mixtral"))
+    assert context_length(mc, EngineConfig()) == mc.max_position_embeddings == 512
+    assert context_length(mc, EngineConfig(max_model_len=64, block_size=64)) == 64
+    with pytest.raises(ConfigError, match="max_model_len=1024 exceeds the model's"):
+        context_length(mc, EngineConfig(max_model_len=1024))
+    with pytest.raises(ConfigError, match="block_size=1024 exceeds max_model_len=512"):
+        context_length(mc, EngineConfig(block_size=1024))
+    with pytest.raises(ConfigError, match="block_size=128 exceeds max_model_len=64"):
+        context_length(mc, EngineConfig(max_model_len=64, block_size=128))

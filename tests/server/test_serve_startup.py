@@ -23,6 +23,7 @@ from server.shutdown import DrainingServer
         ["--chat-template", "{% if %}"],
         ["--max-model-len", "100000"],
         ["--max-model-len", "0"],
+        ["--block-size", "1024"],  # past the model's 512 tokens: was accepted silently
         ["--predictor-path", "{text}"],  # read by no predictor but rpp and hybrid
         ["--cache-aware-routing-margin", "nan"],  # compared false: routing silently off
         ["--link-gbps", "nan"],  # compared false: no delay, logged as an emulated link
@@ -38,6 +39,7 @@ from server.shutdown import DrainingServer
         "bad-template",
         "too-long",
         "zero-length",
+        "block-past-context",
         "unread-predictor-path",
         "nan-margin",
         "nan-link",

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -39,6 +40,20 @@ from server.tool_parsers import TOOL_CALL_PARSERS
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+
+
+def get(path: str) -> Callable[[Endpoint], Endpoint]:
+    """A GET route that answers HEAD too, as HTTP asks of every GET (RFC 9110): liveness probes
+    (load balancers, `curl -I`) send HEAD, which FastAPI answered 405. uvicorn sends HEAD's status
+    and headers without the body. HEAD stays out of the OpenAPI schema, which would list every
+    route twice, and whose clients (and fuzzers) expect an error to carry a body."""
+
+    def register(endpoint: Endpoint) -> Endpoint:
+        router.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+        return router.get(path)(endpoint)
+
+    return register
 
 
 @dataclass(frozen=True)
@@ -155,12 +170,12 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 
 
-@router.get("/v1/models")
+@get("/v1/models")
 async def models(request: Request) -> ModelList:
     return ModelList(data=[model_card(request)])
 
 
-@router.get("/v1/models/{model_id:path}")
+@get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     """OpenAI's retrieve: the served model's card, 404 for any other name (ids may hold '/')."""
     card = model_card(request)
@@ -178,18 +193,18 @@ def model_card(request: Request) -> ModelCard:
     )
 
 
-@router.get("/health")
+@get("/health")
 async def health() -> Response:
     """200 once the model is loaded: uvicorn only listens after the lifespan startup."""
     return Response(status_code=200)
 
 
-@router.get("/version")
+@get("/version")
 async def server_version() -> dict[str, str]:
     return {"version": version("expertflow")}
 
 
-@router.get("/metrics")
+@get("/metrics")
 async def metrics(request: Request) -> Response:
     """The engine's registry: it records request, token, latency and KV metrics itself."""
     registry = request.app.state.engine.metrics.registry

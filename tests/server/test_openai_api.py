@@ -86,6 +86,20 @@ def test_open_routes_need_no_key(server: RunningServer) -> None:
     assert "expertflow_kv_cache_usage_ratio" in httpx.get(f"{server.url}/metrics").text
 
 
+def test_get_routes_answer_head(server: RunningServer) -> None:
+    """Liveness probes (load balancers, `curl -I`) send HEAD, which was a 405: now GET's status
+    and headers, without the body; /v1 routes still need the key."""
+    with server.http() as http:
+        for path in ("/health", "/version", "/metrics", "/v1/models", "/v1/models/tiny"):
+            head, get = http.head(path), http.get(path)
+            assert head.status_code == get.status_code == 200 and head.content == b"", path
+            assert head.headers.get("content-type") == get.headers.get("content-type"), path
+        assert http.head("/v1/models/other").status_code == 404
+        assert "head" not in http.get("/openapi.json").json()["paths"]["/health"]
+    assert httpx.head(f"{server.url}/health").status_code == 200
+    assert httpx.head(f"{server.url}/v1/models").status_code == 401
+
+
 def test_chat_non_streaming(server: RunningServer, tokenizer) -> None:
     out = server.client.chat.completions.create(
         model="tiny", messages=MESSAGES, max_tokens=7, extra_body=ALWAYS_LENGTH, **GREEDY

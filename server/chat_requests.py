@@ -21,6 +21,7 @@ from server.tool_calls import (
     ToolCallIn,
     ToolChoice,
     forced_schema,
+    tool_choice_shape,
 )
 
 
@@ -145,6 +146,8 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateFields):
     _unsupported_chat = field_validator(
         "functions", "function_call", "audio", "prediction", "web_search_options"
     )(refuse_if_set)
+
+    _tool_choice_shape = field_validator("tool_choice", mode="before")(tool_choice_shape)
 
     @field_validator("tool_choice")
     @classmethod

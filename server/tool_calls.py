@@ -98,6 +98,29 @@ class ToolCallIn(RequestModel):
 
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+NAMED_CHOICE = '{"type": "function", "function": {"name": <the name of one of `tools`>}}'
+
+
+def tool_choice_shape(value: Any) -> Any:
+    """A tool_choice object checked for OpenAI's shape before the union parses it, which refused
+    one without `function` or its `name` in its first member's words ("Input should be 'none',
+    'auto' or 'required'"), saying nothing of what the object lacked."""
+    if value is None or isinstance(value, str):
+        return value  # the literals' own message lists the strings
+    if not isinstance(value, dict):
+        raise ValueError(f'must be "none", "auto", "required" or {NAMED_CHOICE}')
+    function = value.get("function")
+    if value.get("type") != "function":
+        problem = '`type` must be "function"'
+    elif not isinstance(function, dict):
+        problem = "`function` is missing" if function is None else "`function` must be an object"
+    elif not isinstance(name := function.get("name"), str):
+        problem = (
+            "`function.name` is missing" if name is None else "`function.name` must be a string"
+        )
+    else:
+        return value
+    raise ValueError(f"{problem}: a named tool choice is {NAMED_CHOICE}")
 
 
 def _parameters(tool: Tool) -> dict[str, Any]:

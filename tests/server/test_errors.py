@@ -96,6 +96,35 @@ BAD_REQUESTS = [
     (CHAT, chat(tools=[TOOL]), 400, "tool_choice", "--enable-auto-tool-choice"),
     (CHAT, chat(tool_choice="required"), 400, "tool_choice", "needs `tools`"),
     (CHAT, chat(tools=[TOOL], tool_choice=named("g")), 400, "tool_choice", "not one of `tools`"),
+    # a named choice short of its parts was "Input should be 'none', 'auto' or 'required'"
+    (
+        CHAT,
+        chat(tools=[TOOL], tool_choice={"type": "function"}),
+        400,
+        "tool_choice",
+        "`function` is missing",
+    ),
+    (
+        CHAT,
+        chat(tools=[TOOL], tool_choice={"type": "function", "function": {}}),
+        400,
+        "tool_choice",
+        "`function.name` is missing",
+    ),
+    (
+        CHAT,
+        chat(tools=[TOOL], tool_choice={"function": {"name": "f"}}),
+        400,
+        "tool_choice",
+        '`type` must be "function"',
+    ),
+    (
+        CHAT,
+        chat(tools=[TOOL], tool_choice=5),
+        400,
+        "tool_choice",
+        '"required" or {"type": "function"',
+    ),
     (
         CHAT,
         chat(tools=[TOOL], tool_choice="required", response_format={"type": "json_object"}),

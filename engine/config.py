@@ -103,7 +103,11 @@ class EngineConfig:
     cache_policy: str = flag("lru", "expert cache eviction policy", choices=CACHE_POLICIES)
     predictor: str = flag("none", "routing predictor feeding the prefetcher", choices=PREDICTORS)
     predictor_path: str | None = flag(None, "trained predictor file (for rpp and hybrid)")
-    prefetch_horizon: str = flag("auto", "MoE layers to prefetch ahead: auto (EF-25's rule) or N")
+    prefetch_horizon: str = flag(
+        "auto",
+        "MoE layers to prefetch ahead: auto (EF-25's rule) or N, within the MoE layers that "
+        "follow (a larger N is clamped to them, with a warning)",
+    )
     token_scheduler: str = flag(
         "fcfs",
         "which runnable decodes share a step when more than --token-group-size are runnable",

@@ -13,8 +13,11 @@ With accuracy p, prefetch only when p * min(d*T_l, C) > (1 - p) * C. Where a cop
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,6 +32,18 @@ class HorizonController:
     adjust: int = 0
     stall_streak: int = 0
     overfetch_streak: int = 0
+
+    def __post_init__(self) -> None:
+        """A fixed horizon is clamped to the layers that follow, as auto's is, with a word: a
+        --prefetch-horizon past them was silently the same as one reaching the last layer."""
+        if self.fixed is not None and self.fixed > self.max_horizon:
+            logger.warning(
+                "prefetch_horizon=%d: the model has %d MoE layers, so prefetches look at most %d "
+                "ahead",
+                self.fixed,
+                self.max_horizon + 1,
+                self._clamp(self.fixed),
+            )
 
     def observe_transfer(self, nbytes: int, seconds: float) -> None:
         if seconds > 0:

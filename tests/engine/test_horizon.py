@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
+import pytest
+
+from engine import LLM
 from engine.offload.horizon import HorizonController
 
 
@@ -56,6 +62,31 @@ def test_bounds_hold() -> None:
         fast.observe_layer(stalled=False, overfetched=True)
     assert fast.horizon(1) == 1
     assert HorizonController(max_horizon=3, expert_bytes=1, fixed=10).horizon(1) == 3
+
+
+def test_a_fixed_horizon_past_the_layers_is_clamped_with_a_warning(
+    mixtral_checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--prefetch-horizon 99 on the tiny Mixtral's 2 MoE layers was silently 1, within the auto
+    rule's bounds; now it says so once, at start."""
+    with caplog.at_level(logging.WARNING, logger="engine.offload.horizon"):
+        llm = LLM(
+            model=str(mixtral_checkpoint),
+            max_model_len=64,
+            predictor="pregate",
+            prefetch_horizon="99",
+        )
+    layers = len(llm.engine.model_config.moe_layers)
+    horizon = llm.engine.offload.prefetcher.horizon
+    assert horizon.horizon(1) == layers - 1
+    warnings = [r.getMessage() for r in caplog.records if r.name == "engine.offload.horizon"]
+    assert warnings == [
+        f"prefetch_horizon=99: the model has {layers} MoE layers, so prefetches look at most "
+        f"{layers - 1} ahead"
+    ]
+    caplog.clear()
+    HorizonController(max_horizon=3, expert_bytes=1, fixed=3)
+    assert not caplog.records
 
 
 def test_unmeasured_starts_one_layer_ahead() -> None:

@@ -143,7 +143,8 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
-        """A bad config.json (not JSON, wrong types, sizes < 1) is a ConfigError naming it."""
+        """A bad config.json (not JSON, wrong types, sizes < 1, a family or a field we do not
+        serve) is a ConfigError naming it by its path: from_dict's say only "config.json"."""
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise ConfigError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
@@ -154,8 +155,8 @@ class ModelConfig:
                 quant = json.loads(gptq.read_text())
                 raw["quantization_config"] = {"quant_method": "gptq", **quant}
             cfg = cls.from_dict(raw)
-        except ConfigError:
-            raise
+        except ConfigError as e:
+            raise ConfigError(f"{config_file}: {str(e).removeprefix('config.json: ')}") from e
         except (ValueError, TypeError, ArithmeticError, AttributeError, KeyError, OSError) as e:
             raise ConfigError(f"{config_file}: malformed ({type(e).__name__}: {e})") from e
         if small := next((k for k in POSITIVE_SIZES if getattr(cfg, k) < 1), None):

@@ -142,13 +142,16 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
         ('{"num_attention_heads": 0}', "malformed .ZeroDivisionError"),
         ('{"eos_token_id": "x"}', "malformed .ValueError"),
         ('{"max_position_embeddings": -1}', "max_position_embeddings=-1 must be >= 1"),
+        ('{"model_type": "llama"}', "model_type='llama' is not supported"),  # named no folder
+        ('{"num_experts_per_tok": 99}', "num_experts_per_tok=99 exceeds the number of experts"),
     ],
 )
 def test_hand_edited_config_json_is_named(
     mixtral_checkpoint: Path, tmp_path: Path, text: str, message: str
 ) -> None:
-    """Not JSON, wrong types or a size below 1: a ConfigError naming the file (one line of error
-    from the commands), where these raised JSONDecodeError, ValueError or a torch error."""
+    """Not JSON, wrong types, a size below 1, a family or field we do not serve: a ConfigError
+    naming the file by its path (one line of error from the commands), where these raised
+    JSONDecodeError, ValueError or a torch error, or (the family) named only "config.json"."""
     path = copy_checkpoint(mixtral_checkpoint, tmp_path / "ckpt")
     if text.startswith("{") and text.endswith("}"):
         edit_config(path, **json.loads(text))

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from belady import belady_misses  # noqa: E402
 from sim_link import SimLink  # noqa: E402
+from stall_bound import stall_lower_bound  # noqa: E402
 
 from engine.host_experts import HostExperts  # noqa: E402
 from engine.offload.cache import ExpertCache  # noqa: E402
@@ -191,6 +192,10 @@ def replay(
         "stall_s": link.stall_s,
         "stall_share": link.stall_s / (link.stall_s + compute_s),
         "horizon": prefetcher.current_horizon if prefetcher else 0,
+        # the least stall any system without host compute could have, on this link and clock
+        "stall_bound": stall_lower_bound(
+            lookups, [cost.layer_s] * len(lookups), cache.num_slots, link.expert_bytes / link.bps
+        ),
     }
 
 
@@ -258,6 +263,10 @@ def main() -> None:
                         f"{r['host_computes']} | {r['stall_s']:.3f} | {r['stall_share']:.3f} | {r['horizon']} |",
                         flush=True,
                     )
+                print(  # the same lookups and compute in every row
+                    f"| {batch} | {ratio} | link capacity bound (no host compute) | | | | "
+                    f"| {r['stall_bound']:.3f} | | |"
+                )
         print()
 
 

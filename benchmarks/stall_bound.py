@@ -44,3 +44,22 @@ def stall_lower_bound(
             if bound > 0 and best[start] + bound > best[end]:
                 best[end] = best[start] + bound
     return best[-1]
+
+
+def stall_lower_bound_of(
+    lookups: list[tuple[int, list[int]]],
+    compute_s: list[float],
+    counted: list[bool],
+    capacity: int,
+    copy_s: float,
+) -> float:
+    """The bound on the stall of the `counted` calls alone (decode steps, say): windows run over
+    consecutive counted calls only, each run bounded on its own."""
+    total, start = 0.0, None
+    for i, keep in enumerate([*counted, False]):
+        if keep and start is None:
+            start = i
+        elif not keep and start is not None:
+            total += stall_lower_bound(lookups[start:i], compute_s[start:i], capacity, copy_s)
+            start = None
+    return total

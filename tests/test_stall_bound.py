@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
-from stall_bound import stall_lower_bound  # noqa: E402
+from stall_bound import stall_lower_bound, stall_lower_bound_of  # noqa: E402
 
 Key = tuple[int, int]
 
@@ -110,3 +110,15 @@ def test_counts_what_no_slot_holds() -> None:
 def test_compute_times_must_match_calls() -> None:
     with pytest.raises(ValueError, match="3 compute times for 4 layer calls"):
         stall_lower_bound([(0, [e]) for e in range(4)], [0.0] * 3, 1, 1.0)
+
+
+def test_counted_calls_are_bounded_in_their_own_runs() -> None:
+    # a wide call (a prefill) between narrow ones: only it outgrows the slots
+    lookups = [(0, [0]), (0, [0, 1, 2, 3]), (0, [0])]
+    compute = [0.0, 0.0, 0.0]
+    assert stall_lower_bound(lookups, compute, 2, 1.0) == pytest.approx(2.0)
+    assert stall_lower_bound_of(lookups, compute, [True, False, True], 2, 1.0) == 0.0
+    # two runs of one-slot calls, each bounded alone: windows never span the uncounted call
+    lookups = [(0, [0]), (0, [1]), (0, [2]), (0, [3]), (0, [4]), (0, [5])]
+    counted = [True, True, False, True, True, True]
+    assert stall_lower_bound_of(lookups, [0.0] * 6, counted, 1, 1.0) == pytest.approx(1.0 + 2.0)

@@ -143,9 +143,17 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateFields):
     prediction: Any = None
     web_search_options: Any = None
 
-    _unsupported_chat = field_validator(
-        "functions", "function_call", "audio", "prediction", "web_search_options"
-    )(refuse_if_set)
+    _unsupported_chat = field_validator("functions", "function_call", "audio", "prediction")(
+        refuse_if_set
+    )
+
+    @field_validator("web_search_options")
+    @classmethod
+    def _refuse_web_search(cls, value: Any) -> Any:
+        """Even `{}`: that is how OpenAI's API asks for a web search with its defaults."""
+        if value is not None:
+            raise ValueError("not supported by this server")
+        return value
 
     _tool_choice_shape = field_validator("tool_choice", mode="before")(tool_choice_shape)
 

@@ -49,3 +49,13 @@ def test_stop_strings_are_capped() -> None:
         ChatCompletionRequest.model_validate_json(json.dumps(chat(stop=[*stops, "one more"])))
     message, param = validation_message(refused.value.errors()[0])
     assert param == "stop" and f"at most {MAX_STOP_STRINGS} stop strings" in message, message
+
+
+def test_web_search_options_are_refused_even_empty() -> None:
+    """`web_search_options: {}` is how OpenAI's API turns web search on with its defaults: an
+    empty object is a request, so answering without searching would be a wrong answer, quietly."""
+    with pytest.raises(ValidationError) as refused:
+        ChatCompletionRequest.model_validate_json(json.dumps(chat(web_search_options={})))
+    message, param = validation_message(refused.value.errors()[0])
+    assert param == "web_search_options" and "not supported" in message, message
+    assert ChatCompletionRequest.model_validate_json(json.dumps(chat(web_search_options=None)))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_LOGPROBS = 20
 
@@ -21,11 +23,12 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class GuidedDecoding:
-    """Structured output (engine/guided.py), one of: `json_schema` (a schema as JSON text),
-    `regex`, `choice` (exactly one of these strings), `grammar` (EBNF, as xgrammar reads it);
-    with none of them, any JSON object (OpenAI's json_object mode)."""
+    """Structured output (engine/guided.py), one of: `json_schema` (a schema as JSON text, or a
+    dict, kept as its JSON text, as vLLM takes either), `regex`, `choice` (exactly one of these
+    strings), `grammar` (EBNF, as xgrammar reads it); with none of them, any JSON object (OpenAI's
+    json_object mode)."""
 
-    json_schema: str | None = None
+    json_schema: str | dict[str, Any] | None = None
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
@@ -39,6 +42,8 @@ class GuidedDecoding:
     opener: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.json_schema, dict):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
         kinds = (self.json_schema, self.regex, self.choice, self.grammar)
         if sum(kind is not None for kind in kinds) > 1:
             raise RequestError(

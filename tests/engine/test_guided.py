@@ -259,6 +259,13 @@ def test_one_kind_of_structure_at_a_time() -> None:
         GuidedDecoding(choice=())
 
 
+def test_a_schema_given_as_a_dict_is_kept_as_its_json_text(llm: LLM) -> None:
+    """As vLLM's takes either: a dict failed in the engine's compile cache (unhashable type)."""
+    assert GuidedDecoding(SCHEMA) == GUIDED
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=60, guided=GuidedDecoding(SCHEMA)))
+    assert_matches_schema(out[0].text)
+
+
 def test_concurrent_compiles_of_one_grammar_compile_it_once(llm: LLM) -> None:
     """A completions batch's prompts compile their shared grammar together, each in a worker
     thread: one compiles, the others wait and share it (the cache alone would compile it in

@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=tuple(REASONING_PARSERS),
         help="split a thinking model's reasoning (up to </think>) out of chat answers, returned as "
         "`reasoning`; the rendered prompt's last think marker says whether an answer starts "
-        "thinking, and with none deepseek_r1 assumes it does, qwen3 only after <think>; "
+        "thinking, and with none deepseek_r1 and minimax_m2 assume it does, qwen3 and glm45 "
+        "only after <think>; "
         "openai_gptoss: gpt-oss's harmony analysis messages are reasoning, its final one content",
     )
     add_limit_arguments(parser)

@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
+# PyPI's Linux torch is its CUDA build (several GB of CUDA libraries); for the CPU-only one:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 HOST ?= 0.0.0.0
 PORT ?= 8000
 ARGS ?=
@@ -17,7 +20,7 @@ $(BIN)/python:
 # Installs torch only when none is importable (GPU users keep their CUDA build),
 # then the project with its test extras. Re-runs only when pyproject changes.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_CPU)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_CPU) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
 

@@ -220,11 +220,12 @@ class OffloadedExperts:
     def _slot_table(
         self, experts: list[int], slots: list[int], device: torch.device, fill: int = 0
     ) -> torch.Tensor:
-        table = torch.full(
-            (self.num_experts,), fill, dtype=torch.long, device=device
-        )  # expert -> slot
-        table[experts] = torch.tensor(slots, device=device)
-        return table
+        """expert -> slot [E], made on the host and sent as one tensor: every layer builds one,
+        and three small ops (fill, a tensor of slots, a scatter) cost several times as much."""
+        table = [fill] * self.num_experts
+        for expert, slot in zip(experts, slots, strict=True):
+            table[expert] = slot
+        return torch.tensor(table, dtype=torch.long, device=device)
 
     def _prefer_resident(
         self, layer: int, topk_ids: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype

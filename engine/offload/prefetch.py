@@ -19,7 +19,7 @@ from engine.offload.cache import ExpertCache
 from engine.offload.experts import DistinctExperts
 from engine.offload.horizon import HorizonController
 from engine.offload.policy import ExpertFlowPolicy, Key
-from engine.offload.predict.base import RoutingPredictor, found_at_k
+from engine.offload.predict.base import RoutingPredictor
 
 
 class Prefetcher:
@@ -40,7 +40,7 @@ class Prefetcher:
         self.index_of = {layer: i for i, layer in enumerate(moe_layers)}
         self.token_ids = torch.empty(0, dtype=torch.long)
         self.predicted: dict[int, set[int]] = {}  # moe index -> experts prefetched/predicted for it
-        self.next_layer_probs: torch.Tensor | None = None  # [T, E] one-layer-ahead prediction
+        self.next_layer_topk: torch.Tensor | None = None  # [T, k] one-layer-ahead predicted ids
         # summed where the routing is, read back only with the stats: scoring every layer must
         # not cost a GPU sync
         self.recall_sum: torch.Tensor | float = 0.0
@@ -63,11 +63,10 @@ class Prefetcher:
     def begin_step(self, token_ids: torch.Tensor, context: torch.Tensor) -> None:
         """token_ids [T], context [T, W]: before layer 0 of a step."""
         self.token_ids = token_ids
-        self.predicted, self.next_layer_probs = {}, None
+        self.predicted, self.next_layer_topk = {}, None
         path = self.predictor.path(token_ids, context)  # [L, T, E] or None
         if path is not None:
             self._prefetch(path[: self.current_horizon], first_index=0)
-            self.next_layer_probs = path[0]
         self._layer_start_s = self.clock()
         self._stall_at_start_s = self.cache.transfers.resolve_stalls()
 
@@ -94,7 +93,7 @@ class Prefetcher:
         ahead = self.predictor.ahead(
             index, residual, self.token_ids, topk_ids, self.current_horizon
         )
-        self.next_layer_probs = ahead[0] if ahead.shape[0] else None
+        self.next_layer_topk = None  # until the ranking of the layers ahead sets it
         in_use = frozenset((layer, e) for e in distinct)  # this layer's, about to run
         self._prefetch(ahead, first_index=index + 1, in_use=in_use)
 
@@ -109,7 +108,10 @@ class Prefetcher:
         run)."""
         room = self.cache.num_slots // 2  # the layer running now is pinned anyway
         protected, wanted = set(in_use), []
-        for s, ranked in enumerate(self._ranked(probs)):
+        rankings, top_ids = self._ranked(probs)
+        if rankings:  # each token's predicted top-k for the next layer, scored when it runs
+            self.next_layer_topk = top_ids[0]
+        for s, ranked in enumerate(rankings):
             index, layer = first_index + s, self.moe_layers[first_index + s]
             experts = ranked[:room]
             if not experts:
@@ -133,13 +135,16 @@ class Prefetcher:
         # demo model (1x link) it cut misses by 10-25% and stall by a third or more.
         if wanted and (self.horizon.copies_within(1) or 0) >= 1 and not self.cache.copying():
             layer = wanted[0][0]
-            (runner_up,) = self._ranked(probs[:1], self.top_k + 1)
+            (runner_up,), _ = self._ranked(probs[:1], self.top_k + 1)
             self.cache.prefetch(layer, [e for e in runner_up if e not in wanted[0][1]][:1], 1)
 
-    def _ranked(self, probs: torch.Tensor, depth: int | None = None) -> list[list[int]]:
+    def _ranked(
+        self, probs: torch.Tensor, depth: int | None = None
+    ) -> tuple[list[list[int]], torch.Tensor]:
         """probs [h, T, E] -> for each layer ahead, the union of each token's top-k (or
-        top-`depth`) experts by summed probability, highest first (ties: lowest id first). Sorted
-        where the tensors are and read back once: the horizon may reach dozens of layers."""
+        top-`depth`) experts by summed probability, highest first (ties: lowest id first), and
+        each token's top ids [h, T, k]. Sorted where the tensors are and read back once: the
+        horizon may reach dozens of layers."""
         h, tokens, num_experts = probs.shape
         k = min(depth or self.top_k, num_experts)
         top = probs.topk(k, dim=-1)  # [h, T, k]
@@ -147,19 +152,21 @@ class Prefetcher:
         mass.scatter_add_(1, top.indices.flatten(1), top.values.flatten(1).float())
         width = min(num_experts, tokens * k)  # no layer has more experts with mass
         order = mass.argsort(dim=1, descending=True, stable=True)[:, :width]  # [h, width]
-        flat = torch.cat(((mass > 0).sum(dim=1), order.flatten())).tolist()
-        return [flat[h + i * width : h + i * width + n] for i, n in enumerate(flat[:h])]
+        flat = torch.cat((mass.count_nonzero(dim=1), order.flatten())).tolist()
+        ranked = [flat[h + i * width : h + i * width + n] for i, n in enumerate(flat[:h])]
+        return ranked, top.indices
 
     def _score(self, index: int, topk_ids: torch.Tensor, distinct: list[int]) -> None:
         """Compare what was predicted for this layer with its actual routing (`distinct`: the
         experts it uses)."""
-        if (
-            self.next_layer_probs is not None
-            and self.next_layer_probs.shape[0] == topk_ids.shape[0]
-        ):
-            probs = self.next_layer_probs.to(topk_ids.device)
-            # float64: a server scores millions of layers, past float32's integer precision
-            self.recall_sum = self.recall_sum + found_at_k(probs, topk_ids).double()
+        predicted_ids = self.next_layer_topk
+        if predicted_ids is not None and predicted_ids.shape == topk_ids.shape:
+            predicted_ids = predicted_ids.to(topk_ids.device)  # a predictor may run elsewhere
+            found = (predicted_ids[:, :, None] == topk_ids[:, None, :]).any(dim=1)  # [T, k]
+            if not isinstance(self.recall_sum, torch.Tensor):
+                # float64: a server scores millions of layers, past float32's integer precision
+                self.recall_sum = torch.zeros((), dtype=torch.float64, device=found.device)
+            self.recall_sum.add_(found.sum(), alpha=1 / found.numel())  # this layer's recall@k
             self.recall_count += 1
         predicted = self.predicted.pop(index, None)
         # A stall on a prefetch still in flight says "look further ahead"; a stall on an expert

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
+import engine.offload.experts as experts_module
 from engine import LLM, SamplingParams
 from engine.offload.cache import ExpertCache
 from engine.offload.horizon import HorizonController
@@ -55,13 +56,13 @@ def test_each_layer_reads_its_expert_ids_back_once(
 ) -> None:
     """The prefetcher and the experts share one read-back a layer (a GPU sync each); a clone of
     the ids, as cache-aware routing makes, is read again."""
-    unique, reads = torch.Tensor.unique, []
+    read_back, reads = experts_module._distinct, []
 
-    def counted(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        reads.append(self.shape)
-        return unique(self, *args, **kwargs)
+    def counted(ids: torch.Tensor) -> list[int]:
+        reads.append(ids.shape)
+        return read_back(ids)
 
-    monkeypatch.setattr(torch.Tensor, "unique", counted)
+    monkeypatch.setattr(experts_module, "_distinct", counted)
     _, llm = greedy_run(mixtral_checkpoint, expert_cache_size=4, predictor="pregate")
     assert reads and llm.engine.offload.experts.distinct is llm.engine.offload.prefetcher.distinct
     steps = llm.engine.offload.experts.active_steps
@@ -70,6 +71,9 @@ def test_each_layer_reads_its_expert_ids_back_once(
     distinct = llm.engine.offload.experts.distinct
     assert distinct(ids) == [1, 2, 3] and distinct(ids.view(-1, 1)) == [1, 2, 3]
     assert distinct(ids.clone().fill_(0)) == [0]
+    for numel in (2, experts_module.SMALL_ROUTING, experts_module.SMALL_ROUTING + 2):
+        many = torch.randint(0, 64, (numel // 2, 2))  # read on the host, then by `unique`
+        assert experts_module._distinct(many) == many.unique().tolist()
 
 
 def test_failing_prefetches_fail_no_request(
@@ -236,10 +240,10 @@ def test_recall_scores_the_one_layer_ahead_guess_against_the_routing() -> None:
     assert prefetcher.recall == 0.0  # nothing scored yet
     guess = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.1, 0.3, 0.5, 0.1]])  # top-2 {0, 1}, {2, 1}
     for actual in ([[0, 2], [2, 1]], [[1, 0], [1, 2]]):  # 3 of 4 found, then all 4
-        prefetcher.next_layer_probs = guess
+        prefetcher._prefetch(guess[None], first_index=1)  # ranking layer 1 keeps the guess
         prefetcher._score(1, torch.tensor(actual), sorted({e for row in actual for e in row}))
     assert prefetcher.recall == pytest.approx((0.75 + 1.0) / 2)
-    prefetcher.next_layer_probs = guess[:1]  # a guess for other tokens is not scored
+    prefetcher._prefetch(guess[None, :1], first_index=1)  # a guess for other tokens: not scored
     prefetcher._score(1, torch.tensor([[3, 2], [3, 2]]), [2, 3])
     assert prefetcher.recall == pytest.approx(0.875) and prefetcher.recall_count == 2
 
@@ -253,10 +257,12 @@ def test_predictions_rank_each_layer_by_summed_probability() -> None:
             [[0.2, 0.2, 0.3, 0.3], [0.2, 0.2, 0.3, 0.3]],  # {2, 3}, twice: another tie
         ]
     )  # [h=3, T=2, E=4]
-    assert prefetcher._ranked(probs) == [[1, 0, 2], [3, 0, 2], [2, 3]]
+    ranked, top_ids = prefetcher._ranked(probs)
+    assert ranked == [[1, 0, 2], [3, 0, 2], [2, 3]]
+    assert torch.equal(top_ids, probs.topk(2, dim=-1).indices)  # [h, T, k]: scored later
     deeper = torch.tensor([[[0.1, 0.4, 0.2, 0.3]]])
-    assert prefetcher._ranked(deeper, depth=3) == [[1, 3, 2]]
-    assert prefetcher._ranked(probs[:0]) == []
+    assert prefetcher._ranked(deeper, depth=3)[0] == [[1, 3, 2]]
+    assert prefetcher._ranked(probs[:0])[0] == []
 
 
 def test_an_idle_fast_link_takes_one_guess_beyond_the_top_k() -> None:

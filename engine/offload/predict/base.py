@@ -37,12 +37,7 @@ class RoutingPredictor(Protocol):
 def recall_at_k(probs: torch.Tensor, actual: torch.Tensor) -> float:
     """Mean fraction of each token's actual top-k experts found in its predicted top-k.
     probs [T, E], actual [T, k] expert ids."""
-    return found_at_k(probs, actual).item()
-
-
-def found_at_k(probs: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
-    """`recall_at_k` as a 0-d tensor where the inputs are: no read-back (on a GPU, a sync)."""
     k = actual.shape[-1]
     predicted = probs.topk(k, dim=-1).indices  # [T, k]
     found = (predicted[:, :, None] == actual[:, None, :]).any(dim=1)  # [T, k]
-    return found.float().mean()
+    return found.float().mean().item()

@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -32,7 +30,8 @@ from stall_bound import stall_lower_bound, stall_lower_bound_of  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.config import DEFAULT_MODEL  # noqa: E402
 from engine.offload.cache import ExpertCache  # noqa: E402
-from engine.offload.experts import OffloadedExperts  # noqa: E402
+from engine.runner import ModelRunner  # noqa: E402
+from engine.sequence import Sequence  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,22 +81,22 @@ def run(model: str, prompts: list[list[int]], new_tokens: int, batch: int, **fla
     lookups: list[tuple[int, list[int]]] = []
     clock: list[tuple[float, float]] = []  # (time, stall so far) at each lookup
     prompt_calls: list[bool] = []  # whether each lookup's layer call ran prompt tokens
-    acquire, experts_call = ExpertCache.acquire, OffloadedExperts.__call__
-    tokens = 0
+    acquire, execute = ExpertCache.acquire, ModelRunner.execute
+    prompt_step = False
 
     def recording(self: ExpertCache, layer: int, experts: list[int]):  # noqa: ANN202
         lookups.append((layer, list(experts)))
         clock.append((time.perf_counter(), self.transfers.resolve_stalls()))
-        prompt_calls.append(tokens > batch)  # a decode-only step has one token a sequence
+        prompt_calls.append(prompt_step)
         return acquire(self, layer, experts)
 
-    def counting(self: OffloadedExperts, layer: int, hidden: torch.Tensor, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        nonlocal tokens
-        tokens = hidden.shape[0]
-        return experts_call(self, layer, hidden, *args, **kwargs)
+    def executing(self: ModelRunner, seqs: list[Sequence], num_new: list[int], *args, **kw):  # noqa: ANN002, ANN003, ANN202
+        nonlocal prompt_step
+        prompt_step = has_prompt_tokens(seqs, num_new)
+        return execute(self, seqs, num_new, *args, **kw)
 
     ExpertCache.acquire = recording  # type: ignore[method-assign]
-    OffloadedExperts.__call__ = counting  # type: ignore[method-assign]
+    ModelRunner.execute = executing  # type: ignore[method-assign]
     try:
         start = time.perf_counter()
         outs = llm.generate(
@@ -106,7 +105,7 @@ def run(model: str, prompts: list[list[int]], new_tokens: int, batch: int, **fla
         clock.append((time.perf_counter(), llm.engine.offload.cache.transfers.resolve_stalls()))
         elapsed = clock[-1][0] - start
     finally:
-        ExpertCache.acquire, OffloadedExperts.__call__ = acquire, experts_call  # type: ignore[method-assign]
+        ExpertCache.acquire, ModelRunner.execute = acquire, execute  # type: ignore[method-assign]
     stats = llm.offload_stats()
     cache = llm.engine.offload.cache
     stats["belady_misses"] = belady_misses(lookups, cache.num_slots, cache.warm_keys)
@@ -135,6 +134,16 @@ def run(model: str, prompts: list[list[int]], new_tokens: int, batch: int, **fla
     )
     llm.engine.offload.close()
     return stats
+
+
+def has_prompt_tokens(seqs: list[Sequence], num_new: list[int]) -> bool:
+    """Whether a step runs prompt tokens: a decode runs one token of a sequence whose prompt is
+    computed. Not a count of tokens: a prompt's last chunk (or a short prompt) may run no more
+    tokens than the batch has sequences, and a preempted sequence recomputes its own."""
+    return any(
+        n > 1 or s.num_computed_tokens < s.num_prompt_tokens
+        for s, n in zip(seqs, num_new, strict=True)
+    )
 
 
 def systems(ratio: float, rpp: Path | None, hybrid: Path | None) -> list[tuple[str, dict]]:

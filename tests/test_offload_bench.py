@@ -1,0 +1,38 @@
+"""benchmarks/offload.py's instrumentation on the tiny Mixtral: which layer calls ran prompt tokens,
+and the link-capacity stall bound against the real engine's stall."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+
+from offload import has_prompt_tokens, run  # noqa: E402
+
+
+def test_a_prompts_last_chunk_is_a_prompt_step(mixtral_checkpoint: Path) -> None:
+    """9 prompt tokens at 8 a step: the second step runs the prompt's last token alone, as many
+    tokens as the batch has sequences; it was counted with the decode steps."""
+    stats = run(
+        str(mixtral_checkpoint),
+        [list(range(1, 10))],
+        3,
+        1,
+        max_model_len=64,
+        max_num_batched_tokens=8,
+        expert_cache_ratio=1.0,  # one lookup a layer call: no streaming
+    )
+    layers = stats["layers"]
+    assert stats["prompt_calls"] == [True] * 2 * layers + [False] * 2 * layers
+
+
+def test_prompt_tokens_are_told_by_the_sequences_not_the_token_count() -> None:
+    def seq(computed: int, prompt: int) -> SimpleNamespace:
+        return SimpleNamespace(num_computed_tokens=computed, num_prompt_tokens=prompt)
+
+    assert not has_prompt_tokens([seq(9, 9), seq(12, 4)], [1, 1])  # two decodes
+    assert has_prompt_tokens([seq(8, 9)], [1])  # a prompt's one-token last chunk
+    assert has_prompt_tokens([seq(12, 4), seq(0, 1)], [1, 1])  # a one-token prompt
+    assert has_prompt_tokens([seq(4, 4)], [3])  # a preempted sequence recomputing its tokens

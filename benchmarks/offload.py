@@ -273,11 +273,17 @@ def main() -> None:
                 )
                 bound = stall_lower_bound(lookups, compute, slots, copy_s)
                 in_decode = stall_lower_bound_of(lookups, compute, decode, slots, copy_s)
-                print(
-                    f"\nratio {ratio:.2f} ({slots} slots): at the all-resident speed the link's "
-                    f"capacity allows no less stall than {bound:.3f} s ({in_decode:.3f} s in decode "
-                    f"steps), {bound / lru['stall_seconds']:.1%} of lru on demand's stall"
-                )
+                print(f"\n{_bound_line(ratio, slots, bound, in_decode, lru['stall_seconds'])}")
+
+
+def _bound_line(ratio: float, slots: int, bound: float, in_decode: float, lru_s: float) -> str:
+    """The bound at the all-resident speed, against lru on demand's stall (which a ratio whose
+    slots hold the working set brings to 0)."""
+    share = f"{bound / lru_s:.1%} of lru on demand's stall" if lru_s else "lru on demand: 0 s"
+    return (
+        f"ratio {ratio:.2f} ({slots} slots): at the all-resident speed the link's capacity allows "
+        f"no less stall than {bound:.3f} s ({in_decode:.3f} s in decode steps), {share}"
+    )
 
 
 def _row(name: str, ratio: float, s: dict) -> str:

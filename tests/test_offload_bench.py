@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
-from offload import has_prompt_tokens, run  # noqa: E402
+from offload import _bound_line, has_prompt_tokens, run  # noqa: E402
 
 
 def test_a_prompts_last_chunk_is_a_prompt_step(mixtral_checkpoint: Path) -> None:
@@ -36,3 +36,11 @@ def test_prompt_tokens_are_told_by_the_sequences_not_the_token_count() -> None:
     assert has_prompt_tokens([seq(8, 9)], [1])  # a prompt's one-token last chunk
     assert has_prompt_tokens([seq(12, 4), seq(0, 1)], [1, 1])  # a one-token prompt
     assert has_prompt_tokens([seq(4, 4)], [3])  # a preempted sequence recomputing its tokens
+
+
+def test_the_bound_line_survives_an_lru_run_without_stall() -> None:
+    """A ratio whose slots hold the working set (1.0, say) leaves lru on demand 0 s of stall: the
+    share divided by it and the benchmark died after its runs."""
+    line = _bound_line(1.0, 96, 0.0, 0.0, 0.0)
+    assert line.endswith("(0.000 s in decode steps), lru on demand: 0 s")
+    assert _bound_line(0.5, 48, 0.25, 0.0, 1.0).endswith("25.0% of lru on demand's stall")

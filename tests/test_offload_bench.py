@@ -44,3 +44,17 @@ def test_the_bound_line_survives_an_lru_run_without_stall() -> None:
     line = _bound_line(1.0, 96, 0.0, 0.0, 0.0)
     assert line.endswith("(0.000 s in decode steps), lru on demand: 0 s")
     assert _bound_line(0.5, 48, 0.25, 0.0, 1.0).endswith("25.0% of lru on demand's stall")
+
+
+def test_the_real_engine_never_stalls_less_than_its_own_bound(mixtral_checkpoint: Path) -> None:
+    """On the emulated link, with the run's own compute times: resident-first and streaming (one
+    slot, calls of several experts) included."""
+    prompts = [list(range(1, 10)), [5, 6, 7]]
+    for flags in ({"expert_cache_size": 1}, {"expert_cache_size": 3, "resident_first": True}):
+        probe = run(str(mixtral_checkpoint), prompts, 4, 2, max_model_len=64, **flags)
+        link_gbps = probe["expert_bytes"] / 2e-3 / 1e9  # 2 ms a copy
+        stats = run(
+            str(mixtral_checkpoint), prompts, 4, 2, max_model_len=64, link_gbps=link_gbps, **flags
+        )
+        assert 0 < stats["stall_bound"] <= stats["stall_seconds"]
+        assert stats["decode_stall_s"] <= stats["stall_seconds"]

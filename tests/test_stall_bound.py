@@ -122,3 +122,22 @@ def test_counted_calls_are_bounded_in_their_own_runs() -> None:
     lookups = [(0, [0]), (0, [1]), (0, [2]), (0, [3]), (0, [4]), (0, [5])]
     counted = [True, True, False, True, True, True]
     assert stall_lower_bound_of(lookups, [0.0] * 6, counted, 1, 1.0) == pytest.approx(1.0 + 2.0)
+
+
+def test_never_above_the_real_caches_stall_on_the_simulated_link() -> None:
+    """The production cache, policies and prefetcher on replay.py's link: calls wider than the
+    slots (streamed) and prefetches included, none stalls less than the bound of its lookups."""
+    from replay import Cost, replay, wave_steps
+
+    from tests.synthetic_traces import synthetic_traces
+
+    traces, positive = synthetic_traces(8, seed=1), 0
+    for layer_s in (0.05, 0.5):
+        cost = Cost("test", expert_bytes=100, link_bps=100.0, layer_s=layer_s)  # a copy: 1 s
+        for batch, ratio in ((1, 0.25), (4, 0.1), (4, 0.5)):  # 0.1: one slot, two experts a call
+            steps = wave_steps(traces, batch, 6)
+            for policy, predictor in (("lru", "none"), ("expertflow", "oracle")):
+                r = replay(traces, cost, ratio, policy, predictor, steps)
+                assert r["stall_bound"] <= r["stall_s"] + 1e-9
+                positive += r["stall_bound"] > 0
+    assert positive >= 6

@@ -67,6 +67,8 @@ class Prefetcher:
         path = self.predictor.path(token_ids, context)  # [L, T, E] or None
         if path is not None:
             self._prefetch(path[: self.current_horizon], first_index=0)
+            if self.next_layer_topk is None:  # horizon 0 (one MoE layer): scored all the same
+                self.next_layer_topk = path[0].topk(min(self.top_k, path.shape[-1])).indices
         self._layer_start_s = self.clock()
         self._stall_at_start_s = self.cache.transfers.resolve_stalls()
 

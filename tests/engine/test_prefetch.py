@@ -248,6 +248,19 @@ def test_recall_scores_the_one_layer_ahead_guess_against_the_routing() -> None:
     assert prefetcher.recall == pytest.approx(0.875) and prefetcher.recall_count == 2
 
 
+def test_a_path_is_scored_when_nothing_lies_ahead_to_prefetch() -> None:
+    """One MoE layer: the horizon is 0, nothing is prefetched, and the path's guess for layer 0
+    is still scored."""
+    guess = torch.tensor([[[0.5, 0.3, 0.1, 0.1]]])  # [L=1, T=1, E=4]: top-2 {0, 1}
+    predictor = SimpleNamespace(kind="rpp", context_window=0, path=lambda ids, ctx: guess)
+    prefetcher, cache = _prefetcher(ExpertFlowPolicy(), [0.0])
+    horizon = HorizonController(max_horizon=0, expert_bytes=1000)
+    prefetcher = Prefetcher(predictor, cache, (0,), horizon, 2)  # type: ignore[arg-type]
+    prefetcher.begin_step(torch.tensor([7]), torch.zeros(1, 0, dtype=torch.long))
+    prefetcher._score(0, torch.tensor([[1, 3]]), [1, 3])
+    assert cache.issued == [] and prefetcher.recall == pytest.approx(0.5)
+
+
 def test_predictions_rank_each_layer_by_summed_probability() -> None:
     prefetcher, _ = _prefetcher(ExpertFlowPolicy(), [0.0])
     probs = torch.tensor(

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -208,6 +210,10 @@ def main() -> None:
         help="also run rpp and hybrid (traces + trains them once under runs/)",
     )
     args = parser.parse_args()
+    # One core computes, the other is the link's thread, as a GPU's copy engine takes none of
+    # its compute: with torch's two threads the link's wake-ups stalled their barriers and an
+    # offloaded layer took 2-2.5x the all-resident one, so a 1x link behaved as a 0.4x one.
+    torch.set_num_threads(1)
     llm = LLM(model=args.model)
     prompts = heldout_prompts(llm.tokenizer, args.prompts, args.prompt_len)
     del llm
@@ -246,15 +252,8 @@ def main() -> None:
             streaming = run(
                 args.model, prompts, args.new_tokens, batch, expert_cache_size=1, link_gbps=gbps
             )
-            print(
-                _row(
-                    "streaming (1 slot)",
-                    streaming["expert_cache_slots"]  # slots over experts, in the store's bytes
-                    * streaming["expert_bytes"]
-                    / streaming["total_expert_bytes"],
-                    streaming,
-                )
-            )
+            held = streaming["expert_cache_slots"] * streaming["expert_bytes"]  # the store's bytes
+            print(_row("streaming (1 slot)", held / streaming["total_expert_bytes"], streaming))
             baselines = []
             for ratio in args.ratios:
                 for name, flags in systems(ratio, rpp, hybrid):
@@ -266,13 +265,13 @@ def main() -> None:
                         baselines.append((ratio, stats))
             copy_s, decode = regime * layer_s, [not p for p in base["prompt_calls"]]
             for ratio, lru in baselines:  # the same lookups: outputs never depend on the cache
-                slots, lookups, compute = (
+                slots, calls, compute = (
                     lru["expert_cache_slots"],
                     base["lookups"],
                     base["compute_s"],
                 )
-                bound = stall_lower_bound(lookups, compute, slots, copy_s)
-                in_decode = stall_lower_bound_of(lookups, compute, decode, slots, copy_s)
+                bound = stall_lower_bound(calls, compute, slots, copy_s)
+                in_decode = stall_lower_bound_of(calls, compute, decode, slots, copy_s)
                 print(f"\n{_bound_line(ratio, slots, bound, in_decode, lru['stall_seconds'])}")
 
 

@@ -21,6 +21,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=48)
     parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args()
+    torch.set_num_threads(1)  # the other core is the link's: see offload.py
     tracer = LLM(model=args.model)
     prompts = heldout_prompts(tracer.tokenizer, args.prompts, args.prompt_len)
     print(f"command: {' '.join(sys.argv)}")

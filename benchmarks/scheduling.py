@@ -180,6 +180,7 @@ def main() -> None:
         "without it, each sequence's last observed route",
     )
     args = parser.parse_args()
+    torch.set_num_threads(1)  # the other core is the link's: see offload.py
     print(f"command: {' '.join(sys.argv)}\n")
     tokenizer = LLM(model=args.model).tokenizer
     prompts = heldout_windows(tokenizer, max(args.concurrency), 32)

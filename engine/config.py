@@ -128,6 +128,11 @@ class EngineConfig:
         False, "run a missing expert on the host when measured quicker than copying it (Fiddler)"
     )
     link_gbps: float | None = flag(None, "emulate a host-device link of this many GB/s (CPU only)")
+    cpu_threads: int | None = flag(
+        None,
+        "torch threads on the CPU (default: torch's, less one core for the expert link's thread "
+        "when experts are offloaded)",
+    )
     fp8_experts: bool = flag(
         True,
         "keep an FP8 checkpoint's routed experts FP8 in host memory and over the link, each "
@@ -180,7 +185,13 @@ class EngineConfig:
             raise ConfigError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r}: choose one of {', '.join(KV_CACHE_DTYPES)}"
             )
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "block_size",
+            "max_model_len",
+            "cpu_threads",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1")

@@ -25,9 +25,10 @@ logger = logging.getLogger(__name__)
 
 
 def set_cpu_threads(threads: int | None, offloaded: bool) -> None:
-    """--cpu-threads, or one core left to the expert link's thread when experts are offloaded on
-    a CPU: torch's threads on every core stall at their barriers each time the link's thread wakes,
-    and offloaded layers ran 2x slower for it (benchmarks/RESULTS.md, session 16)."""
+    """--cpu-threads (the host's threads, on any device), or one core left to the expert link's
+    thread when experts are offloaded on a CPU: torch's threads on every core stall at their
+    barriers each time the link's thread wakes, and offloaded layers ran 2x slower for it
+    (benchmarks/RESULTS.md, session 16)."""
     if threads is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         cores = cores or 1
@@ -54,8 +55,7 @@ class OffloadRuntime:
         total = self.store.num_total_experts
         ratio = 1.0 if config.expert_cache_ratio is None else config.expert_cache_ratio
         num_slots = config.expert_cache_size or max(1, math.floor(ratio * total))
-        if device.type == "cpu":
-            set_cpu_threads(config.cpu_threads, offloaded=num_slots < total)
+        set_cpu_threads(config.cpu_threads, offloaded=device.type == "cpu" and num_slots < total)
         self.transfers = TransferEngine(device, config.link_gbps)
         try:
             self.cache = ExpertCache(

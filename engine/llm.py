@@ -1,4 +1,4 @@
-"""The offline API, like vLLM's: `LLM(model=..., **flags).generate(prompts, params)`."""
+"""The offline API, like vLLM's: `LLM(model=..., **flags).generate(prompts, sampling_params)`."""
 
 from __future__ import annotations
 
@@ -44,6 +44,24 @@ def _template_message(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "role": role, "content": "" if content is None else content}
 
 
+Prompt = (
+    str | list[int] | dict[str, Any]
+)  # text, token ids, or vLLM's {"prompt"|"prompt_token_ids": ...}
+
+
+def _unwrap(prompt: Prompt) -> str | list[int]:
+    """A prompt's text or token ids; a vLLM-style dict gives exactly one of the two."""
+    if not isinstance(prompt, dict):
+        return prompt
+    given = [key for key in ("prompt", "prompt_token_ids") if key in prompt]
+    if len(given) != 1 or set(prompt) - {"prompt", "prompt_token_ids"}:
+        raise ValueError(
+            "a dict prompt takes exactly one of 'prompt' (text) and 'prompt_token_ids', "
+            f"got keys {sorted(prompt)}"
+        )
+    return prompt[given[0]]
+
+
 class LLM:
     def __init__(self, model: str | None = None, **flags: Any) -> None:
         if model is not None:
@@ -57,16 +75,18 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[str] | list[list[int]],
-        params: SamplingParams | list[SamplingParams] | None = None,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[GenerationResult]:
         """Run every prompt through continuous batching; results come back in prompt order.
-        `params` is one SamplingParams for all prompts or a list with one per prompt (as in vLLM).
-        As in vLLM, a completion stops where the context ends (finish reason "length"); only a
-        prompt that fills the context is refused."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        A prompt is text, token ids, or (as vLLM's TextPrompt / TokensPrompt) a dict with
+        `prompt` or `prompt_token_ids`. `sampling_params` is one SamplingParams for all prompts
+        or a list with one per prompt (as in vLLM). As in vLLM, a completion stops where the
+        context ends (finish reason "length"); only a prompt that fills the context is refused."""
+        if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
+        params = sampling_params
         if not isinstance(params, list):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
@@ -75,6 +95,7 @@ class LLM:
         results: dict[str, GenerationResult] = {}
         try:
             for prompt, prompt_params in zip(prompts, params, strict=True):
+                prompt = _unwrap(prompt)  # type: ignore[arg-type]
                 ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
                 request_id = f"offline-{next(self._ids)}"
                 self.engine.add_request(request_id, ids, prompt_params, fit_to_context=True)
@@ -104,7 +125,7 @@ class LLM:
     def chat(
         self,
         messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-        params: SamplingParams | list[SamplingParams] | None = None,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
         tools: list[dict[str, Any]] | None = None,
         chat_template: str | None = None,
@@ -137,7 +158,7 @@ class LLM:
                 **(chat_template_kwargs or {}),
             )
             prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
-        return self.generate(prompts, params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def offload_stats(self) -> dict[str, float]:
         """Expert cache and transfer statistics since start (keys in DESIGN §6)."""

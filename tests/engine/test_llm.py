@@ -33,3 +33,18 @@ def test_a_failed_step_leaves_no_request_behind(
         llm.generate(PROMPTS, GREEDY)
     assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0
     assert [o.token_ids for o in llm.generate(PROMPTS[:1], GREEDY)] == expected
+
+
+def test_prompts_as_vllm_dicts(mixtral_checkpoint: Path) -> None:
+    """vLLM's TextPrompt / TokensPrompt dicts and its `sampling_params=` keyword work as the plain
+    forms do; a dict with both or neither key, or another key, is refused before anything runs."""
+    llm = LLM(model=str(mixtral_checkpoint), max_model_len=32)
+    text = llm.tokenizer.decode(PROMPTS[1])
+    expected = [o.token_ids for o in llm.generate([PROMPTS[0], text], GREEDY)]
+    dicts = [{"prompt_token_ids": PROMPTS[0]}, {"prompt": text}]
+    assert [o.token_ids for o in llm.generate(dicts, sampling_params=GREEDY)] == expected
+    assert llm.generate(dicts[0], GREEDY)[0].token_ids == expected[0]
+    for bad in ({}, {"prompt": text, "prompt_token_ids": PROMPTS[0]}, {"prompt": text, "x": 1}):
+        with pytest.raises(ValueError, match="exactly one of"):
+            llm.generate([dicts[0], bad], GREEDY)
+    assert not llm.engine.has_unfinished() and llm.engine.blocks.num_used == 0

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
 from offload import _bound_line, has_prompt_tokens, run  # noqa: E402
@@ -58,3 +60,25 @@ def test_the_real_engine_never_stalls_less_than_its_own_bound(mixtral_checkpoint
         )
         assert 0 < stats["stall_bound"] <= stats["stall_seconds"]
         assert stats["decode_stall_s"] <= stats["stall_seconds"]
+
+
+def test_the_gpu_benchmark_runs_its_systems_on_the_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """benchmarks/offload_gpu.py waits for a lent GPU: a tiny shape on the CPU checks that it
+    builds its checkpoint, prints each system's row, and that no row's outputs differ from the
+    all-resident run's."""
+    import offload_gpu
+
+    argv = "--device cpu --dtype float32 --layers 2 --hidden 32 --intermediate 64 --heads 2"
+    argv += f" --kv-heads 1 --batch-sizes 2 --ratios 0.5 --prompts 2 --new-tokens 3 --workdir {tmp_path}"
+    monkeypatch.setattr(sys, "argv", ["offload_gpu.py", *argv.split()])
+    offload_gpu.main()
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "ratio" not in line]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| all resident",
+        "| lru on demand",
+        "| pregate auto + expertflow + RF",
+    ]
+    assert "outputs differ" not in out and "no link" in out

@@ -38,11 +38,14 @@ class FunctionDefinition(RequestModel):
     @classmethod
     def _object_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         """Arguments are a JSON object (OpenAI's rule); nesting is bounded as for response_format,
-        since chat templates and grammar compiles recurse through it."""
+        since chat templates and grammar compiles recurse through it. `$defs` must map names to
+        schemas: "required" lifts each tool's to the top of its forced schema."""
         if value is None:
             return value
         if value.get("type", "object") != "object":
             raise ValueError("must be a JSON schema of type 'object'")
+        if not isinstance(value.get("$defs", {}), dict):
+            raise ValueError("`$defs` must be an object of named schemas")
         if _too_deep(value):
             raise ValueError(f"nests deeper than {MAX_SCHEMA_DEPTH} levels")
         return value

@@ -136,6 +136,9 @@ BAD_REQUESTS = [
     (CHAT, chat(tools=[], tool_choice="none"), 400, "tools", "at least 1"),
     (CHAT, chat(tools=[tool(deep(40))], tool_choice="none"), 400, TOOL_PARAMS, "deeper than"),
     (CHAT, chat(tools=[tool({"type": "string"})], tool_choice="none"), 400, TOOL_PARAMS, "object"),
+    # "required" lifts each tool's `$defs` to the top: one that is no object was a 500
+    (CHAT, chat(tools=[tool({"$defs": "x"})], tool_choice="required"), 400, TOOL_PARAMS, "$defs"),
+    (CHAT, chat(tools=[tool({"$defs": None})], tool_choice="required"), 400, TOOL_PARAMS, "$defs"),
     (
         CHAT,
         chat(tools=[tool(defs("int")), tool(defs("str"), "g")], tool_choice="required"),

@@ -60,12 +60,18 @@ def _admits(schema: Any, kind: str) -> bool:
     kinds = schema.get("type")
     if kinds == kind or (isinstance(kinds, list) and kind in kinds):
         return True
-    branches = [b for key in ("anyOf", "oneOf") for b in schema.get(key) or ()]
-    values = [*(schema.get("enum") or ()), *([schema["const"]] if "const" in schema else ())]
+    branches = [b for key in ("anyOf", "oneOf") for b in _listed(schema, key)]
+    values = [*_listed(schema, "enum"), *([schema["const"]] if "const" in schema else ())]
     listed = {"string": str, "null": type(None)}.get(kind)
     return any(_admits(b, kind) for b in branches) or (
         listed is not None and any(isinstance(v, listed) for v in values)
     )
+
+
+def _listed(schema: Mapping[str, Any], key: str) -> list[Any]:
+    """A keyword's list, or none where the request's schema (never checked as one) has no list."""
+    value = schema.get(key)
+    return value if isinstance(value, list) else []
 
 
 def _no_constant(name: str) -> Any:

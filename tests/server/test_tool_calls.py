@@ -347,6 +347,16 @@ def test_odd_model_json_is_text_or_safe_to_send(parser: str) -> None:
     assert call.arguments.encode() and json.loads(call.arguments) == {"a": "\udc00 é"}
 
 
+@pytest.mark.parametrize("parser", sorted(UNTYPED))
+@pytest.mark.parametrize("schema", [{"enum": 3}, {"anyOf": 5}, {"oneOf": True}])
+def test_a_malformed_parameter_schema_types_nothing(parser: str, schema: dict[str, Any]) -> None:
+    """The request's tools are not checked as JSON schemas: an `enum`, `anyOf` or `oneOf` that is
+    no list types nothing (reading it made the model's call a 500)."""
+    text = UNTYPED[parser]("f", {"a": "1"})
+    [call] = TOOL_CALL_PARSERS[parser].parse(text, {"f": {"properties": {"a": schema}}})[1]
+    assert json.loads(call.arguments) == {"a": 1}
+
+
 def test_auto_mistral_requests_keep_special_tokens() -> None:
     """[TOOL_CALLS] is a special token: skipped, the parser would never see it."""
     body = {"messages": MESSAGES, "tools": [WEATHER]}

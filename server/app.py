@@ -77,7 +77,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         renderer = ChatRenderer(engine.tokenizer, settings.chat_template)
         renderer.check()
         app.state.engine = engine
-        policy = app.state.policy = RequestPolicy(timeout_s=settings.limits.request_timeout_s)
+        policy = app.state.policy = RequestPolicy(
+            timeout_s=settings.limits.request_timeout_s,
+            max_prompt_logprobs=settings.limits.max_prompt_logprobs,
+        )
         formats = ChatFormats(
             None
             if settings.tool_call_parser is None

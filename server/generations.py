@@ -25,6 +25,7 @@ class RequestPolicy:
 
     timeout_s: float | None = None
     shutting_down: bool = False
+    max_prompt_logprobs: int | None = None  # entries a request may ask for (server.limits)
 
 
 @dataclass
@@ -155,6 +156,26 @@ async def _all_or_none(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _check_prompt_logprobs(
+    prompts: list[list[int]], params: SamplingParams, limit: int | None
+) -> None:
+    """400 for a request whose prompt logprobs would outgrow `limit` entries. They are built
+    whole, in the server's memory, once per choice (as vLLM's answer repeats them): 128 prompts
+    of 900 tokens at n=128 and k=20 would take hundreds of GB and end the server."""
+    k = params.prompt_logprobs
+    if k is None or limit is None:
+        return
+    entries = sum(map(len, prompts)) * (k + 1) * params.n
+    if entries > limit:
+        raise APIError(
+            400,
+            f"The request asks for {entries} prompt logprob entries (prompt tokens x (k + 1) x n, "
+            f"with prompt_logprobs or echo with logprobs); this server allows {limit} "
+            "(--max-prompt-logprobs). Send fewer prompts, a smaller n or k.",
+            param="prompt_logprobs",
+        )
+
+
 class Generations:
     """A request's engine requests: one, or one per prompt of a completions batch, whose prompt p's
     choice i is the answer's choice p * n + i (as vLLM numbers them). Started together, so the
@@ -172,6 +193,7 @@ class Generations:
         request_id: str,
         policy: RequestPolicy,
     ) -> Generations:
+        _check_prompt_logprobs(prompts, params, policy.max_prompt_logprobs)
         ids = (
             [request_id]
             if len(prompts) == 1

@@ -25,6 +25,8 @@ class Limits:
     max_waiting_requests: int = 256
     request_timeout_s: float | None = None  # None: a request may run as long as it generates
     graceful_shutdown_s: float = 5.0
+    # prompt logprob entries a request may ask for: each is built in the server's memory, n times
+    max_prompt_logprobs: int = 1_000_000
 
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +50,13 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
         "an error event) (default: no limit)",
     )
     group.add_argument(
+        "--max-prompt-logprobs",
+        type=_at_least(0, int),
+        default=Limits.max_prompt_logprobs,
+        help="prompt logprob entries a request may ask for (prompt tokens x (k + 1) x n, summed "
+        "over its prompts, with prompt_logprobs or echo with logprobs); more get 400",
+    )
+    group.add_argument(
         "--graceful-shutdown-timeout",
         type=_at_least(0.0, float),
         default=Limits.graceful_shutdown_s,
@@ -61,6 +70,7 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         args.max_waiting_requests,
         args.request_timeout,
         args.graceful_shutdown_timeout,
+        args.max_prompt_logprobs,
     )
 
 

@@ -217,6 +217,20 @@ BAD_REQUESTS = [
         "prompt_logprobs",
         "greater than or equal to 0",
     ),
+    (  # 128 prompts x 100 tokens x 21 x 4 choices: past the default 1,000,000 entries
+        COMPLETIONS,
+        completion(prompt=[[5] * 100] * 128, n=4, prompt_logprobs=20),
+        400,
+        "prompt_logprobs",
+        "1075200 prompt logprob entries",
+    ),
+    (  # an echo with logprobs scores the prompt too
+        COMPLETIONS,
+        completion(prompt=[[5] * 100] * 128, n=4, echo=True, logprobs=20),
+        400,
+        "prompt_logprobs",
+        "--max-prompt-logprobs",
+    ),
     (
         COMPLETIONS,
         completion(structured_outputs={"regex": "(["}),

@@ -9,8 +9,10 @@ wasted prefetches feed the adaptive horizon (EF-25) and the `expertflow` policy'
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import repeat
 
 import torch
@@ -20,6 +22,24 @@ from engine.offload.experts import DistinctExperts
 from engine.offload.horizon import HorizonController
 from engine.offload.policy import ExpertFlowPolicy, Key
 from engine.offload.predict.base import RoutingPredictor
+
+
+@dataclass(frozen=True)
+class _Ranked:
+    """Layers ahead as `Prefetcher._ranked` ranks them: each layer's experts, best first; each
+    token's top-k ids [h, T, k]; and, made only when asked (an idle link's extra guess), the
+    same rankings one expert deeper."""
+
+    rankings: list[list[int]]
+    top_ids: torch.Tensor
+    deeper: Callable[[], list[list[int]]]
+
+    def slice(self, start: int, count: int) -> _Ranked:
+        """Layers start .. start + count - 1 (fewer at the path's end)."""
+        stop, deeper = start + count, self.deeper
+        return _Ranked(
+            self.rankings[start:stop], self.top_ids[start:stop], lambda: deeper()[start:stop]
+        )
 
 
 class Prefetcher:
@@ -49,6 +69,7 @@ class Prefetcher:
         self.current_horizon = horizon.horizon(top_k)
         self._layer_start_s = self._stall_at_start_s = 0.0
         self._late_seen = 0
+        self._path: _Ranked | None = None  # this step's whole path, ranked (a path predictor)
 
     @property
     def recall(self) -> float:
@@ -61,14 +82,18 @@ class Prefetcher:
         return self.predicted_used / self.predicted_count if self.predicted_count else 1.0
 
     def begin_step(self, token_ids: torch.Tensor, context: torch.Tensor) -> None:
-        """token_ids [T], context [T, W]: before layer 0 of a step."""
+        """token_ids [T], context [T, W]: before layer 0 of a step. A whole path (rpp) is ranked
+        here once: the layers ahead of each layer are slices of it, and ranking them again after
+        every layer cost more than the rest of the layer's prefetching."""
         self.token_ids = token_ids
-        self.predicted, self.next_layer_topk = {}, None
+        self.predicted, self.next_layer_topk, self._path = {}, None, None
         path = self.predictor.path(token_ids, context)  # [L, T, E] or None
         if path is not None:
-            self._prefetch(path[: self.current_horizon], first_index=0)
-            if self.next_layer_topk is None:  # horizon 0 (one MoE layer): scored all the same
-                self.next_layer_topk = path[0].topk(min(self.top_k, path.shape[-1])).indices
+            rankings, top_ids = self._ranked(path)
+            deeper = functools.cache(lambda: self._ranked(path, self.top_k + 1)[0])
+            self._path = _Ranked(rankings, top_ids, deeper)
+            self._prefetch(self._path.slice(0, self.current_horizon), first_index=0)
+            self.next_layer_topk = top_ids[0]  # scored at layer 0, whatever the horizon
         self._layer_start_s = self.clock()
         self._stall_at_start_s = self.cache.transfers.resolve_stalls()
 
@@ -92,17 +117,22 @@ class Prefetcher:
         self._score(index, topk_ids, distinct)
         self._measure_bandwidth()
         self.current_horizon = self.horizon.horizon(len(distinct))
-        ahead = self.predictor.ahead(
-            index, residual, self.token_ids, topk_ids, self.current_horizon
-        )
+        if self._path is not None:  # a path predictor's layers ahead are its path's
+            ahead = self._path.slice(index + 1, self.current_horizon)
+        else:
+            ahead = self._rank_ahead(
+                self.predictor.ahead(
+                    index, residual, self.token_ids, topk_ids, self.current_horizon
+                )
+            )
         self.next_layer_topk = None  # until the ranking of the layers ahead sets it
         in_use = frozenset((layer, e) for e in distinct)  # this layer's, about to run
         self._prefetch(ahead, first_index=index + 1, in_use=in_use)
 
     def _prefetch(
-        self, probs: torch.Tensor, first_index: int, in_use: frozenset[Key] = frozenset()
+        self, ahead: _Ranked, first_index: int, in_use: frozenset[Key] = frozenset()
     ) -> None:
-        """probs [h, T, E] for MoE layers first_index.. : protect and prefetch the likeliest experts,
+        """`ahead` ranks MoE layers first_index.. : protect and prefetch the likeliest experts,
         nearest layer first, until the protected tier holds half the slots (EF-25's high tier; the
         rest follows the policy, so far, unsure guesses never crowd out what is actually reused).
         An idle link that lands a copy within a layer also takes one guess beyond the top-k for
@@ -110,9 +140,9 @@ class Prefetcher:
         run)."""
         room = self.cache.num_slots // 2  # the layer running now is pinned anyway
         protected, wanted = set(in_use), []
-        rankings, top_ids = self._ranked(probs)
+        rankings = ahead.rankings
         if rankings:  # each token's predicted top-k for the next layer, scored when it runs
-            self.next_layer_topk = top_ids[0]
+            self.next_layer_topk = ahead.top_ids[0]
         for s, ranked in enumerate(rankings):
             index, layer = first_index + s, self.moe_layers[first_index + s]
             experts = ranked[:room]
@@ -136,9 +166,14 @@ class Prefetcher:
         # Nothing waits behind such a guess, and it lands before the next layer's lookups: on the
         # demo model (1x link) it cut misses by 10-25% and stall by a third or more.
         if wanted and (self.horizon.copies_within(1) or 0) >= 1 and not self.cache.copying():
-            layer = wanted[0][0]
-            (runner_up,), _ = self._ranked(probs[:1], self.top_k + 1)
-            self.cache.prefetch(layer, [e for e in runner_up if e not in wanted[0][1]][:1], 1)
+            layer, deeper = wanted[0][0], ahead.deeper()
+            self.cache.prefetch(layer, [e for e in deeper[0] if e not in wanted[0][1]][:1], 1)
+
+    def _rank_ahead(self, probs: torch.Tensor) -> _Ranked:
+        """probs [h, T, E] for the layers ahead, ranked (one layer deeper only for the first,
+        the only one an extra guess goes to)."""
+        rankings, top_ids = self._ranked(probs)
+        return _Ranked(rankings, top_ids, lambda: self._ranked(probs[:1], self.top_k + 1)[0])
 
     def _ranked(
         self, probs: torch.Tensor, depth: int | None = None

@@ -240,10 +240,14 @@ def test_recall_scores_the_one_layer_ahead_guess_against_the_routing() -> None:
     assert prefetcher.recall == 0.0  # nothing scored yet
     guess = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.1, 0.3, 0.5, 0.1]])  # top-2 {0, 1}, {2, 1}
     for actual in ([[0, 2], [2, 1]], [[1, 0], [1, 2]]):  # 3 of 4 found, then all 4
-        prefetcher._prefetch(guess[None], first_index=1)  # ranking layer 1 keeps the guess
+        prefetcher._prefetch(
+            prefetcher._rank_ahead(guess[None]), first_index=1
+        )  # ranking layer 1 keeps the guess
         prefetcher._score(1, torch.tensor(actual), sorted({e for row in actual for e in row}))
     assert prefetcher.recall == pytest.approx((0.75 + 1.0) / 2)
-    prefetcher._prefetch(guess[None, :1], first_index=1)  # a guess for other tokens: not scored
+    prefetcher._prefetch(
+        prefetcher._rank_ahead(guess[None, :1]), first_index=1
+    )  # a guess for other tokens: not scored
     prefetcher._score(1, torch.tensor([[3, 2], [3, 2]]), [2, 3])
     assert prefetcher.recall == pytest.approx(0.875) and prefetcher.recall_count == 2
 
@@ -289,6 +293,6 @@ def test_an_idle_fast_link_takes_one_guess_beyond_the_top_k() -> None:
         cache.copying = lambda copying=copying: copying
         prefetcher.horizon.observe_transfer(1000, 1e-3)  # a copy takes 1 ms
         prefetcher.horizon.observe_layer_time(layer_time_s)
-        prefetcher._prefetch(probs, first_index=1)
+        prefetcher._prefetch(prefetcher._rank_ahead(probs), first_index=1)
         assert cache.issued[0][:2] == (1, [0, 1])  # the top-k first
         assert ((1, [2], 1) in cache.issued) == runner_up  # a slow or busy link guesses nothing

@@ -114,9 +114,10 @@ class TransferEngine:
         """Make the compute path wait for `transfer`; its stall is added to `stall_s`."""
         if self.cuda:
             assert transfer.cuda_event is not None
+            compute = torch.cuda.current_stream(self.device)
             needed = torch.cuda.Event(enable_timing=True)
-            needed.record()
-            torch.cuda.current_stream(self.device).wait_event(transfer.cuda_event)
+            needed.record(compute)  # `record()` alone: the current device's stream, maybe not ours
+            compute.wait_event(transfer.cuda_event)
             self._pending_stalls.append((needed, transfer.cuda_event))
             return
         if transfer.done.is_set():

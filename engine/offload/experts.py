@@ -187,10 +187,12 @@ class OffloadedExperts:
         ready_slot = slots[next(i for i in range(len(distinct)) if i not in waiting)]
         weights = topk_weights.masked_fill(is_missing, 0)
         ids = torch.where(is_missing, torch.full_like(topk_ids, ready_slot), slot_of[topk_ids])
+        # each missing expert's (token, k) pairs, read back before any wait is queued: after one,
+        # a read-back holds the host until that copy lands (on a GPU)
+        found = [(topk_ids == distinct[i]).nonzero(as_tuple=True) for i in pending]
         acc.add_(self.cache.slots.run(hidden, weights, ids, self.gating, float32=True))
-        for i in pending:  # each missing expert, as its copy lands
+        for i, (rows, cols) in zip(pending, found, strict=True):  # each, as its copy lands
             self.cache.wait_ready(slots[i])
-            rows, cols = (topk_ids == distinct[i]).nonzero(as_tuple=True)
             slot_ids = torch.full_like(rows, slots[i])[:, None]
             acc.index_add_(
                 0,

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from engine.offload.cache import ExpertCache
 from engine.offload.experts import OffloadedExperts
@@ -152,7 +154,9 @@ def watch(sim: Sim, cache: ExpertCache, monkeypatch: pytest.MonkeyPatch) -> None
     )
     run = SlotPool.run
 
-    def reading(pool: SlotPool, hidden: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, *a, **k):
+    def reading(
+        pool: SlotPool, hidden: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, *a: Any, **k: Any
+    ) -> torch.Tensor:
         for slot in sorted(set(ids.flatten().tolist())):
             sim.op(sim.stream(), "read", slot)
         return run(pool, hidden, w, ids, *a, **k)
@@ -200,3 +204,50 @@ def test_a_stall_is_timed_on_the_stream_that_waits(
     transfers.wait(transfer)
     (needed, done), *_ = transfers._pending_stalls
     assert needed.device == done.device == 1
+
+
+class ReadBacks(TorchFunctionMode):
+    """Logs each read-back to the host (a sync on a GPU) outside the kernel (the torch path's
+    own read-backs are not the Triton kernel's)."""
+
+    SYNCS = (torch.Tensor.nonzero, torch.nonzero, torch.Tensor.tolist, torch.Tensor.item)
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log, self.in_kernel = log, False
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: object, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        if func in self.SYNCS and not self.in_kernel:
+            self.log.append("read-back")
+        return func(*args, **(kwargs or {}))
+
+
+def test_resident_first_reads_nothing_back_once_it_waits_for_a_copy() -> None:
+    """On a GPU a read-back after `wait_ready` holds the host until that copy lands, and the next
+    missing expert's kernel is queued only then: each missing expert's tokens are found first."""
+    store = make_store(layers=2, experts=4)
+    cache = ExpertCache(
+        store, 4, LRUPolicy(), TransferEngine(torch.device("cpu")), torch.device("cpu")
+    )
+    moe = OffloadedExperts(cache, 4, {}, resident_first=True)
+    log: list[str] = []
+    wait_ready = cache.wait_ready
+    cache.wait_ready = lambda slot, retry=True: (log.append("wait"), wait_ready(slot, retry))[1]
+    moe.begin_step()
+    ids = torch.tensor([[0, 2], [1, 3], [2, 0]])  # 0 and 1 resident (warm), 2 and 3 missing
+    mode, run = ReadBacks(log), cache.slots.run
+
+    def kernel(*args: Any, **kwargs: Any) -> torch.Tensor:
+        mode.in_kernel = True
+        try:
+            return run(*args, **kwargs)
+        finally:
+            mode.in_kernel = False
+
+    cache.slots.run = kernel
+    with mode:
+        out = moe(0, torch.randn(3, 8), ids, torch.rand(3, 2), torch.zeros(3, 4))
+    assert log.count("wait") == 2 and "read-back" not in log[log.index("wait") :]
+    assert out.shape == (3, 8)

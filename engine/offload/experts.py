@@ -44,6 +44,18 @@ class DistinctExperts:
         return self._distinct
 
 
+def to_device(
+    values: list[int] | list[bool], device: torch.device, dtype: torch.dtype = torch.long
+) -> torch.Tensor:
+    """A host list as a tensor on `device`. `torch.tensor(values, device="cuda")` copies from
+    pageable memory and synchronizes the stream, and a layer makes a few; from pinned memory the
+    copy is queued and the host goes on (torch's pinned-memory cache keeps the buffer until the
+    copy has run)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def _distinct(ids: torch.Tensor) -> list[int]:
     """Sorted distinct values of `ids`. A decode step's few ids are read back and sorted on the
     host: `unique` sorts through several ops, about 70 us on a CPU for a handful of ids; a
@@ -99,8 +111,12 @@ class OffloadedExperts:
             self.activated_total += len(distinct)
         on_host = []
         if self.cache.host is not None:  # tokens per expert: the host's cost depends on them
-            rows = torch.bincount(topk_ids.flatten(), minlength=self.num_experts)[distinct]
-            on_host = self.cache.take_host(layer, distinct, rows.tolist())
+            # one read-back: CUDA's bincount reads its input's min and max back, indexing by a
+            # list sends the list over
+            ids = topk_ids.flatten()
+            counts = torch.zeros(self.num_experts, dtype=ids.dtype, device=ids.device)
+            counts = counts.index_add_(0, ids, torch.ones_like(ids)).tolist()
+            on_host = self.cache.take_host(layer, distinct, [counts[e] for e in distinct])
         fits = not on_host and len(distinct) <= self.cache.num_slots
         if fits:
             slots, pending = self.cache.acquire(layer, distinct)
@@ -144,7 +160,7 @@ class OffloadedExperts:
             inputs.append((expert, rows, hidden[rows].to(host), topk_weights[rows, cols].to(host)))
         on_device = [e for e in distinct if e not in on_host]
         if on_device and on_host:  # host pairs weigh 0 here, on an expert the device runs anyway
-            is_host = torch.isin(topk_ids, torch.tensor(on_host, device=hidden.device))  # [T, k]
+            is_host = torch.isin(topk_ids, to_device(on_host, hidden.device))  # [T, k]
             ids = topk_ids.masked_fill(is_host, on_device[0])
             self._stream(layer, hidden, ids, topk_weights.masked_fill(is_host, 0), on_device, acc)
         elif on_device:
@@ -181,7 +197,7 @@ class OffloadedExperts:
         acc: torch.Tensor,
     ) -> None:
         """The resident experts into `acc` at once, then each missing one as its copy lands."""
-        missing = torch.tensor([distinct[i] for i in pending], device=hidden.device)
+        missing = to_device([distinct[i] for i in pending], hidden.device)
         is_missing = torch.isin(topk_ids, missing)  # [T, k]
         waiting = set(pending)
         ready_slot = slots[next(i for i in range(len(distinct)) if i not in waiting)]
@@ -222,7 +238,7 @@ class OffloadedExperts:
             group = distinct[start : start + capacity]
             slots = self.cache.ensure(layer, group)
             slot_of = self._slot_table(group, slots, hidden.device, fill=slots[0])
-            in_group = torch.isin(topk_ids, torch.tensor(group, device=hidden.device))
+            in_group = torch.isin(topk_ids, to_device(group, hidden.device))
             weights = torch.where(in_group, topk_weights, torch.zeros_like(topk_weights))
             acc.add_(
                 self.cache.slots.run(hidden, weights, slot_of[topk_ids], self.gating, float32=True)
@@ -237,7 +253,7 @@ class OffloadedExperts:
         table = [fill] * self.num_experts
         for expert, slot in zip(experts, slots, strict=True):
             table[expert] = slot
-        return torch.tensor(table, dtype=torch.long, device=device)
+        return to_device(table, device)
 
     def _prefer_resident(
         self, layer: int, topk_ids: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype
@@ -246,8 +262,8 @@ class OffloadedExperts:
         the top-k that the router ranks within the margin (never outside a token's allowed groups);
         weights are recomputed from the router."""
         router = self.routers[layer]
-        resident = torch.tensor(
-            self.cache.resident_mask(layer, self.num_experts), device=logits.device
+        resident = to_device(
+            self.cache.resident_mask(layer, self.num_experts), logits.device, torch.bool
         )
         rank, unit = router.ranking(logits)  # [T, E]; -inf where the router may not pick
         selected = torch.zeros_like(rank, dtype=torch.bool).scatter_(1, topk_ids, True)  # [T, E]

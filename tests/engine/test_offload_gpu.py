@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,3 +70,20 @@ def test_cuda_fp8_experts_dequantized_on_the_copy_stream(tmp_path: Path, dtype: 
         assert [e.logprob for e in a.outputs[0].logprobs] == [
             e.logprob for e in b.outputs[0].logprobs
         ]
+
+
+def test_a_layers_small_host_lists_reach_the_gpu_without_a_sync() -> None:
+    """`to_device` queues its copy behind the stream's work instead of waiting for that work
+    (`torch.tensor(values, device="cuda")` waits: a sync, a few a MoE layer)."""
+    from engine.offload.experts import to_device
+
+    device = torch.device("cuda")
+    to_device([0], device)  # the first pinned allocation is slow
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1 << 30)  # about half a second of GPU work queued on the stream
+    start = time.perf_counter()
+    table = to_device(list(range(8)), device)
+    mask = to_device([True, False], device, torch.bool)
+    queued = time.perf_counter() - start
+    assert table.tolist() == list(range(8)) and mask.tolist() == [True, False]
+    assert queued < 0.1

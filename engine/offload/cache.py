@@ -156,14 +156,14 @@ class ExpertCache:
     def acquire(self, layer: int, experts: list[int]) -> tuple[list[int], list[int]]:
         """Pin slots for `experts` and start high-priority copies for the missing ones, without
         waiting; returns the slots and the indices of the experts whose copy is still under way."""
-        slots, pending = [], []
+        slots, pending, keep = [], [], frozenset((layer, e) for e in experts)  # a miss evicts none
         for i, expert in enumerate(experts):
             key = (layer, expert)
             ready = self._ready(key)
             slot = self.slot_of.get(key)
             if not self._count_lookup(key, ready):
                 if slot is None:
-                    slot = self._load(key, HIGH)
+                    slot = self._load(key, HIGH, keep=keep)
                     assert slot is not None
                 pending.append(i)
             self.pins[slot] += 1

@@ -324,3 +324,17 @@ def test_an_engine_nobody_holds_stops_its_link_thread() -> None:
     assert alive() is None
     thread.join(timeout=5)
     assert not thread.is_alive()
+
+
+def test_a_miss_does_not_evict_an_expert_its_own_layer_call_needs_next() -> None:
+    """LRU's victim is often the layer's own expert from the step before: loading a missing
+    expert must not evict a resident one the same call looks up next (two misses for one)."""
+    cache = make_cache(2)
+    cache.begin_step()
+    cache.release(cache.ensure(0, [3]))  # (0, 3) is now the least recently used
+    cache.release(cache.ensure(1, [1]))
+    cache.begin_step()
+    misses = cache.stats.misses
+    cache.release(cache.ensure(0, [2, 3]))
+    assert cache.stats.misses - misses == 1
+    assert sorted(k for k in cache.key_of if k is not None) == [(0, 2), (0, 3)]

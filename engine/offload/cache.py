@@ -263,10 +263,10 @@ class ExpertCache:
     def _load(self, key: Key, priority: int, keep: frozenset[Key] = frozenset()) -> int | None:
         """Copy `key` into a slot. A prefetch (LOW) takes a free or evictable slot, or none
         (None); a miss (HIGH) may also evict a predicted expert, then waits for a prefetch's
-        slot, and fails only when every slot is pinned."""
+        slot not in `keep`, and fails only when every slot is pinned."""
         slot = self._free_slot(for_prefetch=priority == LOW, keep=keep)
         if slot is None and priority == HIGH:
-            slot = self._drain_one_prefetch()
+            slot = self._drain_one_prefetch(keep)
         if slot is None:
             if priority == LOW:
                 return None
@@ -285,14 +285,14 @@ class ExpertCache:
             self.stats.transfer_bytes += transfer.nbytes
         return transfer
 
-    def _drain_one_prefetch(self) -> int | None:
-        """Every unpinned slot is being written by a prefetch: wait for one (a stall), take it."""
+    def _drain_one_prefetch(self, keep: frozenset[Key]) -> int | None:
+        """Every unpinned slot is being written by a prefetch: wait for one not in `keep`, take it."""
         for slot, transfer in list(self.in_flight.items()):
-            if not self.pins[slot]:
+            if not self.pins[slot] and self.key_of[slot] not in keep:
                 wait = lambda: self.transfers.wait(transfer) is None  # noqa: B023, E731 (True: landed)
                 if self._failing(slot, wait, waited=False):  # else dropped: the slot is empty
                     self._finished(self.in_flight.pop(slot))
-                return self._free_slot(for_prefetch=False)
+                return self._free_slot(for_prefetch=False, keep=keep)
         return None
 
     def release(self, slots: list[int]) -> None:

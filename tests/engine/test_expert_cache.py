@@ -338,3 +338,18 @@ def test_a_miss_does_not_evict_an_expert_its_own_layer_call_needs_next() -> None
     cache.release(cache.ensure(0, [2, 3]))
     assert cache.stats.misses - misses == 1
     assert sorted(k for k in cache.key_of if k is not None) == [(0, 2), (0, 3)]
+
+
+def test_a_miss_waiting_for_a_prefetch_slot_does_not_evict_an_expert_its_call_needs() -> None:
+    """Every slot is being written by a prefetch, one of them an expert this call needs next: the
+    miss must wait for the other prefetch's slot, not evict the one it is about to look up (which
+    would make a landed prefetch a second miss and copy it again)."""
+    cache = make_cache(2, link_gbps=4e-6)  # about 0.1 s a copy
+    cache.begin_step()
+    assert cache.prefetch(0, [1]) == 1  # first on the link
+    assert cache.prefetch(1, [2]) == 1  # both slots now being written
+    cache.begin_step()
+    misses, transfers = cache.stats.misses, cache.stats.transfers
+    cache.release(cache.ensure(0, [0, 1]))  # (0, 0) misses; (0, 1) has landed by its turn
+    assert (cache.stats.misses - misses, cache.stats.transfers - transfers) == (1, 1)
+    assert sorted(k for k in cache.key_of if k is not None) == [(0, 0), (0, 1)]

@@ -64,7 +64,10 @@ class HorizonController:
         self.adjust = max(-self.max_horizon, min(self.max_horizon, self.adjust))
 
     def horizon(self, expected_experts: float) -> int:
-        """S for a layer expected to need `expected_experts` experts not yet resident."""
+        """S for layers expected to need `expected_experts` experts each. The prefetcher passes the
+        distinct experts of the layer just routed, all of them, not DESIGN §4's count of sorted
+        predicted probabilities up to a threshold: measured, it needs no threshold to tune, and
+        a miss costs the same copy whichever expert it is."""
         if self.fixed is not None:
             return self._clamp(self.fixed)
         if not self.bandwidth_bps or not self.layer_time_s:

@@ -27,6 +27,9 @@ DEFAULTED_FIELDS = (
     "n_group",
     "topk_group",
 )
+# Fields older transformers wrote with a type transformers 5's strict config classes refuse, and
+# read by truthiness: Llama 4's releases say attn_temperature_tuning=4 (transformers 4.51's).
+LEGACY_FLAGS = ("attn_temperature_tuning",)
 
 
 @functools.cache
@@ -74,7 +77,10 @@ def rope_scaling_fields(raw: dict[str, Any], head_dim: int) -> dict[str, Any]:
         )
     try:
         model_type = raw["model_type"]
-        hf_config = CONFIG_MAPPING[TEXT_CONFIGS.get(model_type, model_type)].from_dict(raw)
+        flags = {k: bool(raw[k]) for k in LEGACY_FLAGS if isinstance(raw.get(k), int)}
+        hf_config = CONFIG_MAPPING[TEXT_CONFIGS.get(model_type, model_type)].from_dict(
+            {**raw, **flags}
+        )
         if getattr(hf_config, "head_dim", None) is None:  # Mixtral writes null
             hf_config.head_dim = head_dim
         inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from engine.config import ConfigError
 
@@ -16,7 +17,13 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     if not Path(path).is_dir():
         raise ConfigError(f"tokenizer {path}: no such folder")
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except StrictDataclassError:
+            # config.json has a field transformers 5's config class refuses (Llama 4's releases:
+            # attn_temperature_tuning=4), read only to pick the tokenizer: pick it without.
+            config = PretrainedConfig()
+            return AutoTokenizer.from_pretrained(path, local_files_only=True, config=config)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         lines = str(exc).strip().splitlines()
         reason = lines[0].rstrip(" :") if lines else type(exc).__name__

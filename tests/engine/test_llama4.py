@@ -4,12 +4,19 @@ variant (no q/k norm), and config.json as the hub writes it."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Llama4Config, Llama4ForConditionalGeneration
+from transformers import (
+    AutoModelForCausalLM,
+    Llama4Config,
+    Llama4ForConditionalGeneration,
+    Llama4TextConfig,
+)
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine import LLM, ConfigError, SamplingParams
 from engine.family_config import LocalAttention, RouterConfig
@@ -146,6 +153,57 @@ def test_a_chunk_size_left_out_is_transformers_default() -> None:
     assert ModelConfig.from_dict(raw).local_attention == LocalAttention(8192, chunked=True)
 
 
+def test_release_written_by_transformers_4_51_loads() -> None:
+    """Llama-4-Scout-17B-16E's text_config as released (transformers 4.51.0 wrote it; source: a
+    stored Llama4Config dump of the checkpoint): `attn_temperature_tuning` is the int 4, which
+    4.51 read by truthiness and transformers 5's strict config class refuses. Its Llama 3 rotary
+    goes through that class, so the release must still load, with the tuning on."""
+    text = {
+        "model_type": "llama4_text",
+        "attention_bias": False,
+        "attention_chunk_size": 8192,
+        "attn_scale": 0.1,
+        "attn_temperature_tuning": 4,
+        "bos_token_id": 200000,
+        "eos_token_id": [200001, 200007, 200008],
+        "floor_scale": 8192,
+        "for_llm_compressor": False,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "hidden_size": 5120,
+        "interleave_moe_layer_step": 1,
+        "intermediate_size": 8192,
+        "intermediate_size_mlp": 16384,
+        "max_position_embeddings": 262144,
+        "moe_layers": list(range(48)),
+        "no_rope_layers": [1, 1, 1, 0] * 12,
+        "num_attention_heads": 40,
+        "num_experts_per_tok": 1,
+        "num_hidden_layers": 48,
+        "num_key_value_heads": 8,
+        "num_local_experts": 16,
+        "pad_token_id": 200018,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {
+            "factor": 8.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "rope_theta": 500000.0,
+        "torch_dtype": "bfloat16",
+        "use_qk_norm": True,
+        "vocab_size": 202048,
+    }
+    raw = {"model_type": "llama4", "text_config": text, "tie_word_embeddings": False}
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.nope_temperature == (8192.0, 0.1) and cfg.nope_layers == tuple(range(3, 48, 4))
+    theirs = Llama4TextConfig.from_dict({**text, "attn_temperature_tuning": True})
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](theirs, "cpu")
+    assert cfg.rope_inv_freq == tuple(inv_freq.tolist())
+
+
 def test_router_picks_by_logit_where_sigmoids_round_to_one() -> None:
     """sigmoid(18) and sigmoid(17) are both 1.0 in float32: the top logit still wins, as in
     transformers (which takes the top-k of the logits)."""
@@ -186,3 +244,16 @@ def test_cache_aware_routing_is_refused(tmp_path: Path) -> None:
     path = save_tiny_checkpoint("llama4", tmp_path)
     with pytest.raises(ConfigError, match="cache_aware_routing_margin"):
         LLM(model=str(path), max_model_len=64, cache_aware_routing_margin=0.5)
+
+
+def test_release_with_int_temperature_tuning_serves(tmp_path: Path) -> None:
+    """A folder whose config.json says attn_temperature_tuning=4 (the releases') loads, tokenizer
+    included (transformers 5 reads config.json to pick it), and generates as with `true`."""
+    path = save_tiny_checkpoint("llama4", tmp_path)
+    prompt = [[1, *range(40, 60)]]
+    want = LLM(model=str(path), max_model_len=64).generate(prompt, GREEDY)[0].outputs[0].token_ids
+    raw = json.loads((path / "config.json").read_text())
+    assert raw["attn_temperature_tuning"] is True
+    (path / "config.json").write_text(json.dumps({**raw, "attn_temperature_tuning": 4}))
+    got = LLM(model=str(path), max_model_len=64).generate(prompt, GREEDY)[0].outputs[0].token_ids
+    assert got == want

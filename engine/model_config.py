@@ -23,6 +23,7 @@ from engine.family_config import (
     minimax_m2_fields,
     quantization_fields,
 )
+from engine.flag_layers import sliding_window_fields, sparse_step_dense_layers
 from engine.hf_config import (
     TEXT_CONFIGS,
     config_defaults,
@@ -203,12 +204,8 @@ class ModelConfig:
             )
         dense_layers: tuple[int, ...] = ()
         if family in ("qwen2_moe", "qwen3_moe", "qwen3_next"):
-            step = int(raw.get("decoder_sparse_step") or 1)
-            only_mlp = set(raw.get("mlp_only_layers") or [])
-            dense_layers = tuple(
-                i for i in range(num_layers) if i in only_mlp or (i + 1) % step != 0
-            )
-        family_fields: dict[str, Any] = {}
+            dense_layers = sparse_step_dense_layers(raw, num_layers)
+        family_fields: dict[str, Any] = sliding_window_fields(raw, num_layers)
         if family.startswith("deepseek") or family == "glm4_moe_lite":
             family_fields |= deepseek_fields(raw, need, num_layers, int(moe_inter))
             dense_layers = family_fields.pop("dense_layers")

@@ -232,17 +232,26 @@ class OffloadedExperts:
         acc: torch.Tensor,
     ) -> None:
         """Pass the experts through the cache in groups of at most its size, into `acc` (one
-        group when they fit; more when a layer needs more experts than the cache has slots)."""
+        group when they fit; more when a layer needs more experts than the cache has slots).
+        A group runs only its own (token, k) pairs: each slot's GEMM then has the rows it has
+        in one call, and rounds them alike (a CPU bfloat16 GEMM's rows depend on its row count)."""
         capacity = self.cache.num_slots
         for start in range(0, len(distinct), capacity):
             group = distinct[start : start + capacity]
             slots = self.cache.ensure(layer, group)
             slot_of = self._slot_table(group, slots, hidden.device, fill=slots[0])
-            in_group = torch.isin(topk_ids, to_device(group, hidden.device))
-            weights = torch.where(in_group, topk_weights, torch.zeros_like(topk_weights))
-            acc.add_(
-                self.cache.slots.run(hidden, weights, slot_of[topk_ids], self.gating, float32=True)
-            )
+            if len(group) == len(distinct):  # all at once: every pair, as one call
+                acc.add_(
+                    self.cache.slots.run(
+                        hidden, topk_weights, slot_of[topk_ids], self.gating, float32=True
+                    )
+                )
+            else:
+                in_group = torch.isin(topk_ids, to_device(group, hidden.device))
+                rows, cols = in_group.nonzero(as_tuple=True)  # [n] each
+                ids, weights = slot_of[topk_ids[rows, cols, None]], topk_weights[rows, cols, None]
+                part = self.cache.slots.run(hidden[rows], weights, ids, self.gating, float32=True)
+                acc.index_add_(0, rows, part)
             self.cache.release(slots)
 
     def _slot_table(

@@ -15,8 +15,8 @@ class PreGatePredictor:
     """Keeps every MoE layer's router weights and norm scale stacked, so the layers ahead score
     in one batched GEMM instead of a norm, a GEMM and a softmax each: the horizon may reach
     dozens of layers, and on a GPU each op is a launch. The stack holds the routers' weights a
-    second time (2 MiB for Mixtral-8x7B, 24 MiB for Qwen3-30B-A3B, 203 MiB for DeepSeek-V3 in
-    bfloat16), counted before the expert cache is sized to the GPU."""
+    second time (2 MiB for Mixtral-8x7B and 24 MiB for Qwen3-30B-A3B in bfloat16, 406 MiB for
+    DeepSeek-V3, whose routers stay float32), counted before the expert cache is sized to the GPU."""
 
     kind = "pregate"
     context_window = 0

@@ -27,6 +27,14 @@ TORCH_RECURRENT = getattr(
 )
 
 
+def conv_step(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A decode's causal depthwise convolution: window [B, C, K] (the cached inputs, then the new
+    one) times weight [C, K], summed in float32 and rounded once, then silu -> [B, C]. As F.conv1d
+    and transformers' causal_conv1d_update round: a half-precision product rounded before the sum
+    put Qwen3-Next's decoded logits ~5% further from float32 than transformers' own bfloat16."""
+    return F.silu((window.float() * weight).sum(-1).to(window.dtype))
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm over each value head, then times silu(z) (in float32, as transformers)."""
 
@@ -108,7 +116,7 @@ class GatedDeltaNet(nn.Module):
             rows, slots = lin.decode_rows, lin.decode_slots
             window = torch.cat((conv_state[slots], mixed[rows, :, None]), dim=-1)  # [B, C, K]
             conv_state[slots] = window[..., 1:]
-            conved = F.silu((window * weight).sum(-1))  # [B, C]
+            conved = conv_step(window, weight)  # [B, C]
             q, k, v = self._heads(conved[:, None])  # [B, 1, heads, D]
             core, state[slots] = recurrent(
                 q,

@@ -19,6 +19,8 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 ACTIVATED_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 # fmt: on
 HIT_WINDOW = 64
+# What the engine sets: the detokenizer's stop/length, an abort's abort (vLLM's too).
+FINISH_REASONS = ("stop", "length", "abort")
 PREFIX = "expertflow_"
 
 
@@ -56,6 +58,8 @@ class EngineMetrics:
             ["model_name", "finished_reason"],
             registry=self.registry,
         )
+        for reason in FINISH_REASONS:  # at 0 from the start, so rate() sees each first finish
+            self.success.labels(model_name, reason)
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token", TTFT_BUCKETS)
         self.tpot = histogram(
             "time_per_output_token_seconds",

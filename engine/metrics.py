@@ -97,7 +97,8 @@ class EngineMetrics:
         self.hit_ratio = gauge(
             "expert_cache_hit_ratio", f"Hit ratio over the last {HIT_WINDOW} steps"
         )
-        self._window: deque[tuple[float, float]] = deque(maxlen=HIT_WINDOW)
+        # cumulative (hits, misses) after each step: HIT_WINDOW steps lie between HIT_WINDOW + 1
+        self._window: deque[tuple[float, float]] = deque(maxlen=HIT_WINDOW + 1)
         self.resident_bytes = gauge(
             "expert_cache_resident_bytes", "Device bytes held by expert slots"
         )

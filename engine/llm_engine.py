@@ -261,7 +261,9 @@ class LLMEngine:
             assert output is not None
             output.error = NO_TOKEN_ALLOWED
             outputs.append(output)
-        self._record_step(new_prompt_tokens, len(result.sampled))
+        # a blocked choice's siblings' tokens of this step go with their request
+        kept = sum(seq.request_id not in blocked for seq in result.sampled)
+        self._record_step(new_prompt_tokens, kept)
         self.metrics.record_offload(
             self.offload.stats(), self.offload.experts.activated_per_step[-1]
         )

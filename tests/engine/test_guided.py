@@ -307,3 +307,30 @@ def test_concurrent_compiles_of_one_grammar_compile_it_once(llm: LLM) -> None:
     finally:
         grammars.__dict__["_compiler"] = real
     assert len(calls) == 2 and len(refusals) == 4 and not grammars._inflight
+
+
+def test_a_blocked_choices_siblings_count_no_dropped_token(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When one choice of an n=2 request can take no token, the whole request ends and its
+    sibling's token of that step is dropped: generated tokens count only the tokens kept."""
+    import engine.runner as runner
+
+    engine, real_sample, calls = llm.engine, runner.sample, []
+
+    def block_first_choice_at_third_step(logits, seqs, generator):  # noqa: ANN001, ANN202
+        drawn = real_sample(logits, seqs, generator)
+        calls.append(1)
+        return [None, *drawn[1:]] if len(calls) == 3 else drawn
+
+    monkeypatch.setattr(runner, "sample", block_first_choice_at_third_step)
+    counted = engine.metrics.generation_tokens._value.get()
+    engine.add_request("pair", [1, 5, 9], SamplingParams(n=2, max_tokens=8, ignore_eos=True))
+    kept = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                assert out.error is not None
+                kept = sum(len(o.token_ids) for o in out.outputs)
+    assert kept == 4  # two steps of two choices; the third step's token of choice 2 is dropped
+    assert engine.metrics.generation_tokens._value.get() - counted == kept

@@ -18,7 +18,9 @@ class RoutingPredictor(Protocol):
 
     def path(self, token_ids: torch.Tensor, context: torch.Tensor) -> torch.Tensor | None:
         """token_ids [T], context [T, W] (previous ids, -1 = none) -> [L, T, E] for every MoE layer,
-        or None if this predictor cannot predict before the first layer."""
+        or None if this predictor cannot predict before the first layer. A predictor that gives a
+        path predicts the layers ahead from it: the prefetcher then takes the path's slices for
+        the rest of the step and does not call `ahead`."""
         ...
 
     def ahead(

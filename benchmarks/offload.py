@@ -36,6 +36,9 @@ from engine.runner import ModelRunner  # noqa: E402
 from engine.sequence import Sequence  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# tokens traced to train the predictors: the RPP's held-out recall@2 one layer ahead rose from 0.853
+# on 60k tokens to 0.892 on 400k (session 18); tracing takes ~20 s, training the hybrid ~9 min
+TRACE_TOKENS = 400_000
 
 
 @functools.cache
@@ -62,10 +65,10 @@ def trained_predictor(model: str, kind: str, workdir: Path) -> Path:
     corpus_dir = workdir / "corpus"  # one file per training document: traces split by document
     if not corpus_dir.exists():
         corpus_dir.mkdir()
-        for i, doc in enumerate(demo_corpus().train[:: max(1, len(demo_corpus().train) // 200)]):
+        for i, doc in enumerate(demo_corpus().train):
             (corpus_dir / f"doc{i:04d}.txt").write_text(doc)
     corpus = sorted(str(p) for p in corpus_dir.glob("*.txt"))
-    trace = ["trace", "--model", model, "--corpus", *corpus, "--max-tokens", "60000"]
+    trace = ["trace", "--model", model, "--corpus", *corpus, "--max-tokens", str(TRACE_TOKENS)]
     train = ["train-predictor", "--kind", kind, "--model", model]
     if not traces.exists():
         _cli(*trace, "--out", str(traces))

@@ -208,9 +208,11 @@ class Observers:
 def context_windows(
     seqs: list[Sequence], starts: list[int], num_new_tokens: list[int], window: int
 ) -> torch.Tensor:
-    """The `window` token ids before each new token, -1 where the sequence has none: [T, W]."""
+    """The `window` token ids before each new token, nearest first (the order the predictors
+    were trained on: `TraceSet.context`), -1 where the sequence has none: [T, W]."""
     rows = []
     for seq, start, n in zip(seqs, starts, num_new_tokens, strict=True):
-        padded = [-1] * window + seq.token_ids[: start + n]
-        rows.extend(padded[start + i : start + i + window] for i in range(n))
+        first = max(start - window, 0)
+        before = seq.token_ids[first : start + n][::-1] + [-1] * window  # nearest first
+        rows.extend(before[n - i : n - i + window] for i in range(n))
     return torch.tensor(rows, dtype=torch.long).view(len(rows), window)

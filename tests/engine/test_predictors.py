@@ -8,6 +8,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ from engine.offload.predict.train import (
     train_predictor,
     train_rpp,
 )
+from engine.runner import context_windows
 from server.cli import main
 
 SEQ_LEN = 64
@@ -165,6 +167,17 @@ def test_context_is_the_previous_ids_of_the_same_sequence(traces: TraceSet) -> N
         for back in (1, 2, 3):
             expected = ids[n - back] if pos[n] >= back else -1
             assert context[n, back - 1] == expected
+
+
+def test_serving_context_is_the_context_predictors_trained_on(traces: TraceSet) -> None:
+    """The runner builds each step's context as the traces do (nearest id first): a predictor fed
+    its inputs in another order than it learned them loses recall, and nothing else fails."""
+    window = 5
+    seq = SimpleNamespace(token_ids=traces.token_ids[:SEQ_LEN].tolist())  # one traced sequence
+    trained = traces.context(window)[:SEQ_LEN]  # [SEQ_LEN, W]
+    assert torch.equal(context_windows([seq], [0], [SEQ_LEN], window), trained)  # a prefill
+    chunk = context_windows([seq, seq], [7, SEQ_LEN - 1], [3, 1], window)  # a chunk, a decode
+    assert torch.equal(chunk, trained[[7, 8, 9, SEQ_LEN - 1]])
 
 
 def test_rpp_learns_and_round_trips(llm: LLM, traces: TraceSet, tmp_path: Path) -> None:

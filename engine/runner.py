@@ -87,9 +87,8 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [T]
         if self.prefetcher is not None:
             window = self.prefetcher.predictor.context_window
-            self.prefetcher.begin_step(
-                input_ids, context_windows(seqs, starts, num_new_tokens, window)
-            )
+            context = context_windows(seqs, starts, num_new_tokens, window)  # on the host
+            self.prefetcher.begin_step(input_ids, context.to(self.device))  # the ids' device
         hidden = self.model(
             input_ids,
             torch.tensor(positions, device=self.device),

@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from engine import LLM
+from engine import LLM, SamplingParams
 from engine.config import DEFAULT_MODEL
+from engine.llm_engine import EngineStepError
 from engine.models.model import MoECausalLM
 from engine.offload.predict import PreGatePredictor, make_predictor
 from engine.offload.predict import train as train_module
@@ -178,6 +179,31 @@ def test_serving_context_is_the_context_predictors_trained_on(traces: TraceSet) 
     assert torch.equal(context_windows([seq], [0], [SEQ_LEN], window), trained)  # a prefill
     chunk = context_windows([seq, seq], [7, SEQ_LEN - 1], [3, 1], window)  # a chunk, a decode
     assert torch.equal(chunk, trained[[7, 8, 9, SEQ_LEN - 1]])
+
+
+def test_serving_context_is_on_the_device_of_the_step_tokens(deep_checkpoint: Path) -> None:
+    """The runner hands the predictor each step's context where the step's token ids are (the
+    model's device): the RPP concatenates the two, so a context left on the host failed every
+    step of `--device cuda --predictor rpp`. The "meta" device stands in for a GPU: the step
+    stops at the prefetcher, before the model runs."""
+    llm = LLM(model=str(deep_checkpoint), max_model_len=SEQ_LEN, predictor="pregate")
+    runner, seen = llm.engine.runner, {}
+
+    class Stop(Exception):
+        pass
+
+    class Recorder:
+        predictor = SimpleNamespace(context_window=3)
+
+        def begin_step(self, token_ids: torch.Tensor, context: torch.Tensor) -> None:
+            seen["devices"] = (token_ids.device, context.device)
+            raise Stop
+
+    runner.prefetcher, runner.device = Recorder(), torch.device("meta")  # type: ignore[assignment]
+    with pytest.raises(EngineStepError) as failed:
+        llm.generate([[1, 5, 9, 7]], SamplingParams(max_tokens=2))
+    assert isinstance(failed.value.__cause__, Stop)
+    assert seen["devices"] == (torch.device("meta"), torch.device("meta"))
 
 
 def test_rpp_learns_and_round_trips(llm: LLM, traces: TraceSet, tmp_path: Path) -> None:

@@ -23,11 +23,12 @@ from engine.offload.predict import PreGatePredictor, make_predictor
 from engine.offload.predict import train as train_module
 from engine.offload.predict.evaluate import evaluate, horizon_recall
 from engine.offload.predict.hybrid import HybridNet
-from engine.offload.predict.rpp import RPPNet, read_predictor_header
+from engine.offload.predict.rpp import UNSEEN_ROW, RPPNet, read_predictor_header
 from engine.offload.predict.trace import TraceSet, record_traces, trace_sequences
 from engine.offload.predict.train import (
     FitReport,
     TrainConfig,
+    token_rows,
     train_hybrid,
     train_predictor,
     train_rpp,
@@ -168,6 +169,17 @@ def test_context_is_the_previous_ids_of_the_same_sequence(traces: TraceSet) -> N
         for back in (1, 2, 3):
             expected = ids[n - back] if pos[n] >= back else -1
             assert context[n, back - 1] == expected
+
+
+def test_tokens_seen_once_train_the_row_unseen_ids_get() -> None:
+    """Serving maps an id the traces never held to the unseen row: singletons share it in training,
+    so it is learned (it kept its random init when every traced token had a row of its own)."""
+    ids = torch.tensor([7, 7, 7, 3, 3, 5, 9, 9])  # 5 is seen once
+    traces = SimpleNamespace(token_ids=ids, meta=SimpleNamespace(vocab_size=12))
+    rows = token_rows(traces, max_rows=100)  # type: ignore[arg-type]
+    assert rows[7] == 2 and rows[[3, 9]].tolist() in ([3, 4], [4, 3])  # most frequent first
+    assert rows[5] == UNSEEN_ROW and rows[0] == UNSEEN_ROW  # seen once; never seen
+    assert token_rows(traces, max_rows=3)[[7, 3, 9]].tolist() == [2, UNSEEN_ROW, UNSEEN_ROW]
 
 
 def test_serving_context_is_the_context_predictors_trained_on(traces: TraceSet) -> None:

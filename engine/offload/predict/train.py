@@ -86,11 +86,13 @@ class TrainConfig:
 
 
 def token_rows(traces: TraceSet, max_rows: int) -> torch.Tensor:
-    """Embedding row of every token id: the `max_rows - 2` most frequent tokens of the traces get
-    rows 2.., every other id UNSEEN_ROW (rows 0 and 1 are "no token" and "unseen"). [V] int64."""
+    """Embedding row of every token id: the `max_rows - 2` most frequent tokens seen at least twice
+    get rows 2.., every other id UNSEEN_ROW (rows 0 and 1 are "no token" and "unseen"). [V] int64.
+    Tokens seen once train the unseen row, which serving gives every id the traces never held:
+    without them it kept its random init whenever every traced token had a row of its own."""
     counts = torch.bincount(traces.token_ids.long(), minlength=traces.meta.vocab_size)
-    seen = int((counts > 0).sum())
-    order = torch.argsort(counts, descending=True, stable=True)[: min(seen, max_rows - 2)]
+    recurring = int((counts > 1).sum())
+    order = torch.argsort(counts, descending=True, stable=True)[: min(recurring, max_rows - 2)]
     rows = torch.full((traces.meta.vocab_size,), UNSEEN_ROW, dtype=torch.long)
     rows[order] = torch.arange(2, 2 + order.numel())
     return rows

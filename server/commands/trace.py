@@ -44,7 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs"
     )
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="model dtype")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", *DTYPES),
+        help="model dtype; auto: as serve picks it (float32 on the CPU, the checkpoint's 16-bit "
+        "dtype on CUDA), so the traced routes are the ones serving will take",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import pytest
 
 from engine import LLM
 from engine.offload.predict.train import MIN_DOCUMENTS
-from server.cli import main
+from server.cli import main, parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,3 +131,11 @@ def test_train_predictor_needs_a_finite_positive_lr(
     argv = ["train-predictor", "--kind", "rpp", "--traces", str(tmp_path / "t.safetensors")]
     assert main([*argv, "--out", str(tmp_path / "p.safetensors"), "--lr", lr]) == 2
     assert f"lr={float(lr)} must be > 0" in caplog.text
+
+
+def test_trace_routes_in_the_dtype_serve_would_use() -> None:
+    """A trace in another dtype than serving's can route near ties differently; both commands
+    default to the same rule (auto: float32 on the CPU, the checkpoint's 16-bit dtype on CUDA)."""
+    trace = ["trace", "--corpus", "a.txt", "--out", "t.safetensors"]
+    assert parse_args(trace).dtype == parse_args(["serve"]).dtype == "auto"
+    assert parse_args([*trace, "--dtype", "bfloat16"]).dtype == "bfloat16"
